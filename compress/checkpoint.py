@@ -1,0 +1,100 @@
+"""The project's own checkpoint: one safetensors file whose metadata holds everything needed to use it.
+
+Metadata keys (all JSON strings): ``format`` (``vit-compress/1``), ``model`` (the ``ViTConfig``),
+``preprocess`` (the ``Preprocess`` every runtime must apply) and ``classes`` (class names in label order).
+A checkpoint is therefore enough on its own to rebuild the model and feed it the right input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from calibration.datasets import ImageSource
+from calibration.preprocess import Preprocess
+from compress.config import RunConfig
+from compress.errors import CheckpointError, DatasetError
+from compress.io import atomic_write
+from compress.vit import ViTConfig, VisionTransformer
+
+FORMAT = "vit-compress/1"
+
+
+@dataclass
+class Checkpoint:
+    """A model together with the preprocessing and class names it was trained with."""
+
+    model: VisionTransformer
+    preprocess: Preprocess
+    classes: list[str]
+
+    @property
+    def config(self) -> ViTConfig:
+        return self.model.config
+
+
+def save_checkpoint(ckpt: Checkpoint, path: Path) -> Path:
+    metadata = {
+        "format": FORMAT,
+        "model": json.dumps(ckpt.config.to_dict()),
+        "preprocess": json.dumps(ckpt.preprocess.to_dict()),
+        "classes": json.dumps(ckpt.classes),
+    }
+    tensors = {k: v.detach().contiguous() for k, v in ckpt.model.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_metadata(path: Path) -> dict[str, str] | None:
+    """The safetensors header metadata, or None when the file is not a safetensors file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def load_own_checkpoint(path: Path, overrides: dict | None = None) -> Checkpoint:
+    metadata = read_metadata(path)
+    if metadata is None or metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+    model_cfg = json.loads(metadata["model"]) | (overrides or {})
+    model = VisionTransformer(ViTConfig.from_dict(model_cfg))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}; the file may be truncated, re-download or re-export it") from e
+    from compress.importers import load_exact  # the shared key/shape check with its error messages
+
+    load_exact(model, state, source=str(path))
+    return Checkpoint(model, Preprocess.from_dict(json.loads(metadata["preprocess"])), json.loads(metadata["classes"]))
+
+
+def resolve_preprocess(config: RunConfig, model_cfg: ViTConfig, base: Preprocess | None = None) -> Preprocess:
+    """The checkpoint's preprocessing (or a plain default), with the recipe's ``[preprocess]`` overrides."""
+    if base is None:
+        c = model_cfg.in_chans
+        base = Preprocess(crop_size=model_cfg.image_size, in_chans=c, mean=(0.5,) * c, std=(0.5,) * c)
+    values = base.to_dict() | config.preprocess.model_dump(exclude_none=True)
+    return Preprocess.from_dict(values)
+
+
+def new_checkpoint(config: RunConfig, source: ImageSource) -> Checkpoint:
+    """A freshly initialised model for ``source``: its class count, and its channel count unless set."""
+    first = source.load(0)
+    in_chans = 1 if first.mode in ("L", "1", "I", "I;16") else 3
+    values = {"num_classes": len(source.classes), "in_chans": in_chans} | config.model
+    model_cfg = ViTConfig.from_dict(values)
+    return Checkpoint(VisionTransformer(model_cfg), resolve_preprocess(config, model_cfg), list(source.classes))
+
+
+def check_dataset_fits(ckpt: Checkpoint, source: ImageSource) -> None:
+    """The model must predict as many classes as the dataset has (names may differ: imported models)."""
+    if ckpt.config.num_classes != len(source.classes):
+        raise DatasetError(
+            f"the model predicts {ckpt.config.num_classes} classes but dataset {source.name} has "
+            f"{len(source.classes)}; use a dataset with the model's classes or fine-tune with `compress train`"
+        )

@@ -1,0 +1,135 @@
+"""The run configuration: defaults < TOML recipe < ``--set section.key=value``, validated by pydantic.
+
+One model with a sub-model per stage, every field defaulted, unknown keys an error (as fastapi-cli does
+with its settings). ``[model]`` is the exception: it holds overrides of the checkpoint's own hyper-parameters
+(``ViTConfig``), since most of them come from the checkpoint; they are checked when the model is built.
+The resolved config is saved beside the results of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compress.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PreprocessConfig(Section):
+    """Overrides of the checkpoint's preprocessing; unset fields keep the checkpoint's (or the defaults)."""
+
+    crop_size: int | None = None
+    resize_size: int | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+class DataConfig(Section):
+    path: str | None = None  # ImageFolder or idx directory, or "builtin:digits"
+    calib_size: int = Field(512, ge=0)
+    eval_fraction: float = Field(0.2, gt=0, lt=1)  # used when the dataset has no test split of its own
+    eval_limit: int | None = Field(None, ge=1)  # evaluate on the first N of the evaluation split
+    seed: int = 0
+
+
+class TrainConfig(Section):
+    epochs: float = Field(10, gt=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    crop_padding: int = Field(4, ge=0)
+    flip: bool = True
+    bf16: bool = False
+    seed: int = 0
+    checkpoint_minutes: float = Field(5.0, gt=0)
+    eval_every_epochs: int = Field(0, ge=0)  # 0: evaluate only at the end
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=17)
+    simplify: Literal["onnxslim", "none"] = "onnxslim"
+    atol: float = Field(1e-4, gt=0)  # parity tolerance on logits, FP32 against PyTorch
+    min_agreement: float = Field(0.99, ge=0, le=1)
+
+
+class MeasureConfig(Section):
+    runtimes: list[str] = ["torch", "onnxruntime", "openvino"]
+    batch_sizes: list[int] = [1, 8]
+    threads: int | None = None  # None: every core of this machine
+    warmup: int = Field(5, ge=0)
+    iterations: int = Field(50, ge=1)
+    max_seconds: float = Field(10.0, gt=0)  # per (runtime, precision, batch); stops earlier iterations
+    eval_batch_size: int = Field(64, ge=1)
+
+
+class RunConfig(Section):
+    model: dict[str, Any] = {}
+    preprocess: PreprocessConfig = PreprocessConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    measure: MeasureConfig = MeasureConfig()
+
+    def dump(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value), the value read as TOML (falling back to a string)."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r} is not of the form section.key=value (e.g. --set train.epochs=5)")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(recipe: Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """Resolve defaults < ``base`` (e.g. a built-in demo recipe) < recipe file < ``--set`` overrides."""
+    data: dict[str, Any] = json.loads(json.dumps(base or {}))
+    if recipe is not None:
+        if not recipe.is_file():
+            raise ConfigError(f"recipe {recipe} does not exist; pass the path of a TOML recipe")
+        try:
+            _merge(data, tomllib.loads(recipe.read_text()))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"recipe {recipe} is not valid TOML: {e}") from e
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            section = first["loc"][0] if len(first["loc"]) > 1 else None
+            fields = RunConfig.model_fields if section is None else RunConfig.model_fields[section].annotation.model_fields
+            raise ConfigError(f"unknown config key {where!r}; valid keys here are {sorted(fields)}") from e
+        raise ConfigError(f"config {where}: {first['msg']} (got {first.get('input')!r})") from e
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v

@@ -1,0 +1,229 @@
+"""Train or fine-tune the ViT: AdamW, linear warm-up then cosine decay, label smoothing, crop and flip.
+
+The recipe follows the DeiT / timm training loop cut down to what a CPU can afford: the training split is
+decoded once to uint8 at the model's resolution and augmented per batch in torch (random crop from a padded
+image, horizontal flip), which keeps the two cores on the model instead of on JPEG decoding. BF16 autocast
+uses the AVX-512 BF16 units where the CPU has them. A checkpoint (model, optimizer, schedule, step, RNG) is
+written atomically every few minutes and at the end of each epoch; ``train`` resumes from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from calibration.datasets import Subset, make_splits, open_source
+from calibration.evaluate import evaluate_top1
+from compress.checkpoint import Checkpoint, check_dataset_fits, new_checkpoint, save_checkpoint
+from compress.config import RunConfig
+from compress.io import atomic_torch_save, atomic_write_json
+from compress.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainProgress:
+    """What the progress callback receives after every step."""
+
+    epoch: int
+    step: int
+    total_steps: int
+    loss: float
+    lr: float
+    eval_top1: float | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup`` steps, then cosine decay to ``min_lr``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def augment(images: torch.Tensor, *, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop from a zero-padded image and random horizontal flip, per sample. (B, C, H, W) in and out."""
+    B, C, H, W = images.shape
+    if padding:
+        padded = F.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
+        dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
+        rows = (dy[:, None] + torch.arange(H)[None]).view(B, 1, H, 1).expand(B, C, H, W + 2 * padding)
+        images = padded.gather(2, rows)  # (B, C, H, W+2p)
+        cols = (dx[:, None] + torch.arange(W)[None]).view(B, 1, 1, W).expand(B, C, H, W)
+        images = images.gather(3, cols)  # (B, C, H, W)
+    if flip:
+        mask = torch.rand(B, generator=generator) < 0.5
+        images = torch.where(mask.view(B, 1, 1, 1), images.flip(3), images)
+    return images
+
+
+def train(
+    model: VisionTransformer,
+    train_data: Subset,
+    *,
+    epochs: float,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    min_lr: float = 1e-5,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 1.0,
+    label_smoothing: float = 0.1,
+    crop_padding: int = 4,
+    flip: bool = True,
+    bf16: bool = False,
+    seed: int = 0,
+    checkpoint_path: Path | None = None,
+    checkpoint_minutes: float = 5.0,
+    eval_every_epochs: int = 0,
+    eval_fn: Callable[[VisionTransformer], float] | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``train_data``; resume from ``checkpoint_path`` when it exists.
+
+    ``eval_fn`` is called at the end and every ``eval_every_epochs`` epochs (0: only at the end).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    log.info("decoding %d training images", len(train_data))
+    images = torch.from_numpy(train_data.decode_uint8())  # (N, H, W, C) uint8
+    labels = torch.from_numpy(train_data.labels)
+    mean = torch.tensor(train_data.preprocess.mean).view(1, -1, 1, 1)
+    std = torch.tensor(train_data.preprocess.std).view(1, -1, 1, 1)
+
+    steps_per_epoch = max(1, len(labels) // batch_size)
+    total_steps = max(1, round(epochs * steps_per_epoch))
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+
+    step, history, elapsed_before = 0, [], 0.0
+    if checkpoint_path is not None and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step, history, elapsed_before = state["step"], state["history"], state["seconds"]
+        log.info("resuming training at step %d of %d", step, total_steps)
+
+    def save() -> None:
+        if checkpoint_path is not None:
+            atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "step": step,
+                    "history": history,
+                    "seconds": elapsed_before + time.perf_counter() - start,
+                },
+                checkpoint_path,
+            )
+
+    start = last_save = time.perf_counter()
+    model.train()
+    order = torch.randperm(len(labels), generator=generator)
+    while step < total_steps:
+        epoch, pos = divmod(step, steps_per_epoch)
+        if pos == 0:
+            # A fresh permutation per epoch, drawn from the epoch number so resume sees the same order.
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        rows = order[pos * batch_size : (pos + 1) * batch_size]
+        x = images[rows].permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
+        x = augment(x, padding=crop_padding, flip=flip, generator=generator)
+        x = (x - mean) / std
+        y = labels[rows]
+        current_lr = cosine_lr(step, total_steps, warmup_steps, lr, min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = current_lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)  # (B, K)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        loss_value = loss.item()
+
+        eval_top1 = None
+        if step % steps_per_epoch == 0 or step == total_steps:
+            epoch_done = step // steps_per_epoch
+            if eval_fn is not None and (step == total_steps or (eval_every_epochs and epoch_done % eval_every_epochs == 0)):
+                model.eval()
+                eval_top1 = eval_fn(model)
+                model.train()
+            history.append({"epoch": epoch + 1, "step": step, "loss": loss_value, "eval_top1": eval_top1,
+                            "seconds": elapsed_before + time.perf_counter() - start})
+            save()
+            last_save = time.perf_counter()
+        elif time.perf_counter() - last_save > checkpoint_minutes * 60:
+            save()
+            last_save = time.perf_counter()
+        if progress is not None:
+            progress(TrainProgress(epoch + 1, step, total_steps, loss_value, current_lr, eval_top1))
+    model.eval()
+    return TrainResult(steps=step, seconds=elapsed_before + time.perf_counter() - start, history=history)
+
+
+def train_job(
+    config: RunConfig,
+    out_dir: Path,
+    *,
+    init: Checkpoint | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> tuple[Checkpoint, dict]:
+    """``compress train``: build or load the model, train it, save ``model.safetensors`` and ``train.json``.
+
+    Resumes from ``out_dir/train_state.pt`` when an earlier run of the same job was interrupted.
+    """
+    source = open_source(config.data.path)
+    splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
+                         seed=config.data.seed)
+    ckpt = init if init is not None else new_checkpoint(config, source)
+    check_dataset_fits(ckpt, source)
+    train_data = Subset(source, splits.train, ckpt.preprocess)
+    eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
+
+    def eval_fn(model: VisionTransformer) -> float:
+        with torch.inference_mode():
+            return evaluate_top1(lambda x: model(torch.from_numpy(x)).numpy(), eval_data,
+                                 batch_size=config.measure.eval_batch_size).top1
+
+    options = config.train.model_dump(exclude={"checkpoint_minutes", "eval_every_epochs"})
+    result = train(ckpt.model, train_data, **options, checkpoint_path=out_dir / "train_state.pt",
+                   checkpoint_minutes=config.train.checkpoint_minutes,
+                   eval_every_epochs=config.train.eval_every_epochs, eval_fn=eval_fn, progress=progress)
+    save_checkpoint(ckpt, out_dir / "model.safetensors")
+    summary = {
+        "dataset": source.name,
+        "train_images": len(train_data),
+        "eval_images": len(eval_data),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "eval_top1": result.history[-1]["eval_top1"] if result.history else None,
+        "history": result.history,
+        "config": config.dump(),
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_json(out_dir / "train.json", summary)
+    return ckpt, summary
