@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
@@ -67,10 +68,31 @@ def load_own_checkpoint(path: Path, overrides: dict | None = None) -> Checkpoint
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {path}: {e}; the file may be truncated, re-download or re-export it") from e
-    from compress.importers import load_exact  # the shared key/shape check with its error messages
-
     load_exact(model, state, source=str(path))
     return Checkpoint(model, Preprocess.from_dict(json.loads(metadata["preprocess"])), json.loads(metadata["classes"]))
+
+
+def load_exact(model: VisionTransformer, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model``, naming the first missing, unexpected and mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if mismatched:
+            parts.append(f"shape {mismatched[:2]}")
+        raise CheckpointError(
+            f"checkpoint {source} does not fit the model: {'; '.join(parts)}; "
+            "check the [model] hyper-parameters (e.g. --set model.num_heads=N) or the checkpoint's layout"
+        )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    model.eval()
 
 
 def resolve_preprocess(config: RunConfig, model_cfg: ViTConfig, base: Preprocess | None = None) -> Preprocess:

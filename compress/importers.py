@@ -1,0 +1,410 @@
+"""Import ViT checkpoints of other projects into the canonical ``VisionTransformer``.
+
+Each layout has one converter ``state dict (+ user overrides) -> (ViTConfig values, canonical state dict)``:
+- our own safetensors format (``compress.checkpoint``), which carries every hyper-parameter;
+- timm ViT / DeiT state dicts (already in our names);
+- Hugging Face ViT / DeiT directories (``config.json`` with safetensors or bin weights), in the transformers
+  4.x layout (``vit.encoder.layer.N.attention.attention.query``) and the 5.x one (``vit.layers.N.attention.q_proj``);
+- lucidrains vit-pytorch state dicts, current (``transformer.layers.N.0.to_qkv``, LayerNorm around a linear
+  patch embedding) and older (``transformer.layers.N.0.fn.fn.to_qkv``, ``mlp_head`` = LayerNorm + Linear);
+- ViTs built from ``torch.nn.TransformerEncoderLayer`` (packed ``in_proj_weight``, conv or linear patch
+  embedding), whose wrapper names are found by parameter shape.
+
+Hyper-parameters come from the checkpoint where it carries them (shapes, Hugging Face's config.json) and
+from the user's ``[model]`` overrides where it does not. The head count is the one value no weight shape
+reveals: timm and vit-pytorch checkpoints default to their projects' head width of 64, and a
+``TransformerEncoder`` checkpoint needs ``model.num_heads``. Whatever the layout, ``load_exact`` checks
+every key and shape and names the first that disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from calibration.preprocess import Preprocess
+from compress.checkpoint import Checkpoint, load_exact, load_own_checkpoint, read_metadata
+from compress.errors import CheckpointError, ConfigError
+from compress.vit import ViTConfig, VisionTransformer, grid_from_pos_embed
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> Checkpoint:
+    """Load any supported checkpoint; ``overrides`` are ``[model]`` values from the recipe or ``--set``."""
+    path = Path(path)
+    overrides = dict(overrides or {})
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
+    if path.is_dir():
+        return _load_hf_dir(path, overrides)
+    metadata = read_metadata(path)
+    if metadata is not None and metadata.get("format", "").startswith("vit-compress/"):
+        return load_own_checkpoint(path, overrides)
+    state = _read_state_dict(path, is_safetensors=metadata is not None)
+    layout, convert = detect_layout(state, path)
+    log.info("%s: %s layout", path, layout)
+    values, canonical = convert(state, overrides)
+    cfg = _build_config(values, overrides, path)
+    model = VisionTransformer(cfg)
+    load_exact(model, canonical, source=str(path))
+    c = cfg.in_chans
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,), (0.5,))
+    preprocess = Preprocess(crop_size=cfg.image_size, in_chans=c, interpolation="bicubic", mean=mean, std=std)
+    return Checkpoint(model, preprocess, [str(i) for i in range(cfg.num_classes)])
+
+
+def _read_state_dict(path: Path, *, is_safetensors: bool) -> State:
+    try:
+        if is_safetensors:
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:  # torch raises these on bad files
+        reason = str(e).splitlines()[0][:160]
+        raise CheckpointError(
+            f"cannot read checkpoint {path} ({reason}); the file is truncated or corrupt, or not a PyTorch "
+            "state dict: re-download it or save it with torch.save(model.state_dict(), path)"
+        ) from e
+    for key in ("state_dict", "model", "model_state_dict", "module", "state"):  # common training wrappers
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors; save it with torch.save(model.state_dict(), path)")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def detect_layout(state: State, path: Path | str = "checkpoint") -> tuple[str, Callable[[State, dict], tuple[dict, State]]]:
+    keys = set(state)
+    if "patch_embed.proj.weight" in keys and any(k.startswith("blocks.0.attn.qkv.") for k in keys):
+        return "timm", _convert_timm
+    if any(k.startswith("transformer.layers.0.") for k in keys) and any("to_qkv" in k for k in keys):
+        return "vit-pytorch", _convert_vit_pytorch
+    if any(re.search(r"layers\.0\.self_attn\.in_proj_weight$", k) for k in keys):
+        return "torch.nn.TransformerEncoder", _convert_torch_encoder
+    if any(re.match(r"(vit|deit)\.(encoder\.layer|layers)\.0\.", k) for k in keys):
+        return "huggingface", lambda s, o: _convert_hf(s, o, {})
+    first = sorted(keys)[:5]
+    raise CheckpointError(
+        f"{path} matches no known ViT layout (timm, Hugging Face, vit-pytorch, nn.TransformerEncoder); "
+        f"its first keys are {first}: is it a ViT checkpoint?"
+    )
+
+
+def _build_config(values: dict[str, Any], overrides: dict[str, Any], source: Path | str) -> ViTConfig:
+    """The checkpoint's values, then the user's overrides; a disagreement on a shape-given value is an error."""
+    merged = dict(values)
+    for key, value in overrides.items():
+        if key in values and values[key] != value and key not in _SOFT_KEYS:
+            given = list(value) if isinstance(value, tuple) else value
+            raise CheckpointError(
+                f"model.{key}={given} disagrees with checkpoint {source}, whose weights give {values[key]}; "
+                f"remove the override or use a matching checkpoint"
+            )
+        merged[key] = value
+    return ViTConfig.from_dict(merged)
+
+
+# Values a converter only guesses (head count, pooling, norm placement); the user may override them freely.
+_SOFT_KEYS = {"num_heads", "head_dim", "pool", "pre_norm", "act", "norm_eps", "image_size", "layer_scale_init"}
+
+
+def _heads(inner: int, overrides: dict, layout: str, head_dim_default: int | None = 64) -> dict[str, Any]:
+    """Head count and width: the user's, else the project's convention of 64-wide heads."""
+    if "num_heads" in overrides:
+        heads = overrides["num_heads"]
+        first = heads if isinstance(heads, int) else heads[0]
+        if inner % first:
+            raise CheckpointError(f"model.num_heads={first} does not divide the attention width {inner} of this {layout} checkpoint")
+        return {"num_heads": heads, "head_dim": overrides.get("head_dim", inner // first)}
+    if head_dim_default is None or inner % head_dim_default:
+        raise ConfigError(
+            f"this {layout} checkpoint does not record its head count (attention width {inner}); "
+            f"pass it with --set model.num_heads=N"
+        )
+    log.warning("%s checkpoint: assuming %d heads of width %d; set model.num_heads if that is wrong",
+                layout, inner // head_dim_default, head_dim_default)
+    return {"num_heads": inner // head_dim_default, "head_dim": head_dim_default}
+
+
+def _depth(state: State, pattern: str) -> int:
+    found = {int(m.group(1)) for k in state for m in [re.match(pattern, k)] if m}
+    return max(found) + 1 if found else 0
+
+
+# ----------------------------------------------------------------------------------------------------- timm
+def _convert_timm(state: State, overrides: dict) -> tuple[dict, State]:
+    w = state["patch_embed.proj.weight"]  # (D, C, p, p)
+    depth = _depth(state, r"blocks\.(\d+)\.")
+    prefix = int("cls_token" in state) + int("dist_token" in state)
+    patch = w.shape[-1]
+    values: dict[str, Any] = {
+        "embed_dim": w.shape[0], "in_chans": w.shape[1], "patch_size": patch, "depth": depth,
+        "image_size": grid_from_pos_embed(state["pos_embed"].shape[1], prefix) * patch,
+        "mlp_dim": tuple(state[f"blocks.{i}.mlp.fc1.weight"].shape[0] for i in range(depth)),
+        "num_classes": _require(state, "head.weight", "timm").shape[0],
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+        "class_token": "cls_token" in state, "dist_token": "dist_token" in state,
+        "dist_head": "head_dist.weight" in state,
+        "final_norm": "pooled" if "fc_norm.weight" in state else "token" if "norm.weight" in state else "none",
+        "pool": "mean" if "fc_norm.weight" in state or "cls_token" not in state else "cls",
+        "layer_scale_init": 1.0 if "blocks.0.ls1.gamma" in state else None,
+        "patch_post_norm": "patch_embed.norm.weight" in state,
+        "norm_eps": 1e-6,
+    }
+    values |= _heads(state["blocks.0.attn.proj.weight"].shape[1], overrides, "timm")
+    return values, dict(state)
+
+
+def _require(state: State, key: str, layout: str) -> torch.Tensor:
+    if key not in state:
+        raise CheckpointError(f"this {layout} checkpoint has no {key}: a classification head is needed (is it a feature extractor?)")
+    return state[key]
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face
+def _load_hf_dir(path: Path, overrides: dict) -> Checkpoint:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path} is a directory without config.json; pass a Hugging Face model directory or a file")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    if hf.get("model_type") not in ("vit", "deit"):
+        raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model; only Hugging Face 'vit' and 'deit' models import")
+    weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()), None)
+    if weights is None:
+        raise CheckpointError(f"{path} has no model.safetensors or pytorch_model.bin beside config.json")
+    state = _read_state_dict(weights, is_safetensors=weights.suffix == ".safetensors")
+    values, canonical = _convert_hf(state, overrides, hf)
+    cfg = _build_config(values, overrides, path)
+    model = VisionTransformer(cfg)
+    load_exact(model, canonical, source=str(path))
+    id2label = hf.get("id2label") or {}
+    classes = [str(id2label.get(str(i), i)) for i in range(cfg.num_classes)]
+    return Checkpoint(model, _hf_preprocess(path, cfg), classes)
+
+
+def _hf_preprocess(path: Path, cfg: ViTConfig) -> Preprocess:
+    pp: dict[str, Any] = {}
+    if (path / "preprocessor_config.json").exists():
+        pp = json.loads((path / "preprocessor_config.json").read_text())
+    size = pp.get("size", {})
+    resize = size.get("shortest_edge") or size.get("height") if isinstance(size, dict) else size
+    crop = pp.get("crop_size", {})
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    crop = crop if pp.get("do_center_crop") else None
+    c = cfg.in_chans
+    return Preprocess(
+        crop_size=crop or cfg.image_size, in_chans=c, resize_size=resize or None,
+        interpolation={2: "bilinear", 3: "bicubic", 0: "nearest"}.get(pp.get("resample", 2), "bilinear"),
+        mean=tuple(pp.get("image_mean", (0.5,) * c)), std=tuple(pp.get("image_std", (0.5,) * c)),
+    )
+
+
+def _convert_hf(state: State, overrides: dict, hf: dict) -> tuple[dict, State]:
+    p = "deit" if any(k.startswith("deit.") for k in state) else "vit"
+    new_layout = any(k.startswith(f"{p}.layers.") for k in state)
+    depth = _depth(state, rf"{p}\.(?:layers|encoder\.layer)\.(\d+)\.")
+    w = state[f"{p}.embeddings.patch_embeddings.projection.weight"]  # (D, C, p, p)
+    has_dist = f"{p}.embeddings.distillation_token" in state
+    head = "cls_classifier" if f"cls_classifier.weight" in state else "classifier"
+    out: State = {
+        "patch_embed.proj.weight": w,
+        "patch_embed.proj.bias": state[f"{p}.embeddings.patch_embeddings.projection.bias"],
+        "cls_token": state[f"{p}.embeddings.cls_token"],
+        "pos_embed": state[f"{p}.embeddings.position_embeddings"],
+        "norm.weight": state[f"{p}.layernorm.weight"], "norm.bias": state[f"{p}.layernorm.bias"],
+        "head.weight": _require(state, f"{head}.weight", "Hugging Face"), "head.bias": state[f"{head}.bias"],
+    }
+    if has_dist:
+        out["dist_token"] = state[f"{p}.embeddings.distillation_token"]
+    if "distillation_classifier.weight" in state:
+        out["head_dist.weight"] = state["distillation_classifier.weight"]
+        out["head_dist.bias"] = state["distillation_classifier.bias"]
+    names = (
+        {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj", "o": "attention.o_proj",
+         "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+        if new_layout else
+        {"q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value",
+         "o": "attention.output.dense", "fc1": "intermediate.dense", "fc2": "output.dense"}
+    )
+    layer = f"{p}.layers" if new_layout else f"{p}.encoder.layer"
+    for i in range(depth):
+        src, dst = f"{layer}.{i}", f"blocks.{i}"
+        qkv = [f"{src}.{names[t]}" for t in "qkv"]
+        out[f"{dst}.attn.qkv.weight"] = torch.cat([state[f"{n}.weight"] for n in qkv])
+        if f"{qkv[0]}.bias" in state:
+            out[f"{dst}.attn.qkv.bias"] = torch.cat([state[f"{n}.bias"] for n in qkv])
+        for ours, theirs in (("attn.proj", names["o"]), ("mlp.fc1", names["fc1"]), ("mlp.fc2", names["fc2"]),
+                             ("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+            out[f"{dst}.{ours}.weight"] = state[f"{src}.{theirs}.weight"]
+            out[f"{dst}.{ours}.bias"] = state[f"{src}.{theirs}.bias"]
+    hidden = hf.get("hidden_size", w.shape[0])
+    heads = hf.get("num_attention_heads")
+    values: dict[str, Any] = {
+        "embed_dim": w.shape[0], "in_chans": w.shape[1], "patch_size": w.shape[-1], "depth": depth,
+        "image_size": grid_from_pos_embed(out["pos_embed"].shape[1], 1 + has_dist) * w.shape[-1],
+        "mlp_dim": tuple(out[f"blocks.{i}.mlp.fc1.weight"].shape[0] for i in range(depth)),
+        "num_classes": out["head.weight"].shape[0], "qkv_bias": "blocks.0.attn.qkv.bias" in out,
+        "class_token": True, "dist_token": has_dist, "dist_head": "head_dist.weight" in out,
+        "final_norm": "token", "pool": "cls", "norm_eps": hf.get("layer_norm_eps", 1e-12),
+        "act": {"gelu": "gelu", "relu": "relu"}.get(hf.get("hidden_act", "gelu"), "gelu"),
+    }
+    if hf.get("hidden_act", "gelu") not in ("gelu", "relu"):
+        raise CheckpointError(f"Hugging Face hidden_act={hf['hidden_act']!r} is not supported; only 'gelu' and 'relu'")
+    values |= ({"num_heads": heads, "head_dim": hidden // heads} if heads and "num_heads" not in overrides
+               else _heads(out["blocks.0.attn.proj.weight"].shape[1], overrides, "Hugging Face"))
+    return values, out
+
+
+# -------------------------------------------------------------------------------------------- vit-pytorch
+def _convert_vit_pytorch(state: State, overrides: dict) -> tuple[dict, State]:
+    """Both vit-pytorch layouts. Linear patch embeddings see patches flattened as (p1 p2 c) (einops)."""
+    depth = _depth(state, r"transformer\.layers\.(\d+)\.")
+    if "to_patch_embedding.2.weight" in state:  # current: Rearrange, LayerNorm, Linear, LayerNorm
+        lin, pre, post = "to_patch_embedding.2", "to_patch_embedding.1", "to_patch_embedding.3"
+    else:  # older: Rearrange, Linear
+        lin, pre, post = "to_patch_embedding.1", None, None
+    w = _require(state, f"{lin}.weight", "vit-pytorch")  # (D, p*p*c)
+    D, patch_dim = w.shape
+    c = 3 if _is_square(patch_dim // 3) and patch_dim % 3 == 0 else 1
+    c = overrides.get("in_chans", c)
+    p = round((patch_dim // c) ** 0.5)
+    if p * p * c != patch_dim:
+        raise CheckpointError(f"vit-pytorch patch embedding of width {patch_dim} is not channels x patch x patch; set model.in_chans")
+    to_conv = lambda t: t.reshape(*t.shape[:-1], p, p, c).movedim(-1, -3)  # (..., p, p, c) -> (..., c, p, p)
+    cls = state["cls_token"]
+    has_cls = cls.numel() > 0
+    out: State = {
+        "patch_embed.proj.weight": to_conv(w),  # (D, c, p, p)
+        "patch_embed.proj.bias": state[f"{lin}.bias"],
+        "pos_embed": state["pos_embedding"].reshape(1, -1, D),
+    }
+    if has_cls:
+        out["cls_token"] = cls.reshape(1, 1, D)
+    if pre is not None:
+        out["patch_embed.norm_pre.weight"] = to_conv(state[f"{pre}.weight"]).flatten()
+        out["patch_embed.norm_pre.bias"] = to_conv(state[f"{pre}.bias"]).flatten()
+        out["patch_embed.norm.weight"], out["patch_embed.norm.bias"] = state[f"{post}.weight"], state[f"{post}.bias"]
+    heads_inner = None
+    for i in range(depth):
+        a, f, dst = f"transformer.layers.{i}.0", f"transformer.layers.{i}.1", f"blocks.{i}"
+        qkv_key = next(k for k in state if re.fullmatch(rf"{re.escape(a)}\.(fn\.)*to_qkv\.weight", k))
+        attn = qkv_key.removesuffix(".to_qkv.weight")
+        out[f"{dst}.attn.qkv.weight"] = state[qkv_key]
+        inner = state[qkv_key].shape[0] // 3
+        heads_inner = heads_inner or inner
+        if f"{attn}.to_out.0.weight" in state:
+            out[f"{dst}.attn.proj.weight"] = state[f"{attn}.to_out.0.weight"]
+            out[f"{dst}.attn.proj.bias"] = state[f"{attn}.to_out.0.bias"]
+        else:  # vit-pytorch uses no output projection for a single head as wide as the model
+            out[f"{dst}.attn.proj.weight"], out[f"{dst}.attn.proj.bias"] = torch.eye(D), torch.zeros(D)
+        norm1 = f"{a}.norm" if f"{a}.norm.weight" in state else f"{a}.fn.norm"
+        if f"{f}.net.0.weight" in state and state[f"{f}.net.0.weight"].ndim == 1:  # current: LayerNorm inside net
+            norm2, fc1, fc2 = f"{f}.net.0", f"{f}.net.1", f"{f}.net.4"
+        else:
+            ff = next(k for k in state if re.fullmatch(rf"{re.escape(f)}\.(fn\.)*net\.0\.weight", k)).removesuffix(".net.0.weight")
+            norm2 = f"{f}.norm" if f"{f}.norm.weight" in state else f"{f}.fn.norm"
+            fc1, fc2 = f"{ff}.net.0", f"{ff}.net.3"
+        for ours, theirs in (("norm1", norm1), ("norm2", norm2), ("mlp.fc1", fc1), ("mlp.fc2", fc2)):
+            out[f"{dst}.{ours}.weight"], out[f"{dst}.{ours}.bias"] = state[f"{theirs}.weight"], state[f"{theirs}.bias"]
+    if "transformer.norm.weight" in state:  # current: a final norm over every token, then a Linear head
+        out["norm.weight"], out["norm.bias"] = state["transformer.norm.weight"], state["transformer.norm.bias"]
+        out["head.weight"], out["head.bias"] = state["mlp_head.weight"], state["mlp_head.bias"]
+        final_norm = "token"
+    else:  # older: mlp_head = LayerNorm, Linear after pooling
+        out["fc_norm.weight"], out["fc_norm.bias"] = state["mlp_head.0.weight"], state["mlp_head.0.bias"]
+        out["head.weight"], out["head.bias"] = state["mlp_head.1.weight"], state["mlp_head.1.bias"]
+        final_norm = "pooled"
+    pool = overrides.pop("pool", "cls" if has_cls else "mean")
+    if has_cls and pool == "mean":
+        pool = "mean_all"  # vit-pytorch averages over every token, the class token included
+    values: dict[str, Any] = {
+        "embed_dim": D, "in_chans": c, "patch_size": p, "depth": depth,
+        "image_size": grid_from_pos_embed(out["pos_embed"].shape[1], int(has_cls)) * p,
+        "mlp_dim": tuple(out[f"blocks.{i}.mlp.fc1.weight"].shape[0] for i in range(depth)),
+        "num_classes": out["head.weight"].shape[0], "qkv_bias": False, "class_token": has_cls,
+        "pool": pool, "final_norm": final_norm, "norm_eps": 1e-5,
+        "patch_pre_norm": pre is not None, "patch_post_norm": pre is not None,
+    }
+    values |= _heads(heads_inner, overrides, "vit-pytorch")
+    return values, out
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and round(n**0.5) ** 2 == n
+
+
+# ------------------------------------------------------------------------------- torch.nn.TransformerEncoder
+def _convert_torch_encoder(state: State, overrides: dict) -> tuple[dict, State]:
+    """A wrapper around ``nn.TransformerEncoder``: encoder layers by name, the rest by shape."""
+    first = next(k for k in state if re.search(r"layers\.0\.self_attn\.in_proj_weight$", k))
+    enc = first.removesuffix("layers.0.self_attn.in_proj_weight")
+    depth = _depth(state, rf"{re.escape(enc)}layers\.(\d+)\.")
+    D = state[first].shape[1]
+    outside = {k: v for k, v in state.items() if not k.startswith(f"{enc}layers.")}
+    tokens = [k for k, v in outside.items() if v.ndim == 3 and v.shape[0] == 1 and v.shape[-1] == D]
+    cls = [k for k in tokens if state[k].shape[1] == 1]
+    pos = [k for k in tokens if state[k].shape[1] > 1]
+    convs = [k for k, v in outside.items() if v.ndim == 4 and v.shape[0] == D]
+    linears = [k for k, v in outside.items() if k.endswith("weight") and v.ndim == 2]
+    heads = [k for k in linears if state[k].shape[1] == D and state[k].shape[0] != D]
+    patch_lin = [k for k in linears if state[k].shape[0] == D and k not in heads]
+    if len(pos) != 1 or len(cls) > 1 or len(heads) != 1 or len(convs) + len(patch_lin) != 1:
+        raise CheckpointError(
+            "cannot identify the patch embedding, position embedding and head around this nn.TransformerEncoder "
+            f"(position embeddings {pos}, class tokens {cls}, heads {heads}, patch embeddings {convs + patch_lin}); "
+            "expected exactly one of each (the class token is optional)"
+        )
+    out: State = {"pos_embed": state[pos[0]]}
+    if convs:
+        proj = convs[0].removesuffix(".weight")
+        out["patch_embed.proj.weight"] = state[convs[0]]
+        c, p = state[convs[0]].shape[1], state[convs[0]].shape[-1]
+    else:
+        proj = patch_lin[0].removesuffix(".weight")
+        w = state[patch_lin[0]]  # (D, p*p*c), patches flattened (p1 p2 c) as einops' Rearrange does
+        c = overrides.get("in_chans", 3 if patch_lin and w.shape[1] % 3 == 0 and _is_square(w.shape[1] // 3) else 1)
+        p = round((w.shape[1] // c) ** 0.5)
+        out["patch_embed.proj.weight"] = w.reshape(D, p, p, c).permute(0, 3, 1, 2)
+    out["patch_embed.proj.bias"] = state[f"{proj}.bias"]
+    if cls:
+        out["cls_token"] = state[cls[0]]
+    head = heads[0].removesuffix(".weight")
+    out["head.weight"], out["head.bias"] = state[heads[0]], state[f"{head}.bias"]
+    final_norm = "none"
+    if f"{enc}norm.weight" in state:
+        out["norm.weight"], out["norm.bias"] = state[f"{enc}norm.weight"], state[f"{enc}norm.bias"]
+        final_norm = "token"
+    for i in range(depth):
+        src, dst = f"{enc}layers.{i}", f"blocks.{i}"
+        out[f"{dst}.attn.qkv.weight"] = state[f"{src}.self_attn.in_proj_weight"]
+        if f"{src}.self_attn.in_proj_bias" in state:
+            out[f"{dst}.attn.qkv.bias"] = state[f"{src}.self_attn.in_proj_bias"]
+        for ours, theirs in (("attn.proj", "self_attn.out_proj"), ("mlp.fc1", "linear1"), ("mlp.fc2", "linear2"),
+                             ("norm1", "norm1"), ("norm2", "norm2")):
+            out[f"{dst}.{ours}.weight"], out[f"{dst}.{ours}.bias"] = state[f"{src}.{theirs}.weight"], state[f"{src}.{theirs}.bias"]
+    values: dict[str, Any] = {
+        "embed_dim": D, "in_chans": c, "patch_size": p, "depth": depth,
+        "image_size": grid_from_pos_embed(out["pos_embed"].shape[1], int(bool(cls))) * p,
+        "mlp_dim": tuple(out[f"blocks.{i}.mlp.fc1.weight"].shape[0] for i in range(depth)),
+        "num_classes": out["head.weight"].shape[0], "qkv_bias": "blocks.0.attn.qkv.bias" in out,
+        "class_token": bool(cls), "pool": "cls" if cls else "mean", "final_norm": final_norm,
+        # PyTorch's defaults for TransformerEncoderLayer: post-norm, ReLU, eps 1e-5. Override as the model was built.
+        "pre_norm": False, "act": "relu", "norm_eps": 1e-5,
+    }
+    values |= _heads(D, overrides, "nn.TransformerEncoder", head_dim_default=None)
+    return values, out
