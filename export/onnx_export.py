@@ -1,0 +1,147 @@
+"""PyTorch module -> validated ONNX file.
+
+Uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) at opset >= 17 with a dynamic batch axis.
+Two field-tested traps shape it (see FIELD-NOTES): LayerNorm must stay one ``LayerNormalization`` node, since a
+decomposed one overflows in FP16 on TensorRT, and an export can succeed while computing something else
+(ToMe's ``scatter_reduce`` mean), so parity against ONNX Runtime is part of exporting: a file that disagrees
+with PyTorch beyond tolerance is never handed on. onnxslim, a maintained graph simplifier, folds what the
+exporter leaves behind; the node counts before and after are reported so its effect is visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from export.errors import ExportError, ParityError
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    max_abs_diff: float
+    agreement: float  # share of samples whose top-1 class is the same
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    opset: int
+    nodes_exported: int
+    nodes_final: int
+    parity: ParityReport
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    *,
+    example: torch.Tensor,
+    opset: int = 18,
+    simplify: str = "onnxslim",
+    atol: float = 1e-4,
+    min_agreement: float = 0.99,
+    parity_inputs: np.ndarray | None = None,
+) -> ExportResult:
+    """Export ``model`` to ``path`` (atomically) and check it against PyTorch in ONNX Runtime.
+
+    ``example`` fixes the input shape after the batch axis; ``parity_inputs`` (default: ``example``) are the
+    inputs compared. Raises ``ParityError`` when the maximum absolute logit difference exceeds ``atol`` or
+    top-1 agreement falls below ``min_agreement``.
+    """
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old: LayerNormalization needs opset 17 or later")
+    model = model.eval()
+    proto = _export(model, example, opset)
+    nodes_exported = len(proto.graph.node)
+    if simplify == "onnxslim":
+        import onnxslim
+
+        proto = onnxslim.slim(proto)
+    elif simplify != "none":
+        raise ExportError(f"unknown simplifier {simplify!r}; use 'onnxslim' or 'none'")
+    _check_layernorm(proto, model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        onnx.checker.check_model(tmp)
+        inputs = parity_inputs if parity_inputs is not None else example.numpy()
+        parity = check_parity(model, Path(tmp), inputs, atol=atol, min_agreement=min_agreement)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    log.info("exported %s: %d nodes (%d before %s), max |diff| %.2e", path, len(proto.graph.node),
+             nodes_exported, simplify, parity.max_abs_diff)
+    return ExportResult(path, opset, nodes_exported, len(proto.graph.node), parity)
+
+
+def _export(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    # The exporter prints its progress and warnings on stdout; library code stays quiet and logs instead.
+    captured = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},), optimize=True, verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; the cause is what the user needs
+        raise ExportError(f"ONNX export failed: {str(e).splitlines()[0][:300]}") from e
+    log.debug("exporter output: %s", captured.getvalue())
+    return program.model_proto
+
+
+def _check_layernorm(proto: onnx.ModelProto, model: nn.Module) -> None:
+    expected = sum(isinstance(m, nn.LayerNorm) for m in model.modules())
+    found = sum(n.op_type == "LayerNormalization" for n in proto.graph.node)
+    if expected and found < expected:
+        raise ExportError(
+            f"the ONNX graph has {found} LayerNormalization nodes for {expected} LayerNorm modules: a decomposed "
+            "LayerNorm overflows in FP16; export at opset >= 17 with the dynamo exporter"
+        )
+
+
+def check_parity(
+    model: nn.Module, onnx_path: Path, inputs: np.ndarray, *, atol: float, min_agreement: float, batch_size: int = 64
+) -> ParityReport:
+    """Compare PyTorch and ONNX Runtime logits on ``inputs`` (N, C, H, W) float32."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    max_diff, same, n = 0.0, 0, 0
+    with torch.inference_mode():
+        for start in range(0, len(inputs), batch_size):
+            x = np.ascontiguousarray(inputs[start : start + batch_size], dtype=np.float32)
+            ref = model(torch.from_numpy(x)).numpy()
+            got = session.run(None, {session.get_inputs()[0].name: x})[0]
+            max_diff = max(max_diff, float(np.abs(ref - got).max()))
+            same += int((ref.argmax(1) == got.argmax(1)).sum())
+            n += len(x)
+    report = ParityReport(max_abs_diff=max_diff, agreement=same / max(1, n), num_samples=n)
+    if max_diff > atol or report.agreement < min_agreement:
+        raise ParityError(
+            f"ONNX Runtime disagrees with PyTorch: max |logit diff| {max_diff:.3g} (tolerance {atol:g}), "
+            f"top-1 agreement {report.agreement:.3f} (minimum {min_agreement}); the export is wrong, "
+            "report it with the model's config"
+        )
+    return report

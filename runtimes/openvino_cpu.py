@@ -1,0 +1,71 @@
+"""OpenVINO on the CPU, FP32 and, where the CPU has BF16 units, OpenVINO's BF16 default.
+
+The ONNX file is read once; each batch size gets its own compiled model with a static shape (OpenVINO's CPU
+plugin is fastest on static shapes, and a deployed engine has one), compiled on first use and kept.
+``INFERENCE_PRECISION_HINT`` selects the precision: on CPUs with AVX-512 BF16 or AMX OpenVINO picks bf16
+unless told f32, so both are recorded as separate precisions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtimes.errors import RuntimeUnavailableError
+
+_HINT = {"fp32": "f32", "bf16": "bf16"}
+
+
+class OpenVinoEngine:
+    def __init__(self, onnx_path: Path, precision: str, threads: int) -> None:
+        import openvino as ov
+
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(onnx_path))
+        self.config = {
+            "INFERENCE_PRECISION_HINT": _HINT[precision],
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        }
+        self._requests: dict[tuple[int, ...], object] = {}
+
+    def _request(self, shape: tuple[int, ...]):
+        if shape not in self._requests:
+            model = self.model.clone()
+            model.reshape({model.inputs[0]: list(shape)})
+            self._requests[shape] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        return self._requests[shape]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        request = self._request(x.shape)
+        request.infer({0: x})
+        return request.get_output_tensor(0).data.copy()
+
+
+class OpenVinoCPU:
+    name = "openvino"
+    input_kind = "onnx"
+
+    def __init__(self) -> None:
+        try:
+            import openvino  # noqa: F401
+        except ImportError as e:
+            raise RuntimeUnavailableError("OpenVINO is not installed; pip install openvino") from e
+
+    def precisions(self) -> list[str]:
+        import openvino as ov
+
+        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return ["fp32", "bf16"] if "BF16" in capabilities else ["fp32"]
+
+    def build(self, source: Path, *, precision: str, threads: int) -> OpenVinoEngine:
+        if precision not in self.precisions():
+            raise RuntimeUnavailableError(f"OpenVINO cannot run {precision} on this CPU; it offers {self.precisions()}")
+        return OpenVinoEngine(Path(source), precision, threads)
+
+    def versions(self) -> dict[str, str]:
+        import openvino as ov
+
+        return {"openvino": ov.get_version()}
