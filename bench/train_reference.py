@@ -1,8 +1,8 @@
-"""Train the reference CIFAR-10 ViT with the recipe in recipes/cifar10-vit.toml, exactly as `compress train` does.
+"""Train the reference CIFAR-10 ViT with the recipe in models/cifar10-vit/recipe.toml, exactly as `compress train` does.
 
     python bench/train_reference.py /tmp/cifar10 runs/cifar10-train
 
-It calls the same `train_job` as `compress train --recipe recipes/cifar10-vit.toml`, and prints the time
+It calls the same `train_job` as `compress train --recipe models/cifar10-vit/recipe.toml`, and prints the time
 and top-1 that BENCHMARKS.md records.
 """
 
@@ -18,7 +18,7 @@ from compress.train import train_job  # noqa: E402
 
 def main() -> None:
     data, out = sys.argv[1], Path(sys.argv[2])
-    config = load_config(Path(__file__).resolve().parents[1] / "recipes/cifar10-vit.toml", [f"data.path={json.dumps(data)}"])
+    config = load_config(Path(__file__).resolve().parents[1] / "models/cifar10-vit/recipe.toml", [f"data.path={json.dumps(data)}"])
     out.mkdir(parents=True, exist_ok=True)
 
     def progress(p):

@@ -19,6 +19,7 @@ every key and shape and names the first that disagree.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -42,9 +43,24 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -> Checkpoint:
-    """Load any supported checkpoint; ``overrides`` are ``[model]`` values from the recipe or ``--set``."""
-    path = Path(path)
+    """Load any supported checkpoint; ``overrides`` are ``[model]`` values from the recipe or ``--set``.
+
+    ``image_size`` is applied after loading: the position embedding is interpolated to the new grid (it
+    still exports) and the preprocessing scaled to match.
+    """
     overrides = dict(overrides or {})
+    image_size = overrides.pop("image_size", None)
+    ckpt = _load(Path(path), overrides)
+    if image_size is not None and image_size != ckpt.config.image_size:
+        old = ckpt.config.image_size
+        ckpt.model.set_image_size(image_size)
+        resize = ckpt.preprocess.resize_size
+        ckpt.preprocess = dataclasses.replace(
+            ckpt.preprocess, crop_size=image_size, resize_size=round(resize * image_size / old) if resize else None)
+    return ckpt
+
+
+def _load(path: Path, overrides: dict[str, Any]) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
@@ -117,7 +133,7 @@ def _build_config(values: dict[str, Any], overrides: dict[str, Any], source: Pat
 
 
 # Values a converter only guesses (head count, pooling, norm placement); the user may override them freely.
-_SOFT_KEYS = {"num_heads", "head_dim", "pool", "pre_norm", "act", "norm_eps", "image_size", "layer_scale_init"}
+_SOFT_KEYS = {"num_heads", "head_dim", "pool", "pre_norm", "act", "norm_eps", "layer_scale_init"}
 
 
 def _heads(inner: int, overrides: dict, layout: str, head_dim_default: int | None = 64) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from calibration.datasets import Subset, make_splits, open_source
 from calibration.evaluate import evaluate_top1
 from compress.checkpoint import Checkpoint, check_dataset_fits, new_checkpoint, save_checkpoint
 from compress.config import RunConfig
+from compress.errors import InputError
 from compress.io import atomic_torch_save, atomic_write_json
 from compress.vit import VisionTransformer
 
@@ -113,7 +114,7 @@ def train(
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay).append(p)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True
     )
 
     step, history, elapsed_before = 0, [], 0.0
@@ -141,12 +142,13 @@ def train(
 
     start = last_save = time.perf_counter()
     model.train()
-    order = torch.randperm(len(labels), generator=generator)
+    order_epoch = None
     while step < total_steps:
         epoch, pos = divmod(step, steps_per_epoch)
-        if pos == 0:
-            # A fresh permutation per epoch, drawn from the epoch number so resume sees the same order.
+        if epoch != order_epoch:
+            # Each epoch's order comes from the epoch number alone, so a run resumed mid-epoch sees the same order.
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            order_epoch = epoch
         rows = order[pos * batch_size : (pos + 1) * batch_size]
         x = images[rows].permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
         x = augment(x, padding=crop_padding, flip=flip, generator=generator)
@@ -201,6 +203,9 @@ def train_job(
                          seed=config.data.seed)
     ckpt = init if init is not None else new_checkpoint(config, source)
     check_dataset_fits(ckpt, source)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train_state.pt").exists():
+        raise InputError(f"{out_dir} exists and is not an interrupted training run; choose a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
     train_data = Subset(source, splits.train, ckpt.preprocess)
     eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
 

@@ -1,0 +1,212 @@
+"""The ``compress`` command: thin typer commands over the library, in the manner of fastapi-cli.
+
+A ``CompressError`` (or one of the leaf packages' user errors) becomes one line on stderr and exit code 1;
+anything else is a bug and shows its traceback. Heavy libraries (torch, ONNX Runtime, OpenVINO) are imported
+inside the commands, so ``compress --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Shrink Vision Transformers and measure them on real runtimes.")
+console = Console(stderr=True)
+
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe with [model], [data], [train], ...")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    for name in ("compress", "calibration", "export", "runtimes"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+        logger.addHandler(handler)
+        logger.propagate = False
+    # The ONNX exporter notes at WARNING that torchvision ops are unavailable; they are irrelevant to a ViT.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _guard(fn):
+    """Run ``fn``; user errors become one line and exit code 1."""
+    from compress.errors import USER_ERRORS
+
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        _fail(str(e))
+
+
+class _ProgressBars:
+    """Renders the library's (what, done, total) progress callbacks as rich progress bars."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), console=console, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if what not in self.tasks:
+            self.tasks[what] = self.progress.add_task(what, total=total)
+        self.progress.update(self.tasks[what], completed=done, total=total)
+
+    def __enter__(self) -> _ProgressBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _train_progress(bars: _ProgressBars):
+    def report(p) -> None:
+        what = "train" if p.eval_top1 is None else f"train (eval top-1 {p.eval_top1:.3f})"
+        bars("train", p.step, p.total_steps)
+        if p.eval_top1 is not None:
+            console.print(f"epoch {p.epoch}: loss {p.loss:.3f}, {what}")
+
+    return report
+
+
+@app.command()
+def train(
+    data: Annotated[Optional[str], typer.Option("--data", help="ImageFolder or idx directory, or builtin:digits")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory for model.safetensors, train.json, and resume state")] = Path("runs/train"),
+    init: Annotated[Optional[Path], typer.Option("--init", help="Checkpoint to fine-tune instead of training from scratch")] = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train a ViT from scratch (or fine-tune --init) on a dataset; resumes an interrupted run in --out."""
+    _setup_logging(verbose)
+
+    def job():
+        from compress.config import load_config
+        from compress.importers import load_checkpoint
+        from compress.train import train_job
+
+        overrides = list(set_ or []) + ([f"data.path={_toml_str(data)}"] if data else [])
+        config = load_config(recipe, overrides)
+        if config.data.path is None:
+            _fail("no dataset: pass --data DIR (or builtin:digits), or set [data] path in the recipe")
+        ckpt = load_checkpoint(init, config.model) if init else None
+        with _ProgressBars() as bars:
+            _, summary = train_job(config, out, init=ckpt, progress=_train_progress(bars))
+        console.print(f"trained in {summary['seconds']:.0f} s: top-1 {summary['eval_top1']:.4f} on "
+                      f"{summary['eval_images']} held-out images -> {out / 'model.safetensors'}")
+
+    _guard(job)
+
+
+@app.command()
+def run(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint: ours, timm, Hugging Face dir, vit-pytorch, nn.TransformerEncoder")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="ImageFolder or idx directory, or builtin:digits")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (new, or a run of the same inputs to resume)")] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Train a small ViT on the built-in digits and run everything")] = False,
+    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="Runtime to measure (repeat); default all")] = None,
+    recipe: RecipeOpt = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the staged pipeline on CHECKPOINT and write RUN_DIR/records.jsonl and report.md."""
+    _setup_logging(verbose)
+
+    def job():
+        from compress.config import load_config
+        from compress.demo import DEMO_RECIPE
+        from compress.io import sha256_file
+        from compress.pipeline import run_pipeline
+
+        if demo == (checkpoint is not None):
+            _fail("pass a CHECKPOINT with --data, or --demo (not both)")
+        overrides = list(set_ or []) + ([f"data.path={_toml_str(data)}"] if data else [])
+        if runtime:
+            overrides.append(f"measure.runtimes={runtime!r}".replace("'", '"'))
+        config = load_config(recipe, overrides, base=DEMO_RECIPE if demo else None)
+        if config.data.path is None:
+            _fail("no dataset: pass --data DIR (an ImageFolder or idx directory, or builtin:digits)")
+        run_dir = out or Path("runs/demo" if demo else f"runs/{checkpoint.stem}")
+        with _ProgressBars() as bars:
+            if demo:
+                ckpt, checkpoint_id = _demo_checkpoint(config, run_dir, bars)
+            else:
+                from compress.importers import load_checkpoint
+
+                ckpt = load_checkpoint(checkpoint, config.model)
+                checkpoint_id = sha256_file(checkpoint) if checkpoint.is_file() else _dir_digest(checkpoint)
+            result = run_pipeline(ckpt, checkpoint_id, config, run_dir, progress=bars)
+        if result.resumed_stages:
+            console.print(f"resumed: stages {', '.join(result.resumed_stages)} were done in an earlier run")
+        _print_table(result.records)
+        console.print(f"records: {run_dir / 'records.jsonl'}\nreport:  {run_dir / 'report.md'}")
+
+    _guard(job)
+
+
+def _demo_checkpoint(config, run_dir: Path, bars: _ProgressBars):
+    """Train the demo model once (resumable) inside the run directory's train/ folder."""
+    from compress.checkpoint import load_own_checkpoint
+    from compress.io import sha256_file
+    from compress.train import train_job
+
+    train_dir = run_dir.parent / f"{run_dir.name}-train"
+    model_path = train_dir / "model.safetensors"
+    if not model_path.exists():
+        console.print("demo: training a small ViT on scikit-learn's digits")
+        _, summary = train_job(config, train_dir, progress=_train_progress(bars))
+        console.print(f"demo: trained in {summary['seconds']:.0f} s, top-1 {summary['eval_top1']:.4f}")
+    return load_own_checkpoint(model_path), sha256_file(model_path)
+
+
+def _dir_digest(path: Path) -> str:
+    from compress.io import sha256_file, sha256_json
+
+    return sha256_json({p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()})
+
+
+def _print_table(records) -> None:
+    from rich.table import Table
+
+    from compress.report import COLUMNS, CONSOLE_COLUMNS, table_rows
+
+    keep = [COLUMNS.index(c) for c in CONSOLE_COLUMNS]
+    table = Table(*CONSOLE_COLUMNS, title="accuracy and latency per stage and runtime (all columns: report.md)")
+    for row in table_rows([r for r in records if r.status == "ok"]):
+        table.add_row(*(row[i] for i in keep))
+    Console().print(table)
+
+
+def _toml_str(value: str) -> str:
+    import json
+
+    return json.dumps(str(value))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

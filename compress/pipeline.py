@@ -1,0 +1,221 @@
+"""The run orchestrator: stages in order, each measured the same way on every runtime.
+
+The order of stages is data (``STAGES``). A stage is a function ``model -> model`` with keyword-only options;
+after it, the orchestrator saves the model, exports and validates its ONNX, and for every runtime and
+precision evaluates top-1 on the held-out split and measures latency at each batch size, appending one
+``StageRecord`` per (stage, runtime, precision, batch size) to ``RUN_DIR/records.jsonl``.
+
+Resuming: a stage's outputs are named by a content hash of everything that produced them (the previous
+stage's key, the stage's options, the export and measurement settings), and a stage is done when its marker
+``stages/<name>.json`` carries that key. Records of a stage that never wrote its marker (an interrupted run)
+are dropped before the stage runs again, so none is counted twice. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibration.datasets import Subset, make_splits, open_source
+from calibration.evaluate import EvalResult, evaluate_top1
+from compress.checkpoint import Checkpoint, check_dataset_fits, load_own_checkpoint, save_checkpoint
+from compress.config import RunConfig
+from compress.env import environment
+from compress.errors import InputError
+from compress.io import atomic_write, atomic_write_json, atomic_write_text, sha256_json
+from compress.macs import count_macs, count_params
+from compress.records import StageRecord, read_records
+from compress.vit import VisionTransformer
+from export.onnx_export import export_onnx
+from runtimes import RUNTIME_NAMES, RuntimeUnavailableError, default_threads, get_runtime, measure_latency
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+PRECISIONS = ("fp32", "bf16")
+
+
+def baseline(model: VisionTransformer) -> VisionTransformer:
+    """The model as loaded: the reference every later stage is measured against."""
+    return model
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    transform: Callable[..., VisionTransformer]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+STAGES: tuple[Stage, ...] = (Stage("baseline", baseline),)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    records: list[StageRecord]
+    resumed_stages: list[str]
+
+
+def prepare_run_dir(run_dir: Path, inputs: dict[str, Any]) -> bool:
+    """Create ``run_dir`` or accept it for resuming; return True when resuming. Never touches other content."""
+    key = sha256_json(inputs)
+    manifest = run_dir / "run.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir} is a file; choose a directory path for the run")
+    if manifest.exists():
+        if json.loads(manifest.read_text()).get("key") != key:
+            raise InputError(
+                f"{run_dir} already holds a run of another checkpoint or config; choose a new --out "
+                "(or delete that directory yourself to replace it)"
+            )
+        return True
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise InputError(f"{run_dir} exists and is not a run directory of this tool; choose a new --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(manifest, {"key": key, "inputs": inputs, "created": _now()})
+    return False
+
+
+def run_pipeline(
+    ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path, *, progress: Progress | None = None
+) -> RunResult:
+    """Run every stage on ``ckpt`` and measure it; resume a run of the same inputs in ``run_dir``."""
+    for name in config.measure.runtimes:  # fail before any work, not after the first stage
+        if name not in RUNTIME_NAMES:
+            raise RuntimeUnavailableError(f"unknown runtime {name!r}; choose from {list(RUNTIME_NAMES)}")
+    source = open_source(config.data.path)
+    check_dataset_fits(ckpt, source)
+    resuming = prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()})
+    atomic_write_json(run_dir / "config.json", config.dump())
+    splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
+                         seed=config.data.seed)
+    eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
+    calib_data = Subset(source, splits.calib, ckpt.preprocess)
+    if len(eval_data) == 0:
+        raise InputError(f"dataset {source.name} leaves no images for evaluation; add images or lower data.calib_size")
+    probe = calib_data if len(calib_data) else eval_data
+    parity_inputs = next(probe.batches(32))[0]  # (<=32, C, H, W) real images
+    largest = max(config.measure.batch_sizes)
+    first = next(eval_data.batches(largest))[0]
+    latency_input = np.concatenate([first] * -(-largest // len(first)))[:largest]  # (B_max, C, H, W)
+
+    records_path = run_dir / "records.jsonl"
+    done_keys = _done_stage_keys(run_dir)
+    kept = [r for r in read_records(records_path) if done_keys.get(r.stage) == r.stage_key]
+    atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in kept))
+
+    model, prev_key, reference, resumed = ckpt.model, checkpoint_id, None, []
+    for stage in STAGES:
+        key = sha256_json({"prev": prev_key, "stage": stage.name, "options": stage.options,
+                           "export": config.export.model_dump(), "measure": config.measure.model_dump(),
+                           "data": config.data.model_dump(), "dataset": source.name})[:16]
+        artifacts = run_dir / "artifacts"
+        ckpt_path, onnx_path = artifacts / f"{stage.name}-{key}.safetensors", artifacts / f"{stage.name}-{key}.onnx"
+        preds_path = run_dir / "stages" / f"{stage.name}-{key}.reference.npy"
+        if done_keys.get(stage.name) == key and ckpt_path.exists():
+            log.info("stage %s: done in an earlier run, reusing %s", stage.name, ckpt_path.name)
+            model = load_own_checkpoint(ckpt_path).model
+            if preds_path.exists():
+                reference = EvalResult(_reference_top1(kept, stage.name), np.load(preds_path), len(eval_data))
+            resumed.append(stage.name)
+            prev_key = key
+            continue
+        log.info("stage %s: running", stage.name)
+        model = stage.transform(model, **stage.options)
+        stage_ckpt = Checkpoint(model, ckpt.preprocess, ckpt.classes)
+        save_checkpoint(stage_ckpt, ckpt_path)
+        example = torch.from_numpy(parity_inputs[:2].copy())
+        export = export_onnx(model, onnx_path, example=example, opset=config.export.opset,
+                             simplify=config.export.simplify, atol=config.export.atol,
+                             min_agreement=config.export.min_agreement, parity_inputs=parity_inputs)
+        had_reference = reference is not None
+        stage_records, reference = _measure_stage(
+            stage.name, key, model, ckpt_path, onnx_path, eval_data, latency_input, reference, config, run_dir,
+            source.name, progress,
+        )
+        if reference is not None and not had_reference:  # this stage set the reference: keep it for resuming
+            buffer = io.BytesIO()
+            np.save(buffer, reference.predictions)
+            atomic_write(preds_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+        with open(records_path, "a") as f:
+            f.write("".join(r.to_json() + "\n" for r in stage_records))
+        kept += stage_records
+        atomic_write_json(run_dir / "stages" / f"{stage.name}.json", {
+            "key": key, "checkpoint": ckpt_path.name, "onnx": onnx_path.name, "finished": _now(),
+            "export": {"opset": export.opset, "nodes_exported": export.nodes_exported,
+                       "nodes_final": export.nodes_final, "parity_max_abs_diff": export.parity.max_abs_diff,
+                       "parity_agreement": export.parity.agreement, "parity_samples": export.parity.num_samples},
+        })
+        prev_key = key
+    from compress.report import write_markdown_report
+
+    write_markdown_report(run_dir, kept)
+    return RunResult(run_dir, kept, resumed)
+
+
+def _measure_stage(
+    stage: str, key: str, model: VisionTransformer, ckpt_path: Path, onnx_path: Path, eval_data: Subset,
+    latency_input: np.ndarray, reference: EvalResult | None, config: RunConfig, run_dir: Path, dataset: str,
+    progress: Progress | None,
+) -> tuple[list[StageRecord], EvalResult | None]:
+    threads = config.measure.threads or default_threads()
+    C, H, W = latency_input.shape[1:]
+    common = {
+        "stage": stage, "stage_key": key, "params": count_params(model), "macs": count_macs(model, (1, C, H, W)),
+        "dataset": dataset, "run_id": run_dir.name, "env": environment() | {"threads": threads},
+    }
+    records = []
+    for name in config.measure.runtimes:
+        runtime = get_runtime(name)
+        artifact = ckpt_path if runtime.input_kind == "torch" else onnx_path
+        for precision in PRECISIONS:
+            base = common | {"runtime": name, "precision": precision, "artifact": str(artifact.relative_to(run_dir)),
+                             "size_mb": artifact.stat().st_size / 2**20, "timestamp": _now(),
+                             "env": common["env"] | {"versions": common["env"]["versions"] | runtime.versions()}}
+            if precision not in runtime.precisions():
+                reason = f"{name} cannot run {precision} on this machine (it offers {runtime.precisions()})"
+                records += [StageRecord(**base, batch_size=b, status="skipped", reason=reason)
+                            for b in config.measure.batch_sizes]
+                continue
+            engine = runtime.build(model if runtime.input_kind == "torch" else onnx_path,
+                                   precision=precision, threads=threads)
+            label = f"{stage} · {name} {precision}"
+            result = evaluate_top1(engine.run, eval_data, batch_size=config.measure.eval_batch_size,
+                                   progress=(lambda d, t, label=label: progress(label, d, t)) if progress else None)
+            if reference is None:
+                reference = result  # the first runtime of the baseline stage (torch fp32 by default)
+            accuracy = {"top1": result.top1, "top1_drop": round((reference.top1 - result.top1) * 100, 4),
+                        "agreement": result.agreement(reference), "eval_samples": result.num_samples}
+            for batch in config.measure.batch_sizes:
+                stats = measure_latency(engine, latency_input[:batch], threads=threads, warmup=config.measure.warmup,
+                                        iterations=config.measure.iterations, max_seconds=config.measure.max_seconds)
+                records.append(StageRecord(**base, **accuracy, **{k: v for k, v in stats.to_dict().items()
+                                                                  if k in StageRecord.__dataclass_fields__}))
+            log.info("%s: top-1 %.4f, p50 %.2f ms at batch %d", label, result.top1, records[-len(config.measure.batch_sizes)].latency_ms_p50, config.measure.batch_sizes[0])
+    return records, reference
+
+
+def _done_stage_keys(run_dir: Path) -> dict[str, str]:
+    keys = {}
+    for marker in (run_dir / "stages").glob("*.json"):
+        keys[marker.stem] = json.loads(marker.read_text())["key"]
+    return keys
+
+
+def _reference_top1(records: list[StageRecord], stage: str) -> float:
+    ok = [r for r in records if r.stage == stage and r.status == "ok" and r.top1 is not None]
+    return ok[0].top1 if ok else 0.0
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

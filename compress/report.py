@@ -1,0 +1,68 @@
+"""The run's table, from records only: ``report.md`` and the rows the CLI prints.
+
+Nothing here measures; the report can be regenerated from ``records.jsonl`` at any time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compress.io import atomic_write_text
+from compress.records import StageRecord
+
+COLUMNS = ("stage", "runtime", "precision", "batch", "top-1", "drop (pt)", "agree", "p50 ms", "p90 ms",
+           "p99 ms", "img/s", "params", "MMACs", "MB")
+CONSOLE_COLUMNS = ("stage", "runtime", "precision", "batch", "top-1", "drop (pt)", "agree", "p50 ms", "p99 ms", "img/s")
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def table_rows(records: list[StageRecord]) -> list[tuple[str, ...]]:
+    rows = []
+    for r in records:
+        if r.status != "ok":
+            rows.append((r.stage, r.runtime, r.precision, str(r.batch_size), "skipped", "", "", "", "", "", "", "",
+                         "", ""))
+            continue
+        rows.append((
+            r.stage, r.runtime, r.precision, str(r.batch_size), _fmt(r.top1 and r.top1 * 100, ".2f"),
+            _fmt(r.top1_drop, "+.2f"), _fmt(r.agreement, ".3f"), _fmt(r.latency_ms_p50, ".3f"),
+            _fmt(r.latency_ms_p90, ".3f"), _fmt(r.latency_ms_p99, ".3f"), _fmt(r.throughput_ips, ",.0f"),
+            _fmt(r.params, ","), _fmt(r.macs and r.macs / 1e6, ",.1f"), _fmt(r.size_mb, ".2f"),
+        ))
+    return rows
+
+
+def markdown_table(records: list[StageRecord]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(records)]
+    return "\n".join(lines)
+
+
+def write_markdown_report(run_dir: Path, records: list[StageRecord]) -> Path:
+    ok = [r for r in records if r.status == "ok"]
+    skipped = [r for r in records if r.status != "ok"]
+    env = ok[0].env if ok else {}
+    parts = [
+        f"# Run `{run_dir.name}`",
+        "",
+        f"Dataset: `{ok[0].dataset}`, {ok[0].eval_samples} evaluation images. " if ok else "",
+        "Top-1 is on the held-out evaluation split; *drop* is in points against the baseline's first runtime, "
+        "*agree* the share of predictions equal to the baseline's. Latency is per call at the batch size shown "
+        "(p50/p90/p99 over the timed iterations); MMACs per image.",
+        "",
+        markdown_table(ok),
+        "",
+    ]
+    if skipped:
+        parts += ["## Skipped", ""]
+        parts += sorted({f"- {r.runtime} {r.precision}: {r.reason}" for r in skipped})
+        parts.append("")
+    if env:
+        versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("versions", {}).items()) if v)
+        parts += ["## Environment", "", f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores), "
+                  f"{env.get('threads')} threads", f"- {env.get('system')}, Python {env.get('python')}",
+                  f"- {versions}", ""]
+    return atomic_write_text(run_dir / "report.md", "\n".join(parts))

@@ -1,0 +1,211 @@
+"""Import of other projects' checkpoints, checked numerically against the original implementations."""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from compress.checkpoint import Checkpoint, save_checkpoint
+from compress.errors import CheckpointError, ConfigError
+from compress.importers import load_checkpoint
+from calibration.preprocess import Preprocess
+from tests.compress.reference_models import EncoderViT, OldVitPytorchViT, VitPytorchViT
+
+ATOL = 1e-4
+
+
+def _same_logits(reference: torch.nn.Module, imported: torch.nn.Module, channels: int = 3, size: int = 32) -> float:
+    x = torch.randn(4, channels, size, size)
+    with torch.inference_mode():
+        ref, got = reference.eval()(x), imported.eval()(x)
+    diff = (ref - got).abs().max().item()
+    assert diff < ATOL, f"max |logit diff| {diff}"
+    return diff
+
+
+# ------------------------------------------------------------------------------------------------ Hugging Face
+def _hf_vit(tmp_path, deit: bool = False, teacher: bool = False):
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency: pip install -e .[test]")
+    kwargs = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+                  patch_size=8, num_labels=10, id2label={i: f"class{i}" for i in range(10)},
+                  label2id={f"class{i}": i for i in range(10)})
+    if deit:
+        cls = transformers.DeiTForImageClassificationWithTeacher if teacher else transformers.DeiTForImageClassification
+        model = cls(transformers.DeiTConfig(**kwargs))
+    else:
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(**kwargs))
+    model.eval()
+    model.save_pretrained(tmp_path / "hf")
+    return model, tmp_path / "hf"
+
+
+class HFLogits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
+@pytest.mark.parametrize("deit, teacher", [(False, False), (True, False), (True, True)])
+def test_hugging_face_5x_layout_matches_transformers(tmp_path, deit, teacher):
+    model, path = _hf_vit(tmp_path, deit, teacher)
+    assert any(k.startswith(("vit.layers.", "deit.layers.")) for k in model.state_dict())
+    ckpt = load_checkpoint(path)
+    _same_logits(HFLogits(model), ckpt.model)
+    assert ckpt.classes[3] == "class3"
+    assert ckpt.config.num_heads == (4, 4) and ckpt.config.dist_token == deit
+
+
+def _to_4x(key: str) -> str:
+    """transformers 5.x key -> the 4.x layout (``vit.encoder.layer.N.attention.attention.query``)."""
+    m = re.match(r"(vit|deit)\.layers\.(\d+)\.(.*)", key)
+    if not m:
+        return key
+    p, i, rest = m.groups()
+    rest = (rest.replace("attention.q_proj", "attention.attention.query")
+            .replace("attention.k_proj", "attention.attention.key")
+            .replace("attention.v_proj", "attention.attention.value")
+            .replace("attention.o_proj", "attention.output.dense")
+            .replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense"))
+    return f"{p}.encoder.layer.{i}.{rest}"
+
+
+def test_hugging_face_4x_layout_with_bin_weights(tmp_path):
+    model, path = _hf_vit(tmp_path)
+    old = tmp_path / "hf4"
+    old.mkdir()
+    (old / "config.json").write_text((path / "config.json").read_text())
+    torch.save({_to_4x(k): v for k, v in model.state_dict().items()}, old / "pytorch_model.bin")
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in torch.load(old / "pytorch_model.bin")
+    _same_logits(HFLogits(model), load_checkpoint(old).model)
+
+
+def test_hugging_face_non_vit_model_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "resnet"}))
+    with pytest.raises(CheckpointError, match="only Hugging Face 'vit' and 'deit'"):
+        load_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ torch.nn.TransformerEncoder
+@pytest.mark.parametrize("norm_first, activation, linear_patch", [(False, "relu", False), (True, "gelu", True)])
+def test_transformer_encoder_matches_pytorch(tmp_path, norm_first, activation, linear_patch):
+    reference = EncoderViT(norm_first=norm_first, activation=activation, linear_patch=linear_patch).eval()
+    path = tmp_path / "encoder.pt"
+    torch.save(reference.state_dict(), path)
+    overrides = {"num_heads": 4, "pre_norm": norm_first, "act": activation}
+    _same_logits(reference, load_checkpoint(path, overrides).model)
+
+
+def test_transformer_encoder_needs_the_head_count(tmp_path):
+    path = tmp_path / "encoder.pt"
+    torch.save(EncoderViT().state_dict(), path)
+    with pytest.raises(ConfigError, match="model.num_heads"):
+        load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------------- vit-pytorch
+@pytest.mark.parametrize("cls, pool", [(VitPytorchViT, "cls"), (VitPytorchViT, "mean"), (OldVitPytorchViT, "cls"),
+                                       (OldVitPytorchViT, "mean")])
+def test_vit_pytorch_layouts(tmp_path, cls, pool):
+    reference = cls(pool=pool).eval()
+    path = tmp_path / "vp.pt"
+    torch.save(reference.state_dict(), path)
+    overrides = {"num_heads": 4} | ({"pool": "mean"} if pool == "mean" and cls is OldVitPytorchViT else {})
+    _same_logits(reference, load_checkpoint(path, overrides).model)
+
+
+def test_old_vit_pytorch_keys_are_the_documented_ones():
+    keys = OldVitPytorchViT().state_dict()
+    assert "transformer.layers.1.0.fn.fn.to_qkv.weight" in keys and "mlp_head.1.weight" in keys
+
+
+def test_vit_pytorch_defaults_to_64_wide_heads(tmp_path):
+    reference = VitPytorchViT(dim=128, heads=2, dim_head=64).eval()
+    path = tmp_path / "vp.pt"
+    torch.save(reference.state_dict(), path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.config.num_heads == (2, 2)
+    _same_logits(reference, ckpt.model)
+
+
+# --------------------------------------------------------------------------------------------------- timm and ours
+def test_timm_state_dict_with_training_wrapper(tmp_path, tiny_vit):
+    path = tmp_path / "timm.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in tiny_vit.state_dict().items()}, "epoch": 3}, path)
+    ckpt = load_checkpoint(path)  # 64 / 4 heads of 16 cannot be guessed: the 64-wide convention gives 1 head
+    assert ckpt.config.num_heads == (1, 1)
+    ckpt = load_checkpoint(path, {"num_heads": 4})
+    _same_logits(tiny_vit, ckpt.model)
+
+
+def test_timm_safetensors(tmp_path, tiny_vit):
+    path = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_vit.state_dict().items()}, str(path))
+    _same_logits(tiny_vit, load_checkpoint(path, {"num_heads": 4}).model)
+
+
+def test_own_format_round_trip(tmp_path, tiny_vit):
+    pre = Preprocess(crop_size=32, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
+    path = save_checkpoint(Checkpoint(tiny_vit, pre, [f"c{i}" for i in range(10)]), tmp_path / "m.safetensors")
+    ckpt = load_checkpoint(path)
+    _same_logits(tiny_vit, ckpt.model)
+    assert ckpt.preprocess == pre and ckpt.classes[9] == "c9" and ckpt.config == tiny_vit.config
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_missing_path(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_truncated_checkpoint(tmp_path, tiny_vit):
+    path = tmp_path / "m.pt"
+    torch.save(tiny_vit.state_dict(), path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_truncated_safetensors(tmp_path, tiny_vit):
+    path = save_checkpoint(Checkpoint(tiny_vit, Preprocess(crop_size=32), list("abcdefghij")), tmp_path / "m.safetensors")
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_not_a_vit(tmp_path):
+    path = tmp_path / "cnn.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 2)).state_dict(), path)
+    with pytest.raises(CheckpointError, match="matches no known ViT layout.*'0.bias'"):
+        load_checkpoint(path)
+
+
+def test_hyper_parameters_that_disagree_with_the_weights(tmp_path, tiny_vit):
+    path = tmp_path / "timm.pt"
+    torch.save(tiny_vit.state_dict(), path)
+    with pytest.raises(CheckpointError, match="model.embed_dim=128 disagrees"):
+        load_checkpoint(path, {"embed_dim": 128, "num_heads": 4})
+    with pytest.raises(CheckpointError, match="does not divide"):
+        load_checkpoint(path, {"num_heads": 5})
+
+
+def test_shape_mismatch_names_the_key(tmp_path, tiny_vit):
+    state = tiny_vit.state_dict()
+    state["blocks.1.mlp.fc2.weight"] = torch.zeros(64, 100)
+    path = tmp_path / "timm.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"shape \['blocks.1.mlp.fc2.weight \(64, 100\) vs model \(64, 128\)"):
+        load_checkpoint(path, {"num_heads": 4})
+
+
+def test_image_size_override_interpolates_position_embedding(tmp_path, tiny_vit):
+    pre = Preprocess(crop_size=32, resize_size=36)
+    path = save_checkpoint(Checkpoint(tiny_vit, pre, [str(i) for i in range(10)]), tmp_path / "m.safetensors")
+    ckpt = load_checkpoint(path, {"image_size": 48})
+    assert ckpt.config.image_size == 48 and ckpt.model.pos_embed.shape == (1, 1 + 36, 64)
+    assert ckpt.preprocess.crop_size == 48 and ckpt.preprocess.resize_size == 54
+    assert ckpt.model(torch.randn(1, 3, 48, 48)).shape == (1, 10)

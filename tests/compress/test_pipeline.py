@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from compress.checkpoint import Checkpoint
+from compress.config import load_config
+from compress.errors import InputError
+from compress.pipeline import run_pipeline
+from compress.records import read_records
+from calibration.preprocess import Preprocess
+from runtimes import RuntimeUnavailableError
+
+FIELDS = ("stage", "runtime", "precision", "top1", "top1_drop", "agreement", "latency_ms_p50", "latency_ms_p90",
+          "latency_ms_p99", "throughput_ips", "batch_size", "params", "macs", "size_mb", "artifact", "env")
+
+
+def _config(folder, **measure):
+    sets = [f'data.path="{folder}"', "data.calib_size=20", "measure.iterations=3", "measure.max_seconds=0.5",
+            "measure.warmup=1", "measure.batch_sizes=[1, 4]"] + [f"measure.{k}={v}" for k, v in measure.items()]
+    return load_config(None, sets)
+
+
+def _ckpt(model):
+    return Checkpoint(model, Preprocess(crop_size=32), [str(i) for i in range(10)])
+
+
+def test_records_for_every_runtime_precision_and_batch(tmp_path, tiny_vit, digit_folder):
+    result = run_pipeline(_ckpt(tiny_vit), "tiny", _config(digit_folder), tmp_path / "run")
+    records = read_records(tmp_path / "run" / "records.jsonl")
+    assert records == result.records
+    ok = [r for r in records if r.status == "ok"]
+    assert {(r.runtime, r.precision) for r in ok} >= {("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32")}
+    assert {r.batch_size for r in ok} == {1, 4}
+    line = json.loads((tmp_path / "run" / "records.jsonl").read_text().splitlines()[0])
+    assert all(f in line for f in FIELDS)
+    torch_fp32 = next(r for r in ok if r.runtime == "torch")
+    assert torch_fp32.top1_drop == 0 and torch_fp32.agreement == 1.0 and torch_fp32.eval_samples == 40
+    ort = next(r for r in ok if r.runtime == "onnxruntime")
+    assert ort.agreement == 1.0 and ort.top1 == torch_fp32.top1
+    assert all(0 <= r.top1 <= 1 and r.macs > 0 and r.params > 0 and r.size_mb > 0 for r in ok)
+    assert all((tmp_path / "run" / r.artifact).exists() for r in ok)
+    skipped = [r for r in records if r.status == "skipped"]
+    assert all(r.reason for r in skipped) and ("onnxruntime", "bf16") in {(r.runtime, r.precision) for r in skipped}
+    assert "| baseline | onnxruntime | fp32 |" in (tmp_path / "run" / "report.md").read_text()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["calib_size"] == 20
+
+
+def test_rerun_resumes_without_duplicates(tmp_path, tiny_vit, digit_folder):
+    config = _config(digit_folder, runtimes='["torch", "onnxruntime"]')
+    first = run_pipeline(_ckpt(tiny_vit), "tiny", config, tmp_path / "run")
+    second = run_pipeline(_ckpt(tiny_vit), "tiny", config, tmp_path / "run")
+    assert second.resumed_stages == ["baseline"]
+    assert second.records == first.records == read_records(tmp_path / "run" / "records.jsonl")
+
+
+def test_interrupted_stage_is_redone_and_its_partial_records_dropped(tmp_path, tiny_vit, digit_folder):
+    config = _config(digit_folder, runtimes='["onnxruntime"]')
+    first = run_pipeline(_ckpt(tiny_vit), "tiny", config, tmp_path / "run")
+    (tmp_path / "run" / "stages" / "baseline.json").unlink()  # as if killed after the records, before the marker
+    second = run_pipeline(_ckpt(tiny_vit), "tiny", config, tmp_path / "run")
+    assert second.resumed_stages == []
+    assert len(read_records(tmp_path / "run" / "records.jsonl")) == len(first.records)
+
+
+def test_existing_directories_are_never_overwritten(tmp_path, tiny_vit, digit_folder):
+    config = _config(digit_folder, runtimes='["onnxruntime"]')
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not a run directory"):
+        run_pipeline(_ckpt(tiny_vit), "tiny", config, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"] and (foreign / "notes.txt").read_text() == "keep me"
+    run_pipeline(_ckpt(tiny_vit), "tiny", config, tmp_path / "run")
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(InputError, match="another checkpoint or config"):
+        run_pipeline(_ckpt(tiny_vit), "other", config, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before
+
+
+def test_unknown_runtime_fails_before_any_work(tmp_path, tiny_vit, digit_folder):
+    with pytest.raises(RuntimeUnavailableError, match="unknown runtime 'tensorrtx'"):
+        run_pipeline(_ckpt(tiny_vit), "tiny", _config(digit_folder, runtimes='["tensorrtx"]'), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

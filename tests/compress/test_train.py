@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+
+from calibration.datasets import Subset, digits_source, make_splits
+from calibration.preprocess import Preprocess
+from compress.train import augment, cosine_lr, train
+from compress.vit import ViTConfig, VisionTransformer
+
+DIGITS = dict(image_size=8, in_chans=1, patch_size=2, embed_dim=32, depth=2, num_heads=2, mlp_dim=64, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def digits_train():
+    source = digits_source()
+    splits = make_splits(source, calib_size=0)
+    return Subset(source, splits.train[:512], Preprocess(crop_size=8, in_chans=1, mean=(0.5,), std=(0.5,)))
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert cosine_lr(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_augment_crops_and_flips_per_sample():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    assert torch.equal(augment(x, padding=0, flip=False, generator=g), x)
+    out = augment(x, padding=2, flip=True, generator=g)
+    assert out.shape == x.shape
+    flipped = augment(x, padding=0, flip=True, generator=torch.Generator().manual_seed(1))
+    for i in range(2):  # every sample is either itself or its mirror image
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(-1))
+
+
+def test_training_lowers_the_loss(digits_train):
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(**DIGITS))
+    seen = []
+    train(model, digits_train, epochs=4, batch_size=64, lr=3e-3, warmup_epochs=0.5, crop_padding=0, flip=False,
+          progress=lambda p: seen.append(p.loss))
+    assert np.mean(seen[-8:]) < np.mean(seen[:8]) - 0.3
+    assert not model.training
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_mid_epoch_reproduces_an_uninterrupted_run(tmp_path, digits_train):
+    options = dict(epochs=2, batch_size=64, lr=2e-3, warmup_epochs=0.5, crop_padding=1, flip=False, seed=1)
+    torch.manual_seed(0)
+    straight = VisionTransformer(ViTConfig(**DIGITS))
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    train(straight, digits_train, **options)
+
+    resumed = VisionTransformer(ViTConfig(**DIGITS))
+    resumed.load_state_dict(init)
+
+    def stop(p):
+        if p.step == 11:  # mid-way through epoch 2 (8 steps an epoch), after that step's checkpoint
+            raise Interrupt
+
+    ckpt = tmp_path / "state.pt"
+    with pytest.raises(Interrupt):
+        train(resumed, digits_train, **options, checkpoint_path=ckpt, checkpoint_minutes=1e-9, progress=stop)
+    assert torch.load(ckpt, weights_only=False)["step"] == 11
+    fresh = VisionTransformer(ViTConfig(**DIGITS))  # weights come from the checkpoint
+    train(fresh, digits_train, **options, checkpoint_path=ckpt)
+    for key, value in straight.state_dict().items():
+        assert torch.allclose(value, fresh.state_dict()[key], atol=1e-6), key

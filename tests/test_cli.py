@@ -1,0 +1,118 @@
+"""The command line: the happy path, and one clear line with exit code 1 for each kind of bad input."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from calibration.preprocess import Preprocess
+from compress.checkpoint import Checkpoint, save_checkpoint
+from compress.cli import app
+from tests.conftest import write_digit_folder
+
+FAST = ["--set", "measure.iterations=3", "--set", "measure.max_seconds=0.5", "--set", "measure.warmup=1",
+        "--set", "data.calib_size=20"]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_vit):
+    write_digit_folder(tmp_path / "data", per_class=10)
+    save_checkpoint(Checkpoint(tiny_vit, Preprocess(crop_size=32), [str(i) for i in range(10)]), tmp_path / "vit.safetensors")
+    return tmp_path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_run_writes_records_and_report_then_resumes(workspace):
+    args = ["run", workspace / "vit.safetensors", "--data", workspace / "data", "--out", workspace / "run",
+            "--runtime", "onnxruntime", "--runtime", "openvino", *FAST]
+    first = invoke(*args)
+    assert first.exit_code == 0, first.output
+    assert (workspace / "run" / "records.jsonl").exists() and (workspace / "run" / "report.md").exists()
+    assert "baseline" in first.output and "openvino" in first.output
+    second = invoke(*args)
+    assert second.exit_code == 0 and "resumed: stages baseline" in second.output
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = invoke("run", "--demo", "--out", tmp_path / "demo", "--set", "train.epochs=1", "--runtime", "onnxruntime", *FAST)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo-train" / "model.safetensors").exists()
+    assert "onnxruntime" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def _write_truncated(ws):
+    data = (ws / "vit.safetensors").read_bytes()
+    (ws / "bad.safetensors").write_bytes(data[: len(data) // 2])
+    return ws / "bad.safetensors"
+
+
+def _write_cnn(ws):
+    torch.save(torch.nn.Conv2d(3, 4, 3).state_dict(), ws / "cnn.pt")
+    return ws / "cnn.pt"
+
+
+def _empty_dir(ws):
+    (ws / "empty").mkdir()
+    return ws / "empty"
+
+
+def _one_class(ws):
+    return write_digit_folder(ws / "one", classes=1, per_class=4)
+
+
+BAD_RUNS = {
+    "missing checkpoint": (lambda ws: ["run", ws / "nope.pt", "--data", ws / "data"], "does not exist"),
+    "truncated checkpoint": (lambda ws: ["run", _write_truncated(ws), "--data", ws / "data"], "truncated"),
+    "not a ViT": (lambda ws: ["run", _write_cnn(ws), "--data", ws / "data"], "no known ViT layout"),
+    "hyper-parameters disagree": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
+                                              "model.embed_dim=128"], "does not fit the model"),
+    "dataset with no images": (lambda ws: ["run", ws / "vit.safetensors", "--data", _empty_dir(ws)], "no images found"),
+    "single class": (lambda ws: ["run", ws / "vit.safetensors", "--data", _one_class(ws)], "single class"),
+    "missing dataset": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "nodata"], "does not exist"),
+    "image size": (lambda ws: ["train", "--data", ws / "data", "--out", ws / "t", "--set", "model.image_size=30",
+                               "--set", "model.patch_size=8"], "not divisible by patch size 8"),
+    "unknown runtime": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--runtime", "tensorflow"],
+                        "unknown runtime 'tensorflow'"),
+    "unknown key": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set", "train.epoch=3"],
+                    "unknown config key 'train.epoch'"),
+    "existing RUN_DIR": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--out", ws / "data"],
+                         "not a run directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_input_is_one_line_and_changes_nothing(workspace, case):
+    make_args, message = BAD_RUNS[case]
+    args = make_args(workspace)
+    before = _snapshot(workspace)
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert _snapshot(workspace) == before  # no file the user had was changed, and nothing was added
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(tmp_path / "x.pt"), "--data", "builtin:digits"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: checkpoint") and "Traceback" not in proc.stderr
+
+
+def test_help_does_not_import_runtimes():
+    code = ("import sys; from typer.testing import CliRunner; from compress.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
+            "print(sorted(m for m in ('openvino', 'onnxruntime', 'tensorrt', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

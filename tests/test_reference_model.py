@@ -1,0 +1,37 @@
+"""The CIFAR-10 ViT kept in the repository: its checksum, its recipe, and its accuracy on the JPEG test split."""
+
+import tomllib
+
+import pytest
+import torch
+
+from calibration.datasets import Subset, make_splits, open_source
+from calibration.evaluate import evaluate_top1
+from compress.importers import load_checkpoint
+from compress.io import sha256_file
+from tests.conftest import REPO
+
+MODEL_DIR = REPO / "models" / "cifar10-vit"
+
+
+def test_checksum_and_size():
+    expected = (MODEL_DIR / "SHA256SUMS").read_text().split()[0]
+    assert sha256_file(MODEL_DIR / "model.safetensors") == expected
+    assert (MODEL_DIR / "model.safetensors").stat().st_size < 10 * 2**20
+
+
+def test_architecture_is_the_recipes():
+    recipe = tomllib.loads((MODEL_DIR / "recipe.toml").read_text())
+    config = load_checkpoint(MODEL_DIR / "model.safetensors").config.to_dict()
+    for key, value in recipe["model"].items():
+        assert config[key] in (value, [value] * config["depth"]), key
+
+
+def test_top1_on_the_cifar10_jpeg_test_split(cifar10_dir):
+    ckpt = load_checkpoint(MODEL_DIR / "model.safetensors")
+    source = open_source(cifar10_dir)
+    data = Subset(source, make_splits(source).eval, ckpt.preprocess)
+    assert len(data) == 10_000
+    with torch.inference_mode():
+        result = evaluate_top1(lambda x: ckpt.model(torch.from_numpy(x)).numpy(), data, batch_size=500)
+    assert result.top1 >= 0.75
