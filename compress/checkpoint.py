@@ -62,14 +62,31 @@ def load_own_checkpoint(path: Path, overrides: dict | None = None) -> Checkpoint
     metadata = read_metadata(path)
     if metadata is None or metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
-    model_cfg = json.loads(metadata["model"]) | (overrides or {})
-    model = VisionTransformer(ViTConfig.from_dict(model_cfg))
+    recorded = json.loads(metadata["model"])
+    for key, value in (overrides or {}).items():
+        if key in recorded and not same_value(recorded[key], value):
+            raise CheckpointError(
+                f"model.{key}={value} disagrees with checkpoint {path}, which records {recorded[key]}; "
+                "remove the override (this format carries every hyper-parameter)"
+            )
+    model = VisionTransformer(ViTConfig.from_dict(recorded | (overrides or {})))
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {path}: {e}; the file may be truncated, re-download or re-export it") from e
     load_exact(model, state, source=str(path))
     return Checkpoint(model, Preprocess.from_dict(json.loads(metadata["preprocess"])), json.loads(metadata["classes"]))
+
+
+def same_value(a: object, b: object) -> bool:
+    """Equal as hyper-parameters: lists and tuples alike, and one int equal to a per-layer tuple of it."""
+    a = tuple(a) if isinstance(a, list) else a
+    b = tuple(b) if isinstance(b, list) else b
+    if isinstance(a, tuple) and isinstance(b, int):
+        return all(v == b for v in a)
+    if isinstance(b, tuple) and isinstance(a, int):
+        return all(v == a for v in b)
+    return a == b
 
 
 def load_exact(model: VisionTransformer, state: dict[str, torch.Tensor], *, source: str) -> None:

@@ -77,10 +77,9 @@ class _ProgressBars:
 
 def _train_progress(bars: _ProgressBars):
     def report(p) -> None:
-        what = "train" if p.eval_top1 is None else f"train (eval top-1 {p.eval_top1:.3f})"
         bars("train", p.step, p.total_steps)
         if p.eval_top1 is not None:
-            console.print(f"epoch {p.epoch}: loss {p.loss:.3f}, {what}")
+            console.print(f"epoch {p.epoch}: loss {p.loss:.3f}, held-out top-1 {p.eval_top1:.4f}")
 
     return report
 
@@ -162,7 +161,7 @@ def run(
 
 
 def _demo_checkpoint(config, run_dir: Path, bars: _ProgressBars):
-    """Train the demo model once (resumable) inside the run directory's train/ folder."""
+    """Train the demo model once (resumable) in ``<RUN_DIR>-train`` beside the run directory."""
     from compress.checkpoint import load_own_checkpoint
     from compress.io import sha256_file
     from compress.train import train_job

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from calibration.preprocess import Preprocess
-from compress.checkpoint import Checkpoint, load_exact, load_own_checkpoint, read_metadata
+from compress.checkpoint import Checkpoint, load_exact, load_own_checkpoint, read_metadata, same_value
 from compress.errors import CheckpointError, ConfigError
 from compress.vit import ViTConfig, VisionTransformer, grid_from_pos_embed
 
@@ -122,10 +122,9 @@ def _build_config(values: dict[str, Any], overrides: dict[str, Any], source: Pat
     """The checkpoint's values, then the user's overrides; a disagreement on a shape-given value is an error."""
     merged = dict(values)
     for key, value in overrides.items():
-        if key in values and values[key] != value and key not in _SOFT_KEYS:
-            given = list(value) if isinstance(value, tuple) else value
+        if key in values and not same_value(values[key], value) and key not in _SOFT_KEYS:
             raise CheckpointError(
-                f"model.{key}={given} disagrees with checkpoint {source}, whose weights give {values[key]}; "
+                f"model.{key}={value} disagrees with checkpoint {source}, whose weights give {values[key]}; "
                 f"remove the override or use a matching checkpoint"
             )
         merged[key] = value

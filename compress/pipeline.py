@@ -3,7 +3,8 @@
 The order of stages is data (``STAGES``). A stage is a function ``model -> model`` with keyword-only options;
 after it, the orchestrator saves the model, exports and validates its ONNX, and for every runtime and
 precision evaluates top-1 on the held-out split and measures latency at each batch size, appending one
-``StageRecord`` per (stage, runtime, precision, batch size) to ``RUN_DIR/records.jsonl``.
+``StageRecord`` per (stage, runtime, precision, batch size) to ``RUN_DIR/records.jsonl`` (rewritten whole,
+atomically, so the file is always a complete set of lines).
 
 Resuming: a stage's outputs are named by a content hash of everything that produced them (the previous
 stage's key, the stage's options, the export and measurement settings), and a stage is done when its marker
@@ -34,6 +35,7 @@ from compress.errors import InputError
 from compress.io import atomic_write, atomic_write_json, atomic_write_text, sha256_json
 from compress.macs import count_macs, count_params
 from compress.records import StageRecord, read_records
+from compress.report import write_markdown_report
 from compress.vit import VisionTransformer
 from export.onnx_export import export_onnx
 from runtimes import RUNTIME_NAMES, RuntimeUnavailableError, default_threads, get_runtime, measure_latency
@@ -95,7 +97,7 @@ def run_pipeline(
             raise RuntimeUnavailableError(f"unknown runtime {name!r}; choose from {list(RUNTIME_NAMES)}")
     source = open_source(config.data.path)
     check_dataset_fits(ckpt, source)
-    resuming = prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()})
+    prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()})
     atomic_write_json(run_dir / "config.json", config.dump())
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
                          seed=config.data.seed)
@@ -147,9 +149,8 @@ def run_pipeline(
             buffer = io.BytesIO()
             np.save(buffer, reference.predictions)
             atomic_write(preds_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
-        with open(records_path, "a") as f:
-            f.write("".join(r.to_json() + "\n" for r in stage_records))
-        kept += stage_records
+        kept += stage_records  # rewritten whole and atomically: a kill never leaves a torn line
+        atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in kept))
         atomic_write_json(run_dir / "stages" / f"{stage.name}.json", {
             "key": key, "checkpoint": ckpt_path.name, "onnx": onnx_path.name, "finished": _now(),
             "export": {"opset": export.opset, "nodes_exported": export.nodes_exported,
@@ -157,8 +158,6 @@ def run_pipeline(
                        "parity_agreement": export.parity.agreement, "parity_samples": export.parity.num_samples},
         })
         prev_key = key
-    from compress.report import write_markdown_report
-
     write_markdown_report(run_dir, kept)
     return RunResult(run_dir, kept, resumed)
 

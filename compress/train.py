@@ -117,9 +117,17 @@ def train(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True
     )
 
+    options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "weight_decay": weight_decay,
+               "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing, "crop_padding": crop_padding,
+               "flip": flip, "bf16": bf16, "seed": seed, "train_images": len(labels)}
     step, history, elapsed_before = 0, [], 0.0
     if checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=False)
+        state = torch.load(checkpoint_path, weights_only=True)
+        if state.get("options") != options:
+            raise InputError(
+                f"{checkpoint_path} was written by a training run with other options or data; "
+                "rerun with the same recipe to resume, or choose a new --out"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -136,6 +144,7 @@ def train(
                     "step": step,
                     "history": history,
                     "seconds": elapsed_before + time.perf_counter() - start,
+                    "options": options,
                 },
                 checkpoint_path,
             )

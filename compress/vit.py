@@ -60,7 +60,7 @@ class ViTConfig:
     def __post_init__(self) -> None:
         heads = _per_layer(self.num_heads, self.depth, "num_heads")
         mlp = _per_layer(self.mlp_dim if self.mlp_dim is not None else 4 * self.embed_dim, self.depth, "mlp_dim")
-        head_dim = self.head_dim if self.head_dim is not None else (self.embed_dim // heads[0] if heads else 0)
+        head_dim = self.head_dim if self.head_dim is not None else self.embed_dim // max(1, heads[0])
         object.__setattr__(self, "num_heads", heads)
         object.__setattr__(self, "mlp_dim", mlp)
         object.__setattr__(self, "head_dim", head_dim)

@@ -76,7 +76,7 @@ BAD_RUNS = {
     "truncated checkpoint": (lambda ws: ["run", _write_truncated(ws), "--data", ws / "data"], "truncated"),
     "not a ViT": (lambda ws: ["run", _write_cnn(ws), "--data", ws / "data"], "no known ViT layout"),
     "hyper-parameters disagree": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
-                                              "model.embed_dim=128"], "does not fit the model"),
+                                              "model.embed_dim=128"], "model.embed_dim=128 disagrees"),
     "dataset with no images": (lambda ws: ["run", ws / "vit.safetensors", "--data", _empty_dir(ws)], "no images found"),
     "single class": (lambda ws: ["run", ws / "vit.safetensors", "--data", _one_class(ws)], "single class"),
     "missing dataset": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "nodata"], "does not exist"),

@@ -209,3 +209,13 @@ def test_image_size_override_interpolates_position_embedding(tmp_path, tiny_vit)
     assert ckpt.config.image_size == 48 and ckpt.model.pos_embed.shape == (1, 1 + 36, 64)
     assert ckpt.preprocess.crop_size == 48 and ckpt.preprocess.resize_size == 54
     assert ckpt.model(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+
+def test_per_layer_values_may_be_given_as_one_int(tmp_path, tiny_vit):
+    path = tmp_path / "timm.pt"
+    torch.save(tiny_vit.state_dict(), path)
+    assert load_checkpoint(path, {"num_heads": 4, "mlp_dim": 128}).config.mlp_dim == (128, 128)
+    own = save_checkpoint(Checkpoint(tiny_vit, Preprocess(crop_size=32), list("abcdefghij")), tmp_path / "m.safetensors")
+    assert load_checkpoint(own, {"mlp_dim": 128, "num_heads": [4, 4]}).config.num_heads == (4, 4)
+    with pytest.raises(CheckpointError, match="model.depth=3 disagrees"):
+        load_checkpoint(own, {"depth": 3})
