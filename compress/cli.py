@@ -186,8 +186,13 @@ def _print_table(records) -> None:
 
     from compress.report import COLUMNS, CONSOLE_COLUMNS, table_rows
 
+    from rich import box
+
     keep = [COLUMNS.index(c) for c in CONSOLE_COLUMNS]
-    table = Table(*CONSOLE_COLUMNS, title="accuracy and latency per stage and runtime (all columns: report.md)")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+                  title="top-1 and latency per stage and runtime (every column: report.md)")
+    for heading in CONSOLE_COLUMNS.values():
+        table.add_column(heading, no_wrap=True)
     for row in table_rows([r for r in records if r.status == "ok"]):
         table.add_row(*(row[i] for i in keep))
     Console().print(table)

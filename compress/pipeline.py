@@ -182,7 +182,7 @@ def _measure_stage(
                              "size_mb": artifact.stat().st_size / 2**20, "timestamp": _now(),
                              "env": common["env"] | {"versions": common["env"]["versions"] | runtime.versions()}}
             if precision not in runtime.precisions():
-                reason = f"{name} cannot run {precision} on this machine (it offers {runtime.precisions()})"
+                reason = f"the {name} runtime offers {runtime.precisions()} here, not {precision}"
                 records += [StageRecord(**base, batch_size=b, status="skipped", reason=reason)
                             for b in config.measure.batch_sizes]
                 continue

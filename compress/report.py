@@ -12,7 +12,9 @@ from compress.records import StageRecord
 
 COLUMNS = ("stage", "runtime", "precision", "batch", "top-1", "drop (pt)", "agree", "p50 ms", "p90 ms",
            "p99 ms", "img/s", "params", "MMACs", "MB")
-CONSOLE_COLUMNS = ("stage", "runtime", "precision", "batch", "top-1", "drop (pt)", "agree", "p50 ms", "p99 ms", "img/s")
+# The console shows what fits 80 columns, with short headings: {column in COLUMNS: heading}.
+CONSOLE_COLUMNS = {"stage": "stage", "runtime": "runtime", "precision": "prec", "batch": "batch", "top-1": "top-1",
+                   "drop (pt)": "drop", "agree": "agree", "p50 ms": "p50 ms", "img/s": "img/s"}
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -29,7 +31,7 @@ def table_rows(records: list[StageRecord]) -> list[tuple[str, ...]]:
         rows.append((
             r.stage, r.runtime, r.precision, str(r.batch_size), _fmt(r.top1 and r.top1 * 100, ".2f"),
             _fmt(r.top1_drop, "+.2f"), _fmt(r.agreement, ".3f"), _fmt(r.latency_ms_p50, ".3f"),
-            _fmt(r.latency_ms_p90, ".3f"), _fmt(r.latency_ms_p99, ".3f"), _fmt(r.throughput_ips, ",.0f"),
+            _fmt(r.latency_ms_p90, ".3f"), _fmt(r.latency_ms_p99, ".3f"), _fmt(r.throughput_ips, ".0f"),
             _fmt(r.params, ","), _fmt(r.macs and r.macs / 1e6, ",.1f"), _fmt(r.size_mb, ".2f"),
         ))
     return rows
