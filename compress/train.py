@@ -210,6 +210,7 @@ def train_job(
     source = open_source(config.data.path)
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
                          seed=config.data.seed)
+    torch.manual_seed(config.train.seed)  # the initial weights, too, follow the recipe's seed
     ckpt = init if init is not None else new_checkpoint(config, source)
     check_dataset_fits(ckpt, source)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train_state.pt").exists():
