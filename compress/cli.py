@@ -7,6 +7,7 @@ inside the commands, so ``compress --help`` is fast.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ console = Console(stderr=True)
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe with [model], [data], [train], ...")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", help="ImageFolder or idx directory, or builtin:digits")]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -86,7 +88,7 @@ def _train_progress(bars: _ProgressBars):
 
 @app.command()
 def train(
-    data: Annotated[Optional[str], typer.Option("--data", help="ImageFolder or idx directory, or builtin:digits")] = None,
+    data: DataOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Directory for model.safetensors, train.json, and resume state")] = Path("runs/train"),
     init: Annotated[Optional[Path], typer.Option("--init", help="Checkpoint to fine-tune instead of training from scratch")] = None,
     recipe: RecipeOpt = None,
@@ -97,14 +99,10 @@ def train(
     _setup_logging(verbose)
 
     def job():
-        from compress.config import load_config
         from compress.importers import load_checkpoint
         from compress.train import train_job
 
-        overrides = list(set_ or []) + ([f"data.path={_toml_str(data)}"] if data else [])
-        config = load_config(recipe, overrides)
-        if config.data.path is None:
-            _fail("no dataset: pass --data DIR (or builtin:digits), or set [data] path in the recipe")
+        config = _resolve_config(recipe, set_, data)
         ckpt = load_checkpoint(init, config.model) if init else None
         with _ProgressBars() as bars:
             _, summary = train_job(config, out, init=ckpt, progress=_train_progress(bars))
@@ -117,7 +115,7 @@ def train(
 @app.command()
 def run(
     checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint: ours, timm, Hugging Face dir, vit-pytorch, nn.TransformerEncoder")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="ImageFolder or idx directory, or builtin:digits")] = None,
+    data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (new, or a run of the same inputs to resume)")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Train a small ViT on the built-in digits and run everything")] = False,
     runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="Runtime to measure (repeat); default all")] = None,
@@ -129,19 +127,14 @@ def run(
     _setup_logging(verbose)
 
     def job():
-        from compress.config import load_config
         from compress.demo import DEMO_RECIPE
         from compress.io import sha256_file
         from compress.pipeline import run_pipeline
 
         if demo == (checkpoint is not None):
             _fail("pass a CHECKPOINT with --data, or --demo (not both)")
-        overrides = list(set_ or []) + ([f"data.path={_toml_str(data)}"] if data else [])
-        if runtime:
-            overrides.append(f"measure.runtimes={runtime!r}".replace("'", '"'))
-        config = load_config(recipe, overrides, base=DEMO_RECIPE if demo else None)
-        if config.data.path is None:
-            _fail("no dataset: pass --data DIR (an ImageFolder or idx directory, or builtin:digits)")
+        extra = [f"measure.runtimes={json.dumps(runtime)}"] if runtime else []
+        config = _resolve_config(recipe, set_, data, extra, base=DEMO_RECIPE if demo else None)
         run_dir = out or Path("runs/demo" if demo else f"runs/{checkpoint.stem}")
         with _ProgressBars() as bars:
             if demo:
@@ -198,10 +191,16 @@ def _print_table(records) -> None:
     Console().print(table)
 
 
-def _toml_str(value: str) -> str:
-    import json
+def _resolve_config(recipe: Path | None, sets: list[str] | None, data: str | None, extra: list[str] = (),
+                    base: dict | None = None):
+    """defaults < base < recipe < --set < --data and the command's own options; a dataset is required."""
+    from compress.config import load_config
 
-    return json.dumps(str(value))
+    overrides = [*(sets or []), *([f"data.path={json.dumps(str(data))}"] if data else []), *extra]
+    config = load_config(recipe, overrides, base=base)
+    if config.data.path is None:
+        _fail("no dataset: pass --data DIR (an ImageFolder or idx directory, or builtin:digits)")
+    return config
 
 
 def main() -> None:
