@@ -99,11 +99,11 @@ def train(
     _setup_logging(verbose)
 
     def job():
-        from compress.importers import load_checkpoint
+        from compress.importers import load_configured
         from compress.train import train_job
 
         config = _resolve_config(recipe, set_, data)
-        ckpt = load_checkpoint(init, config.model) if init else None
+        ckpt = load_configured(init, config) if init else None
         with _ProgressBars() as bars:
             _, summary = train_job(config, out, init=ckpt, progress=_train_progress(bars))
         console.print(f"trained in {summary['seconds']:.0f} s: top-1 {summary['eval_top1']:.4f} on "
@@ -140,9 +140,9 @@ def run(
             if demo:
                 ckpt, checkpoint_id = _demo_checkpoint(config, run_dir, bars)
             else:
-                from compress.importers import load_checkpoint
+                from compress.importers import load_configured
 
-                ckpt = load_checkpoint(checkpoint, config.model)
+                ckpt = load_configured(checkpoint, config)
                 checkpoint_id = sha256_file(checkpoint) if checkpoint.is_file() else _dir_digest(checkpoint)
             result = run_pipeline(ckpt, checkpoint_id, config, run_dir, progress=bars)
         if result.resumed_stages:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from importlib import metadata
@@ -22,8 +23,6 @@ def cpu_model() -> str:
 
 @lru_cache(maxsize=1)
 def environment() -> dict[str, object]:
-    import os
-
     versions = {}
     for name in PACKAGES:
         try:

@@ -32,7 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from calibration.preprocess import Preprocess
-from compress.checkpoint import Checkpoint, load_exact, load_own_checkpoint, read_metadata, same_value
+from compress.checkpoint import (
+    Checkpoint, load_exact, load_own_checkpoint, read_metadata, resolve_preprocess, same_value,
+)
+from compress.config import RunConfig
 from compress.errors import CheckpointError, ConfigError
 from compress.vit import ViTConfig, VisionTransformer, grid_from_pos_embed
 
@@ -57,6 +60,13 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
         resize = ckpt.preprocess.resize_size
         ckpt.preprocess = dataclasses.replace(
             ckpt.preprocess, crop_size=image_size, resize_size=round(resize * image_size / old) if resize else None)
+    return ckpt
+
+
+def load_configured(path: str | Path, config: RunConfig) -> Checkpoint:
+    """The checkpoint with the run config's ``[model]`` and ``[preprocess]`` overrides applied."""
+    ckpt = load_checkpoint(path, config.model)
+    ckpt.preprocess = resolve_preprocess(config, ckpt.config, ckpt.preprocess)
     return ckpt
 
 
@@ -235,7 +245,7 @@ def _convert_hf(state: State, overrides: dict, hf: dict) -> tuple[dict, State]:
     depth = _depth(state, rf"{p}\.(?:layers|encoder\.layer)\.(\d+)\.")
     w = state[f"{p}.embeddings.patch_embeddings.projection.weight"]  # (D, C, p, p)
     has_dist = f"{p}.embeddings.distillation_token" in state
-    head = "cls_classifier" if f"cls_classifier.weight" in state else "classifier"
+    head = "cls_classifier" if "cls_classifier.weight" in state else "classifier"
     out: State = {
         "patch_embed.proj.weight": w,
         "patch_embed.proj.bias": state[f"{p}.embeddings.patch_embeddings.projection.bias"],

@@ -219,3 +219,15 @@ def test_per_layer_values_may_be_given_as_one_int(tmp_path, tiny_vit):
     assert load_checkpoint(own, {"mlp_dim": 128, "num_heads": [4, 4]}).config.num_heads == (4, 4)
     with pytest.raises(CheckpointError, match="model.depth=3 disagrees"):
         load_checkpoint(own, {"depth": 3})
+
+
+def test_recipe_preprocess_overrides_the_checkpoints(tmp_path, tiny_vit):
+    from compress.config import load_config
+    from compress.importers import load_configured
+
+    pre = Preprocess(crop_size=32, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
+    path = save_checkpoint(Checkpoint(tiny_vit, pre, [str(i) for i in range(10)]), tmp_path / "m.safetensors")
+    config = load_config(None, ["preprocess.interpolation=\"bicubic\"", "preprocess.std=[0.2, 0.2, 0.2]"])
+    ckpt = load_configured(path, config)
+    assert ckpt.preprocess == Preprocess(crop_size=32, mean=(0.1, 0.2, 0.3), std=(0.2, 0.2, 0.2), interpolation="bicubic")
+    assert load_configured(path, load_config(None, [])).preprocess == pre  # no override: the checkpoint's own
