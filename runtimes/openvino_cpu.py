@@ -50,15 +50,14 @@ class OpenVinoCPU:
 
     def __init__(self) -> None:
         try:
-            import openvino  # noqa: F401
+            import openvino as ov
         except ImportError as e:
             raise RuntimeUnavailableError("OpenVINO is not installed; pip install openvino") from e
+        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")  # asked once: it cannot change
+        self._precisions = ["fp32", "bf16"] if "BF16" in capabilities else ["fp32"]
 
     def precisions(self) -> list[str]:
-        import openvino as ov
-
-        capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        return ["fp32", "bf16"] if "BF16" in capabilities else ["fp32"]
+        return list(self._precisions)
 
     def build(self, source: Path, *, precision: str, threads: int) -> OpenVinoEngine:
         if precision not in self.precisions():
