@@ -73,6 +73,27 @@ class MeasureConfig(Section):
     eval_batch_size: int = Field(64, ge=1)
 
 
+QUANTIZERS = ("onnxruntime-static", "onnxruntime-dynamic", "nncf", "neural-compressor", "fp16", "bf16")
+
+
+class QuantizeConfig(Section):
+    """The quantization stage: which quantizers make candidates, on what data, under what accuracy budget."""
+
+    enabled: bool = True
+    quantizers: list[Literal[QUANTIZERS]] = list(QUANTIZERS)
+    max_drop: float = Field(1.0, ge=0)  # absolute top-1 points against the float model of the previous stage
+    calib_size: int = Field(256, ge=1)  # images drawn from the calibration split (class-stratified, seeded)
+    calibration_data: str | None = None  # a .npy of preprocessed (N, C, H, W) inputs instead of the split
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # ONNX Runtime static
+    op_types: list[Literal["MatMul", "Gemm", "Conv"]] = ["MatMul", "Gemm", "Conv"]
+    exclude: list[str] = []  # layer names or glob patterns (e.g. "head", "blocks.11.*") kept in float
+    attention_matmul: bool = False  # also quantize attention's activation x activation MatMuls
+    activations: Literal["int8", "uint8"] = "int8"  # int8: symmetric, readable by TensorRT; uint8: ORT's U8S8
+    sensitivity_samples: int = Field(64, ge=1)
+    inc_max_trials: int = Field(4, ge=0)  # neural-compressor autotune trials when over budget
+    fp16_keep_float32: list[str] = ["LayerNormalization"]
+
+
 class RunConfig(Section):
     model: dict[str, Any] = {}
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -80,6 +101,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     measure: MeasureConfig = MeasureConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
 
     def dump(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

@@ -14,6 +14,7 @@ DEMO_RECIPE = {
     },
     "preprocess": {"crop_size": 8, "mean": [0.5], "std": [0.5]},
     "data": {"path": "builtin:digits", "calib_size": 128},
+    "quantize": {"calib_size": 128},
     # Measured here (2 cores): 14 s of training, 96.4% top-1 on the 359 held-out digits. A one-pixel shift is a
     # large augmentation on an 8x8 image and costs accuracy (88%); digits are not mirror-symmetric, so no flip.
     "train": {"epochs": 40, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 2, "crop_padding": 0, "flip": False,

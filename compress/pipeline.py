@@ -117,6 +117,7 @@ def run_pipeline(
     atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in kept))
 
     model, prev_key, reference, resumed = ckpt.model, checkpoint_id, None, []
+    onnx_path, stage_name = None, None
     for stage in STAGES:
         key = sha256_json({"prev": prev_key, "stage": stage.name, "options": stage.options,
                            "export": config.export.model_dump(), "measure": config.measure.model_dump(),
@@ -130,7 +131,7 @@ def run_pipeline(
             if preds_path.exists():
                 reference = EvalResult(_reference_top1(kept, stage.name), np.load(preds_path), len(eval_data))
             resumed.append(stage.name)
-            prev_key = key
+            prev_key, stage_name = key, stage.name
             continue
         log.info("stage %s: running", stage.name)
         model = stage.transform(model, **stage.options)
@@ -157,9 +158,156 @@ def run_pipeline(
                        "nodes_final": export.nodes_final, "parity_max_abs_diff": export.parity.max_abs_diff,
                        "parity_agreement": export.parity.agreement, "parity_samples": export.parity.num_samples},
         })
-        prev_key = key
+        prev_key, stage_name = key, stage.name
+    if config.quantize.enabled and config.quantize.quantizers:
+        key = sha256_json({"prev": prev_key, "stage": "quantize", "options": config.quantize.model_dump(),
+                           "measure": config.measure.model_dump(), "data": config.data.model_dump(),
+                           "dataset": source.name})[:16]
+        if done_keys.get("quantize") == key:
+            log.info("stage quantize: done in an earlier run")
+            resumed.append("quantize")
+        else:
+            kept += quantize_stage(key, stage_name, model, onnx_path, kept, calib_data, eval_data, latency_input,
+                                   reference, config, run_dir, source.name, progress)
+            atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in kept))
     write_markdown_report(run_dir, kept)
     return RunResult(run_dir, kept, resumed)
+
+
+def quantize_stage(
+    key: str, prev_stage: str, model: VisionTransformer, float_onnx: Path, records: list[StageRecord],
+    calib_split: Subset, eval_data: Subset, latency_input: np.ndarray, reference: EvalResult | None,
+    config: RunConfig, run_dir: Path, dataset: str, progress: Progress | None,
+) -> list[StageRecord]:
+    """Make every configured quantized candidate, fit each to the budget, measure each on every runtime.
+
+    The budget is ``quantize.max_drop`` points of top-1 against the previous stage's float model on ONNX
+    Runtime. The selected candidate is the fastest at the smallest batch size among those within budget; when
+    none is, the stage says so and the float model stays the pipeline's output.
+    """
+    from calibration.calibrate import from_array, from_split
+    from compress.quantize.base import QuantizeContext
+    from compress.quantize.stage import build_candidates
+
+    q = config.quantize
+    threads = config.measure.threads or default_threads()
+    workdir = run_dir / "artifacts" / f"quantize-{key}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    input_shape = tuple(latency_input.shape[1:])
+    calib = (from_array(Path(q.calibration_data), q.calib_size, input_shape) if q.calibration_data
+             else from_split(calib_split, q.calib_size, input_shape))
+    engines: dict[tuple[str, str, str], float] = {}
+
+    def evaluate(path: Path, fmt: str, precision: str) -> float:
+        name = "openvino" if fmt == "openvino" or precision == "bf16" else "onnxruntime"
+        engine = get_runtime(name).build(path, precision=precision, threads=threads)
+        return evaluate_top1(engine.run, eval_data, batch_size=config.measure.eval_batch_size).top1
+
+    def evaluate_torch(module) -> float:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            return evaluate_top1(lambda x: module(torch.from_numpy(x)).numpy(), eval_data,
+                                 batch_size=config.measure.eval_batch_size).top1
+
+    float_top1 = next((r.top1 for r in records if r.stage == prev_stage and r.runtime == "onnxruntime"
+                       and r.precision == "fp32" and r.status == "ok"), None)
+    if float_top1 is None:
+        float_top1 = evaluate(float_onnx, "onnx", "fp32")
+    ctx = QuantizeContext(
+        model=model, float_onnx=float_onnx, calib=calib, evaluate=evaluate, reference_top1=float_top1,
+        max_drop=q.max_drop, workdir=workdir, op_types=tuple(q.op_types), exclude=tuple(q.exclude),
+        attention_matmul=q.attention_matmul, activations=q.activations, calibration_method=q.calibration_method,
+        sensitivity_samples=q.sensitivity_samples, inc_max_trials=q.inc_max_trials, threads=threads, log=log.info,
+    )
+    log.info("stage quantize: %s on %d calibration images, budget %.2f pt against top-1 %.2f of %s",
+             ", ".join(q.quantizers), calib.size, q.max_drop, float_top1 * 100, prev_stage)
+    openvino_bf16 = "openvino" in config.measure.runtimes and "bf16" in get_runtime("openvino").precisions()
+    candidates, missed = build_candidates(
+        ctx, list(q.quantizers), evaluate_torch=evaluate_torch,
+        eval_batches=lambda: eval_data.batches(config.measure.eval_batch_size), eval_count=len(eval_data),
+        bf16_available=openvino_bf16, fp16_keep_float32=list(q.fp16_keep_float32),
+    )
+    for line in missed:
+        log.warning("quantize: %s", line)
+
+    C, H, W = latency_input.shape[1:]
+    common = {"stage": "quantize", "stage_key": key, "params": count_params(model),
+              "macs": count_macs(model, (1, C, H, W)), "dataset": dataset, "run_id": run_dir.name,
+              "env": environment() | {"threads": threads}}
+    out: list[StageRecord] = []
+    for candidate in candidates:
+        fields = common | {"candidate": candidate.name, "quantizer": candidate.quantizer, "precision": candidate.precision,
+                           "calibration": candidate.calibration, "float_layers": list(candidate.float_layers),
+                           "artifact": str(candidate.path.relative_to(run_dir)),
+                           "size_mb": _artifact_mb(candidate.path), "timestamp": _now()}
+        for name in config.measure.runtimes:
+            runtime = get_runtime(name)
+            base = fields | {"runtime": name, "env": common["env"] | {"versions": common["env"]["versions"] | runtime.versions()}}
+            reason = _cannot_run(runtime, candidate.format, candidate.precision)
+            engine = None
+            if reason is None:
+                try:
+                    engine = runtime.build(candidate.path, precision=candidate.precision, threads=threads)
+                except Exception as e:  # a runtime that rejects an op of this candidate: recorded, not fatal
+                    reason = f"{name} could not load {candidate.name}: {str(e).strip().splitlines()[0][:200]}"
+            if engine is None:
+                out += [StageRecord(**base, batch_size=b, status="skipped", reason=reason)
+                        for b in config.measure.batch_sizes]
+                continue
+            label = f"quantize · {candidate.name} · {name}"
+            result = evaluate_top1(engine.run, eval_data, batch_size=config.measure.eval_batch_size,
+                                   progress=(lambda d, t, label=label: progress(label, d, t)) if progress else None)
+            accuracy = {"top1": result.top1, "eval_samples": result.num_samples,
+                        "top1_drop": round(((reference.top1 if reference else float_top1) - result.top1) * 100, 4),
+                        "agreement": result.agreement(reference) if reference else None}
+            for batch in config.measure.batch_sizes:
+                stats = measure_latency(engine, latency_input[:batch], threads=threads, warmup=config.measure.warmup,
+                                        iterations=config.measure.iterations, max_seconds=config.measure.max_seconds)
+                out.append(StageRecord(**base, **accuracy, **{k: v for k, v in stats.to_dict().items()
+                                                              if k in StageRecord.__dataclass_fields__}))
+            log.info("%s: top-1 %.4f, p50 %.2f ms at batch %d", label, result.top1,
+                     out[-len(config.measure.batch_sizes)].latency_ms_p50, config.measure.batch_sizes[0])
+    selected = _select(out, float_top1, q.max_drop, min(config.measure.batch_sizes))
+    if selected is None:
+        log.warning("quantize: no candidate meets the %.2f pt budget; the float model of stage %s is carried "
+                    "forward", q.max_drop, prev_stage)
+    atomic_write_json(run_dir / "stages" / "quantize.json", {
+        "key": key, "finished": _now(), "reference_top1": float_top1, "max_drop": q.max_drop,
+        "selected": selected, "missed": missed,
+        "candidates": [{"name": c.name, "quantizer": c.quantizer, "precision": c.precision,
+                        "artifact": str(c.path.relative_to(run_dir)), "top1_while_fitting": c.top1,
+                        "calibration": c.calibration, "float_layers": list(c.float_layers),
+                        "sensitivity": c.extra.get("sensitivity")} for c in candidates],
+    })
+    return out
+
+
+def _cannot_run(runtime, fmt: str, precision: str) -> str | None:
+    if fmt not in runtime.formats:
+        return f"{runtime.name} does not load {fmt} models"
+    if precision == "bf16":
+        return None if "bf16" in runtime.precisions() else f"{runtime.name} offers {runtime.precisions()} here, not bf16"
+    if precision not in runtime.artifact_precisions:
+        return f"{runtime.name} does not run {precision} models"
+    return None
+
+
+def _select(records: list[StageRecord], float_top1: float, max_drop: float, batch: int) -> dict[str, Any] | None:
+    """The fastest (candidate, runtime) at ``batch`` whose top-1 on that runtime is within the budget."""
+    fits = [r for r in records if r.status == "ok" and r.batch_size == batch and r.top1 is not None
+            and (float_top1 - r.top1) * 100 <= max_drop + 1e-9]
+    if not fits:
+        return None
+    best = min(fits, key=lambda r: r.latency_ms_p50)
+    return {"candidate": best.candidate, "runtime": best.runtime, "precision": best.precision, "top1": best.top1,
+            "latency_ms_p50": best.latency_ms_p50, "batch_size": batch, "artifact": best.artifact}
+
+
+def _artifact_mb(path: Path) -> float:
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").exists():
+        size += path.with_suffix(".bin").stat().st_size
+    return size / 2**20
 
 
 def _measure_stage(

@@ -45,6 +45,10 @@ class StageRecord:
     dataset: str | None = None
     run_id: str | None = None
     timestamp: str | None = None
+    candidate: str | None = None  # quantization stage: which candidate this row measures
+    quantizer: str | None = None  # the library call that made the candidate
+    calibration: dict[str, Any] | None = None  # {"method", "size", "source"}; None when none was used
+    float_layers: list[dict[str, str]] | None = None  # [{"name", "reason"}] layers kept out of INT8
     env: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
 

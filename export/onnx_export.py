@@ -76,6 +76,7 @@ def export_onnx(
     elif simplify != "none":
         raise ExportError(f"unknown simplifier {simplify!r}; use 'onnxslim' or 'none'")
     _check_layernorm(proto, model)
+    name_weighted_nodes(proto, model)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -107,6 +108,51 @@ def _export(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelPr
         raise ExportError(f"ONNX export failed: {str(e).splitlines()[0][:300]}") from e
     log.debug("exporter output: %s", captured.getvalue())
     return program.model_proto
+
+
+def name_weighted_nodes(proto: onnx.ModelProto, model: nn.Module) -> int:
+    """Name each Conv/Gemm/MatMul node that holds a module's weight after that module (``blocks.0.mlp.fc1``).
+
+    The exporter names nodes ``node_MatMul_64`` and transposed weights ``val_67``; quantization reports, layer
+    exclusions and sensitivity rankings must speak of ``blocks.0.mlp.fc1``. Weights are matched by content
+    (a Linear's weight appears transposed under MatMul, as is under Gemm and Conv); the node and its weight
+    initializer are renamed. Returns how many nodes were named.
+    """
+    from onnx import numpy_helper
+
+    by_content: dict[bytes, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            w = module.weight.detach().float().numpy()
+            for variant in {w.tobytes(), np.ascontiguousarray(w.T).tobytes() if w.ndim == 2 else w.tobytes()}:
+                by_content[variant] = name if variant not in by_content else ""  # "" marks a collision
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    graph_inputs = {i.name for i in graph.input}
+    renamed: dict[str, str] = {}
+    used = {n.name for n in graph.node}
+    count = 0
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Conv") or len(node.input) < 2:
+            continue
+        weight = node.input[1]
+        if weight not in initializers or weight in graph_inputs:
+            continue
+        module = by_content.get(numpy_helper.to_array(initializers[weight]).astype(np.float32).tobytes())
+        if not module or module in used:
+            continue
+        used.add(module)
+        node.name = module
+        count += 1
+        if weight not in renamed and f"{module}.weight" not in initializers:
+            renamed[weight] = f"{module}.weight"
+    for old, new in renamed.items():
+        initializers[old].name = new
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    return count
 
 
 def _check_layernorm(proto: onnx.ModelProto, model: nn.Module) -> None:

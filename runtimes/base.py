@@ -26,6 +26,8 @@ class Engine(Protocol):
 class Runtime(Protocol):
     name: str
     input_kind: str  # "onnx" or "torch"
+    formats: tuple[str, ...]  # artifact formats it loads: "torch", "onnx", "openvino"
+    artifact_precisions: tuple[str, ...]  # precisions carried by the file (e.g. "int8" QDQ) it can run
 
     def precisions(self) -> list[str]:
         """The precisions this runtime can run on this machine."""

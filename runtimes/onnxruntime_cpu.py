@@ -29,6 +29,9 @@ class OrtEngine:
 class OnnxRuntimeCPU:
     name = "onnxruntime"
     input_kind = "onnx"
+    formats = ("onnx",)
+    # Precisions that live in the file itself (QDQ INT8, FP16 weights): the session runs what the graph says.
+    artifact_precisions = ("int8", "fp16")
 
     def __init__(self) -> None:
         try:
@@ -40,8 +43,8 @@ class OnnxRuntimeCPU:
         return ["fp32"]
 
     def build(self, source: Path, *, precision: str, threads: int) -> OrtEngine:
-        if precision != "fp32":
-            raise RuntimeUnavailableError(f"ONNX Runtime CPU runs this model in fp32, not {precision}")
+        if precision not in ("fp32", *self.artifact_precisions):
+            raise RuntimeUnavailableError(f"ONNX Runtime CPU runs fp32, int8 and fp16 graphs, not {precision}")
         return OrtEngine(Path(source), threads)
 
     def versions(self) -> dict[str, str]:

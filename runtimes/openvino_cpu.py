@@ -14,15 +14,17 @@ import numpy as np
 
 from runtimes.errors import RuntimeUnavailableError
 
-_HINT = {"fp32": "f32", "bf16": "bf16"}
+# INT8 and FP16 models carry their precision in the graph (FakeQuantize / QDQ, FP16 weights); the hint then
+# sets the precision of what stays in float, kept f32 so the INT8 candidate is measured as quantized, no more.
+_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "fp16": "f32"}
 
 
 class OpenVinoEngine:
-    def __init__(self, onnx_path: Path, precision: str, threads: int) -> None:
+    def __init__(self, model_path: Path, precision: str, threads: int) -> None:
         import openvino as ov
 
         self.core = ov.Core()
-        self.model = self.core.read_model(str(onnx_path))
+        self.model = self.core.read_model(str(model_path))
         self.config = {
             "INFERENCE_PRECISION_HINT": _HINT[precision],
             "INFERENCE_NUM_THREADS": threads,
@@ -47,6 +49,8 @@ class OpenVinoEngine:
 class OpenVinoCPU:
     name = "openvino"
     input_kind = "onnx"
+    formats = ("onnx", "openvino")  # ONNX files and OpenVINO IR (.xml beside its .bin)
+    artifact_precisions = ("int8", "fp16")
 
     def __init__(self) -> None:
         try:
@@ -60,7 +64,7 @@ class OpenVinoCPU:
         return list(self._precisions)
 
     def build(self, source: Path, *, precision: str, threads: int) -> OpenVinoEngine:
-        if precision not in self.precisions():
+        if precision not in (*self.precisions(), *self.artifact_precisions):
             raise RuntimeUnavailableError(f"OpenVINO cannot run {precision} on this CPU; it offers {self.precisions()}")
         return OpenVinoEngine(Path(source), precision, threads)
 

@@ -25,6 +25,8 @@ class TorchEngine:
 class TorchRuntime:
     name = "torch"
     input_kind = "torch"
+    formats = ("torch",)
+    artifact_precisions = ()
 
     def precisions(self) -> list[str]:
         return ["fp32"]

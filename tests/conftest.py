@@ -60,3 +60,17 @@ def cifar10_dir(tmp_path_factory) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(root, filter="data")
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory):
+    """A real trained model: the demo's ViT on scikit-learn's digits, 12 epochs (a few seconds), ~90% top-1."""
+    from compress.config import load_config
+    from compress.demo import DEMO_RECIPE
+    from compress.train import train_job
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    config = load_config(None, ["train.epochs=12"], base=DEMO_RECIPE)
+    ckpt, summary = train_job(config, tmp_path_factory.mktemp("digits-train"))
+    assert summary["eval_top1"] is None or summary["eval_top1"] > 0.5
+    return ckpt

@@ -1,0 +1,103 @@
+"""What every quantizer shares: its inputs (``QuantizeContext``), its output (``Candidate``) and its errors."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from calibration.calibrate import CalibrationSet
+from compress.errors import CompressError
+
+FORMATS = ("onnx", "openvino")
+
+
+class QuantizeError(CompressError):
+    """A quantizer that cannot run: a missing library, or a budget no candidate meets."""
+
+
+def require(module: str, package: str) -> Any:
+    """Import ``module`` or fail with the pip command that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise QuantizeError(f"this quantizer needs {package}, which is not installed; pip install {package}") from e
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One quantized (or reduced-precision) model, ready to be measured."""
+
+    name: str  # e.g. "onnxruntime-static-minmax"
+    quantizer: str  # the library call that made it, e.g. "onnxruntime.quantization.quantize_static"
+    precision: str  # "int8", "fp16" or "bf16"
+    path: Path  # .onnx, or .xml for OpenVINO IR
+    format: str  # one of FORMATS
+    calibration: dict[str, Any] | None  # {"method": ..., "size": ...}; None when none was used
+    float_layers: tuple[dict[str, str], ...] = ()  # {"name": layer, "reason": why it stayed in float}
+    top1: float | None = None  # measured on the evaluation split while fitting the budget
+    notes: tuple[str, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QuantizeContext:
+    """Everything a quantizer may use. ``evaluate(path, format, precision)`` returns top-1 on the eval split."""
+
+    model: Any  # the float VisionTransformer of the previous stage
+    float_onnx: Path
+    calib: CalibrationSet
+    evaluate: Callable[[Path, str, str], float]
+    reference_top1: float  # the float model's top-1 on the same split and runtime family
+    max_drop: float  # points
+    workdir: Path
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    exclude: tuple[str, ...] = ()
+    attention_matmul: bool = False
+    activations: str = "int8"
+    calibration_method: str = "minmax"
+    sensitivity_samples: int = 64
+    inc_max_trials: int = 4
+    threads: int = 1
+    log: Callable[[str], None] = print
+
+    def drop(self, top1: float) -> float:
+        return (self.reference_top1 - top1) * 100
+
+    def within_budget(self, top1: float) -> bool:
+        return self.drop(top1) <= self.max_drop + 1e-9
+
+
+def target_layers(proto: onnx.ModelProto, ctx: QuantizeContext) -> tuple[list[str], list[str]]:
+    """(names to quantize, names excluded by the user) among the graph's compute nodes.
+
+    By default only nodes with a constant weight (the Linear layers and the patch-embedding convolution) are
+    targets; ``attention_matmul`` adds the activation x activation MatMuls of attention. LayerNorm, Softmax,
+    GELU and the residual Add are never targets.
+    """
+    inits = {i.name for i in proto.graph.initializer}
+    targets, excluded = [], []
+    for node in proto.graph.node:
+        if node.op_type not in ctx.op_types:
+            continue
+        weighted = len(node.input) > 1 and node.input[1] in inits
+        if not weighted and not ctx.attention_matmul:
+            continue
+        if any(fnmatch.fnmatchcase(node.name, pattern) for pattern in ctx.exclude):
+            excluded.append(node.name)
+        else:
+            targets.append(node.name)
+    unmatched = [p for p in ctx.exclude if not any(fnmatch.fnmatchcase(n.name, p) for n in proto.graph.node)]
+    if unmatched:
+        names = [n.name for n in proto.graph.node if n.op_type in ctx.op_types and not n.name.startswith("node_")]
+        raise QuantizeError(f"quantize.exclude {unmatched} match no layer; layer names look like {names[:4]}")
+    return targets, excluded
+
+
+def user_excluded(names: list[str]) -> tuple[dict[str, str], ...]:
+    return tuple({"name": n, "reason": "excluded by quantize.exclude"} for n in names)

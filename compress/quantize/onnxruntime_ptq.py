@@ -1,0 +1,139 @@
+"""ONNX Runtime post-training quantization: ``quantize_static`` (QDQ) and ``quantize_dynamic``.
+
+Static: per-channel symmetric INT8 weights, INT8 symmetric activations by default (what TensorRT's explicit
+quantization accepts; ``quantize.activations = "uint8"`` gives ONNX Runtime's asymmetric U8S8 instead),
+MinMax, Entropy or Percentile calibration on the streamed calibration set, only the target layers of
+``base.target_layers``. Over budget, layers go back to float by graph surgery on the QDQ model, most sensitive
+first (``sensitivity.layer_sensitivity``), with no re-calibration.
+
+Dynamic: INT8 weights, activation ranges computed per batch at run time (no calibration data needed; ONNX
+Runtime's ``DynamicQuantizeLinear`` + ``MatMulInteger``, an ONNX Runtime format). Over budget it re-quantizes
+with ``nodes_to_exclude`` using the static candidate's sensitivity ranking when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from calibration.calibrate import onnxruntime_reader
+from compress.quantize.base import Candidate, QuantizeContext, QuantizeError, target_layers, user_excluded
+from compress.quantize.budget import fit_budget
+from compress.quantize.qdq import QdqGraph, unquantize_graph_outputs
+from compress.quantize.sensitivity import layer_sensitivity
+
+log = logging.getLogger(__name__)
+
+METHODS = ("minmax", "entropy", "percentile")
+
+
+def quantize_static_qdq(ctx: QuantizeContext, method: str | None = None) -> tuple[Candidate | None, list[tuple[str, float]]]:
+    """The static QDQ candidate fitted to the budget (None when nothing fits), and its sensitivity ranking."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = method or ctx.calibration_method
+    if method not in METHODS:
+        raise QuantizeError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")
+    float_proto = onnx.load(str(ctx.float_onnx))
+    targets, excluded = target_layers(float_proto, ctx)
+    name = f"onnxruntime-static-{method}"
+    signed = ctx.activations == "int8"
+    # Q/DQ only on the inputs of the target layers: no INT32 bias (TensorRT has no INT32 DQ) and no
+    # quantized outputs (the following bias Add and residual stay float, FIELD-NOTES' first trap).
+    extra = {"ActivationSymmetric": signed, "WeightSymmetric": True, "QuantizeBias": False,
+             "OpTypesToExcludeOutputQuantization": list(ctx.op_types)}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
+        out = Path(tmp) / "qdq.onnx"
+        ctx.log(f"{name}: calibrating on {ctx.calib.size} images")
+        quantize_static(
+            str(ctx.float_onnx), str(out), onnxruntime_reader(ctx.calib, float_proto.graph.input[0].name),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ctx.op_types), per_channel=True,
+            activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_quantize=targets, calibrate_method=calib_method, extra_options=extra,
+        )
+        graph = QdqGraph.from_quantize_static(onnx.load(str(out)), float_proto)
+    graph.proto = unquantize_graph_outputs(graph.proto)
+    calibration = {"method": method, "size": ctx.calib.size, "source": ctx.calib.name}
+    candidate, ranking = _fit_qdq(ctx, graph, name, "onnxruntime.quantization.quantize_static", calibration, excluded)
+    return candidate, ranking
+
+
+def _fit_qdq(ctx: QuantizeContext, graph: QdqGraph, name: str, quantizer: str, calibration: dict | None,
+             excluded: list[str]) -> tuple[Candidate | None, list[tuple[str, float]]]:
+    """Measure a QDQ graph; over budget, return its most sensitive layers to float. Shared by every QDQ path."""
+    path = ctx.workdir / f"{name}.onnx"
+    first = _evaluate_proto(ctx, graph.proto, path)
+    ctx.log(f"{name}: top-1 {first * 100:.2f} (drop {ctx.drop(first):+.2f} pt)")
+    ranking = list(layer_sensitivity(graph, ctx.calib, samples=ctx.sensitivity_samples, threads=ctx.threads).items())
+    float_layers = user_excluded(excluded)
+    if ctx.within_budget(first):
+        return Candidate(name, quantizer, "int8", path, "onnx", calibration, float_layers, first,
+                         extra={"sensitivity": dict(ranking[:10])}), ranking
+    ctx.log(f"{name}: over the {ctx.max_drop} pt budget; returning the most sensitive layers to float")
+    result = fit_budget(
+        lambda names: graph.revert_to_float(names), lambda g: _evaluate_proto(ctx, g.proto, path), ranking,
+        reference_top1=ctx.reference_top1, max_drop=ctx.max_drop, first_top1=first, log=ctx.log,
+    )
+    if result.artifact is None:
+        path.unlink(missing_ok=True)
+        ctx.log(f"{name}: no layer subset in float meets the budget")
+        return None, ranking
+    result.artifact.save(path)
+    return Candidate(name, quantizer, "int8", path, "onnx", calibration, float_layers + result.float_layers,
+                     result.top1, extra={"sensitivity": dict(ranking[:10]), "budget_evaluations": result.evaluations}), ranking
+
+
+def _evaluate_proto(ctx: QuantizeContext, proto: onnx.ModelProto, path: Path) -> float:
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        top1 = ctx.evaluate(Path(tmp), "onnx", "int8")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)  # the last evaluated graph is the one on disk
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return top1
+
+
+def quantize_dynamic_int8(ctx: QuantizeContext, ranking: list[tuple[str, float]] | None = None) -> Candidate | None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    float_proto = onnx.load(str(ctx.float_onnx))
+    targets, excluded = target_layers(float_proto, ctx)
+    targets = [t for t in targets if next(n for n in float_proto.graph.node if n.name == t).op_type != "Conv"]
+    name = "onnxruntime-dynamic"
+    path = ctx.workdir / f"{name}.onnx"
+
+    def build(in_float: list[str]) -> Path:
+        fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=ctx.workdir)
+        os.close(fd)
+        quantize_dynamic(str(ctx.float_onnx), tmp, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=[t for t in targets if t not in in_float])
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        return path
+
+    first = ctx.evaluate(build([]), "onnx", "int8")
+    ctx.log(f"{name}: top-1 {first * 100:.2f} (drop {ctx.drop(first):+.2f} pt)")
+    calibration = {"method": "dynamic (activation ranges per batch at run time)", "size": 0}
+    if ctx.within_budget(first):
+        return Candidate(name, "onnxruntime.quantization.quantize_dynamic", "int8", path, "onnx", calibration,
+                         user_excluded(excluded), first)
+    ranking = [(n, v) for n, v in (ranking or []) if n in targets] or [(t, 0.0) for t in reversed(targets)]
+    result = fit_budget(build, lambda p: ctx.evaluate(p, "onnx", "int8"), ranking, reference_top1=ctx.reference_top1,
+                        max_drop=ctx.max_drop, first_top1=first, score="static NSR", log=ctx.log)
+    if result.artifact is None:
+        path.unlink(missing_ok=True)
+        return None
+    build([n for n, _ in ranking[: len(result.float_layers)]])  # bisection may have evaluated another last
+    return Candidate(name, "onnxruntime.quantization.quantize_dynamic", "int8", path, "onnx", calibration,
+                     user_excluded(excluded) + result.float_layers, result.top1)

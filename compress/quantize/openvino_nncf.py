@@ -1,0 +1,97 @@
+"""NNCF post-training quantization of the OpenVINO model, and NNCF's own accuracy control.
+
+``nncf.quantize(..., model_type=ModelType.TRANSFORMER)`` is NNCF's transformer recipe: INT8 MatMuls (with
+SmoothQuant), LayerNorm, Softmax and GELU kept in float, symmetric ("performance" preset). When that misses the
+budget, ``nncf.quantize_with_accuracy_control(max_drop=..., drop_type=ABSOLUTE)`` ranks groups of quantizers
+by their harm and reverts the worst until the drop fits; the layers it reverted are read back by comparing
+which MatMul/Conv inputs carry FakeQuantize before and after. The candidate is an OpenVINO IR (``.xml``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from calibration.calibrate import Reiterable, nncf_dataset
+from compress.quantize.base import Candidate, QuantizeContext, require
+
+COMPUTE_TYPES = ("MatMul", "Convolution")
+
+
+def quantize_openvino(
+    ctx: QuantizeContext, eval_batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]] | None = None,
+    eval_count: int = 0,
+) -> Candidate | None:
+    """``eval_batches()`` streams (images, labels) of the evaluation split for the accuracy control."""
+    nncf = require("nncf", "nncf")
+    import openvino as ov
+
+    model = ov.Core().read_model(str(ctx.float_onnx))
+    dataset = nncf_dataset(ctx.calib)
+    name, path = "nncf-openvino", ctx.workdir / "nncf-openvino.xml"
+    ignored = nncf.IgnoredScope(patterns=[_regex(p) for p in ctx.exclude], validate=False) if ctx.exclude else None
+    ctx.log(f"{name}: nncf.quantize (ModelType.TRANSFORMER) on {ctx.calib.size} images")
+    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=ctx.calib.size,
+                              preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope())
+    ov.save_model(quantized, str(path), compress_to_fp16=False)
+    top1 = ctx.evaluate(path, "openvino", "int8")
+    ctx.log(f"{name}: top-1 {top1 * 100:.2f} (drop {ctx.drop(top1):+.2f} pt)")
+    calibration = {"method": "nncf minmax (ModelType.TRANSFORMER, SmoothQuant)", "size": ctx.calib.size,
+                   "source": ctx.calib.name}
+    excluded = tuple({"name": p, "reason": "excluded by quantize.exclude"} for p in ctx.exclude)
+    if ctx.within_budget(top1):
+        return Candidate(name, "nncf.quantize", "int8", path, "openvino", calibration, excluded, top1)
+    if eval_batches is None:
+        return None
+    ctx.log(f"{name}: over the {ctx.max_drop} pt budget; running nncf.quantize_with_accuracy_control")
+    before = _quantized_ops(quantized)
+    validation = nncf.Dataset(Reiterable(eval_batches, eval_count))
+
+    def validate(compiled, items) -> float:
+        correct = seen = 0
+        for x, y in items:
+            logits = compiled(x)[0]
+            correct += int((np.asarray(logits).argmax(1) == y).sum())
+            seen += len(y)
+        return correct / max(seen, 1)
+
+    controlled = nncf.quantize_with_accuracy_control(
+        model, dataset, validation, validate, max_drop=ctx.max_drop / 100, drop_type=nncf.DropType.ABSOLUTE,
+        model_type=nncf.ModelType.TRANSFORMER, subset_size=ctx.calib.size,
+        preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope(),
+    )
+    path = ctx.workdir / "nncf-openvino-accuracy-control.xml"
+    ov.save_model(controlled, str(path), compress_to_fp16=False)
+    top1 = ctx.evaluate(path, "openvino", "int8")
+    reverted = sorted(before - _quantized_ops(controlled))
+    reasons = excluded + tuple({"name": op, "reason": f"reverted by nncf.quantize_with_accuracy_control (max_drop "
+                                                      f"{ctx.max_drop} pt absolute)"} for op in reverted)
+    ctx.log(f"{name}: accuracy control kept {len(reverted)} op(s) in float; top-1 {top1 * 100:.2f}")
+    if not ctx.within_budget(top1):
+        return None
+    return Candidate("nncf-openvino-accuracy-control", "nncf.quantize_with_accuracy_control", "int8", path,
+                     "openvino", calibration, reasons, top1)
+
+
+def _quantized_ops(model) -> set[str]:
+    """Friendly names of MatMul/Convolution ops that read a FakeQuantize (directly or through a Convert)."""
+    names = set()
+    for op in model.get_ops():
+        if op.get_type_name() not in COMPUTE_TYPES:
+            continue
+        for value in op.input_values():
+            source = value.get_node()
+            while source.get_type_name() in ("Convert", "Reshape", "Transpose"):
+                source = source.input_value(0).get_node()
+            if source.get_type_name() == "FakeQuantize":
+                names.add(op.get_friendly_name())
+                break
+    return names
+
+
+def _regex(pattern: str) -> str:
+    import fnmatch
+
+    return fnmatch.translate(pattern).replace("\\Z", "").removeprefix("(?s:").removesuffix(")")
