@@ -187,6 +187,7 @@ def _print_table(records) -> None:
     for heading in CONSOLE_COLUMNS.values():
         table.add_column(heading, no_wrap=True)
     for row in table_rows([r for r in records if r.status == "ok"]):
+        row = (row[1] or row[0], *row[1:])  # a quantized candidate is shown by its name in the stage column
         table.add_row(*(row[i] for i in keep))
     Console().print(table)
 

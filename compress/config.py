@@ -82,6 +82,7 @@ class QuantizeConfig(Section):
     enabled: bool = True
     quantizers: list[Literal[QUANTIZERS]] = list(QUANTIZERS)
     max_drop: float = Field(1.0, ge=0)  # absolute top-1 points against the float model of the previous stage
+    max_float_fraction: float = Field(0.5, ge=0, le=1)  # at most this share of target layers returned to float
     calib_size: int = Field(256, ge=1)  # images drawn from the calibration split (class-stratified, seeded)
     calibration_data: str | None = None  # a .npy of preprocessed (N, C, H, W) inputs instead of the split
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # ONNX Runtime static
@@ -91,6 +92,7 @@ class QuantizeConfig(Section):
     activations: Literal["int8", "uint8"] = "int8"  # int8: symmetric, readable by TensorRT; uint8: ORT's U8S8
     sensitivity_samples: int = Field(64, ge=1)
     inc_max_trials: int = Field(4, ge=0)  # neural-compressor autotune trials when over budget
+    smoothquant_alpha: float | None = Field(0.5, ge=0, le=1)  # neural-compressor path; None: no SmoothQuant
     fp16_keep_float32: list[str] = ["LayerNormalization"]
 
 

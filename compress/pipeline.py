@@ -19,7 +19,7 @@ import io
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,15 @@ def run_pipeline(
     calib_data = Subset(source, splits.calib, ckpt.preprocess)
     if len(eval_data) == 0:
         raise InputError(f"dataset {source.name} leaves no images for evaluation; add images or lower data.calib_size")
+    q = config.quantize
+    if q.enabled and set(q.quantizers) - {"fp16", "bf16", "onnxruntime-dynamic"}:  # fail before any work
+        from calibration.calibrate import from_array, from_split
+
+        shape = (ckpt.preprocess.in_chans, ckpt.preprocess.crop_size, ckpt.preprocess.crop_size)
+        if q.calibration_data:
+            from_array(Path(q.calibration_data), q.calib_size, shape)
+        else:
+            from_split(calib_data, q.calib_size, shape)
     probe = calib_data if len(calib_data) else eval_data
     parity_inputs = next(probe.batches(32))[0]  # (<=32, C, H, W) real images
     largest = max(config.measure.batch_sizes)
@@ -196,7 +205,6 @@ def quantize_stage(
     input_shape = tuple(latency_input.shape[1:])
     calib = (from_array(Path(q.calibration_data), q.calib_size, input_shape) if q.calibration_data
              else from_split(calib_split, q.calib_size, input_shape))
-    engines: dict[tuple[str, str, str], float] = {}
 
     def evaluate(path: Path, fmt: str, precision: str) -> float:
         name = "openvino" if fmt == "openvino" or precision == "bf16" else "onnxruntime"
@@ -215,9 +223,11 @@ def quantize_stage(
         float_top1 = evaluate(float_onnx, "onnx", "fp32")
     ctx = QuantizeContext(
         model=model, float_onnx=float_onnx, calib=calib, evaluate=evaluate, reference_top1=float_top1,
-        max_drop=q.max_drop, workdir=workdir, op_types=tuple(q.op_types), exclude=tuple(q.exclude),
-        attention_matmul=q.attention_matmul, activations=q.activations, calibration_method=q.calibration_method,
-        sensitivity_samples=q.sensitivity_samples, inc_max_trials=q.inc_max_trials, threads=threads, log=log.info,
+        max_drop=q.max_drop, workdir=workdir, max_float_fraction=q.max_float_fraction, op_types=tuple(q.op_types),
+        exclude=tuple(q.exclude), attention_matmul=q.attention_matmul, activations=q.activations,
+        calibration_method=q.calibration_method,
+        sensitivity_samples=q.sensitivity_samples, inc_max_trials=q.inc_max_trials,
+        smoothquant_alpha=q.smoothquant_alpha, threads=threads, log=log.info,
     )
     log.info("stage quantize: %s on %d calibration images, budget %.2f pt against top-1 %.2f of %s",
              ", ".join(q.quantizers), calib.size, q.max_drop, float_top1 * 100, prev_stage)
@@ -236,37 +246,31 @@ def quantize_stage(
               "env": environment() | {"threads": threads}}
     out: list[StageRecord] = []
     for candidate in candidates:
-        fields = common | {"candidate": candidate.name, "quantizer": candidate.quantizer, "precision": candidate.precision,
-                           "calibration": candidate.calibration, "float_layers": list(candidate.float_layers),
+        fields = common | {"candidate": candidate.name, "quantizer": candidate.quantizer,
+                           "precision": candidate.precision, "calibration": candidate.calibration,
+                           "float_layers": list(candidate.float_layers),
                            "artifact": str(candidate.path.relative_to(run_dir)),
                            "size_mb": _artifact_mb(candidate.path), "timestamp": _now()}
         for name in config.measure.runtimes:
             runtime = get_runtime(name)
-            base = fields | {"runtime": name, "env": common["env"] | {"versions": common["env"]["versions"] | runtime.versions()}}
+            base = fields | {"runtime": name,
+                             "env": common["env"] | {"versions": common["env"]["versions"] | runtime.versions()}}
             reason = _cannot_run(runtime, candidate.format, candidate.precision)
             engine = None
             if reason is None:
                 try:
                     engine = runtime.build(candidate.path, precision=candidate.precision, threads=threads)
-                except Exception as e:  # a runtime that rejects an op of this candidate: recorded, not fatal
+                except (TypeError, AttributeError, NameError):
+                    raise  # our bug, not the runtime's verdict on the model
+                except Exception as e:  # a runtime rejecting an op of this candidate: recorded, not fatal
                     reason = f"{name} could not load {candidate.name}: {str(e).strip().splitlines()[0][:200]}"
             if engine is None:
                 out += [StageRecord(**base, batch_size=b, status="skipped", reason=reason)
                         for b in config.measure.batch_sizes]
                 continue
-            label = f"quantize · {candidate.name} · {name}"
-            result = evaluate_top1(engine.run, eval_data, batch_size=config.measure.eval_batch_size,
-                                   progress=(lambda d, t, label=label: progress(label, d, t)) if progress else None)
-            accuracy = {"top1": result.top1, "eval_samples": result.num_samples,
-                        "top1_drop": round(((reference.top1 if reference else float_top1) - result.top1) * 100, 4),
-                        "agreement": result.agreement(reference) if reference else None}
-            for batch in config.measure.batch_sizes:
-                stats = measure_latency(engine, latency_input[:batch], threads=threads, warmup=config.measure.warmup,
-                                        iterations=config.measure.iterations, max_seconds=config.measure.max_seconds)
-                out.append(StageRecord(**base, **accuracy, **{k: v for k, v in stats.to_dict().items()
-                                                              if k in StageRecord.__dataclass_fields__}))
-            log.info("%s: top-1 %.4f, p50 %.2f ms at batch %d", label, result.top1,
-                     out[-len(config.measure.batch_sizes)].latency_ms_p50, config.measure.batch_sizes[0])
+            records, _ = _measure_engine(engine, f"quantize · {candidate.name} · {name}", base, eval_data,
+                                         latency_input, reference, float_top1, config, threads, progress)
+            out += records
     selected = _select(out, float_top1, q.max_drop, min(config.measure.batch_sizes))
     if selected is None:
         log.warning("quantize: no candidate meets the %.2f pt budget; the float model of stage %s is carried "
@@ -277,7 +281,8 @@ def quantize_stage(
         "candidates": [{"name": c.name, "quantizer": c.quantizer, "precision": c.precision,
                         "artifact": str(c.path.relative_to(run_dir)), "top1_while_fitting": c.top1,
                         "calibration": c.calibration, "float_layers": list(c.float_layers),
-                        "sensitivity": c.extra.get("sensitivity")} for c in candidates],
+                        "sensitivity": [[n, v] for n, v in (c.extra.get("sensitivity") or {}).items()]}
+                       for c in candidates],
     })
     return out
 
@@ -286,7 +291,8 @@ def _cannot_run(runtime, fmt: str, precision: str) -> str | None:
     if fmt not in runtime.formats:
         return f"{runtime.name} does not load {fmt} models"
     if precision == "bf16":
-        return None if "bf16" in runtime.precisions() else f"{runtime.name} offers {runtime.precisions()} here, not bf16"
+        offered = runtime.precisions()
+        return None if "bf16" in offered else f"{runtime.name} offers {offered} here, not bf16"
     if precision not in runtime.artifact_precisions:
         return f"{runtime.name} does not run {precision} models"
     return None
@@ -336,20 +342,41 @@ def _measure_stage(
                 continue
             engine = runtime.build(model if runtime.input_kind == "torch" else onnx_path,
                                    precision=precision, threads=threads)
-            label = f"{stage} · {name} {precision}"
-            result = evaluate_top1(engine.run, eval_data, batch_size=config.measure.eval_batch_size,
-                                   progress=(lambda d, t, label=label: progress(label, d, t)) if progress else None)
+            stage_records, result = _measure_engine(engine, f"{stage} · {name} {precision}", base, eval_data,
+                                                    latency_input, reference, None, config, threads, progress)
             if reference is None:
                 reference = result  # the first runtime of the baseline stage (torch fp32 by default)
-            accuracy = {"top1": result.top1, "top1_drop": round((reference.top1 - result.top1) * 100, 4),
-                        "agreement": result.agreement(reference), "eval_samples": result.num_samples}
-            for batch in config.measure.batch_sizes:
-                stats = measure_latency(engine, latency_input[:batch], threads=threads, warmup=config.measure.warmup,
-                                        iterations=config.measure.iterations, max_seconds=config.measure.max_seconds)
-                records.append(StageRecord(**base, **accuracy, **{k: v for k, v in stats.to_dict().items()
-                                                                  if k in StageRecord.__dataclass_fields__}))
-            log.info("%s: top-1 %.4f, p50 %.2f ms at batch %d", label, result.top1, records[-len(config.measure.batch_sizes)].latency_ms_p50, config.measure.batch_sizes[0])
+                stage_records = [replace(r, top1_drop=0.0, agreement=1.0) for r in stage_records]
+            records += stage_records
     return records, reference
+
+
+def _measure_engine(
+    engine, label: str, base: dict[str, Any], eval_data: Subset, latency_input: np.ndarray,
+    reference: EvalResult | None, reference_top1: float | None, config: RunConfig, threads: int,
+    progress: Progress | None,
+) -> tuple[list[StageRecord], EvalResult]:
+    """Top-1 on the evaluation split, then latency at every batch size: one record per batch size.
+
+    ``top1_drop`` and ``agreement`` are against ``reference`` (the baseline's first runtime) when there is
+    one, else the drop is against ``reference_top1`` and agreement is unknown.
+    """
+    result = evaluate_top1(engine.run, eval_data, batch_size=config.measure.eval_batch_size,
+                           progress=(lambda d, t: progress(label, d, t)) if progress else None)
+    against = reference.top1 if reference is not None else reference_top1
+    against = result.top1 if against is None else against
+    accuracy = {"top1": result.top1, "eval_samples": result.num_samples,
+                "top1_drop": round((against - result.top1) * 100, 4),
+                "agreement": result.agreement(reference) if reference is not None else None}
+    records = []
+    for batch in config.measure.batch_sizes:
+        stats = measure_latency(engine, latency_input[:batch], threads=threads, warmup=config.measure.warmup,
+                                iterations=config.measure.iterations, max_seconds=config.measure.max_seconds)
+        records.append(StageRecord(**base, **accuracy, **{k: v for k, v in stats.to_dict().items()
+                                                          if k in StageRecord.__dataclass_fields__}))
+    log.info("%s: top-1 %.4f, p50 %.2f ms at batch %d", label, result.top1, records[0].latency_ms_p50,
+             config.measure.batch_sizes[0])
+    return records, result
 
 
 def _done_stage_keys(run_dir: Path) -> dict[str, str]:

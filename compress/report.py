@@ -10,7 +10,7 @@ from pathlib import Path
 from compress.io import atomic_write_text
 from compress.records import StageRecord
 
-COLUMNS = ("stage", "runtime", "precision", "batch", "top-1", "drop (pt)", "agree", "p50 ms", "p90 ms",
+COLUMNS = ("stage", "candidate", "runtime", "precision", "batch", "top-1", "drop (pt)", "agree", "p50 ms", "p90 ms",
            "p99 ms", "img/s", "params", "MMACs", "MB")
 # The console shows what fits 80 columns, with short headings: {column in COLUMNS: heading}.
 CONSOLE_COLUMNS = {"stage": "stage", "runtime": "runtime", "precision": "prec", "batch": "batch", "top-1": "top-1",
@@ -25,11 +25,11 @@ def table_rows(records: list[StageRecord]) -> list[tuple[str, ...]]:
     rows = []
     for r in records:
         if r.status != "ok":
-            rows.append((r.stage, r.runtime, r.precision, str(r.batch_size), "skipped", "", "", "", "", "", "", "",
-                         "", ""))
+            rows.append((r.stage, r.candidate or "", r.runtime, r.precision, str(r.batch_size), "skipped", "", "", "",
+                         "", "", "", "", "", ""))
             continue
         rows.append((
-            r.stage, r.runtime, r.precision, str(r.batch_size), _fmt(r.top1 and r.top1 * 100, ".2f"),
+            r.stage, r.candidate or "", r.runtime, r.precision, str(r.batch_size), _fmt(r.top1 and r.top1 * 100, ".2f"),
             _fmt(r.top1_drop, "+.2f"), _fmt(r.agreement, ".3f"), _fmt(r.latency_ms_p50, ".3f"),
             _fmt(r.latency_ms_p90, ".3f"), _fmt(r.latency_ms_p99, ".3f"), _fmt(r.throughput_ips, ".0f"),
             _fmt(r.params, ","), _fmt(r.macs and r.macs / 1e6, ",.1f"), _fmt(r.size_mb, ".2f"),
@@ -41,6 +41,40 @@ def markdown_table(records: list[StageRecord]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(records)]
     return "\n".join(lines)
+
+
+def _quantization_section(run_dir: Path, records: list[StageRecord]) -> list[str]:
+    """Candidates, their calibration, the layers each kept in float and why, and the one selected."""
+    marker = run_dir / "stages" / "quantize.json"
+    if not records and not marker.exists():
+        return []
+    import json
+
+    summary = json.loads(marker.read_text()) if marker.exists() else {}
+    parts = ["## Quantization", ""]
+    if summary:
+        parts.append(f"Budget: {summary['max_drop']} pt of top-1 against the float model's "
+                     f"{summary['reference_top1'] * 100:.2f}% (ONNX Runtime FP32).")
+        selected = summary.get("selected")
+        parts.append(f"Selected: **{selected['candidate']}** on {selected['runtime']}, {selected['top1'] * 100:.2f}% "
+                     f"top-1, {selected['latency_ms_p50']:.3f} ms at batch {selected['batch_size']}." if selected else
+                     "**No candidate meets the budget**; the float model of the previous stage is carried forward.")
+        parts.append("")
+        for line in summary.get("missed", []):
+            parts.append(f"- {line}")
+    seen: set[str] = set()
+    for r in records:
+        if r.candidate in seen or r.candidate is None:
+            continue
+        seen.add(r.candidate)
+        calibration = (f"{r.calibration['method']}, {r.calibration['size']} images" if r.calibration else "none")
+        parts.append(f"- **{r.candidate}** ({r.quantizer}; calibration: {calibration}): "
+                     + (f"{len(r.float_layers)} layer(s) in float" if r.float_layers
+                        else "every target layer quantized"))
+        for layer in r.float_layers or []:
+            parts.append(f"  - `{layer['name']}`: {layer['reason']}")
+    parts.append("")
+    return parts
 
 
 def write_markdown_report(run_dir: Path, records: list[StageRecord]) -> Path:
@@ -58,9 +92,11 @@ def write_markdown_report(run_dir: Path, records: list[StageRecord]) -> Path:
         markdown_table(ok),
         "",
     ]
+    parts += _quantization_section(run_dir, [r for r in records if r.stage == "quantize"])
     if skipped:
         parts += ["## Skipped", ""]
-        parts += sorted({f"- {r.runtime} {r.precision}: {r.reason}" for r in skipped})
+        parts += sorted({f"- {r.stage} {r.candidate + ' ' if r.candidate else ''}{r.runtime} {r.precision}: {r.reason}"
+                         for r in skipped})
         parts.append("")
     if env:
         versions = ", ".join(f"{k} {v}" for k, v in sorted(env.get("versions", {}).items()) if v)

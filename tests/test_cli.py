@@ -15,7 +15,7 @@ from compress.cli import app
 from tests.conftest import write_digit_folder
 
 FAST = ["--set", "measure.iterations=3", "--set", "measure.max_seconds=0.5", "--set", "measure.warmup=1",
-        "--set", "data.calib_size=20"]
+        "--set", "data.calib_size=20", "--set", "quantize.enabled=false"]
 
 
 def _snapshot(root: Path) -> dict[str, str]:

@@ -33,7 +33,7 @@ def require(module: str, package: str) -> Any:
 class Candidate:
     """One quantized (or reduced-precision) model, ready to be measured."""
 
-    name: str  # e.g. "onnxruntime-static-minmax"
+    name: str  # e.g. "ort-static-minmax"
     quantizer: str  # the library call that made it, e.g. "onnxruntime.quantization.quantize_static"
     precision: str  # "int8", "fp16" or "bf16"
     path: Path  # .onnx, or .xml for OpenVINO IR
@@ -56,6 +56,7 @@ class QuantizeContext:
     reference_top1: float  # the float model's top-1 on the same split and runtime family
     max_drop: float  # points
     workdir: Path
+    max_float_fraction: float = 0.5  # the budget may return at most this share of the target layers to float
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     exclude: tuple[str, ...] = ()
     attention_matmul: bool = False
@@ -63,8 +64,13 @@ class QuantizeContext:
     calibration_method: str = "minmax"
     sensitivity_samples: int = 64
     inc_max_trials: int = 4
+    smoothquant_alpha: float | None = 0.5
     threads: int = 1
     log: Callable[[str], None] = print
+
+    def fallback(self, ranking: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        """The part of a sensitivity ranking the budget may return to float (a mostly-float model is no INT8)."""
+        return ranking[: int(len(ranking) * self.max_float_fraction)]
 
     def drop(self, top1: float) -> float:
         return (self.reference_top1 - top1) * 100

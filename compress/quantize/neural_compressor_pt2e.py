@@ -8,8 +8,9 @@ symmetric) against our evaluation with ``tolerable_loss`` set from the budget. T
 with the dynamo ONNX exporter and canonicalized (``qdq.canonicalize``); if it still misses, the same
 sensitivity-ranked fallback as every QDQ candidate applies.
 
-SmoothQuant in neural-compressor 3.x for PyTorch runs through intel-extension-for-pytorch, which is not a
-dependency here; NNCF's transformer recipe applies SmoothQuant on the OpenVINO path.
+SmoothQuant: neural-compressor 3.x runs its own only through intel-extension-for-pytorch (deprecated there),
+which is not a dependency here, so the float model is first smoothed by ``smoothquant.smooth`` (``quantize.
+smoothquant_alpha``, default 0.5; ``None`` turns it off) with the same calibration set.
 """
 
 from __future__ import annotations
@@ -42,10 +43,15 @@ def quantize_pt2e(ctx: QuantizeContext, evaluate_torch) -> Candidate | None:
                             "drop 'neural-compressor' from quantize.quantizers or clear quantize.exclude")
     example = torch.from_numpy(np.ascontiguousarray(next(ctx.calib.batches())[:2]))
     batch = torch.export.Dim("batch", min=1, max=4096)
-    name = "neural-compressor-pt2e"
+    name = "inc-pt2e"
     run = forward_loop(ctx.calib)
+    float_model = copy.deepcopy(ctx.model).eval()
+    if ctx.smoothquant_alpha is not None:
+        from compress.quantize.smoothquant import smooth
+
+        float_model = smooth(ctx.model, ctx.calib, alpha=ctx.smoothquant_alpha)
     with _quiet():
-        exported = export(copy.deepcopy(ctx.model).eval(), (example,), dynamic_shapes=({0: batch},))
+        exported = export(float_model, (example,), dynamic_shapes=({0: batch},))
     if exported is None:
         raise QuantizeError("neural-compressor could not capture the model with torch.export; see the log above")
     signed = ctx.activations == "int8"
@@ -57,7 +63,7 @@ def quantize_pt2e(ctx: QuantizeContext, evaluate_torch) -> Candidate | None:
         model = convert(model)
     top1 = evaluate_torch(model)
     ctx.log(f"{name}: top-1 {top1 * 100:.2f} in PyTorch (drop {ctx.drop(top1):+.2f} pt)")
-    method = "minmax"
+    method = "minmax" + (f" + SmoothQuant(alpha={ctx.smoothquant_alpha})" if ctx.smoothquant_alpha is not None else "")
     if not ctx.within_budget(top1) and ctx.inc_max_trials > 0:
         ctx.log(f"{name}: over budget; neural-compressor autotune (at most {ctx.inc_max_trials} trials)")
         space = StaticQuantConfig(act_dtype="int8" if signed else "uint8", act_sym=signed, act_algo=["minmax", "kl"],
@@ -68,7 +74,7 @@ def quantize_pt2e(ctx: QuantizeContext, evaluate_torch) -> Candidate | None:
                                                                    max_trials=ctx.inc_max_trials),
                              eval_fn=evaluate_torch, run_fn=run, example_inputs=(example,))
         if tuned is not None:
-            model, method = tuned, "autotune (minmax / kl)"
+            model, method = tuned, method.replace("minmax", "autotune (minmax / kl)")
     proto = _to_onnx(model, example)
     graph = canonicalize(proto)
     calibration = {"method": method, "size": ctx.calib.size, "source": ctx.calib.name}

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 METHODS = ("minmax", "entropy", "percentile")
 
 
-def quantize_static_qdq(ctx: QuantizeContext, method: str | None = None) -> tuple[Candidate | None, list[tuple[str, float]]]:
+def quantize_static_qdq(
+    ctx: QuantizeContext, method: str | None = None
+) -> tuple[Candidate | None, list[tuple[str, float]]]:
     """The static QDQ candidate fitted to the budget (None when nothing fits), and its sensitivity ranking."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -40,7 +42,7 @@ def quantize_static_qdq(ctx: QuantizeContext, method: str | None = None) -> tupl
         raise QuantizeError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")
     float_proto = onnx.load(str(ctx.float_onnx))
     targets, excluded = target_layers(float_proto, ctx)
-    name = f"onnxruntime-static-{method}"
+    name = f"ort-static-{method}"
     signed = ctx.activations == "int8"
     # Q/DQ only on the inputs of the target layers: no INT32 bias (TensorRT has no INT32 DQ) and no
     # quantized outputs (the following bias Add and residual stay float, FIELD-NOTES' first trap).
@@ -79,16 +81,19 @@ def _fit_qdq(ctx: QuantizeContext, graph: QdqGraph, name: str, quantizer: str, c
                          extra={"sensitivity": dict(ranking[:10])}), ranking
     ctx.log(f"{name}: over the {ctx.max_drop} pt budget; returning the most sensitive layers to float")
     result = fit_budget(
-        lambda names: graph.revert_to_float(names), lambda g: _evaluate_proto(ctx, g.proto, path), ranking,
+        lambda names: graph.revert_to_float(names), lambda g: _evaluate_proto(ctx, g.proto, path),
+        ctx.fallback(ranking),
         reference_top1=ctx.reference_top1, max_drop=ctx.max_drop, first_top1=first, log=ctx.log,
     )
     if result.artifact is None:
         path.unlink(missing_ok=True)
-        ctx.log(f"{name}: no layer subset in float meets the budget")
+        ctx.log(f"{name}: even {len(ctx.fallback(ranking))} layer(s) in float (quantize.max_float_fraction "
+                f"{ctx.max_float_fraction}) miss the budget")
         return None, ranking
     result.artifact.save(path)
     return Candidate(name, quantizer, "int8", path, "onnx", calibration, float_layers + result.float_layers,
-                     result.top1, extra={"sensitivity": dict(ranking[:10]), "budget_evaluations": result.evaluations}), ranking
+                     result.top1, extra={"sensitivity": dict(ranking[:10]),
+                                         "budget_evaluations": result.evaluations}), ranking
 
 
 def _evaluate_proto(ctx: QuantizeContext, proto: onnx.ModelProto, path: Path) -> float:
@@ -110,7 +115,7 @@ def quantize_dynamic_int8(ctx: QuantizeContext, ranking: list[tuple[str, float]]
     float_proto = onnx.load(str(ctx.float_onnx))
     targets, excluded = target_layers(float_proto, ctx)
     targets = [t for t in targets if next(n for n in float_proto.graph.node if n.name == t).op_type != "Conv"]
-    name = "onnxruntime-dynamic"
+    name = "ort-dynamic"
     path = ctx.workdir / f"{name}.onnx"
 
     def build(in_float: list[str]) -> Path:
@@ -128,7 +133,9 @@ def quantize_dynamic_int8(ctx: QuantizeContext, ranking: list[tuple[str, float]]
     if ctx.within_budget(first):
         return Candidate(name, "onnxruntime.quantization.quantize_dynamic", "int8", path, "onnx", calibration,
                          user_excluded(excluded), first)
+    # ranked by the static candidate's sensitivity when it ran; otherwise the last layers first
     ranking = [(n, v) for n, v in (ranking or []) if n in targets] or [(t, 0.0) for t in reversed(targets)]
+    ranking = ctx.fallback(ranking)
     result = fit_budget(build, lambda p: ctx.evaluate(p, "onnx", "int8"), ranking, reference_top1=ctx.reference_top1,
                         max_drop=ctx.max_drop, first_top1=first, score="static NSR", log=ctx.log)
     if result.artifact is None:

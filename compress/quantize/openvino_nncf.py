@@ -30,7 +30,7 @@ def quantize_openvino(
 
     model = ov.Core().read_model(str(ctx.float_onnx))
     dataset = nncf_dataset(ctx.calib)
-    name, path = "nncf-openvino", ctx.workdir / "nncf-openvino.xml"
+    name, path = "nncf-ov", ctx.workdir / "nncf-ov.xml"
     ignored = nncf.IgnoredScope(patterns=[_regex(p) for p in ctx.exclude], validate=False) if ctx.exclude else None
     ctx.log(f"{name}: nncf.quantize (ModelType.TRANSFORMER) on {ctx.calib.size} images")
     quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=ctx.calib.size,
@@ -62,7 +62,7 @@ def quantize_openvino(
         model_type=nncf.ModelType.TRANSFORMER, subset_size=ctx.calib.size,
         preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope(),
     )
-    path = ctx.workdir / "nncf-openvino-accuracy-control.xml"
+    path = ctx.workdir / "nncf-ov-ac.xml"
     ov.save_model(controlled, str(path), compress_to_fp16=False)
     top1 = ctx.evaluate(path, "openvino", "int8")
     reverted = sorted(before - _quantized_ops(controlled))
@@ -71,7 +71,7 @@ def quantize_openvino(
     ctx.log(f"{name}: accuracy control kept {len(reverted)} op(s) in float; top-1 {top1 * 100:.2f}")
     if not ctx.within_budget(top1):
         return None
-    return Candidate("nncf-openvino-accuracy-control", "nncf.quantize_with_accuracy_control", "int8", path,
+    return Candidate("nncf-ov-ac", "nncf.quantize_with_accuracy_control", "int8", path,
                      "openvino", calibration, reasons, top1)
 
 

@@ -185,7 +185,8 @@ def canonicalize(proto: onnx.ModelProto) -> QdqGraph:
         bshape = [1] * w.ndim
         if per_channel:
             bshape[axis] = -1
-        wq = np.clip(np.round(w / scale.reshape(bshape)) + zp.astype(np.float32).reshape(bshape), lo, hi).astype(zp.dtype)
+        wq = np.round(w / scale.reshape(bshape)) + zp.astype(np.float32).reshape(bshape)
+        wq = np.clip(wq, lo, hi).astype(zp.dtype)
         dq_out = dq.output[0]
         consumers = users.get(dq_out, [])
         if len(consumers) == 1 and consumers[0].op_type == "Transpose" and w.ndim == 2 and \
@@ -290,7 +291,8 @@ def revert_to_float(proto: onnx.ModelProto, names: set[str], float_weights: dict
         float_name = layer.weight[: -len("_quantized")] + "_float" if layer.weight.endswith("_quantized") \
             else layer.weight + "_float"
         if float_name not in existing:
-            graph.initializer.append(numpy_helper.from_array(float_weights[layer.weight].astype(np.float32), float_name))
+            weight = float_weights[layer.weight].astype(np.float32)
+            graph.initializer.append(numpy_helper.from_array(weight, float_name))
             existing.add(float_name)
         node.input[1] = float_name
         if layer.activation is not None:

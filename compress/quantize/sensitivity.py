@@ -24,7 +24,9 @@ from compress.quantize.qdq import QdqGraph, QuantizedLayer, _attr, dequantize_we
 log = logging.getLogger(__name__)
 
 
-def layer_sensitivity(graph: QdqGraph, calib: CalibrationSet, *, samples: int = 64, threads: int = 1) -> dict[str, float]:
+def layer_sensitivity(
+    graph: QdqGraph, calib: CalibrationSet, *, samples: int = 64, threads: int = 1
+) -> dict[str, float]:
     """{layer name: NSR} for every quantized layer with a recorded float weight, most sensitive first."""
     import onnxruntime as ort
 

@@ -52,7 +52,7 @@ def build_candidates(
                 continue
             top1 = ctx.evaluate(ctx.float_onnx, "onnx", "bf16")
             ctx.log(f"bf16: top-1 {top1 * 100:.2f} (drop {ctx.drop(top1):+.2f} pt)")
-            candidates.append(Candidate("openvino-bf16", "openvino INFERENCE_PRECISION_HINT=bf16", "bf16",
+            candidates.append(Candidate("ov-bf16", "openvino INFERENCE_PRECISION_HINT=bf16", "bf16",
                                         ctx.float_onnx, "onnx", None, (), top1))
     fitted = [c for c in candidates if c.top1 is not None and ctx.within_budget(c.top1)]
     for c in candidates:

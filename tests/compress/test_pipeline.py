@@ -15,7 +15,8 @@ FIELDS = ("stage", "runtime", "precision", "top1", "top1_drop", "agreement", "la
 
 
 def _config(folder, **measure):
-    sets = [f'data.path="{folder}"', "data.calib_size=20", "measure.iterations=3", "measure.max_seconds=0.5",
+    sets = [f'data.path="{folder}"', "data.calib_size=20", "quantize.enabled=false", "measure.iterations=3",
+            "measure.max_seconds=0.5",
             "measure.warmup=1", "measure.batch_sizes=[1, 4]"] + [f"measure.{k}={v}" for k, v in measure.items()]
     return load_config(None, sets)
 
@@ -41,7 +42,7 @@ def test_records_for_every_runtime_precision_and_batch(tmp_path, tiny_vit, digit
     assert all((tmp_path / "run" / r.artifact).exists() for r in ok)
     skipped = [r for r in records if r.status == "skipped"]
     assert all(r.reason for r in skipped) and ("onnxruntime", "bf16") in {(r.runtime, r.precision) for r in skipped}
-    assert "| baseline | onnxruntime | fp32 |" in (tmp_path / "run" / "report.md").read_text()
+    assert "| baseline |  | onnxruntime | fp32 |" in (tmp_path / "run" / "report.md").read_text()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["calib_size"] == 20
 
 
@@ -81,3 +82,52 @@ def test_unknown_runtime_fails_before_any_work(tmp_path, tiny_vit, digit_folder)
     with pytest.raises(RuntimeUnavailableError, match="unknown runtime 'tensorrtx'"):
         run_pipeline(_ckpt(tiny_vit), "tiny", _config(digit_folder, runtimes='["tensorrtx"]'), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ quantize stage
+def _quantize_config(*extra):
+    return load_config(None, ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_size=64",
+                              "measure.iterations=3", "measure.max_seconds=0.5", "measure.warmup=1",
+                              "measure.batch_sizes=[1]", "data.eval_limit=128", *extra])
+
+
+def test_quantize_stage_records_candidates_with_their_fields(tmp_path, digits_model):
+    config = _quantize_config('quantize.quantizers=["onnxruntime-static", "fp16", "bf16"]')
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    quantized = [r for r in result.records if r.stage == "quantize"]
+    static = [r for r in quantized if r.candidate == "ort-static-minmax" and r.status == "ok"]
+    assert {r.runtime for r in static} == {"onnxruntime", "openvino"}
+    assert all(r.precision == "int8" and r.quantizer == "onnxruntime.quantization.quantize_static" for r in static)
+    assert static[0].calibration == {"method": "minmax", "size": 64, "source": "split:calib[64]"}
+    assert static[0].float_layers == [] and static[0].top1 > 0.5
+    torch_rows = [r for r in quantized if r.runtime == "torch"]
+    assert torch_rows and all(r.status == "skipped" and "does not load onnx" in r.reason for r in torch_rows)
+    fp16 = [r for r in quantized if r.candidate == "fp16" and r.status == "ok"]
+    assert fp16 and fp16[0].float_layers[0]["name"] == "LayerNormalization"
+    marker = json.loads((tmp_path / "run" / "stages" / "quantize.json").read_text())
+    assert marker["selected"]["candidate"] in {"ort-static-minmax", "fp16", "ov-bf16"}
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Quantization" in report and "Selected: **" in report
+    again = run_pipeline(digits_model, "digits", config, tmp_path / "run")  # resumes, measures nothing again
+    assert again.resumed_stages == ["baseline", "quantize"] and again.records == result.records
+
+
+def test_no_candidate_within_budget_carries_the_float_model(tmp_path, digits_model):
+    from tests.compress.test_quantize import _with_outlier
+
+    ckpt = Checkpoint(_with_outlier(digits_model.model), digits_model.preprocess, digits_model.classes)
+    config = _quantize_config('quantize.quantizers=["onnxruntime-static"]', "quantize.max_drop=0",
+                              "quantize.max_float_fraction=0")
+    result = run_pipeline(ckpt, "digits-outlier", config, tmp_path / "run")
+    assert not [r for r in result.records if r.stage == "quantize"]
+    marker = json.loads((tmp_path / "run" / "stages" / "quantize.json").read_text())
+    assert marker["selected"] is None and marker["missed"][0].startswith("onnxruntime-static: no candidate")
+    assert "No candidate meets the budget" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_calibration_larger_than_the_split_is_one_clear_error(tmp_path, digits_model):
+    from calibration.calibrate import CalibrationError
+
+    config = _quantize_config("quantize.calib_size=500")
+    with pytest.raises(CalibrationError, match="asked for 500 calibration images but the calibration split holds"):
+        run_pipeline(digits_model, "digits", config, tmp_path / "run")

@@ -243,3 +243,25 @@ def test_canonicalize_folds_weight_chains(setup):
     reverted = QdqGraph(result.proto, result.float_weights).revert_to_float(["fc"])
     assert np.allclose(ort.InferenceSession(reverted.proto.SerializeToString()).run(None, {"x": x})[0], x @ w.T,
                        atol=1e-5)
+
+
+def test_smoothquant_keeps_the_function_and_tames_the_outlier_channel(setup):
+    from compress.quantize.smoothquant import smooth
+
+    ckpt, _, calib, eval_data, _ = setup
+    model = _with_outlier(ckpt.model)
+    smoothed = smooth(model, calib, alpha=0.5)
+    x = torch.from_numpy(next(eval_data.batches(64))[0])
+    with torch.no_grad():
+        assert torch.allclose(smoothed(x), model(x), atol=1e-4)
+
+        def channel_spread(m):  # max over channels / median over channels of fc1's input magnitude
+            seen = []
+            handle = m.blocks[0].mlp.fc1.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+            m(x)
+            handle.remove()
+            peak = seen[0].abs().amax((0, 1))
+            return float(peak.max() / peak.median())
+
+        assert channel_spread(smoothed) < channel_spread(model) / 10
+    assert model.blocks[0].norm2.weight[0] > 100  # the input model is untouched
