@@ -32,13 +32,29 @@ class OpenVinoEngine:
             "NUM_STREAMS": 1,
         }
         self._requests: dict[tuple[int, ...], object] = {}
+        self._compiled: dict[tuple[int, ...], object] = {}
 
     def _request(self, shape: tuple[int, ...]):
         if shape not in self._requests:
             model = self.model.clone()
             model.reshape({model.inputs[0]: list(shape)})
-            self._requests[shape] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            self._compiled[shape] = self.core.compile_model(model, "CPU", self.config)
+            self._requests[shape] = self._compiled[shape].create_infer_request()
         return self._requests[shape]
+
+    def executed_precisions(self, shape: tuple[int, ...]) -> dict[str, dict[str, int]]:
+        """{layer type: {precision it runs in: count}} of the compiled model for ``shape``, from OpenVINO's
+        runtime graph: whether an INT8 model really runs its FullyConnected layers in i8/u8."""
+        self._request(tuple(shape))
+        compiled = self._compiled[tuple(shape)]
+        counts: dict[str, dict[str, int]] = {}
+        for op in compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
+            precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else "?"
+            counts.setdefault(kind, {}).setdefault(precision, 0)
+            counts[kind][precision] += 1
+        return counts
 
     def run(self, x: np.ndarray) -> np.ndarray:
         request = self._request(x.shape)

@@ -50,6 +50,14 @@ def _ctx(setup, **kw) -> QuantizeContext:
     return QuantizeContext(**(options | kw))
 
 
+def _openvino_int8_layers(path: Path) -> int:
+    """How many FullyConnected/Convolution layers OpenVINO really runs in i8/u8 for this model."""
+    engine = get_runtime("openvino").build(path, precision="int8", threads=1)
+    counts = engine.executed_precisions((1, 1, 8, 8))
+    return sum(n for kind in ("FullyConnected", "Convolution") for p, n in counts.get(kind, {}).items()
+               if p in ("i8", "u8"))
+
+
 def _logits(runtime: str, path: Path, x: np.ndarray, precision: str = "int8") -> np.ndarray:
     return get_runtime(runtime).build(path, precision=precision, threads=2).run(x)
 
@@ -63,6 +71,7 @@ def test_static_qdq_runs_in_onnxruntime_and_openvino_close_to_fp32(setup):
         got = _logits(runtime, candidate.path, x)
         assert np.linalg.norm(got - reference) / np.linalg.norm(reference) < 0.10, runtime
         assert np.mean(got.argmax(1) == reference.argmax(1)) >= 0.95, runtime
+    assert _openvino_int8_layers(candidate.path) == len(quantized_layers(onnx.load(str(candidate.path))))
     assert candidate.calibration == {"method": "minmax", "size": 64, "source": "split:calib[64]"}
     assert candidate.float_layers == () and ctx.within_budget(candidate.top1)
     assert [name for name, _ in ranking] and all(v >= 0 for _, v in ranking)
@@ -182,6 +191,10 @@ def test_neural_compressor_pt2e_exports_canonical_qdq(setup):
     assert len(quantized_layers(proto)) == 1 + 4 * len(ckpt.model.blocks) + 1  # patch embed, 4 per block, head
     assert tensorrt_violations(proto) == []
     assert not any(n.op_type == "Clip" for n in proto.graph.node)  # PT2E's weight Clip folded into INT8 weights
+    weight_dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_quantized")]
+    scales = [name for n in weight_dqs for name in n.input[1:]]
+    assert len(scales) == len(set(scales))  # no scale or zero point shared between layers (OpenVINO needs that)
+    assert _openvino_int8_layers(candidate.path) == len(quantized_layers(proto))
     x = next(eval_data.batches(128))[0]
     reference = _logits("onnxruntime", ctx.float_onnx, x, "fp32")
     for runtime in ("onnxruntime", "openvino"):

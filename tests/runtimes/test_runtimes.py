@@ -42,7 +42,7 @@ def test_torch_runtime(tiny_vit):
 def test_unknown_runtime_and_precision(onnx_file):
     with pytest.raises(RuntimeUnavailableError, match="unknown runtime 'tensorflow'.*onnxruntime"):
         get_runtime("tensorflow")
-    with pytest.raises(RuntimeUnavailableError, match="fp32, not int4"):
+    with pytest.raises(RuntimeUnavailableError, match="fp16 graphs, not int4"):
         get_runtime("onnxruntime").build(onnx_file, precision="int4", threads=1)
     assert set(RUNTIME_NAMES) >= {"torch", "onnxruntime", "openvino"}
 
