@@ -83,7 +83,9 @@ class QuantizeConfig(Section):
     quantizers: list[Literal[QUANTIZERS]] = list(QUANTIZERS)
     max_drop: float = Field(1.0, ge=0)  # absolute top-1 points against the float model of the previous stage
     max_float_fraction: float = Field(0.5, ge=0, le=1)  # at most this share of target layers returned to float
-    calib_size: int = Field(256, ge=1)  # images drawn from the calibration split (class-stratified, seeded)
+    # Images drawn from the calibration split (class-stratified, seeded). Unset: 256, or the whole split when it
+    # is smaller (with a warning); set: exactly that many, or an error.
+    calib_size: int | None = Field(None, ge=1)
     calibration_data: str | None = None  # a .npy of preprocessed (N, C, H, W) inputs instead of the split
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # ONNX Runtime static
     op_types: list[Literal["MatMul", "Gemm", "Conv"]] = ["MatMul", "Gemm", "Conv"]

@@ -97,8 +97,6 @@ def run_pipeline(
             raise RuntimeUnavailableError(f"unknown runtime {name!r}; choose from {list(RUNTIME_NAMES)}")
     source = open_source(config.data.path)
     check_dataset_fits(ckpt, source)
-    prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()})
-    atomic_write_json(run_dir / "config.json", config.dump())
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
                          seed=config.data.seed)
     eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
@@ -107,13 +105,9 @@ def run_pipeline(
         raise InputError(f"dataset {source.name} leaves no images for evaluation; add images or lower data.calib_size")
     q = config.quantize
     if q.enabled and set(q.quantizers) - {"fp16", "bf16", "onnxruntime-dynamic"}:  # fail before any work
-        from calibration.calibrate import from_array, from_split
-
-        shape = (ckpt.preprocess.in_chans, ckpt.preprocess.crop_size, ckpt.preprocess.crop_size)
-        if q.calibration_data:
-            from_array(Path(q.calibration_data), q.calib_size, shape)
-        else:
-            from_split(calib_data, q.calib_size, shape)
+        _calibration_set(q, calib_data, ckpt.preprocess, announce=False)
+    prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()})
+    atomic_write_json(run_dir / "config.json", config.dump())
     probe = calib_data if len(calib_data) else eval_data
     parity_inputs = next(probe.batches(32))[0]  # (<=32, C, H, W) real images
     largest = max(config.measure.batch_sizes)
@@ -194,7 +188,6 @@ def quantize_stage(
     Runtime. The selected candidate is the fastest at the smallest batch size among those within budget; when
     none is, the stage says so and the float model stays the pipeline's output.
     """
-    from calibration.calibrate import from_array, from_split
     from compress.quantize.base import QuantizeContext
     from compress.quantize.stage import build_candidates
 
@@ -202,9 +195,7 @@ def quantize_stage(
     threads = config.measure.threads or default_threads()
     workdir = run_dir / "artifacts" / f"quantize-{key}"
     workdir.mkdir(parents=True, exist_ok=True)
-    input_shape = tuple(latency_input.shape[1:])
-    calib = (from_array(Path(q.calibration_data), q.calib_size, input_shape) if q.calibration_data
-             else from_split(calib_split, q.calib_size, input_shape))
+    calib = _calibration_set(q, calib_split, eval_data.preprocess)
 
     def evaluate(path: Path, fmt: str, precision: str) -> float:
         name = "openvino" if fmt == "openvino" or precision == "bf16" else "onnxruntime"
@@ -285,6 +276,25 @@ def quantize_stage(
                        for c in candidates],
     })
     return out
+
+
+DEFAULT_CALIB_SIZE = 256
+
+
+def _calibration_set(q, calib_split: Subset, preprocess, *, announce: bool = True):
+    """The calibration set the config asks for; raises ``CalibrationError`` when it cannot be had."""
+    from calibration.calibrate import from_array, from_split
+
+    shape = (preprocess.in_chans, preprocess.crop_size, preprocess.crop_size)
+    if q.calibration_data:
+        return from_array(Path(q.calibration_data), q.calib_size or DEFAULT_CALIB_SIZE, shape)
+    size = q.calib_size
+    if size is None:
+        size = min(DEFAULT_CALIB_SIZE, len(calib_split)) or DEFAULT_CALIB_SIZE  # an empty split errors below
+        if size < DEFAULT_CALIB_SIZE and announce:
+            log.warning("quantize: calibrating on the %d images of the calibration split (fewer than the usual %d; "
+                        "raise data.calib_size or add images for steadier INT8 scales)", size, DEFAULT_CALIB_SIZE)
+    return from_split(calib_split, size, shape)
 
 
 def _cannot_run(runtime, fmt: str, precision: str) -> str | None:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -62,6 +63,11 @@ def _write_cnn(ws):
     return ws / "cnn.pt"
 
 
+def _calib_array(ws):
+    np.save(ws / "calib.npy", np.zeros((8, 1, 32, 32), np.float32))  # grayscale: the model takes RGB
+    return ws / "calib.npy"
+
+
 def _empty_dir(ws):
     (ws / "empty").mkdir()
     return ws / "empty"
@@ -86,6 +92,15 @@ BAD_RUNS = {
                         "unknown runtime 'tensorflow'"),
     "unknown key": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set", "train.epoch=3"],
                     "unknown config key 'train.epoch'"),
+    "calibration set too small": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
+                                              "quantize.enabled=true", "--set", "quantize.calib_size=64"],
+                                  "asked for 64 calibration images but the calibration split holds"),
+    "calibration array of another shape": (
+        lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set", "quantize.enabled=true",
+                    "--set", f'quantize.calibration_data="{_calib_array(ws)}"', "--set", "quantize.calib_size=4"],
+        "has shape (8, 1, 32, 32) but the model takes (N, 3, 32, 32)"),
+    "unknown quantizer": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
+                                      'quantize.quantizers=["tensorrt-int8"]'], "quantize.quantizers"),
     "existing RUN_DIR": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--out", ws / "data"],
                          "not a run directory"),
 }

@@ -278,3 +278,16 @@ def test_smoothquant_keeps_the_function_and_tames_the_outlier_channel(setup):
 
         assert channel_spread(smoothed) < channel_spread(model) / 10
     assert model.blocks[0].norm2.weight[0] > 100  # the input model is untouched
+
+
+@pytest.mark.parametrize("module, package, call", [
+    ("nncf", "nncf", lambda ctx: __import__("compress.quantize.openvino_nncf", fromlist=["x"]).quantize_openvino(ctx)),
+    ("neural_compressor.torch.quantization", "neural-compressor-pt",
+     lambda ctx: __import__("compress.quantize.neural_compressor_pt2e", fromlist=["x"]).quantize_pt2e(ctx, None)),
+])
+def test_quantizer_without_its_library_names_the_package(setup, monkeypatch, module, package, call):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # Python's own "not installed": import raises ImportError
+    with pytest.raises(QuantizeError, match=f"pip install {package}"):
+        call(_ctx(setup))
