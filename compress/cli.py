@@ -182,7 +182,7 @@ def _print_table(records) -> None:
     from rich import box
 
     keep = [COLUMNS.index(c) for c in CONSOLE_COLUMNS]
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1),
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False,
                   title="top-1 and latency per stage and runtime (every column: report.md)")
     for heading in CONSOLE_COLUMNS.values():
         table.add_column(heading, no_wrap=True)

@@ -12,7 +12,8 @@ from compress.records import StageRecord
 
 COLUMNS = ("stage", "candidate", "runtime", "precision", "batch", "top-1", "drop (pt)", "agree", "p50 ms", "p90 ms",
            "p99 ms", "img/s", "params", "MMACs", "MB")
-# The console shows what fits 80 columns, with short headings: {column in COLUMNS: heading}.
+# The console shows what fits 80 columns, with short headings: {column in COLUMNS: heading}. The stage column
+# shows a quantized candidate's name (up to 17 characters).
 CONSOLE_COLUMNS = {"stage": "stage", "runtime": "runtime", "precision": "prec", "batch": "batch", "top-1": "top-1",
                    "drop (pt)": "drop", "agree": "agree", "p50 ms": "p50 ms", "img/s": "img/s"}
 
@@ -67,10 +68,17 @@ def _quantization_section(run_dir: Path, records: list[StageRecord]) -> list[str
         if r.candidate in seen or r.candidate is None:
             continue
         seen.add(r.candidate)
-        calibration = (f"{r.calibration['method']}, {r.calibration['size']} images" if r.calibration else "none")
-        parts.append(f"- **{r.candidate}** ({r.quantizer}; calibration: {calibration}): "
-                     + (f"{len(r.float_layers)} layer(s) in float" if r.float_layers
-                        else "every target layer quantized"))
+        if not r.calibration:
+            calibration = "none"
+        elif not r.calibration.get("size"):
+            calibration = f"none, {r.calibration['method']}"
+        else:
+            calibration = f"{r.calibration['method']}, {r.calibration['size']} images"
+        if r.precision == "int8":
+            what = f"{len(r.float_layers)} layer(s) kept in float" if r.float_layers else "every target layer in INT8"
+        else:
+            what = f"the whole model in {r.precision}" + (", except:" if r.float_layers else "")
+        parts.append(f"- **{r.candidate}** ({r.quantizer}; calibration: {calibration}): {what}")
         for layer in r.float_layers or []:
             parts.append(f"  - `{layer['name']}`: {layer['reason']}")
     parts.append("")

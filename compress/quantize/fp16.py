@@ -30,5 +30,5 @@ def convert_fp16(ctx: QuantizeContext, keep_float32: list[str] | None = None) ->
     onnx.save(half, str(path))
     top1 = ctx.evaluate(path, "onnx", "fp16")
     ctx.log(f"fp16: top-1 {top1 * 100:.2f} (drop {ctx.drop(top1):+.2f} pt)")
-    reasons = tuple({"name": op, "reason": "kept in float32: FP16 overflows there"} for op in keep)
+    reasons = tuple({"name": f"every {op} node", "reason": "kept in float32: it can overflow in FP16"} for op in keep)
     return Candidate("fp16", "onnxruntime.transformers.float16", "fp16", path, "onnx", None, reasons, top1)

@@ -129,7 +129,7 @@ def quantize_dynamic_int8(ctx: QuantizeContext, ranking: list[tuple[str, float]]
 
     first = ctx.evaluate(build([]), "onnx", "int8")
     ctx.log(f"{name}: top-1 {first * 100:.2f} (drop {ctx.drop(first):+.2f} pt)")
-    calibration = {"method": "dynamic (activation ranges per batch at run time)", "size": 0}
+    calibration = {"method": "activation ranges computed per batch at run time", "size": 0}
     if ctx.within_budget(first):
         return Candidate(name, "onnxruntime.quantization.quantize_dynamic", "int8", path, "onnx", calibration,
                          user_excluded(excluded), first)

@@ -291,3 +291,11 @@ def test_quantizer_without_its_library_names_the_package(setup, monkeypatch, mod
     monkeypatch.setitem(sys.modules, module, None)  # Python's own "not installed": import raises ImportError
     with pytest.raises(QuantizeError, match=f"pip install {package}"):
         call(_ctx(setup))
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_entropy_and_percentile_calibration(setup, method):
+    ctx = _ctx(setup, calibration_method=method)
+    candidate, _ = quantize_static_qdq(ctx)
+    assert candidate.name == f"ort-static-{method}" and candidate.calibration["method"] == method
+    assert ctx.within_budget(candidate.top1) and tensorrt_violations(onnx.load(str(candidate.path))) == []
