@@ -299,3 +299,50 @@ def test_entropy_and_percentile_calibration(setup, method):
     candidate, _ = quantize_static_qdq(ctx)
     assert candidate.name == f"ort-static-{method}" and candidate.calibration["method"] == method
     assert ctx.within_budget(candidate.top1) and tensorrt_violations(onnx.load(str(candidate.path))) == []
+
+
+def _outlier_setup(setup, tmp_path):
+    ckpt, _, calib, eval_data, _ = setup
+    model = _with_outlier(ckpt.model)
+    example = next(eval_data.batches(16))[0]
+    onnx_path = tmp_path / "outlier.onnx"
+    export_onnx(model, onnx_path, example=torch.from_numpy(example[:2]), parity_inputs=example)
+    return model, onnx_path
+
+
+def test_neural_compressor_autotune_runs_when_over_budget(setup, tmp_path):
+    pytest.importorskip("neural_compressor.torch.quantization", reason="neural-compressor-pt is not installed")
+    from compress.quantize.neural_compressor_pt2e import quantize_pt2e
+
+    model, onnx_path = _outlier_setup(setup, tmp_path)
+    eval_data = setup[3]
+    scores = []
+
+    def evaluate_torch(m):
+        scores.append(evaluate_top1(lambda x: m(torch.from_numpy(x)).detach().numpy(), eval_data).top1)
+        return scores[-1]
+
+    ctx = _ctx(setup, model=model, float_onnx=onnx_path, workdir=tmp_path, max_drop=0.0, smoothquant_alpha=None,
+               inc_max_trials=2)
+    candidate = quantize_pt2e(ctx, evaluate_torch)
+    assert len(scores) >= 3  # the first quantization, autotune's float baseline, and its trials
+    assert candidate is not None and ctx.within_budget(candidate.top1)
+    assert candidate.calibration["method"].startswith("autotune") and candidate.float_layers  # then the fallback
+
+
+def test_nncf_accuracy_control_when_over_budget(setup, tmp_path):
+    """Two calibration images give NNCF poor ranges (a 0.8 pt drop here); accuracy control must recover it."""
+    pytest.importorskip("nncf", reason="nncf is not installed (pip install nncf)")
+    from compress.quantize.openvino_nncf import quantize_openvino
+
+    ckpt, _, calib, eval_data, _ = setup
+    source = eval_data.source
+    few = from_split(Subset(source, make_splits(source, calib_size=128, seed=0).calib, ckpt.preprocess), 2, (1, 8, 8))
+    ctx = _ctx(setup, calib=few, workdir=tmp_path, max_drop=0.0)
+    candidate = quantize_openvino(ctx, lambda: eval_data.batches(64), len(eval_data))
+    if candidate is not None and candidate.name == "nncf-ov":
+        pytest.skip("plain nncf.quantize met a zero budget here; accuracy control was not needed")
+    assert candidate is not None and candidate.name == "nncf-ov-ac" and ctx.within_budget(candidate.top1)
+    assert candidate.float_layers and all("quantize_with_accuracy_control" in layer["reason"]
+                                          for layer in candidate.float_layers)
+    assert candidate.path.name == "nncf-ov-ac.xml"
