@@ -73,6 +73,42 @@ class MeasureConfig(Section):
     eval_batch_size: int = Field(64, ge=1)
 
 
+class PruneConfig(Section):
+    """Head and MLP-unit pruning. Either ratios, or a MAC or latency target that sets one ratio for both."""
+
+    enabled: bool = False
+    heads: float = Field(0.0, ge=0, lt=1)  # share of all attention heads removed
+    mlp: float = Field(0.0, ge=0, lt=1)  # share of all MLP hidden units removed
+    importance: Literal["taylor", "l2"] = "taylor"
+    # Taylor loss against: the labels, the unpruned model's top-1 predictions, or its soft predictions
+    targets: Literal["labels", "predictions", "soft"] = "labels"
+    importance_samples: int = Field(256, ge=1)  # images of the calibration split scored for Taylor importance
+    min_heads_per_layer: int = Field(1, ge=1)
+    target_macs: float | None = Field(None, gt=0, lt=1)  # fraction of the unpruned model's MACs
+    target_latency_ms: float | None = Field(None, gt=0)  # on target_runtime at target_batch, FP32
+    target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    target_batch: int = Field(1, ge=1)
+    iterations: int = Field(1, ge=1)  # prune a little, recover, repeat (recovery split evenly)
+
+
+class RecoverConfig(Section):
+    """Fine-tuning after pruning, distilled from the unpruned model, on the training split."""
+
+    epochs: float = Field(0.0, ge=0)  # 0: no recovery
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    kd_alpha: float = Field(0.7, ge=0, le=1)  # weight of the distillation term; the rest is cross-entropy
+    kd_temperature: float = Field(2.0, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    crop_padding: int = Field(4, ge=0)
+    flip: bool = True
+    bf16: bool = False
+    seed: int = 0
+
+
 QUANTIZERS = ("onnxruntime-static", "onnxruntime-dynamic", "nncf", "neural-compressor", "fp16", "bf16")
 
 
@@ -105,6 +141,8 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     measure: MeasureConfig = MeasureConfig()
+    prune: PruneConfig = PruneConfig()
+    recover: RecoverConfig = RecoverConfig()
     quantize: QuantizeConfig = QuantizeConfig()
 
     def dump(self) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The run orchestrator: stages in order, each measured the same way on every runtime.
 
-The order of stages is data (``STAGES``). A stage is a function ``model -> model`` with keyword-only options;
-after it, the orchestrator saves the model, exports and validates its ONNX, and for every runtime and
-precision evaluates top-1 on the held-out split and measures latency at each batch size, appending one
+The order of stages is data (``stages.model_stages(config)``): a stage maps a model to a model, given a
+``StageContext``; after it, the orchestrator saves the model, exports and validates its ONNX, and for every
+runtime and precision evaluates top-1 on the held-out split and measures latency at each batch size, appending one
 ``StageRecord`` per (stage, runtime, precision, batch size) to ``RUN_DIR/records.jsonl`` (rewritten whole,
 atomically, so the file is always a complete set of lines).
 
@@ -34,8 +34,10 @@ from compress.env import environment
 from compress.errors import InputError
 from compress.io import atomic_write, atomic_write_json, atomic_write_text, sha256_json
 from compress.macs import count_macs, count_params
+from compress.prune import structure
 from compress.records import StageRecord, read_records
 from compress.report import write_markdown_report
+from compress.stages import StageContext, model_stages
 from compress.vit import VisionTransformer
 from export.onnx_export import export_onnx
 from runtimes import RUNTIME_NAMES, RuntimeUnavailableError, default_threads, get_runtime, measure_latency
@@ -44,21 +46,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 PRECISIONS = ("fp32", "bf16")
-
-
-def baseline(model: VisionTransformer) -> VisionTransformer:
-    """The model as loaded: the reference every later stage is measured against."""
-    return model
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    transform: Callable[..., VisionTransformer]
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-STAGES: tuple[Stage, ...] = (Stage("baseline", baseline),)
 
 
 @dataclass
@@ -95,6 +82,7 @@ def run_pipeline(
     for name in config.measure.runtimes:  # fail before any work, not after the first stage
         if name not in RUNTIME_NAMES:
             raise RuntimeUnavailableError(f"unknown runtime {name!r}; choose from {list(RUNTIME_NAMES)}")
+    stages = model_stages(config)  # a recipe error stops here, before any file is written
     source = open_source(config.data.path)
     check_dataset_fits(ckpt, source)
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
@@ -121,7 +109,8 @@ def run_pipeline(
 
     model, prev_key, reference, resumed = ckpt.model, checkpoint_id, None, []
     onnx_path, stage_name = None, None
-    for stage in STAGES:
+    train_data = Subset(source, splits.train, ckpt.preprocess)
+    for stage in stages:
         key = sha256_json({"prev": prev_key, "stage": stage.name, "options": stage.options,
                            "export": config.export.model_dump(), "measure": config.measure.model_dump(),
                            "data": config.data.model_dump(), "dataset": source.name})[:16]
@@ -137,7 +126,9 @@ def run_pipeline(
             prev_key, stage_name = key, stage.name
             continue
         log.info("stage %s: running", stage.name)
-        model = stage.transform(model, **stage.options)
+        state_dir = run_dir / "stages" / f"{stage.name}-{key}"
+        ctx = StageContext(config, train_data, calib_data, eval_data, ckpt.model, state_dir, progress)
+        model = stage.transform(model, ctx)
         stage_ckpt = Checkpoint(model, ckpt.preprocess, ckpt.classes)
         save_checkpoint(stage_ckpt, ckpt_path)
         example = torch.from_numpy(parity_inputs[:2].copy())
@@ -160,6 +151,7 @@ def run_pipeline(
             "export": {"opset": export.opset, "nodes_exported": export.nodes_exported,
                        "nodes_final": export.nodes_final, "parity_max_abs_diff": export.parity.max_abs_diff,
                        "parity_agreement": export.parity.agreement, "parity_samples": export.parity.num_samples},
+            "notes": ctx.notes,
         })
         prev_key, stage_name = key, stage.name
     if config.quantize.enabled and config.quantize.quantizers:
@@ -232,7 +224,7 @@ def quantize_stage(
         log.warning("quantize: %s", line)
 
     C, H, W = latency_input.shape[1:]
-    common = {"stage": "quantize", "stage_key": key, "params": count_params(model),
+    common = {"stage": "quantize", "stage_key": key, "params": count_params(model), "structure": structure(model),
               "macs": count_macs(model, (1, C, H, W)), "dataset": dataset, "run_id": run_dir.name,
               "env": environment() | {"threads": threads}}
     out: list[StageRecord] = []
@@ -336,6 +328,7 @@ def _measure_stage(
     common = {
         "stage": stage, "stage_key": key, "params": count_params(model), "macs": count_macs(model, (1, C, H, W)),
         "dataset": dataset, "run_id": run_dir.name, "env": environment() | {"threads": threads},
+        "structure": structure(model),
     }
     records = []
     for name in config.measure.runtimes:

@@ -45,6 +45,7 @@ class StageRecord:
     dataset: str | None = None
     run_id: str | None = None
     timestamp: str | None = None
+    structure: dict[str, list[int]] | None = None  # {"heads": per layer, "mlp": hidden units per layer}
     candidate: str | None = None  # quantization stage: which candidate this row measures
     quantizer: str | None = None  # the library call that made the candidate
     calibration: dict[str, Any] | None = None  # {"method", "size", "source"}; None when none was used

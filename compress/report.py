@@ -44,6 +44,35 @@ def markdown_table(records: list[StageRecord]) -> str:
     return "\n".join(lines)
 
 
+def _pruning_section(records: list[StageRecord]) -> list[str]:
+    """Heads and MLP units kept per layer after each stage that changed them, against the baseline."""
+    first: dict[str, StageRecord] = {}
+    for r in records:
+        if r.structure and r.stage not in first:
+            first[r.stage] = r
+    base = first.get("baseline")
+    changed = [r for name, r in first.items() if base and name != "baseline" and r.structure != base.structure]
+    if not base or not changed:
+        return []
+    stages = list(dict.fromkeys(r.stage for r in changed if r.stage != "quantize"))
+    parts = ["## Pruning", "", "Heads and MLP hidden units kept per layer (kept / original):", "",
+             "| layer | " + " | ".join(f"{s} heads | {s} MLP" for s in stages) + " |",
+             "|---|" + "---|---|" * len(stages)]
+    for layer, (heads, mlp) in enumerate(zip(base.structure["heads"], base.structure["mlp"])):
+        cells = []
+        for name in stages:
+            st = first[name].structure
+            cells += [f"{st['heads'][layer]} / {heads}", f"{st['mlp'][layer]} / {mlp}"]
+        parts.append(f"| {layer} | " + " | ".join(cells) + " |")
+    totals = []
+    for name in stages:
+        st = first[name].structure
+        totals += [f"{sum(st['heads'])} / {sum(base.structure['heads'])}",
+                   f"{sum(st['mlp'])} / {sum(base.structure['mlp'])}"]
+    parts += ["| all | " + " | ".join(totals) + " |", ""]
+    return parts
+
+
 def _quantization_section(run_dir: Path, records: list[StageRecord]) -> list[str]:
     """Candidates, their calibration, the layers each kept in float and why, and the one selected."""
     marker = run_dir / "stages" / "quantize.json"
@@ -100,6 +129,7 @@ def write_markdown_report(run_dir: Path, records: list[StageRecord]) -> Path:
         markdown_table(ok),
         "",
     ]
+    parts += _pruning_section(ok)
     parts += _quantization_section(run_dir, [r for r in records if r.stage == "quantize"])
     if skipped:
         parts += ["## Skipped", ""]

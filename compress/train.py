@@ -94,10 +94,17 @@ def train(
     eval_every_epochs: int = 0,
     eval_fn: Callable[[VisionTransformer], float] | None = None,
     progress: Callable[[TrainProgress], None] | None = None,
+    teacher: VisionTransformer | None = None,
+    kd_alpha: float = 0.5,
+    kd_temperature: float = 2.0,
+    max_steps: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_data``; resume from ``checkpoint_path`` when it exists.
 
-    ``eval_fn`` is called at the end and every ``eval_every_epochs`` epochs (0: only at the end).
+    ``eval_fn`` is called at the end and every ``eval_every_epochs`` epochs (0: only at the end). With a
+    ``teacher`` (recovery after pruning) the loss is knowledge distillation (Hinton et al. 2015):
+    ``kd_alpha * T^2 * KL(teacher_T || student_T) + (1 - kd_alpha) * cross-entropy`` at temperature ``T``.
+    ``max_steps`` caps the run below ``epochs`` (a step budget).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -109,6 +116,8 @@ def train(
 
     steps_per_epoch = max(1, len(labels) // batch_size)
     total_steps = max(1, round(epochs * steps_per_epoch))
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -119,7 +128,10 @@ def train(
 
     options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "weight_decay": weight_decay,
                "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing, "crop_padding": crop_padding,
-               "flip": flip, "bf16": bf16, "seed": seed, "train_images": len(labels)}
+               "flip": flip, "bf16": bf16, "seed": seed, "train_images": len(labels), "max_steps": max_steps,
+               "kd": [kd_alpha, kd_temperature] if teacher is not None else None}
+    if teacher is not None:
+        teacher.eval()
     step, history, elapsed_before = 0, [], 0.0
     if checkpoint_path is not None and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=True)
@@ -169,6 +181,13 @@ def train(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)  # (B, K)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        if teacher is not None:
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                soft = teacher(x)  # (B, K)
+            T = kd_temperature
+            kd = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(soft.float() / T, -1),
+                          reduction="batchmean", log_target=True) * T * T
+            loss = kd_alpha * kd + (1 - kd_alpha) * loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -131,3 +131,33 @@ def test_calibration_larger_than_the_split_is_one_clear_error(tmp_path, digits_m
     config = _quantize_config("quantize.calib_size=500")
     with pytest.raises(CalibrationError, match="asked for 500 calibration images but the calibration split holds"):
         run_pipeline(digits_model, "digits", config, tmp_path / "run")
+
+
+# -------------------------------------------------------------------------------------- prune and recover
+def test_prune_and_recover_stages_record_structure_and_resume(tmp_path, digits_model):
+    config = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.heads=0.25", "prune.mlp=0.5",
+                              "recover.epochs=2", "recover.batch_size=64")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    by_stage = {}
+    for r in result.records:
+        if r.status == "ok" and r.runtime == "onnxruntime":
+            by_stage.setdefault(r.stage, r)
+    assert list(by_stage) == ["baseline", "prune", "recover"]
+    base, pruned, recovered = by_stage["baseline"], by_stage["prune"], by_stage["recover"]
+    assert sum(pruned.structure["heads"]) == 12 and sum(pruned.structure["mlp"]) == 256
+    assert recovered.structure == pruned.structure
+    assert pruned.macs < base.macs and pruned.params < base.params
+    assert recovered.top1 >= pruned.top1 - 0.02  # distillation does not make it worse
+    marker = json.loads((tmp_path / "run" / "stages" / "recover.json").read_text())
+    assert marker["notes"]["recovery"][0]["steps"] > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Pruning" in report and "| all | 12 / 16 | 256 / 512 |" in report
+    again = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    assert again.resumed_stages == ["baseline", "prune", "recover"]
+
+
+def test_prune_enabled_without_anything_to_prune_is_an_error(tmp_path, digits_model):
+    from compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nothing to prune"):
+        run_pipeline(digits_model, "digits", _quantize_config("prune.enabled=true"), tmp_path / "run")

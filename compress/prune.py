@@ -1,0 +1,253 @@
+"""Structured pruning of attention heads and MLP hidden units: importance, selection, physical removal.
+
+Importance, per head and per MLP unit, normalised per layer (L2 norm over the layer's scores) and ranked
+globally, as Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") do:
+
+- ``taylor``: the expected absolute gradient of the loss with respect to a mask on each head's output (on each
+  unit's activation), ``E_x |dL/d xi|``. With the mask at one, ``dL/d xi_h`` for one image is the sum over
+  tokens and channels of (gradient x activation) of that head's slice of the ``attn.proj`` input (of that unit's
+  ``mlp.fc2`` input), so forward/backward hooks give it with no mask in the model. The loss is cross-entropy on
+  the labels (``targets="labels"``), on the unpruned model's top-1 predictions (``"predictions"``, needs no
+  labels), or on its soft predictions (``"soft"``). Soft targets of a model scored against itself give a zero
+  gradient (the loss is at its minimum), so ``"soft"`` on the unpruned model falls back to its predictions; it
+  matters in iterative pruning, where the model scored is already pruned.
+- ``l2``: data-free, the L2 norm of a head's q, k and v rows of ``attn.qkv`` with its ``attn.proj`` columns
+  (of a unit's ``mlp.fc1`` row with its ``mlp.fc2`` column).
+
+Removal slices those rows and columns out and builds a smaller model whose config stores the head count and
+MLP width per layer, so the result is physically smaller, exports, and every later stage sees its true shape
+(a global head count would break it, intel/neural-compressor#525). Every layer keeps at least
+``min_heads`` heads and one MLP unit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compress.errors import CompressError
+from compress.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+
+class PruneError(CompressError):
+    """A pruning request that cannot be carried out on this model."""
+
+
+@dataclass(frozen=True)
+class Importance:
+    heads: list[np.ndarray]  # per layer, (heads,)
+    units: list[np.ndarray]  # per layer, (mlp units,)
+    method: str
+
+    def normalised(self) -> Importance:
+        """Each layer's scores divided by their L2 norm, so layers of different scale rank together."""
+        norm = lambda s: s / max(float(np.linalg.norm(s)), 1e-12)  # noqa: E731
+        return Importance([norm(s) for s in self.heads], [norm(s) for s in self.units], self.method)
+
+
+def check_layout(model: VisionTransformer) -> None:
+    """The attention and MLP shapes pruning relies on; a mismatch is a clear error, not a silent mis-slice."""
+    for i, block in enumerate(model.blocks):
+        attn, mlp = block.attn, block.mlp
+        rows = 3 * attn.num_heads * attn.head_dim
+        if attn.qkv.out_features != rows or attn.proj.in_features != attn.num_heads * attn.head_dim:
+            raise PruneError(
+                f"blocks.{i}.attn does not have the fused layout pruning expects: qkv has {attn.qkv.out_features} "
+                f"outputs and proj {attn.proj.in_features} inputs for {attn.num_heads} heads of width "
+                f"{attn.head_dim} (expected {rows} and {attn.num_heads * attn.head_dim}); check model.num_heads "
+                "and model.head_dim"
+            )
+        if mlp.fc1.out_features != mlp.fc2.in_features:
+            raise PruneError(f"blocks.{i}.mlp: fc1 has {mlp.fc1.out_features} outputs but fc2 "
+                             f"{mlp.fc2.in_features} inputs; the MLP cannot be pruned as a unit")
+
+
+# ------------------------------------------------------------------------------------------- importance
+def l2_importance(model: VisionTransformer) -> Importance:
+    check_layout(model)
+    heads, units = [], []
+    with torch.no_grad():
+        for block in model.blocks:
+            attn, mlp = block.attn, block.mlp
+            H, hd = attn.num_heads, attn.head_dim
+            qkv = attn.qkv.weight.reshape(3, H, hd, -1)  # (3, H, hd, D)
+            proj = attn.proj.weight.reshape(-1, H, hd)  # (D, H, hd)
+            heads.append((qkv.pow(2).sum((0, 2, 3)) + proj.pow(2).sum((0, 2))).sqrt().numpy())
+            units.append((mlp.fc1.weight.pow(2).sum(1) + mlp.fc2.weight.pow(2).sum(0)).sqrt().numpy())
+    return Importance(heads, units, "l2")
+
+
+def taylor_importance(
+    model: VisionTransformer, batches: Iterable[tuple[np.ndarray, np.ndarray]], *, targets: str = "labels",
+    teacher: VisionTransformer | None = None,
+) -> Importance:
+    """Michel et al.'s head importance (and the same for MLP units) accumulated over ``batches``."""
+    check_layout(model)
+    if targets not in ("labels", "predictions", "soft"):
+        raise PruneError(f"unknown importance targets {targets!r}; use 'labels', 'predictions' or 'soft'")
+    teacher = teacher if teacher is not None else model
+    if targets == "soft" and teacher is model:
+        log.info("Taylor importance: soft targets of the model itself have zero gradient; using its predictions")
+        targets = "predictions"
+    heads = [torch.zeros(b.attn.num_heads, dtype=torch.float64) for b in model.blocks]
+    units = [torch.zeros(b.mlp.fc1.out_features, dtype=torch.float64) for b in model.blocks]
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+
+    def capture(kind: str, layer: int):
+        def hook(_module, inputs):
+            x = inputs[0]
+            if x.requires_grad:
+                x.retain_grad()
+            captured[(kind, layer)] = x
+        return hook
+
+    handles = []
+    for i, block in enumerate(model.blocks):
+        handles.append(block.attn.proj.register_forward_pre_hook(capture("head", i)))
+        handles.append(block.mlp.fc2.register_forward_pre_hook(capture("unit", i)))
+    was_training = model.training
+    model.eval()
+    params = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for x, y in batches:
+            x = torch.from_numpy(x)
+            if targets != "labels":
+                with torch.no_grad():
+                    soft = F.softmax(teacher(x), dim=-1)  # before the hooked pass (the teacher may be the model)
+            x.requires_grad_(True)  # so hooked activations carry gradients while the weights are frozen
+            captured.clear()
+            logits = model(x)
+            if targets == "labels":
+                loss = F.cross_entropy(logits, torch.from_numpy(y), reduction="sum")
+            elif targets == "predictions":
+                loss = F.cross_entropy(logits, soft.argmax(-1), reduction="sum")
+            else:
+                loss = F.cross_entropy(logits, soft, reduction="sum")  # soft-label cross-entropy
+            loss.backward()
+            with torch.no_grad():
+                for i, block in enumerate(model.blocks):
+                    act = captured[("head", i)]  # (B, N, H*hd)
+                    per_image = (act.grad * act).reshape(act.shape[0], act.shape[1], block.attn.num_heads, -1)
+                    heads[i] += per_image.sum((1, 3)).abs().sum(0).double()  # sum over images of |dL/dxi_h|
+                    hidden = captured[("unit", i)]  # (B, N, M)
+                    units[i] += (hidden.grad * hidden).sum(1).abs().sum(0).double()
+            captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(model.parameters(), params):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return Importance([h.numpy() for h in heads], [u.numpy() for u in units], f"taylor-{targets}")
+
+
+# -------------------------------------------------------------------------------------------- selection
+def select(scores: list[np.ndarray], ratio: float, *, minimum: int, what: str) -> list[list[int]]:
+    """Indices to keep per layer after removing ``ratio`` of all items, lowest normalised score first."""
+    if not 0 <= ratio < 1:
+        raise PruneError(f"the {what} pruning ratio must be in [0, 1), got {ratio}")
+    total = sum(len(s) for s in scores)
+    remove = int(round(ratio * total))
+    removable = sum(max(0, len(s) - minimum) for s in scores)
+    if remove > removable:
+        raise PruneError(
+            f"removing {ratio:.0%} of {total} {what} would leave a layer with fewer than {minimum}; at most "
+            f"{removable / total:.0%} can go with {minimum} kept per layer"
+        )
+    order = sorted(((float(s), layer, idx) for layer, layer_scores in enumerate(scores)
+                    for idx, s in enumerate(layer_scores)), key=lambda t: (t[0], t[1], t[2]))
+    kept = [set(range(len(s))) for s in scores]
+    removed = 0
+    for _, layer, idx in order:
+        if removed == remove:
+            break
+        if len(kept[layer]) > minimum:
+            kept[layer].discard(idx)
+            removed += 1
+    return [sorted(k) for k in kept]
+
+
+# ---------------------------------------------------------------------------------------------- removal
+@torch.no_grad()
+def remove(model: VisionTransformer, heads_keep: list[list[int]], units_keep: list[list[int]]) -> VisionTransformer:
+    """A new, smaller model with only the kept heads and MLP units; ``model`` is left as it was."""
+    check_layout(model)
+    cfg = model.config
+    if any(not k for k in heads_keep) or any(not k for k in units_keep):
+        raise PruneError("every layer must keep at least one head and one MLP unit")
+    new_cfg = dataclasses.replace(cfg, num_heads=tuple(len(k) for k in heads_keep),
+                                  mlp_dim=tuple(len(k) for k in units_keep), head_dim=cfg.head_dim)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, block in enumerate(model.blocks):
+        H, hd = block.attn.num_heads, block.attn.head_dim
+        heads = torch.tensor(heads_keep[i])
+        rows = (torch.arange(3).view(3, 1, 1) * H * hd + heads.view(1, -1, 1) * hd
+                + torch.arange(hd).view(1, 1, hd)).reshape(-1)  # q, k and v rows of the kept heads
+        cols = (heads.view(-1, 1) * hd + torch.arange(hd).view(1, hd)).reshape(-1)
+        p = f"blocks.{i}."
+        state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][rows]
+        if p + "attn.qkv.bias" in state:
+            state[p + "attn.qkv.bias"] = state[p + "attn.qkv.bias"][rows]
+        state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, cols]
+        units = torch.tensor(units_keep[i])
+        state[p + "mlp.fc1.weight"] = state[p + "mlp.fc1.weight"][units]
+        state[p + "mlp.fc1.bias"] = state[p + "mlp.fc1.bias"][units]
+        state[p + "mlp.fc2.weight"] = state[p + "mlp.fc2.weight"][:, units]
+    pruned = VisionTransformer(new_cfg)
+    pruned.load_state_dict({k: v.contiguous() for k, v in state.items()})
+    return pruned.eval()
+
+
+def prune_by_ratio(model: VisionTransformer, importance: Importance, *, heads: float, mlp: float,
+                   min_heads: int = 1) -> VisionTransformer:
+    scores = importance.normalised()
+    return remove(model, select(scores.heads, heads, minimum=min_heads, what="heads"),
+                  select(scores.units, mlp, minimum=1, what="MLP units"))
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    model: VisionTransformer
+    ratio: float  # applied to heads and MLP units alike
+    value: float  # the measured quantity at that ratio
+    trail: tuple[tuple[float, float], ...]  # (ratio, value) tried
+
+
+def prune_to_target(
+    model: VisionTransformer, importance: Importance, measure: Callable[[VisionTransformer], float], target: float,
+    *, what: str, unit: str, min_heads: int = 1, step: float = 0.05, max_ratio: float = 0.9,
+    log_fn: Callable[[str], None] = log.info,
+) -> TargetResult:
+    """Raise one ratio for heads and MLP units together, in ``step``s, until ``measure(model) <= target``."""
+    trail = []
+    ratio = 0.0
+    best = None
+    while ratio <= max_ratio + 1e-9:
+        try:
+            candidate = prune_by_ratio(model, importance, heads=ratio, mlp=ratio, min_heads=min_heads)
+        except PruneError:
+            break  # no more heads can go with min_heads per layer
+        value = measure(candidate)
+        trail.append((round(ratio, 4), value))
+        log_fn(f"prune to target: ratio {ratio:.2f} -> {value:.4g} {unit} (target {target:g})")
+        best = TargetResult(candidate, ratio, value, tuple(trail))
+        if value <= target:
+            return best
+        ratio = round(ratio + step, 4)
+    closest = f"{best.value:.4g} {unit} at ratio {best.ratio:.2f}" if best else "nothing measurable"
+    raise PruneError(f"the {what} target {target:g} {unit} cannot be met by pruning heads and MLP units: the closest "
+                     f"was {closest}; relax the target or add token reduction or quantization")
+
+
+def structure(model: VisionTransformer) -> dict[str, list[int]]:
+    return {"heads": [b.attn.num_heads for b in model.blocks], "mlp": [b.mlp.fc1.out_features for b in model.blocks]}

@@ -1,0 +1,143 @@
+"""Head and MLP-unit pruning on the real trained digits ViT and the tiny random ViT."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.datasets import Subset, digits_source, make_splits
+from compress.macs import count_macs, count_params
+from compress.prune import (
+    PruneError, check_layout, l2_importance, prune_by_ratio, prune_to_target, remove, select, structure,
+    taylor_importance,
+)
+from export.onnx_export import export_onnx
+
+
+def _data(ckpt, n=128):
+    source = digits_source()
+    splits = make_splits(source, calib_size=128, seed=0)
+    return Subset(source, splits.calib[:n], ckpt.preprocess)
+
+
+def test_ratio_zero_leaves_outputs_identical(tiny_vit):
+    pruned = prune_by_ratio(tiny_vit, l2_importance(tiny_vit), heads=0.0, mlp=0.0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), tiny_vit(x))
+    assert structure(pruned) == structure(tiny_vit)
+
+
+def test_pruning_keeps_the_output_shape_and_removes_the_expected_parameters_and_macs(tiny_vit):
+    # tiny: depth 2, dim 64, 4 heads of 16, MLP 128. Remove 2 of 8 heads and 64 of 256 units.
+    heads_keep = [[0, 1, 2], [1, 2, 3]]
+    units_keep = [list(range(96)), list(range(32, 128))]
+    pruned = remove(tiny_vit, heads_keep, units_keep)
+    assert structure(pruned) == {"heads": [3, 3], "mlp": [96, 96]}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert pruned(x).shape == tiny_vit(x).shape
+    # per removed head: 3*16 qkv rows of 64 weights + biases, 16 proj columns of 64; per removed unit: fc1 row
+    # (64 + bias) and fc2 column (64)
+    expected = 2 * (3 * 16 * 64 + 3 * 16 + 16 * 64) + 64 * (64 + 1 + 64)
+    assert count_params(tiny_vit) - count_params(pruned) == expected
+    tokens = (32 // 8) ** 2 + 1
+    head_macs = tokens * (3 * 16 * 64 + 16 * 64) + 2 * tokens * tokens * 16  # projections + q.k and attn.v
+    unit_macs = tokens * 2 * 64
+    assert count_macs(tiny_vit, (1, 3, 32, 32)) - count_macs(pruned, (1, 3, 32, 32)) == 2 * head_macs + 64 * unit_macs
+
+
+def test_kept_heads_compute_what_they_computed_before(tiny_vit):
+    """Removing a head whose output projection is zero changes nothing: the slicing keeps the right rows."""
+    model = copy.deepcopy(tiny_vit)
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight[:, 16:32] = 0  # head 1 of block 0 contributes nothing
+        model.blocks[1].mlp.fc2.weight[:, 5] = 0  # unit 5 of block 1 contributes nothing
+    pruned = remove(model, [[0, 2, 3], [0, 1, 2, 3]], [list(range(128)), [u for u in range(128) if u != 5]])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["l2", "taylor"])
+def test_a_zeroed_head_and_unit_rank_last(digits_model, method):
+    model = copy.deepcopy(digits_model.model)
+    with torch.no_grad():
+        attn = model.blocks[1].attn
+        hd = attn.head_dim
+        for part in range(3):
+            attn.qkv.weight[part * attn.num_heads * hd + 2 * hd: part * attn.num_heads * hd + 3 * hd] = 0
+            attn.qkv.bias[part * attn.num_heads * hd + 2 * hd: part * attn.num_heads * hd + 3 * hd] = 0
+        attn.proj.weight[:, 2 * hd: 3 * hd] = 0
+        model.blocks[2].mlp.fc1.weight[7] = 0
+        model.blocks[2].mlp.fc1.bias[7] = 0
+        model.blocks[2].mlp.fc2.weight[:, 7] = 0
+    if method == "l2":
+        importance = l2_importance(model).normalised()
+    else:
+        importance = taylor_importance(model, _data(digits_model).batches(32)).normalised()
+    heads = [(float(s), layer, h) for layer, scores in enumerate(importance.heads) for h, s in enumerate(scores)]
+    units = [(float(s), layer, u) for layer, scores in enumerate(importance.units) for u, s in enumerate(scores)]
+    assert min(heads)[1:] == (1, 2) and min(heads)[0] == 0
+    assert min(units)[1:] == (2, 7) and min(units)[0] == 0
+
+
+def test_taylor_without_labels(digits_model):
+    data = _data(digits_model, 64)
+    model = digits_model.model
+    labels = taylor_importance(model, data.batches(32), targets="labels")
+    predictions = taylor_importance(model, data.batches(32), targets="predictions")
+    assert predictions.method == "taylor-predictions" and all(np.all(s > 0) for s in predictions.heads)
+    assert not np.allclose(labels.heads[0], predictions.heads[0])
+    # soft targets of the model itself have zero gradient: they fall back to its predictions
+    assert taylor_importance(model, data.batches(32), targets="soft").method == "taylor-predictions"
+    pruned = prune_by_ratio(model, l2_importance(model), heads=0.25, mlp=0.25)
+    soft = taylor_importance(pruned, data.batches(32), targets="soft", teacher=model)
+    assert soft.method == "taylor-soft" and all(np.all(s > 0) for s in soft.heads)
+
+
+def test_global_selection_respects_the_minimum_and_rejects_impossible_ratios():
+    scores = [np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.01, 0.02, 0.9, 0.95])]
+    assert select(scores, 0.5, minimum=1, what="heads") == [[2, 3], [2, 3]]
+    assert select(scores, 0.75, minimum=1, what="heads") == [[3], [3]]
+    with pytest.raises(PruneError, match="would leave a layer with fewer than 1; at most 75%"):
+        select(scores, 0.9, minimum=1, what="heads")
+    with pytest.raises(PruneError, match=r"must be in \[0, 1\)"):
+        select(scores, 1.0, minimum=1, what="heads")
+
+
+def test_pruned_model_exports_and_matches_in_onnxruntime_and_openvino(digits_model, tmp_path):
+    from runtimes import get_runtime
+
+    model = digits_model.model
+    pruned = prune_by_ratio(model, l2_importance(model), heads=0.25, mlp=0.25)
+    assert sum(structure(pruned)["heads"]) == 12 and sum(structure(pruned)["mlp"]) == 384
+    x = next(_data(digits_model).batches(32))[0]
+    result = export_onnx(pruned, tmp_path / "pruned.onnx", example=torch.from_numpy(x[:2]), parity_inputs=x)
+    assert result.parity.max_abs_diff < 1e-4
+    with torch.no_grad():
+        expected = pruned(torch.from_numpy(x)).numpy()
+    got = get_runtime("openvino").build(tmp_path / "pruned.onnx", precision="fp32", threads=2).run(x)
+    assert np.abs(got - expected).max() < 1e-4
+    assert count_macs(pruned, (1, 1, 8, 8)) < count_macs(model, (1, 1, 8, 8))
+
+
+def test_mac_target_prunes_until_met_and_says_how_close_it_got(tiny_vit):
+    full = count_macs(tiny_vit, (1, 3, 32, 32))
+    importance = l2_importance(tiny_vit)
+    result = prune_to_target(tiny_vit, importance, lambda m: count_macs(m, (1, 3, 32, 32)) / full, 0.8,
+                             what="MAC", unit="x", log_fn=lambda m: None)
+    assert result.value <= 0.8 and result.ratio > 0
+    with pytest.raises(PruneError, match=r"the MAC target 0.01 x cannot be met .* the closest was"):
+        prune_to_target(tiny_vit, importance, lambda m: count_macs(m, (1, 3, 32, 32)) / full, 0.01,
+                        what="MAC", unit="x", log_fn=lambda m: None)
+
+
+def test_unexpected_attention_layout_is_refused(tiny_vit):
+    model = copy.deepcopy(tiny_vit)
+    model.blocks[0].attn.qkv = torch.nn.Linear(64, 100)  # not 3 x heads x head_dim
+    with pytest.raises(PruneError, match="blocks.0.attn does not have the fused layout"):
+        check_layout(model)
