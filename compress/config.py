@@ -84,6 +84,7 @@ class PruneConfig(Section):
     targets: Literal["labels", "predictions", "soft"] = "labels"
     importance_samples: int = Field(256, ge=1)  # images of the calibration split scored for Taylor importance
     min_heads_per_layer: int = Field(1, ge=1)
+    mlp_round_to: int = Field(1, ge=1)  # keep a multiple of this many MLP units per layer (aligned GEMM widths)
     target_macs: float | None = Field(None, gt=0, lt=1)  # fraction of the unpruned model's MACs
     target_latency_ms: float | None = Field(None, gt=0)  # on target_runtime at target_batch, FP32
     target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"

@@ -82,11 +82,12 @@ def prune_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransforme
         if p.target_macs:
             full = count_macs(model, (1, C, H, W))
             result = prune_to_target(model, importance, lambda m: count_macs(m, (1, C, H, W)) / full, p.target_macs,
-                                     what="MAC", unit="x the unpruned MACs", min_heads=p.min_heads_per_layer)
+                                     what="MAC", unit="x the unpruned MACs", min_heads=p.min_heads_per_layer,
+                                     mlp_round_to=p.mlp_round_to)
         else:
             result = prune_to_target(model, importance, lambda m: _latency_ms(m, ctx), p.target_latency_ms,
                                      what="latency", unit=f"ms ({p.target_runtime}, batch {p.target_batch})",
-                                     min_heads=p.min_heads_per_layer)
+                                     min_heads=p.min_heads_per_layer, mlp_round_to=p.mlp_round_to)
         ctx.notes |= {"importance": importance.method, "ratio": result.ratio, "trail": result.trail,
                       "structure": structure(result.model)}
         return result.model
@@ -97,7 +98,8 @@ def prune_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransforme
         now = structure(model)
         heads = _relative(p.heads * i / p.iterations, total_heads, sum(now["heads"]))
         units = _relative(p.mlp * i / p.iterations, total_units, sum(now["mlp"]))
-        model = prune_by_ratio(model, importance, heads=heads, mlp=units, min_heads=p.min_heads_per_layer)
+        model = prune_by_ratio(model, importance, heads=heads, mlp=units, min_heads=p.min_heads_per_layer,
+                               mlp_round_to=p.mlp_round_to)
         log.info("prune %d/%d: heads %s, MLP units %s", i, p.iterations, structure(model)["heads"],
                  structure(model)["mlp"])
         if i < p.iterations and ctx.config.recover.epochs > 0:

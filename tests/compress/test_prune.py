@@ -107,6 +107,7 @@ def test_global_selection_respects_the_minimum_and_rejects_impossible_ratios():
         select(scores, 0.9, minimum=1, what="heads")
     with pytest.raises(PruneError, match=r"must be in \[0, 1\)"):
         select(scores, 1.0, minimum=1, what="heads")
+    assert select(scores, 0.75, minimum=1, what="units", round_to=2) == [[2, 3], [2, 3]]  # 1 kept -> 2
 
 
 def test_pruned_model_exports_and_matches_in_onnxruntime_and_openvino(digits_model, tmp_path):
