@@ -1,7 +1,7 @@
 """Pruning benchmark: heads x MLP-unit ratios on the CIFAR-10 ViT (top-1, MACs, latency) and on ViT-S/16.
 
-    python bench/prune.py target --data /tmp/cifar10 [--epochs 4]      # 25% heads + 25% MLP, with recovery
-    python bench/prune.py grid --data /tmp/cifar10 [--epochs 0.5]      # 0/25/50% x 0/25/50%, without and with
+    python bench/prune.py target --data /tmp/cifar10 [--epochs 4] [--bf16]  # 25% heads + 25% MLP, recovered
+    python bench/prune.py grid --data /tmp/cifar10 [--epochs 0.5] [--bf16]  # 0/25/50% x 0/25/50%, without and with
     python bench/prune.py vit-s16 [--rounds 5]                         # latency of the same ratios, ViT-S/16
 
 ``target`` and ``grid`` start from the reference model (models/cifar10-vit), score importance with Taylor
@@ -84,8 +84,8 @@ def _top1(model, eval_data) -> float:
         return evaluate_top1(lambda x: model(torch.from_numpy(x)).numpy(), eval_data, batch_size=256).top1
 
 
-def _recover(student, teacher, train_data, epochs: float) -> float:
-    r = RecoverConfig()
+def _recover(student, teacher, train_data, epochs: float, bf16: bool) -> float:
+    r = RecoverConfig(bf16=bf16)
     start = time.perf_counter()
     train(student, train_data, epochs=epochs, batch_size=r.batch_size, lr=r.lr, min_lr=r.min_lr,
           weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs, label_smoothing=r.label_smoothing,
@@ -109,8 +109,9 @@ def cifar_runs(args, grid: list[tuple[float, float]], epochs: float) -> dict:
                "macs": count_macs(pruned, (1, *shape)), "top1_pruned": _top1(pruned, eval_data)}
         if epochs > 0 and (heads or mlp):
             recovered = copy.deepcopy(pruned)
-            row["recovery_seconds"] = round(_recover(recovered, teacher, train_data, epochs), 1)
+            row["recovery_seconds"] = round(_recover(recovered, teacher, train_data, epochs, args.bf16), 1)
             row["recovery_epochs"] = epochs
+            row["recovery_bf16"] = args.bf16
             row["top1_recovered"] = _top1(recovered, eval_data)
         models[name] = pruned
         rows.append(row)
@@ -146,6 +147,7 @@ def main() -> None:
     parser.add_argument("part", choices=["target", "grid", "vit-s16"])
     parser.add_argument("--data", type=Path, default=Path("/tmp/cifar10"))
     parser.add_argument("--epochs", type=float, default=None, help="recovery epochs (target: 4, grid: 0.5)")
+    parser.add_argument("--bf16", action="store_true", help="recover with BF16 autocast (recover.bf16=true)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path)
