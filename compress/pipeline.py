@@ -37,7 +37,7 @@ from compress.macs import count_macs, count_params
 from compress.prune import structure
 from compress.records import StageRecord, read_records
 from compress.report import write_markdown_report
-from compress.stages import StageContext, model_stages
+from compress.stages import StageContext, check_feasible, model_stages
 from compress.vit import VisionTransformer
 from export.onnx_export import export_onnx
 from runtimes import RUNTIME_NAMES, RuntimeUnavailableError, default_threads, get_runtime, measure_latency
@@ -83,6 +83,7 @@ def run_pipeline(
         if name not in RUNTIME_NAMES:
             raise RuntimeUnavailableError(f"unknown runtime {name!r}; choose from {list(RUNTIME_NAMES)}")
     stages = model_stages(config)  # a recipe error stops here, before any file is written
+    check_feasible(ckpt.model, config)
     source = open_source(config.data.path)
     check_dataset_fits(ckpt, source)
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,

@@ -64,6 +64,20 @@ def model_stages(config: RunConfig) -> list[Stage]:
     return stages
 
 
+def check_feasible(model: VisionTransformer, config: RunConfig) -> None:
+    """Refuse, before any work, a model pruning cannot handle or ratios that would empty a layer."""
+    from compress.prune import check_layout, select
+
+    p = config.prune
+    if not p.enabled:
+        return
+    check_layout(model)
+    heads = [np.ones(b.attn.num_heads) for b in model.blocks]
+    units = [np.ones(b.mlp.fc1.out_features) for b in model.blocks]
+    select(heads, p.heads, minimum=p.min_heads_per_layer, what="heads")  # raises PruneError when impossible
+    select(units, p.mlp, minimum=1, what="MLP units")
+
+
 # ------------------------------------------------------------------------------------------------ prune
 def prune_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransformer:
     from compress.errors import ConfigError

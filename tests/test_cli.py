@@ -101,6 +101,12 @@ BAD_RUNS = {
         "has shape (8, 1, 32, 32) but the model takes (N, 3, 32, 32)"),
     "unknown quantizer": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
                                       'quantize.quantizers=["tensorrt-int8"]'], "quantize.quantizers"),
+    "prune ratio out of range": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
+                                             "prune.enabled=true", "--set", "prune.heads=1.0"],
+                                 "config prune.heads: Input should be less than 1"),
+    "prune ratio empties a layer": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
+                                                "prune.enabled=true", "--set", "prune.heads=0.9"],
+                                    "would leave a layer with fewer than 1; at most 75%"),
     "existing RUN_DIR": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--out", ws / "data"],
                          "not a run directory"),
 }
