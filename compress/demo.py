@@ -20,4 +20,7 @@ DEMO_RECIPE = {
     "train": {"epochs": 40, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 2, "crop_padding": 0, "flip": False,
               "label_smoothing": 0.0},
     "measure": {"iterations": 100, "max_seconds": 3.0},
+    # The chain: prune a quarter of the heads and MLP units, recover by distillation, then quantize.
+    "prune": {"enabled": True, "heads": 0.25, "mlp": 0.25},
+    "recover": {"epochs": 5, "batch_size": 32, "lr": 5e-4, "crop_padding": 0, "flip": False},
 }
