@@ -18,6 +18,7 @@ import datetime as dt
 import io
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -154,6 +155,8 @@ def run_pipeline(
                        "parity_agreement": export.parity.agreement, "parity_samples": export.parity.num_samples},
             "notes": ctx.notes,
         })
+        if state_dir.exists():  # resumable training state is only needed until the stage is marked done
+            shutil.rmtree(state_dir)
         prev_key, stage_name = key, stage.name
     if config.quantize.enabled and config.quantize.quantizers:
         key = sha256_json({"prev": prev_key, "stage": "quantize", "options": config.quantize.model_dump(),

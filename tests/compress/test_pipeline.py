@@ -150,6 +150,7 @@ def test_prune_and_recover_stages_record_structure_and_resume(tmp_path, digits_m
     assert recovered.top1 >= pruned.top1 - 0.02  # distillation does not make it worse
     marker = json.loads((tmp_path / "run" / "stages" / "recover.json").read_text())
     assert marker["notes"]["recovery"][0]["steps"] > 0
+    assert not list((tmp_path / "run" / "stages").glob("recover-*/"))  # no training state left once done
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Pruning" in report and "| all | 12 / 16 | 256 / 512 |" in report
     again = run_pipeline(digits_model, "digits", config, tmp_path / "run")
