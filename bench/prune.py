@@ -39,7 +39,8 @@ from compress.prune import l2_importance, prune_by_ratio, structure, taylor_impo
 from compress.train import train  # noqa: E402
 from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from runtimes import default_threads, get_runtime, measure_latency  # noqa: E402
+from bench.common import interleaved_rounds, paired_ratio  # noqa: E402
+from runtimes import default_threads, get_runtime  # noqa: E402
 
 VIT_S16 = ViTConfig(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, num_classes=1000)
 RATIOS = (0.0, 0.25, 0.5)
@@ -56,15 +57,11 @@ def _paired_latency(models: dict[str, VisionTransformer], shape, rounds: int, se
     work = Path(tempfile.mkdtemp(prefix="bench-prune-"))
     engines = {name: _engine(m, shape, work, name.replace("/", "_")) for name, m in models.items()}
     x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
-    medians = {name: [] for name in engines}
-    for r in range(rounds):
-        for name, engine in engines.items():
-            medians[name].append(measure_latency(engine, x, threads=default_threads(), warmup=3, iterations=300,
-                                                 max_seconds=seconds).latency_ms_p50)
-        print(f"latency round {r + 1}/{rounds}", flush=True)
-    ref = np.asarray(medians["h0/m0"])
+    stats = interleaved_rounds(engines, x, [1], rounds=rounds, seconds=seconds, threads=default_threads(),
+                               iterations=300)[1]
+    medians = {name: [s.latency_ms_p50 for s in v] for name, v in stats.items()}
     return {name: {"latency_ms_p50": round(float(np.median(v)), 3),
-                   "paired_speedup_vs_unpruned": round(float(np.median(ref / np.asarray(v))), 3),
+                   "paired_speedup_vs_unpruned": round(1 / paired_ratio(v, medians["h0/m0"]), 3),
                    "round_medians_ms": [round(float(t), 3) for t in v]} for name, v in medians.items()}
 
 

@@ -40,7 +40,8 @@ from compress.env import environment  # noqa: E402
 from compress.quantize.base import QuantizeContext  # noqa: E402
 from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from runtimes import default_threads, get_runtime, measure_latency  # noqa: E402
+from bench.common import interleaved_rounds, paired_ratio  # noqa: E402
+from runtimes import default_threads, get_runtime  # noqa: E402
 
 VIT_S16 = ViTConfig(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, num_classes=1000)
 
@@ -101,21 +102,15 @@ def latency(args: argparse.Namespace) -> dict:
     }
     engines = {name: rt.build(src, precision=p, threads=threads) for name, (rt, src, p) in paths.items()}
     data = np.random.default_rng(0).standard_normal((max(args.batch_sizes), 3, 224, 224)).astype(np.float32)
-    medians = {b: {n: [] for n in engines} for b in args.batch_sizes}
-    for r in range(args.rounds):
-        for batch in args.batch_sizes:
-            for name, engine in engines.items():
-                stats = measure_latency(engine, data[:batch], threads=threads, warmup=2 if r == 0 else 1,
-                                        iterations=200, max_seconds=args.seconds)
-                medians[batch][name].append(stats.latency_ms_p50)
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    stats = interleaved_rounds(engines, data, args.batch_sizes, rounds=args.rounds, seconds=args.seconds,
+                               threads=threads)
     rows = []
     for batch in args.batch_sizes:
-        ref = np.asarray(medians[batch]["onnxruntime fp32"])
+        medians = {n: [s.latency_ms_p50 for s in v] for n, v in stats[batch].items()}
         for name in engines:
-            values = np.asarray(medians[batch][name])
+            values = medians[name]
             rows.append({"batch_size": batch, "path": name, "latency_ms_p50": round(float(np.median(values)), 2),
-                         "paired_ratio_vs_ort_fp32": round(float(np.median(values / ref)), 3),
+                         "paired_ratio_vs_ort_fp32": round(paired_ratio(values, medians["onnxruntime fp32"]), 3),
                          "round_medians_ms": [round(float(v), 2) for v in values]})
     return {"benchmark": "ViT-S/16 224x224 INT8 paths, random weights, calibrated on CIFAR-10 upscaled",
             "calib_size": args.calib_size, "rounds": args.rounds, "threads": threads, "rows": rows}

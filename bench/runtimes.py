@@ -28,7 +28,8 @@ from compress.env import environment  # noqa: E402
 from compress.macs import count_macs, count_params  # noqa: E402
 from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from runtimes import default_threads, get_runtime, measure_latency  # noqa: E402
+from bench.common import interleaved_rounds  # noqa: E402
+from runtimes import default_threads, get_runtime  # noqa: E402
 
 VIT_S16 = ViTConfig(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, num_classes=1000)
 
@@ -63,16 +64,9 @@ def main() -> None:
     engines = {name: rt.build(src, precision=p, threads=threads) for name, (rt, src, p) in paths.items()}
 
     x = np.random.default_rng(0).standard_normal((max(args.batch_sizes), 3, 224, 224)).astype(np.float32)
-    medians: dict[int, dict[str, list[float]]] = {b: {n: [] for n in engines} for b in args.batch_sizes}
-    p99: dict[int, dict[str, list[float]]] = {b: {n: [] for n in engines} for b in args.batch_sizes}
-    for r in range(args.rounds):
-        for batch in args.batch_sizes:
-            for name, engine in engines.items():
-                stats = measure_latency(engine, x[:batch], threads=threads, warmup=2 if r == 0 else 1,
-                                        iterations=200, max_seconds=args.seconds)
-                medians[batch][name].append(stats.latency_ms_p50)
-                p99[batch][name].append(stats.latency_ms_p99)
-        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    stats = interleaved_rounds(engines, x, args.batch_sizes, rounds=args.rounds, seconds=args.seconds, threads=threads)
+    medians = {b: {n: [s.latency_ms_p50 for s in v] for n, v in per.items()} for b, per in stats.items()}
+    p99 = {b: {n: [s.latency_ms_p99 for s in v] for n, v in per.items()} for b, per in stats.items()}
 
     rows = []
     for batch in args.batch_sizes:

@@ -115,11 +115,7 @@ def _with_outlier(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_budget_returns_the_most_sensitive_layers_to_float(setup, tmp_path):
-    ckpt, _, calib, eval_data, _ = setup
-    model = _with_outlier(ckpt.model)
-    example = next(eval_data.batches(16))[0]
-    onnx_path = tmp_path / "outlier.onnx"
-    export_onnx(model, onnx_path, example=torch.from_numpy(example[:2]), parity_inputs=example)
+    _, onnx_path = _outlier_setup(setup, tmp_path)
     ctx = _ctx(setup, float_onnx=onnx_path, max_drop=0.0, workdir=tmp_path)
     candidate, ranking = quantize_static_qdq(ctx)
     assert ranking[0][0] == "blocks.0.mlp.fc1"
