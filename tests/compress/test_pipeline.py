@@ -162,3 +162,29 @@ def test_prune_enabled_without_anything_to_prune_is_an_error(tmp_path, digits_mo
 
     with pytest.raises(ConfigError, match="nothing to prune"):
         run_pipeline(digits_model, "digits", _quantize_config("prune.enabled=true"), tmp_path / "run")
+
+
+def test_iterative_pruning_and_mac_target(tmp_path, digits_model):
+    iterative = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.heads=0.25", "prune.mlp=0.25",
+                                 "prune.iterations=2", "recover.epochs=2", "recover.batch_size=64")
+    result = run_pipeline(digits_model, "digits", iterative, tmp_path / "iterative")
+    pruned = next(r for r in result.records if r.stage == "prune" and r.status == "ok")
+    assert sum(pruned.structure["heads"]) == 12 and sum(pruned.structure["mlp"]) == 384
+    notes = json.loads((tmp_path / "iterative" / "stages" / "prune.json").read_text())["notes"]
+    assert [r["tag"] for r in notes["recovery"]] == ["iteration1"]  # the last share is the recover stage's
+
+    target = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.target_macs=0.7",
+                              "prune.importance=l2")
+    result = run_pipeline(digits_model, "digits", target, tmp_path / "target")
+    base, pruned = (next(r for r in result.records if r.stage == s and r.status == "ok") for s in ("baseline", "prune"))
+    assert pruned.macs <= 0.7 * base.macs
+
+
+def test_unreachable_latency_target_says_how_close_it_got(tmp_path, digits_model):
+    from compress.prune import PruneError
+
+    config = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.target_latency_ms=0.0001",
+                              "prune.importance=l2")
+    with pytest.raises(PruneError, match=r"latency target 0.0001 ms \(onnxruntime, batch 1\) cannot be met .* "
+                                         r"the closest was [0-9.]+ ms"):
+        run_pipeline(digits_model, "digits", config, tmp_path / "run")
