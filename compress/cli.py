@@ -148,6 +148,11 @@ def run(
         if result.resumed_stages:
             console.print(f"resumed: stages {', '.join(result.resumed_stages)} were done in an earlier run")
         _print_table(result.records)
+        marker = run_dir / "stages" / "quantize.json"
+        if marker.exists():
+            chosen = json.loads(marker.read_text()).get("selected")
+            console.print(f"quantize: selected {chosen['candidate']} on {chosen['runtime']} ({chosen['artifact']})"
+                          if chosen else "quantize: no candidate met the budget; the float model is the result")
         console.print(f"records: {run_dir / 'records.jsonl'}\nreport:  {run_dir / 'report.md'}")
 
     _guard(job)
