@@ -34,10 +34,9 @@ sys.path.insert(0, str(REPO))
 
 from calibration.calibrate import from_split  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
-from calibration.evaluate import evaluate_top1  # noqa: E402
 from calibration.preprocess import Preprocess  # noqa: E402
 from compress.env import environment  # noqa: E402
-from compress.quantize.base import QuantizeContext  # noqa: E402
+from compress.quantize.base import QuantizeContext, artifact_evaluator  # noqa: E402
 from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from bench.common import interleaved_rounds, paired_ratio  # noqa: E402
@@ -70,9 +69,7 @@ def latency(args: argparse.Namespace) -> dict:
     float_onnx = work / "vit_s16.onnx"
     export_onnx(model, float_onnx, example=torch.from_numpy(x[:1]), parity_inputs=x[:2])
 
-    def evaluate(path: Path, fmt: str, precision: str) -> float:
-        name = "openvino" if fmt == "openvino" or precision == "bf16" else "onnxruntime"
-        return evaluate_top1(get_runtime(name).build(path, precision=precision, threads=threads).run, eval_data).top1
+    evaluate = artifact_evaluator(eval_data, threads=threads)
 
     def ctx(**kw) -> QuantizeContext:
         defaults = dict(model=model, float_onnx=float_onnx, calib=calib, evaluate=evaluate, reference_top1=0.0,

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +184,7 @@ def quantize_stage(
     Runtime. The selected candidate is the fastest at the smallest batch size among those within budget; when
     none is, the stage says so and the float model stays the pipeline's output.
     """
-    from compress.quantize.base import QuantizeContext
+    from compress.quantize.base import QuantizeContext, artifact_evaluator
     from compress.quantize.stage import build_candidates
 
     q = config.quantize
@@ -193,10 +193,7 @@ def quantize_stage(
     workdir.mkdir(parents=True, exist_ok=True)
     calib = _calibration_set(q, calib_split, eval_data.preprocess)
 
-    def evaluate(path: Path, fmt: str, precision: str) -> float:
-        name = "openvino" if fmt == "openvino" or precision == "bf16" else "onnxruntime"
-        engine = get_runtime(name).build(path, precision=precision, threads=threads)
-        return evaluate_top1(engine.run, eval_data, batch_size=config.measure.eval_batch_size).top1
+    evaluate = artifact_evaluator(eval_data, threads=threads, batch_size=config.measure.eval_batch_size)
 
     def evaluate_torch(module) -> float:
         torch.set_num_threads(threads)
@@ -227,10 +224,7 @@ def quantize_stage(
     for line in missed:
         log.warning("quantize: %s", line)
 
-    C, H, W = latency_input.shape[1:]
-    common = {"stage": "quantize", "stage_key": key, "params": count_params(model), "structure": structure(model),
-              "macs": count_macs(model, (1, C, H, W)), "dataset": dataset, "run_id": run_dir.name,
-              "env": environment() | {"threads": threads}}
+    common = _common_fields("quantize", key, model, latency_input, dataset, run_dir, threads)
     out: list[StageRecord] = []
     for candidate in candidates:
         fields = common | {"candidate": candidate.name, "quantizer": candidate.quantizer,
@@ -240,8 +234,7 @@ def quantize_stage(
                            "size_mb": _artifact_mb(candidate.path), "timestamp": _now()}
         for name in config.measure.runtimes:
             runtime = get_runtime(name)
-            base = fields | {"runtime": name,
-                             "env": common["env"] | {"versions": common["env"]["versions"] | runtime.versions()}}
+            base = fields | {"runtime": name, "env": _runtime_env(common["env"], runtime)}
             reason = _cannot_run(runtime, candidate.format, candidate.precision)
             engine = None
             if reason is None:
@@ -328,20 +321,15 @@ def _measure_stage(
     progress: Progress | None,
 ) -> tuple[list[StageRecord], EvalResult | None]:
     threads = config.measure.threads or default_threads()
-    C, H, W = latency_input.shape[1:]
-    common = {
-        "stage": stage, "stage_key": key, "params": count_params(model), "macs": count_macs(model, (1, C, H, W)),
-        "dataset": dataset, "run_id": run_dir.name, "env": environment() | {"threads": threads},
-        "structure": structure(model),
-    }
+    common = _common_fields(stage, key, model, latency_input, dataset, run_dir, threads)
     records = []
     for name in config.measure.runtimes:
         runtime = get_runtime(name)
         artifact = ckpt_path if runtime.input_kind == "torch" else onnx_path
         for precision in PRECISIONS:
             base = common | {"runtime": name, "precision": precision, "artifact": str(artifact.relative_to(run_dir)),
-                             "size_mb": artifact.stat().st_size / 2**20, "timestamp": _now(),
-                             "env": common["env"] | {"versions": common["env"]["versions"] | runtime.versions()}}
+                             "size_mb": _artifact_mb(artifact), "timestamp": _now(),
+                             "env": _runtime_env(common["env"], runtime)}
             if precision not in runtime.precisions():
                 reason = f"the {name} runtime offers {runtime.precisions()} here, not {precision}"
                 records += [StageRecord(**base, batch_size=b, status="skipped", reason=reason)
@@ -356,6 +344,18 @@ def _measure_stage(
                 stage_records = [replace(r, top1_drop=0.0, agreement=1.0) for r in stage_records]
             records += stage_records
     return records, reference
+
+
+def _common_fields(stage: str, key: str, model: VisionTransformer, latency_input: np.ndarray, dataset: str,
+                   run_dir: Path, threads: int) -> dict[str, Any]:
+    """The record fields every runtime's rows of one stage share."""
+    return {"stage": stage, "stage_key": key, "params": count_params(model), "structure": structure(model),
+            "macs": count_macs(model, (1, *latency_input.shape[1:])), "dataset": dataset, "run_id": run_dir.name,
+            "env": environment() | {"threads": threads}}
+
+
+def _runtime_env(env: dict[str, Any], runtime) -> dict[str, Any]:
+    return env | {"versions": env["versions"] | runtime.versions()}
 
 
 def _measure_engine(

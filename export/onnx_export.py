@@ -80,6 +80,9 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)  # as compress.io.atomic_path (export may not import compress)
     try:
         onnx.save(proto, tmp)
         onnx.checker.check_model(tmp)

@@ -2,7 +2,6 @@
 
 import tomllib
 
-import pytest
 import torch
 
 from calibration.datasets import Subset, make_splits, open_source

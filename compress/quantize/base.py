@@ -12,6 +12,7 @@ from typing import Any
 import onnx
 
 from calibration.calibrate import CalibrationSet
+from calibration.datasets import Subset
 from compress.errors import CompressError
 
 FORMATS = ("onnx", "openvino")
@@ -77,6 +78,20 @@ class QuantizeContext:
 
     def within_budget(self, top1: float) -> bool:
         return self.drop(top1) <= self.max_drop + 1e-9
+
+
+def artifact_evaluator(eval_data: Subset, *, threads: int, batch_size: int = 64) -> Callable[[Path, str, str], float]:
+    """``evaluate(path, format, precision) -> top-1`` on ``eval_data``: OpenVINO for its IR and for BF16, ONNX
+    Runtime for every other ONNX file (the runtime every QDQ candidate must load)."""
+    from calibration.evaluate import evaluate_top1
+    from runtimes import get_runtime
+
+    def evaluate(path: Path, fmt: str, precision: str) -> float:
+        name = "openvino" if fmt == "openvino" or precision == "bf16" else "onnxruntime"
+        engine = get_runtime(name).build(path, precision=precision, threads=threads)
+        return evaluate_top1(engine.run, eval_data, batch_size=batch_size).top1
+
+    return evaluate
 
 
 def target_layers(proto: onnx.ModelProto, ctx: QuantizeContext) -> tuple[list[str], list[str]]:

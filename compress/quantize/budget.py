@@ -5,6 +5,9 @@ find the smallest ``k`` whose top-1 drop is within ``max_drop``: try k = 1, 2, 4
 bisect between the last failure and the first success. That costs about 2 log2(k) evaluations instead of k,
 and every evaluation is a real measurement on the evaluation split. When even every ranked layer in float
 misses the budget, there is no fitting candidate and the caller says so.
+
+``fit_qdq`` applies that to any QDQ ONNX candidate (ONNX Runtime's, neural-compressor's), ranking its layers by
+``sensitivity.layer_sensitivity`` and returning them to float by graph surgery (``QdqGraph.revert_to_float``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+import onnx
+
+from compress.io import atomic_write
+from compress.quantize.base import Candidate, QuantizeContext, user_excluded
+from compress.quantize.qdq import QdqGraph
+from compress.quantize.sensitivity import layer_sensitivity
 
 T = TypeVar("T")
 
@@ -68,3 +78,39 @@ def fit_budget(
         for i, (name, value) in enumerate(ranking[:high])
     )
     return BudgetResult(artifact, top1, reasons, len(history) - 1, tuple(history))
+
+
+def fit_qdq(ctx: QuantizeContext, graph: QdqGraph, name: str, quantizer: str, calibration: dict | None,
+             excluded: list[str]) -> tuple[Candidate | None, list[tuple[str, float]]]:
+    """Measure a QDQ graph; over budget, return its most sensitive layers to float. Shared by every QDQ path.
+
+    Returns the candidate (None when nothing fits) and the sensitivity ranking, most sensitive first.
+    """
+    path = ctx.workdir / f"{name}.onnx"
+
+    def evaluate(proto: onnx.ModelProto) -> float:  # the file on disk is always the last graph evaluated
+        atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
+        return ctx.evaluate(path, "onnx", "int8")
+
+    first = evaluate(graph.proto)
+    ctx.log(f"{name}: top-1 {first * 100:.2f} (drop {ctx.drop(first):+.2f} pt)")
+    ranking = list(layer_sensitivity(graph, ctx.calib, samples=ctx.sensitivity_samples, threads=ctx.threads).items())
+    float_layers = user_excluded(excluded)
+    if ctx.within_budget(first):
+        return Candidate(name, quantizer, "int8", path, "onnx", calibration, float_layers, first,
+                         extra={"sensitivity": dict(ranking[:10])}), ranking
+    ctx.log(f"{name}: over the {ctx.max_drop} pt budget; returning the most sensitive layers to float")
+    result = fit_budget(
+        lambda names: graph.revert_to_float(names), lambda g: evaluate(g.proto),
+        ctx.fallback(ranking),
+        reference_top1=ctx.reference_top1, max_drop=ctx.max_drop, first_top1=first, log=ctx.log,
+    )
+    if result.artifact is None:
+        path.unlink(missing_ok=True)
+        ctx.log(f"{name}: even {len(ctx.fallback(ranking))} layer(s) in float (quantize.max_float_fraction "
+                f"{ctx.max_float_fraction}) miss the budget")
+        return None, ranking
+    atomic_write(path, result.artifact.save)  # bisection may have evaluated another graph last
+    return Candidate(name, quantizer, "int8", path, "onnx", calibration, float_layers + result.float_layers,
+                     result.top1, extra={"sensitivity": dict(ranking[:10]),
+                                         "budget_evaluations": result.evaluations}), ranking

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from calibration.calibrate import forward_loop
-from compress.quantize.base import Candidate, QuantizeContext, QuantizeError, require, target_layers
-from compress.quantize.onnxruntime_ptq import _fit_qdq
+from compress.quantize.base import Candidate, QuantizeContext, QuantizeError, require
+from compress.quantize.budget import fit_qdq
 from compress.quantize.qdq import canonicalize
 
 log = logging.getLogger(__name__)
@@ -45,11 +45,12 @@ def quantize_pt2e(ctx: QuantizeContext, evaluate_torch) -> Candidate | None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     name = "inc-pt2e"
     run = forward_loop(ctx.calib)
-    float_model = copy.deepcopy(ctx.model).eval()
     if ctx.smoothquant_alpha is not None:
         from compress.quantize.smoothquant import smooth
 
-        float_model = smooth(ctx.model, ctx.calib, alpha=ctx.smoothquant_alpha)
+        float_model = smooth(ctx.model, ctx.calib, alpha=ctx.smoothquant_alpha)  # a smoothed copy
+    else:
+        float_model = copy.deepcopy(ctx.model).eval()
     with _quiet():
         exported = export(float_model, (example,), dynamic_shapes=({0: batch},))
     if exported is None:
@@ -78,7 +79,7 @@ def quantize_pt2e(ctx: QuantizeContext, evaluate_torch) -> Candidate | None:
     proto = _to_onnx(model, example)
     graph = canonicalize(proto)
     calibration = {"method": method, "size": ctx.calib.size, "source": ctx.calib.name}
-    candidate, _ = _fit_qdq(ctx, graph, name, "neural_compressor.torch.quantization (PT2E static)", calibration, [])
+    candidate, _ = fit_qdq(ctx, graph, name, "neural_compressor.torch.quantization (PT2E static)", calibration, [])
     return candidate
 
 

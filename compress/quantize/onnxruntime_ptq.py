@@ -14,17 +14,16 @@ with ``nodes_to_exclude`` using the static candidate's sensitivity ranking when 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 import onnx
 
 from calibration.calibrate import onnxruntime_reader
+from compress.io import atomic_write
 from compress.quantize.base import Candidate, QuantizeContext, QuantizeError, target_layers, user_excluded
-from compress.quantize.budget import fit_budget
+from compress.quantize.budget import fit_budget, fit_qdq
 from compress.quantize.qdq import QdqGraph, unquantize_graph_outputs
-from compress.quantize.sensitivity import layer_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -64,49 +63,8 @@ def quantize_static_qdq(
         graph = QdqGraph.from_quantize_static(onnx.load(str(out)), float_proto)
     graph.proto = unquantize_graph_outputs(graph.proto)
     calibration = {"method": method, "size": ctx.calib.size, "source": ctx.calib.name}
-    candidate, ranking = _fit_qdq(ctx, graph, name, "onnxruntime.quantization.quantize_static", calibration, excluded)
+    candidate, ranking = fit_qdq(ctx, graph, name, "onnxruntime.quantization.quantize_static", calibration, excluded)
     return candidate, ranking
-
-
-def _fit_qdq(ctx: QuantizeContext, graph: QdqGraph, name: str, quantizer: str, calibration: dict | None,
-             excluded: list[str]) -> tuple[Candidate | None, list[tuple[str, float]]]:
-    """Measure a QDQ graph; over budget, return its most sensitive layers to float. Shared by every QDQ path."""
-    path = ctx.workdir / f"{name}.onnx"
-    first = _evaluate_proto(ctx, graph.proto, path)
-    ctx.log(f"{name}: top-1 {first * 100:.2f} (drop {ctx.drop(first):+.2f} pt)")
-    ranking = list(layer_sensitivity(graph, ctx.calib, samples=ctx.sensitivity_samples, threads=ctx.threads).items())
-    float_layers = user_excluded(excluded)
-    if ctx.within_budget(first):
-        return Candidate(name, quantizer, "int8", path, "onnx", calibration, float_layers, first,
-                         extra={"sensitivity": dict(ranking[:10])}), ranking
-    ctx.log(f"{name}: over the {ctx.max_drop} pt budget; returning the most sensitive layers to float")
-    result = fit_budget(
-        lambda names: graph.revert_to_float(names), lambda g: _evaluate_proto(ctx, g.proto, path),
-        ctx.fallback(ranking),
-        reference_top1=ctx.reference_top1, max_drop=ctx.max_drop, first_top1=first, log=ctx.log,
-    )
-    if result.artifact is None:
-        path.unlink(missing_ok=True)
-        ctx.log(f"{name}: even {len(ctx.fallback(ranking))} layer(s) in float (quantize.max_float_fraction "
-                f"{ctx.max_float_fraction}) miss the budget")
-        return None, ranking
-    result.artifact.save(path)
-    return Candidate(name, quantizer, "int8", path, "onnx", calibration, float_layers + result.float_layers,
-                     result.top1, extra={"sensitivity": dict(ranking[:10]),
-                                         "budget_evaluations": result.evaluations}), ranking
-
-
-def _evaluate_proto(ctx: QuantizeContext, proto: onnx.ModelProto, path: Path) -> float:
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        top1 = ctx.evaluate(Path(tmp), "onnx", "int8")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)  # the last evaluated graph is the one on disk
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return top1
 
 
 def quantize_dynamic_int8(ctx: QuantizeContext, ranking: list[tuple[str, float]] | None = None) -> Candidate | None:
@@ -119,13 +77,9 @@ def quantize_dynamic_int8(ctx: QuantizeContext, ranking: list[tuple[str, float]]
     path = ctx.workdir / f"{name}.onnx"
 
     def build(in_float: list[str]) -> Path:
-        fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=ctx.workdir)
-        os.close(fd)
-        quantize_dynamic(str(ctx.float_onnx), tmp, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=[t for t in targets if t not in in_float])
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, lambda tmp: quantize_dynamic(
+            str(ctx.float_onnx), str(tmp), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+            weight_type=QuantType.QInt8, nodes_to_quantize=[t for t in targets if t not in in_float]))
 
     first = ctx.evaluate(build([]), "onnx", "int8")
     ctx.log(f"{name}: top-1 {first * 100:.2f} (drop {ctx.drop(first):+.2f} pt)")

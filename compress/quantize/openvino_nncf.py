@@ -10,7 +10,6 @@ which MatMul/Conv inputs carry FakeQuantize before and after. The candidate is a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 

@@ -152,7 +152,6 @@ def canonicalize(proto: onnx.ModelProto) -> QdqGraph:
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
-    producer = _producers(graph)
     users = _consumers(graph)
     float_weights: dict[str, np.ndarray] = {}
     remove: set[int] = set()

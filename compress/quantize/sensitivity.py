@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F

@@ -54,8 +54,6 @@ def build_candidates(
             ctx.log(f"bf16: top-1 {top1 * 100:.2f} (drop {ctx.drop(top1):+.2f} pt)")
             candidates.append(Candidate("ov-bf16", "openvino INFERENCE_PRECISION_HINT=bf16", "bf16",
                                         ctx.float_onnx, "onnx", None, (), top1))
-    fitted = [c for c in candidates if c.top1 is not None and ctx.within_budget(c.top1)]
-    for c in candidates:
-        if c not in fitted:
-            missed.append(f"{c.name}: top-1 drop {ctx.drop(c.top1):.2f} pt exceeds the {ctx.max_drop} pt budget")
+    missed += [f"{c.name}: top-1 drop {ctx.drop(c.top1):.2f} pt exceeds the {ctx.max_drop} pt budget"
+               for c in candidates if not ctx.within_budget(c.top1)]
     return candidates, missed

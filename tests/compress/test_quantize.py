@@ -16,7 +16,7 @@ import torch
 from calibration.calibrate import from_split
 from calibration.datasets import Subset, digits_source, make_splits
 from calibration.evaluate import evaluate_top1
-from compress.quantize.base import QuantizeContext, QuantizeError, require, target_layers
+from compress.quantize.base import QuantizeContext, QuantizeError, artifact_evaluator, require, target_layers
 from compress.quantize.budget import fit_budget
 from compress.quantize.onnxruntime_ptq import quantize_dynamic_int8, quantize_static_qdq
 from compress.quantize.qdq import QdqGraph, canonicalize, quantized_layers, tensorrt_violations
@@ -40,10 +40,7 @@ def setup(digits_model, tmp_path_factory):
 def _ctx(setup, **kw) -> QuantizeContext:
     ckpt, onnx_path, calib, eval_data, work = setup
 
-    def evaluate(path: Path, fmt: str, precision: str) -> float:
-        name = "openvino" if fmt == "openvino" or precision == "bf16" else "onnxruntime"
-        return evaluate_top1(get_runtime(name).build(path, precision=precision, threads=2).run, eval_data).top1
-
+    evaluate = artifact_evaluator(eval_data, threads=2)
     reference = evaluate(onnx_path, "onnx", "fp32")
     options = dict(model=ckpt.model, float_onnx=onnx_path, calib=calib, evaluate=evaluate, reference_top1=reference,
                    max_drop=1.0, workdir=work, threads=2, log=lambda m: None)
