@@ -1,7 +1,8 @@
 """The project's own checkpoint: one safetensors file whose metadata holds everything needed to use it.
 
 Metadata keys (all JSON strings): ``format`` (``vit-compress/1``), ``model`` (the ``ViTConfig``),
-``preprocess`` (the ``Preprocess`` every runtime must apply) and ``classes`` (class names in label order).
+``preprocess`` (the ``Preprocess`` every runtime must apply), ``classes`` (class names in label order) and,
+when the model merges or prunes tokens at inference, ``tokens`` (the ``TokenReduction`` plan).
 A checkpoint is therefore enough on its own to rebuild the model and feed it the right input.
 """
 
@@ -45,6 +46,8 @@ def save_checkpoint(ckpt: Checkpoint, path: Path) -> Path:
         "preprocess": json.dumps(ckpt.preprocess.to_dict()),
         "classes": json.dumps(ckpt.classes),
     }
+    if ckpt.model.token_reduction is not None:
+        metadata["tokens"] = json.dumps(ckpt.model.token_reduction.to_dict())
     tensors = {k: v.detach().contiguous() for k, v in ckpt.model.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -75,6 +78,10 @@ def load_own_checkpoint(path: Path, overrides: dict | None = None) -> Checkpoint
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {path}: {e}; the file may be truncated, re-download or re-export it") from e
     load_exact(model, state, source=str(path))
+    if "tokens" in metadata:
+        from compress.tokens import TokenReduction, apply
+
+        apply(model, TokenReduction.from_dict(json.loads(metadata["tokens"])))
     return Checkpoint(model, Preprocess.from_dict(json.loads(metadata["preprocess"])), json.loads(metadata["classes"]))
 
 

@@ -110,6 +110,28 @@ class RecoverConfig(Section):
     seed: int = 0
 
 
+class TokensConfig(Section):
+    """Token reduction at inference: ToMe merging or EViT pruning, chosen under an accuracy budget.
+
+    Give a setting (``r`` for ToMe, ``keep_rate`` for EViT) to try just that one; otherwise the stage finds the
+    settings that bring the model to each fraction of its MACs in ``macs`` and tries those. Every setting tried
+    is measured (top-1 and latency on ``target_runtime``) and recorded; the fastest within ``max_drop`` is kept,
+    and when none is, the model goes on unreduced.
+    """
+
+    enabled: bool = False
+    method: Literal["tome", "evit"] = "tome"
+    r: int | list[int] | None = None  # ToMe: tokens merged per layer (one int, or one per layer)
+    schedule: Literal["constant", "decreasing"] = "constant"  # ToMe: how an int r is spread over the layers
+    keep_rate: float | list[float] | None = None  # EViT: share of patch tokens kept at each of `layers`
+    layers: list[int] | None = None  # EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth)
+    macs: list[float] = [0.75, 0.6, 0.5]  # MAC fractions to find settings for when none is given
+    max_drop: float = Field(1.0, ge=0)  # top-1 points against the stage's input model on target_runtime
+    target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
+    target_batch: int = Field(1, ge=1)
+    finetune_epochs: float = Field(0.0, ge=0)  # fine-tune with reduction on, distilled (recover.* settings)
+
+
 QUANTIZERS = ("onnxruntime-static", "onnxruntime-dynamic", "nncf", "neural-compressor", "fp16", "bf16")
 
 
@@ -144,6 +166,7 @@ class RunConfig(Section):
     measure: MeasureConfig = MeasureConfig()
     prune: PruneConfig = PruneConfig()
     recover: RecoverConfig = RecoverConfig()
+    tokens: TokensConfig = TokensConfig()
     quantize: QuantizeConfig = QuantizeConfig()
 
     def dump(self) -> dict[str, Any]:

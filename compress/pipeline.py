@@ -35,10 +35,9 @@ from compress.env import environment
 from compress.errors import InputError
 from compress.io import atomic_write, atomic_write_json, atomic_write_text, sha256_json
 from compress.macs import count_macs, count_params
-from compress.prune import structure
 from compress.records import StageRecord, read_records
 from compress.report import write_markdown_report
-from compress.stages import StageContext, check_feasible, model_stages
+from compress.stages import StageContext, check_feasible, model_stages, model_structure, openvino_parity
 from compress.vit import VisionTransformer
 from export.onnx_export import export_onnx
 from runtimes import RUNTIME_NAMES, RuntimeUnavailableError, default_threads, get_runtime, measure_latency
@@ -137,6 +136,9 @@ def run_pipeline(
         export = export_onnx(model, onnx_path, example=example, opset=config.export.opset,
                              simplify=config.export.simplify, atol=config.export.atol,
                              min_agreement=config.export.min_agreement, parity_inputs=parity_inputs)
+        threads = config.measure.threads or default_threads()
+        if model.token_reduction is not None and "openvino" in config.measure.runtimes:
+            openvino_parity(onnx_path, model, parity_inputs, atol=config.export.atol, threads=threads)
         had_reference = reference is not None
         stage_records, reference = _measure_stage(
             stage.name, key, model, ckpt_path, onnx_path, eval_data, latency_input, reference, config, run_dir,
@@ -146,6 +148,7 @@ def run_pipeline(
             buffer = io.BytesIO()
             np.save(buffer, reference.predictions)
             atomic_write(preds_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+        kept += _tried_records(ctx, stage.name, key, model, latency_input, source.name, run_dir, threads)
         kept += stage_records  # rewritten whole and atomically: a kill never leaves a torn line
         atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in kept))
         atomic_write_json(run_dir / "stages" / f"{stage.name}.json", {
@@ -349,9 +352,20 @@ def _measure_stage(
 def _common_fields(stage: str, key: str, model: VisionTransformer, latency_input: np.ndarray, dataset: str,
                    run_dir: Path, threads: int) -> dict[str, Any]:
     """The record fields every runtime's rows of one stage share."""
-    return {"stage": stage, "stage_key": key, "params": count_params(model), "structure": structure(model),
+    return {"stage": stage, "stage_key": key, "params": count_params(model), "structure": model_structure(model),
             "macs": count_macs(model, (1, *latency_input.shape[1:])), "dataset": dataset, "run_id": run_dir.name,
             "env": environment() | {"threads": threads}}
+
+
+def _tried_records(ctx: StageContext, stage: str, key: str, model: VisionTransformer, latency_input: np.ndarray,
+                   dataset: str, run_dir: Path, threads: int) -> list[StageRecord]:
+    """Records of the settings a stage tried before choosing one (``ctx.records``), in the common schema."""
+    if not ctx.records:
+        return []
+    common = _common_fields(stage, key, model, latency_input, dataset, run_dir, threads) | {"timestamp": _now()}
+    known = set(StageRecord.__dataclass_fields__)
+    return [StageRecord(**{k: v for k, v in (common | row).items() if k in known}
+                        | {"env": _runtime_env(common["env"], get_runtime(row["runtime"]))}) for row in ctx.records]
 
 
 def _runtime_env(env: dict[str, Any], runtime) -> dict[str, Any]:

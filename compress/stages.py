@@ -1,4 +1,4 @@
-"""The model stages of a run, in order: ``baseline``, then ``prune`` and ``recover`` when configured.
+"""The model stages of a run, in order: ``baseline``, then ``prune``, ``recover`` and ``tokens`` when configured.
 
 A stage maps the previous stage's PyTorch model to a new one, given a ``StageContext`` (data splits, the
 config, where to keep resumable state, progress). The orchestrator (``pipeline``) exports, validates and
@@ -8,9 +8,11 @@ these and branches into candidates (``compress.quantize``).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ class StageContext:
     state_dir: Path  # resumable state of a stage (recovery's train_state.pt)
     progress: Callable[[str, int, int], None] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # what a stage wants written into its marker
+    records: list[dict[str, Any]] = field(default_factory=list)  # extra record fields: settings a stage tried
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ def model_stages(config: RunConfig) -> list[Stage]:
         stages.append(Stage("prune", prune_stage, {"prune": p.model_dump(), "recover": config.recover.model_dump()}))
         if config.recover.epochs > 0:
             stages.append(Stage("recover", recover_stage, {"recover": config.recover.model_dump()}))
+    t = config.tokens
+    if t.enabled:
+        options = {"tokens": t.model_dump()} | ({"recover": config.recover.model_dump()} if t.finetune_epochs else {})
+        stages.append(Stage("tokens", tokens_stage, options))
     return stages
 
 
@@ -68,6 +75,14 @@ def check_feasible(model: VisionTransformer, config: RunConfig) -> None:
     """Refuse, before any work, a model pruning cannot handle or ratios that would empty a layer."""
     from compress.prune import check_layout, select
 
+    if config.tokens.enabled:
+        from compress.tokens import token_counts
+
+        plan = requested_plan(config, model)
+        if plan is not None:
+            token_counts(plan, model.config)  # raises TokenError naming the largest valid value
+        elif config.tokens.method == "evit" and not model.config.class_token:
+            token_counts(evit_plan(config, model, 1.0), model.config)  # the no-class-token error
     p = config.prune
     if not p.enabled:
         return
@@ -76,6 +91,15 @@ def check_feasible(model: VisionTransformer, config: RunConfig) -> None:
     units = [np.ones(b.mlp.fc1.out_features) for b in model.blocks]
     select(heads, p.heads, minimum=p.min_heads_per_layer, what="heads")  # raises PruneError when impossible
     select(units, p.mlp, minimum=1, what="MLP units")
+
+
+def model_structure(model: VisionTransformer) -> dict[str, list[int]]:
+    """Heads and MLP units per layer, and with token reduction the tokens leaving each layer."""
+    from compress.prune import structure
+    from compress.tokens import token_counts
+
+    plan = model.token_reduction
+    return structure(model) | ({"tokens": token_counts(plan, model.config)} if plan is not None else {})
 
 
 # ------------------------------------------------------------------------------------------------ prune
@@ -149,19 +173,33 @@ def _input_shape(ctx: StageContext) -> tuple[int, int, int]:
 
 def _latency_ms(model: VisionTransformer, ctx: StageContext) -> float:
     """FP32 p50 latency of ``model`` on the target runtime: exported to a temporary ONNX file and timed."""
-    from export.onnx_export import export_onnx
-    from runtimes import default_threads, get_runtime, measure_latency
-
     p = ctx.config.prune
-    threads = ctx.config.measure.threads or default_threads()
     x = np.random.default_rng(0).standard_normal((p.target_batch, *_input_shape(ctx))).astype(np.float32)
+    with _exported(model, ctx, x[:1]) as path:
+        return _time(path, p.target_runtime, x, ctx).latency_ms_p50
+
+
+@contextlib.contextmanager
+def _exported(model: VisionTransformer, ctx: StageContext, parity_inputs: np.ndarray) -> Iterator[Path]:
+    """``model`` as a temporary FP32 ONNX file, checked against PyTorch in ONNX Runtime (``ParityError``)."""
+    from export.onnx_export import export_onnx
+
+    e = ctx.config.export
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "candidate.onnx"
-        export_onnx(model, path, example=torch.from_numpy(x[:1]), opset=ctx.config.export.opset,
-                    simplify=ctx.config.export.simplify, parity_inputs=x[:1])
-        engine = get_runtime(p.target_runtime).build(path, precision="fp32", threads=threads)
-        return measure_latency(engine, x, threads=threads, warmup=3, iterations=ctx.config.measure.iterations,
-                               max_seconds=ctx.config.measure.max_seconds).latency_ms_p50
+        export_onnx(model, path, example=torch.from_numpy(parity_inputs[:2]), opset=e.opset, simplify=e.simplify,
+                    atol=e.atol, min_agreement=e.min_agreement, parity_inputs=parity_inputs)
+        yield path
+
+
+def _time(path: Path, runtime: str, x: np.ndarray, ctx: StageContext, engine=None):
+    """Latency statistics of the ONNX file ``path`` on ``runtime`` (FP32) at the batch of ``x``."""
+    from runtimes import default_threads, get_runtime, measure_latency
+
+    threads = ctx.config.measure.threads or default_threads()
+    engine = engine or get_runtime(runtime).build(path, precision="fp32", threads=threads)
+    return measure_latency(engine, x, threads=threads, warmup=3, iterations=ctx.config.measure.iterations,
+                           max_seconds=ctx.config.measure.max_seconds)
 
 
 # ---------------------------------------------------------------------------------------------- recover
@@ -171,7 +209,8 @@ def recover_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransfor
     return model
 
 
-def _recover(model: VisionTransformer, ctx: StageContext, *, epochs: float, tag: str) -> None:
+def _recover(model: VisionTransformer, ctx: StageContext, *, epochs: float, tag: str,
+             switch: str = "recover.epochs") -> None:
     """Distil ``ctx.teacher`` into ``model`` in place on the training split; resumable from its state file."""
     from calibration.evaluate import evaluate_top1
     from compress.train import train
@@ -180,8 +219,8 @@ def _recover(model: VisionTransformer, ctx: StageContext, *, epochs: float, tag:
     if len(ctx.train_data) == 0:
         from compress.errors import InputError
 
-        raise InputError("recovery needs training images but the dataset's training split is empty; add images "
-                         "or set recover.epochs=0")
+        raise InputError(f"fine-tuning ({tag}) needs training images but the dataset's training split is empty; "
+                         f"add images or set {switch}=0")
     options = r.model_dump(exclude={"epochs", "kd_alpha", "kd_temperature"})
 
     def eval_fn(m: VisionTransformer) -> float:
@@ -200,3 +239,163 @@ def _recover(model: VisionTransformer, ctx: StageContext, *, epochs: float, tag:
                                                  "seconds": round(result.seconds, 1), "history": result.history})
     log.info("recover (%s): %d steps in %.0f s, top-1 %.4f", tag, result.steps, result.seconds,
              result.history[-1]["eval_top1"] if result.history else float("nan"))
+
+
+# ----------------------------------------------------------------------------------------------- tokens
+def requested_plan(config: RunConfig, model: VisionTransformer):
+    """The one setting the config names (``tokens.r`` or ``tokens.keep_rate``), or None to search."""
+    t = config.tokens
+    if t.method == "tome" and t.r is not None:
+        from compress.tokens import tome
+
+        return tome(t.r, model.config.depth, t.schedule)
+    if t.method == "evit" and t.keep_rate is not None:
+        return evit_plan(config, model, t.keep_rate)
+    return None
+
+
+def evit_plan(config: RunConfig, model: VisionTransformer, keep):
+    from compress.tokens import evit
+
+    return evit(keep, model.config.depth, config.tokens.layers)
+
+
+def token_settings(model: VisionTransformer, config: RunConfig, shape: tuple[int, int, int]) -> list:
+    """The settings to try: the requested one, or for each ``tokens.macs`` fraction the mildest that reaches it.
+
+    ToMe: the smallest ``r`` (under ``tokens.schedule``) whose MACs are at most the fraction; EViT: the largest
+    keep rate on a 0.05 grid. A fraction no valid setting reaches gets the strongest valid one, once.
+    """
+    from compress.macs import count_macs
+    from compress.tokens import TokenError, tome
+
+    plan = requested_plan(config, model)
+    if plan is not None:
+        return [plan]
+    t = config.tokens
+    probe = copy.copy(model)  # shares the weights; only the plan differs
+    probe.token_reduction = None
+    full = count_macs(probe, (1, *shape))
+    ladder = []  # (plan, MAC fraction), mildest first
+    if t.method == "tome":
+        r = 1
+        while True:
+            try:
+                candidate = tome(r, model.config.depth, t.schedule)
+                ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
+            except TokenError:
+                break
+            r += 1
+    else:
+        for keep in np.arange(0.95, 0.0, -0.05):
+            candidate = evit_plan(config, model, round(float(keep), 2))
+            ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
+    settings = []
+    for fraction in t.macs:
+        reaching = [plan for plan, f in ladder if f <= fraction + 1e-9]
+        chosen = reaching[0] if reaching else (ladder[-1][0] if ladder else None)
+        if chosen is not None and chosen not in settings:
+            settings.append(chosen)
+    return settings
+
+
+def _macs_with(model: VisionTransformer, plan, shape: tuple[int, int, int]) -> int:
+    from compress.macs import count_macs
+    from compress.tokens import apply
+
+    return count_macs(apply(model, plan), (1, *shape))
+
+
+def tokens_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransformer:
+    """Try token reduction settings on the target runtime; keep the fastest within the budget.
+
+    Each setting (and the unreduced model, the reference) is exported, checked against PyTorch in ONNX Runtime
+    and OpenVINO (the export is refused beyond ``export.atol``), scored on the evaluation split and timed; every
+    one becomes a record. With ``tokens.finetune_epochs`` the chosen setting is then fine-tuned with reduction on.
+    """
+    from calibration.evaluate import evaluate_top1
+    from compress.macs import count_macs
+    from compress.tokens import apply, token_counts
+    from export.errors import ParityError
+    from runtimes import default_threads
+
+    t = ctx.config.tokens
+    shape = _input_shape(ctx)
+    settings = token_settings(model, ctx.config, shape)
+    x = next(ctx.eval_data.batches(max(t.target_batch, 1)))[0]
+    x = np.concatenate([x] * -(-t.target_batch // len(x)))[: t.target_batch]  # (B, C, H, W) real images
+    probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
+    trials, base_top1 = [], None
+    for plan in [None, *settings]:
+        name = plan.describe() if plan is not None else "unreduced"
+        apply(model, plan)
+        fields = {"candidate": name, "runtime": t.target_runtime, "precision": "fp32", "batch_size": t.target_batch,
+                  "macs": count_macs(model, (1, *shape)), "structure": model_structure(model)}
+        try:
+            with _exported(model, ctx, probe) as path:
+                ov_diff = openvino_parity(path, model, probe, atol=ctx.config.export.atol,
+                                          threads=ctx.config.measure.threads or default_threads())
+                engine = _engine(path, t.target_runtime, ctx)
+                result = evaluate_top1(engine.run, ctx.eval_data, batch_size=ctx.config.measure.eval_batch_size,
+                                       progress=(lambda d, n: ctx.progress(f"tokens · {name}", d, n))
+                                       if ctx.progress else None)
+                stats = _time(path, t.target_runtime, x, ctx, engine)
+        except ParityError as e:
+            if plan is None:
+                raise
+            log.warning("tokens: %s not kept: %s", name, e)
+            trials.append(fields | {"status": "skipped", "reason": f"export parity: {e}"})
+            continue
+        base_top1 = result.top1 if base_top1 is None else base_top1
+        drop = round((base_top1 - result.top1) * 100, 4)
+        trials.append(fields | {"top1": result.top1, "top1_drop": drop, "eval_samples": result.num_samples,
+                                "openvino_parity_max_abs_diff": ov_diff, "plan": plan} |
+                      {k: v for k, v in stats.to_dict().items() if k.startswith(("latency_ms", "throughput", "iter"))})
+        log.info("tokens: %s top-1 %.4f (drop %.2f pt), p50 %.2f ms on %s at batch %d, %.2fx the MACs", name,
+                 result.top1, drop, stats.latency_ms_p50, t.target_runtime, t.target_batch,
+                 fields["macs"] / trials[0]["macs"])
+    fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= t.max_drop + 1e-9]
+    best = min(fits, key=lambda r: r["latency_ms_p50"])
+    if best["plan"] is None and len(trials) > 1:
+        log.warning("tokens: no setting stays within %.2f pt of top-1 %.4f; the model goes on unreduced",
+                    t.max_drop, base_top1)
+    apply(model, best["plan"])
+    if best["plan"] is not None and t.finetune_epochs > 0:
+        _recover(model, ctx, epochs=t.finetune_epochs, tag="tokens", switch="tokens.finetune_epochs")
+    ctx.records += [{k: v for k, v in r.items() if k not in ("plan", "openvino_parity_max_abs_diff")} for r in trials]
+    ctx.notes |= {
+        "method": t.method, "selected": best["candidate"], "budget_pt": t.max_drop, "reference_top1": base_top1,
+        "plan": best["plan"].to_dict() if best["plan"] is not None else None,
+        "token_counts": token_counts(best["plan"], model.config) if best["plan"] is not None else None,
+        "trials": [{k: r.get(k) for k in ("candidate", "top1", "top1_drop", "latency_ms_p50", "macs", "status",
+                                          "reason", "openvino_parity_max_abs_diff")} for r in trials],
+    }
+    return model
+
+
+def _engine(path: Path, runtime: str, ctx: StageContext):
+    from runtimes import default_threads, get_runtime
+
+    return get_runtime(runtime).build(path, precision="fp32", threads=ctx.config.measure.threads or default_threads())
+
+
+def openvino_parity(path: Path, model: VisionTransformer, x: np.ndarray, *, atol: float, threads: int) -> float | None:
+    """Max |logit difference| of ONNX file ``path`` in OpenVINO (FP32) against PyTorch on ``x``.
+
+    Raises ``ParityError`` beyond ``atol``; None when OpenVINO is not installed.
+    """
+    from export.errors import ParityError
+    from runtimes import RuntimeUnavailableError, get_runtime
+
+    try:
+        engine = get_runtime("openvino").build(path, precision="fp32", threads=threads)
+    except RuntimeUnavailableError:
+        return None
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    diff = float(np.abs(engine.run(x) - expected).max())
+    if diff > atol:
+        plan = model.token_reduction.describe() if model.token_reduction is not None else "no token reduction"
+        raise ParityError(f"OpenVINO's logits differ from PyTorch's by {diff:.2e} (more than export.atol={atol}) "
+                          f"with {plan}")
+    return diff

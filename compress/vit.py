@@ -18,13 +18,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import ConfigError
+
+if TYPE_CHECKING:
+    from compress.tokens import TokenReduction
 
 Pool = Literal["cls", "mean", "mean_all"]
 FinalNorm = Literal["token", "pooled", "none"]
@@ -175,13 +178,25 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(num_heads * head_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of tokens ``x`` (B, N, D), each (B, H, N, hd).
+
+        Split into three, then into heads: the same numbers as timm's reshape to (B, N, 3, H, hd) and permute,
+        but OpenVINO 2026.4's CPU plugin computes that pattern wrongly once the token count equals the head count
+        (static shapes; seen here, and token reduction can land on such counts), and this one it computes right.
+        """
         B, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, N, hd)
-        q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
-        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, H, N, hd)
-        x = x.transpose(1, 2).reshape(B, N, -1)  # (B, N, H*hd)
-        return self.proj(x)  # (B, N, D)
+        q, k, v = (t.reshape(B, N, self.num_heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        return q, k, v
+
+    def merge_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs (B, H, N, hd) -> projected tokens (B, N, D)."""
+        B, _, N, _ = x.shape
+        return self.proj(x.transpose(1, 2).reshape(B, N, -1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.split_heads(x)  # (B, H, N, hd) each
+        return self.merge_heads(F.scaled_dot_product_attention(q, k, v, scale=self.scale))  # (B, N, D)
 
 
 class Mlp(nn.Module):
@@ -240,6 +255,8 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm == "pooled" else nn.Identity()
         self.head = nn.Linear(d, cfg.num_classes)
         self.head_dist = nn.Linear(d, cfg.num_classes) if cfg.dist_head else None
+        # Token merging or pruning at inference (compress.tokens): a plan, not weights; None runs every token.
+        self.token_reduction: TokenReduction | None = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -257,31 +274,42 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight.view(m.weight.shape[0], -1), std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, C, H, W) -> prefix and patch tokens with position embedding (B, P+N, D)."""
         x = self.patch_embed(x)  # (B, N, D)
         B = x.shape[0]
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
         if prefix:
             x = torch.cat([*prefix, x], dim=1)  # (B, P+N, D)
-        x = x + self.pos_embed  # (B, P+N, D)
+        return x + self.pos_embed  # (B, P+N, D)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)  # (B, P+N, D)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)  # (B, P+N, D)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_head(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+        """Pool and classify tokens (B, T, D); ``size`` (B, T, 1) weights mean pooling after token merging."""
         cfg = self.config
         if cfg.dist_head:
             cls, dist = self.fc_norm(x[:, 0]), self.fc_norm(x[:, 1])  # (B, D) each
             return (self.head(cls) + self.head_dist(dist)) / 2  # (B, K)
         if cfg.pool == "cls":
             x = x[:, 0]  # (B, D)
-        elif cfg.pool == "mean":
-            x = x[:, cfg.num_prefix_tokens :].mean(dim=1)  # (B, D)
         else:
-            x = x.mean(dim=1)  # (B, D)
+            if cfg.pool == "mean":
+                x = x[:, cfg.num_prefix_tokens :]  # (B, N', D)
+                size = None if size is None else size[:, cfg.num_prefix_tokens :]
+            # A merged token stands for `size` original tokens: weight it so the mean is over the originals.
+            x = x.mean(dim=1) if size is None else (x * size).sum(dim=1) / size.sum(dim=1)  # (B, D)
         return self.head(self.fc_norm(x))  # (B, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_reduction is not None:
+            from compress.tokens import forward_reduced
+
+            return forward_reduced(self, x, self.token_reduction)  # (B, K)
         return self.forward_head(self.forward_features(x))  # (B, K)
 
     def set_image_size(self, image_size: int) -> None:

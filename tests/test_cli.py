@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from calibration.preprocess import Preprocess
 from compress.checkpoint import Checkpoint, save_checkpoint
 from compress.cli import app
-from tests.conftest import write_digit_folder
+from tests.conftest import TINY, write_digit_folder
 
 FAST = ["--set", "measure.iterations=3", "--set", "measure.max_seconds=0.5", "--set", "measure.warmup=1",
         "--set", "data.calib_size=20", "--set", "quantize.enabled=false"]
@@ -63,6 +63,15 @@ def _write_cnn(ws):
     return ws / "cnn.pt"
 
 
+def _write_no_cls(ws):
+    from compress.vit import ViTConfig, VisionTransformer
+
+    model = VisionTransformer(ViTConfig(**(TINY | {"class_token": False, "pool": "mean"})))
+    path = ws / "mean-pool.safetensors"
+    save_checkpoint(Checkpoint(model, Preprocess(crop_size=32), [str(i) for i in range(10)]), path)
+    return path
+
+
 def _calib_array(ws):
     np.save(ws / "calib.npy", np.zeros((8, 1, 32, 32), np.float32))  # grayscale: the model takes RGB
     return ws / "calib.npy"
@@ -107,6 +116,16 @@ BAD_RUNS = {
     "prune ratio empties a layer": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
                                                 "prune.enabled=true", "--set", "prune.heads=0.9"],
                                     "would leave a layer with fewer than 1; at most 75%"),
+    "token merging r too large": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
+                                              "tokens.enabled=true", "--set", "tokens.r=9"],
+                                  "r=9 at layer 0 is more than that layer can merge: it has 16 patch tokens, so the "
+                                  "largest valid r there is 8"),
+    "keep rate out of range": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",
+                                           "tokens.enabled=true", "--set", "tokens.method='evit'", "--set",
+                                           "tokens.keep_rate=1.2"], "keep rate 1.2 at layer 0 is outside (0, 1]"),
+    "EViT without a class token": (lambda ws: ["run", _write_no_cls(ws), "--data", ws / "data", "--set",
+                                               "tokens.enabled=true", "--set", "tokens.method='evit'"],
+                                   "this model has no class token"),
     "existing RUN_DIR": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--out", ws / "data"],
                          "not a run directory"),
 }

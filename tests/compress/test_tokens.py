@@ -1,0 +1,253 @@
+"""Token reduction: exactness when off, the schedules, size bookkeeping, ONNX parity, bad input, the stage."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from compress.checkpoint import Checkpoint, load_own_checkpoint, save_checkpoint
+from compress.macs import count_macs
+from compress.tokens import (
+    TokenError, apply, class_attention, default_evit_layers, evit, forward_reduced, max_constant_r, merge_tokens,
+    prune_tokens, token_counts, tome,
+)
+from compress.vit import ViTConfig, VisionTransformer
+from calibration.preprocess import Preprocess
+
+# 32x32 images in 4x4 patches: 64 patch tokens, enough for several layers of merging.
+SMALL = dict(image_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_dim=128, num_classes=10)
+
+
+def _model(**overrides) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(ViTConfig(**(SMALL | overrides))).eval()
+
+
+def _images(n: int = 6) -> torch.Tensor:
+    """Smooth, image-like inputs (neighbouring patches are similar, as in photographs)."""
+    g = torch.Generator().manual_seed(1)
+    coarse = torch.randn(n, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"pool": "mean"}, {"class_token": False, "pool": "mean"},
+                                       {"dist_token": True, "dist_head": True}, {"pre_norm": False}])
+def test_r_zero_and_keep_one_reproduce_the_model_exactly(overrides):
+    model, x = _model(**overrides), _images()
+    with torch.inference_mode():
+        expected = model(x)
+        for plan in (tome(0, 4), evit(1.0, 4)) if model.config.class_token else (tome(0, 4),):
+            model.token_reduction = plan  # set directly: apply() would drop an inactive plan
+            assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("plan, counts", [
+    (tome(8, 4), [57, 49, 41, 33]),
+    (tome(8, 4, "decreasing"), [49, 38, 33, 33]),  # 2r falling to 0: 16, 11, 5, 0
+    (tome([10, 0, 5, 3], 4), [55, 55, 50, 47]),
+    (evit(0.5, 4, layers=[1, 3]), [65, 34, 34, 19]),  # 1 + ceil(0.5 * 64) + 1 fused, then 1 + 17 + 1
+])
+def test_token_counts_follow_the_schedule(plan, counts):
+    model, x = _model(), _images()
+    apply(model, plan)
+    trace = []
+    with torch.inference_mode():
+        forward_reduced(model, x, plan, trace)
+    assert token_counts(plan, model.config) == counts
+    assert [t["tokens"] for t in trace] == counts
+
+
+@pytest.mark.parametrize("overrides", [{}, {"class_token": False, "pool": "mean"}, {"dist_token": True}])
+def test_merged_sizes_sum_to_the_original_token_count(overrides):
+    model, x = _model(**overrides), _images()
+    plan = tome(6, 4, "decreasing")
+    trace = []
+    with torch.inference_mode():
+        forward_reduced(model, x, plan, trace)
+    original = model.config.num_prefix_tokens + model.config.num_patches
+    for step in trace:
+        assert torch.all(step["size"].sum(dim=(1, 2)) == original)
+        assert torch.all(step["size"][:, : model.config.num_prefix_tokens] == 1)  # prefix tokens never merge
+
+
+def test_merge_is_a_size_weighted_average_and_conserves_mass():
+    torch.manual_seed(0)
+    x, size = torch.randn(2, 11, 5), torch.randint(1, 4, (2, 11, 1)).float()
+    metric = torch.randn(2, 11, 7)
+    merged, new_size = merge_tokens(x, size, metric, r=3, prefix=1)
+    assert merged.shape == (2, 8, 5) and new_size.shape == (2, 8, 1)
+    assert torch.allclose((merged * new_size).sum(1), (x * size).sum(1), atol=1e-5)  # nothing lost or counted twice
+    assert torch.equal(merged[:, 0], x[:, 0])  # the class token stays first and untouched
+    # Unmerged A tokens keep their order: each kept row of x appears in ascending position.
+    a = x[:, 1::2]
+    for b in range(2):
+        kept = [int((a[b] == row).all(-1).nonzero()[0]) for row in merged[b, 1:3]]  # 5 A tokens, 3 merged
+        assert kept == sorted(kept)
+
+
+def test_evit_keeps_the_most_attended_tokens_and_fuses_the_rest():
+    x = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
+    attn = torch.tensor([[0.5, 0.05, 0.2, 0.1, 0.1, 0.05], [0.5, 0.3, 0.02, 0.03, 0.1, 0.05]])
+    out = prune_tokens(x, attn, keep=0.4, prefix=1)  # ceil(0.4 * 5) = 2 patch tokens kept
+    assert out.shape == (2, 4, 3)
+    assert torch.equal(out[0, 1], x[0, 2]) and torch.equal(out[1, 1], x[1, 1])  # most attended first
+    rest = [1, 3, 5] if torch.equal(out[0, 2], x[0, 4]) else [1, 4, 5]  # 0.1 vs 0.1: either is right
+    fused = sum(attn[0, i] * x[0, i] for i in rest)
+    assert torch.allclose(out[0, 3], fused)
+
+
+def test_class_attention_is_a_distribution():
+    q, k = torch.randn(2, 3, 9, 4), torch.randn(2, 3, 9, 4)
+    a = class_attention(q, k, 0.5, None)
+    assert a.shape == (2, 9) and torch.allclose(a.sum(-1), torch.ones(2))
+
+
+def test_reduction_lowers_macs_and_survives_a_checkpoint(tmp_path):
+    model = _model()
+    full = count_macs(model, (1, 3, 32, 32))
+    apply(model, tome(8, 4))
+    assert count_macs(model, (1, 3, 32, 32)) < 0.8 * full
+    path = save_checkpoint(Checkpoint(model, Preprocess(crop_size=32), list("abcdefghij")), tmp_path / "m.safetensors")
+    loaded = load_own_checkpoint(path).model
+    assert loaded.token_reduction == model.token_reduction
+    x = _images()
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("overrides, plan", [
+    ({}, tome(8, 4)),
+    ({}, tome(10, 4, "decreasing")),
+    ({"class_token": False, "pool": "mean"}, tome(8, 4)),
+    ({"dist_token": True, "dist_head": True}, tome(6, 4)),
+    ({}, evit(0.6, 4)),
+])
+def test_onnx_parity_in_onnxruntime_and_openvino(tmp_path, overrides, plan):
+    from compress.stages import openvino_parity
+    from export.onnx_export import export_onnx
+
+    model, x = _model(**overrides), _images(8)
+    apply(model, plan)
+    result = export_onnx(model, tmp_path / "m.onnx", example=x[:2], parity_inputs=x.numpy(), atol=1e-4)
+    assert result.parity.max_abs_diff <= 1e-4 and result.parity.agreement == 1.0
+    assert openvino_parity(tmp_path / "m.onnx", model, x.numpy(), atol=1e-4, threads=2) <= 1e-4
+    import onnx
+
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    ops = {n.op_type for n in graph.node}
+    assert "TopK" in ops and not ops & {"ScatterElements", "ScatterND", "NonZero", "Loop"}  # portable, static
+    out = graph.output[0].type.tensor_type.shape.dim
+    assert out[1].dim_value == 10  # only the batch axis is dynamic
+    # every batch size the dynamic axis admits gives the same per-image logits
+    from runtimes import get_runtime
+
+    engine = get_runtime("onnxruntime").build(tmp_path / "m.onnx", precision="fp32", threads=2)
+    assert np.allclose(engine.run(x[:1].numpy()), engine.run(x.numpy())[:1], atol=1e-5)
+
+
+def test_openvino_agrees_when_the_token_count_equals_the_head_count(tmp_path):
+    """OpenVINO 2026.4 (CPU, static shapes) mis-computed timm's fused-qkv reshape when tokens == heads; token
+    reduction can land there (here EViT leaves 1 + 2 + 1 = 4 tokens for 4 heads), so the model avoids that form."""
+    from compress.stages import openvino_parity
+    from export.onnx_export import export_onnx
+
+    model, x = _model(image_size=8, patch_size=2), _images(8)[:, :, :8, :8].contiguous()
+    apply(model, evit(0.1, 4, layers=[0]))
+    assert token_counts(model.token_reduction, model.config)[0] == 4 == model.config.num_heads[0]
+    export_onnx(model, tmp_path / "m.onnx", example=x[:2], parity_inputs=x.numpy())
+    assert openvino_parity(tmp_path / "m.onnx", model, x.numpy(), atol=1e-4, threads=2) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def test_r_larger_than_a_layer_allows_names_the_largest_valid_value():
+    cfg = _model().config
+    with pytest.raises(TokenError, match=r"r=40 at layer 0 .* the largest valid r there is 32; the largest constant "
+                                         rf"r for this model is {max_constant_r(cfg)}"):
+        token_counts(tome(40, 4), cfg)
+    with pytest.raises(TokenError, match=r"r=20 at layer 2 .* it has 24 patch tokens, so the largest valid r there is "
+                                         r"12"):
+        token_counts(tome([20, 20, 20, 20], 4), cfg)  # 64 -> 44 -> 24: the third layer cannot merge 20
+    assert max_constant_r(cfg) == 12  # 64 -> 52 -> 40 -> 28 -> 16: r=13 would leave 25 < 2*13 at layer 3
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.1, 1.5])
+def test_keep_rate_outside_zero_one_is_refused(keep):
+    with pytest.raises(TokenError, match=rf"keep rate {keep} at layer \d is outside \(0, 1\]"):
+        evit(keep, 4)
+
+
+def test_evit_needs_a_class_token():
+    with pytest.raises(TokenError, match="no class token .* use ToMe"):
+        apply(_model(class_token=False, pool="mean"), evit(0.5, 4))
+
+
+def test_plan_and_layers_must_fit_the_model():
+    with pytest.raises(TokenError, match="lists 3 values but the model has 4 layers"):
+        tome([1, 2, 3], 4)
+    with pytest.raises(TokenError, match=r"tokens.layers \[7\] are outside"):
+        evit(0.5, 4, layers=[7])
+    assert default_evit_layers(12) == [3, 6, 9]
+
+
+def test_a_plan_that_merges_every_token_it_can_still_runs():
+    model = _model()
+    r = max_constant_r(model.config)
+    apply(model, tome(r, 4))
+    counts = token_counts(model.token_reduction, model.config)
+    assert counts[-1] == 1 + 64 - 4 * r
+    with torch.inference_mode():
+        assert model(_images()).shape == (6, 10)
+    assert math.isfinite(float(model(_images()).abs().max()))
+
+
+# ------------------------------------------------------------------------------------------------- stage
+def _stage_config(*extra):
+    from compress.config import load_config
+
+    return load_config(None, ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_size=64",
+                              "measure.iterations=3", "measure.max_seconds=0.5", "measure.warmup=1",
+                              "measure.batch_sizes=[1]", "data.eval_limit=128", *extra])
+
+
+def test_tokens_stage_tries_settings_records_them_and_keeps_one_within_budget(tmp_path, digits_model):
+    from compress.pipeline import run_pipeline
+
+    config = _stage_config("tokens.enabled=true", "tokens.max_drop=100", "tokens.macs=[0.8, 0.7]",
+                           "prune.enabled=true", "prune.heads=0.25", "prune.importance=l2",
+                           'quantize.quantizers=["onnxruntime-static"]', "quantize.max_drop=100")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    tried = [r for r in result.records if r.stage == "tokens" and r.candidate is not None]
+    assert [r.candidate for r in tried][0] == "unreduced" and len(tried) == 3
+    assert all(r.runtime == "onnxruntime" and r.top1 is not None and r.latency_ms_p50 > 0 for r in tried)
+    assert tried[1].macs <= 0.8 * tried[0].macs and tried[2].macs <= 0.7 * tried[0].macs
+    assert sum(tried[1].structure["heads"]) == 12  # measured after head pruning
+    marker = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
+    fastest = min(tried, key=lambda r: r.latency_ms_p50)  # the budget admits all here: the fastest is kept
+    assert marker["selected"] == fastest.candidate
+    assert all(t["openvino_parity_max_abs_diff"] <= 1e-4 for t in marker["trials"])
+    final = [r for r in result.records if r.stage == "tokens" and r.candidate is None and r.status == "ok"]
+    assert {r.runtime for r in final} == {"torch", "onnxruntime", "openvino"}
+    if marker["plan"] is not None:
+        assert final[0].structure["tokens"] == marker["token_counts"]
+    # The quantized reduced model agrees with its own float version within the quantization budget.
+    quantized = [r for r in result.records if r.stage == "quantize" and r.status == "ok"
+                 and r.runtime == "onnxruntime"]
+    float_top1 = next(r.top1 for r in final if r.runtime == "onnxruntime")
+    assert quantized and abs(quantized[0].top1 - float_top1) <= 0.02
+    again = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    assert again.resumed_stages == ["baseline", "prune", "tokens", "quantize"]
+
+
+def test_tokens_stage_with_a_fixed_setting_over_budget_keeps_the_model_unreduced(tmp_path, digits_model):
+    from compress.pipeline import run_pipeline
+
+    config = _stage_config("tokens.enabled=true", "tokens.method='evit'", "tokens.keep_rate=0.1",
+                           "tokens.layers=[0]", "tokens.max_drop=0", "quantize.enabled=false")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    tried = [r for r in result.records if r.stage == "tokens" and r.candidate is not None]
+    assert [r.candidate for r in tried] == ["unreduced", "evit keep=0.1@[0]"]
+    notes = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
+    if tried[1].top1 < tried[0].top1:  # pruning 90% of the tokens at the first layer costs accuracy
+        assert notes["selected"] == "unreduced" and notes["plan"] is None
