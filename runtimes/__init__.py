@@ -11,17 +11,19 @@ _REGISTRY = {
     "torch": ("runtimes.torch_eager", "TorchRuntime"),
     "onnxruntime": ("runtimes.onnxruntime_cpu", "OnnxRuntimeCPU"),
     "openvino": ("runtimes.openvino_cpu", "OpenVinoCPU"),
+    "tensorrt": ("runtimes.tensorrt_gpu", "TensorRtRuntime"),
 }
 
 RUNTIME_NAMES = tuple(_REGISTRY)
 
 
-def get_runtime(name: str) -> Runtime:
-    """The runtime called ``name``; an unknown or uninstalled one raises ``RuntimeUnavailableError``."""
+def get_runtime(name: str, **options) -> Runtime:
+    """The runtime called ``name`` (``options`` go to its constructor, e.g. OpenVINO's ``cache_dir``); an unknown
+    or uninstalled one raises ``RuntimeUnavailableError``."""
     if name not in _REGISTRY:
         raise RuntimeUnavailableError(f"unknown runtime {name!r}; choose from {list(_REGISTRY)}")
     module, cls = _REGISTRY[name]
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)(**options)
 
 
 __all__ = [

@@ -59,21 +59,36 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+@dataclass(frozen=True)
+class _Rss:
+    rss: int
+
+
+def _max_rss() -> _Rss:
+    """The process's peak resident memory so far (``getrusage``; kilobytes on Linux)."""
+    import resource
+
+    return _Rss(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
 class PeakMemory:
     """Samples this process's resident memory in a thread; ``peak_mb`` is the highest value seen."""
 
     def __init__(self, interval_s: float = 0.005) -> None:
-        import psutil
+        try:
+            import psutil
 
-        self._process = psutil.Process()
+            self._rss = psutil.Process().memory_info
+        except ImportError:  # a deployment bundle's runner needs no psutil: fall back to the lifetime peak
+            self._rss = _max_rss
         self._interval = interval_s
         self._stop = threading.Event()
-        self.peak_bytes = self._process.memory_info().rss
+        self.peak_bytes = self._rss().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(self._interval):
-            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+            self.peak_bytes = max(self.peak_bytes, self._rss().rss)
 
     def __enter__(self) -> PeakMemory:
         self._thread.start()
@@ -82,7 +97,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+        self.peak_bytes = max(self.peak_bytes, self._rss().rss)
 
     @property
     def peak_mb(self) -> float:

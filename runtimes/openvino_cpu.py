@@ -20,10 +20,12 @@ _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32", "fp16": "f32"}
 
 
 class OpenVinoEngine:
-    def __init__(self, model_path: Path, precision: str, threads: int) -> None:
+    def __init__(self, model_path: Path, precision: str, threads: int, cache_dir: Path | None = None) -> None:
         import openvino as ov
 
         self.core = ov.Core()
+        if cache_dir is not None:  # OpenVINO's model cache: a later start loads the compiled blob instead
+            self.core.set_property({"CACHE_DIR": str(cache_dir)})
         self.model = self.core.read_model(str(model_path))
         self.config = {
             "INFERENCE_PRECISION_HINT": _HINT[precision],
@@ -68,11 +70,12 @@ class OpenVinoCPU:
     formats = ("onnx", "openvino")  # ONNX files and OpenVINO IR (.xml beside its .bin)
     artifact_precisions = ("int8", "fp16")
 
-    def __init__(self) -> None:
+    def __init__(self, cache_dir: Path | None = None) -> None:
         try:
             import openvino as ov
         except ImportError as e:
             raise RuntimeUnavailableError("OpenVINO is not installed; pip install openvino") from e
+        self.cache_dir = cache_dir
         capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")  # asked once: it cannot change
         self._precisions = ["fp32", "bf16"] if "BF16" in capabilities else ["fp32"]
 
@@ -82,7 +85,7 @@ class OpenVinoCPU:
     def build(self, source: Path, *, precision: str, threads: int) -> OpenVinoEngine:
         if precision not in (*self.precisions(), *self.artifact_precisions):
             raise RuntimeUnavailableError(f"OpenVINO cannot run {precision} on this CPU; it offers {self.precisions()}")
-        return OpenVinoEngine(Path(source), precision, threads)
+        return OpenVinoEngine(Path(source), precision, threads, self.cache_dir)
 
     def versions(self) -> dict[str, str]:
         import openvino as ov
