@@ -158,6 +158,95 @@ def run(
     _guard(job)
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (the --out of `compress run`); several are compared", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.html, report.md and report-figures/ (default: the run's own folder; for several runs, compare/ in the first)")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write one self-contained report.html (plots, every record, the environment) and report.md from the records
+    of one or more runs; measures nothing."""
+    _setup_logging(verbose)
+
+    def job():
+        from compress.report_html import write_report
+
+        files = _with_status("drawing the report", lambda: write_report(run_dirs, out=out))
+        console.print(f"report:   {files.html}\nmarkdown: {files.markdown} (plots in {files.markdown.parent / 'report-figures'})")
+
+    _guard(job)
+
+
+@app.command()
+def deploy(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (the --out of `compress run`)", show_default=False)],
+    target: Annotated[str, typer.Option("--target", help="cpu-x86, cpu-arm or jetson-orin")],
+    out: Annotated[Path, typer.Option("--out", help="The bundle directory to write (BUNDLE.tar.gz goes beside it)")],
+    candidate: Annotated[Optional[str], typer.Option("--candidate", help="Deploy this stage or candidate, not the fastest")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Restrict the choice to one of the target's runtimes")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget in top-1 points (default: the run's quantize.max_drop)")] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Pack the fastest model within the accuracy budget for a target device, with a runner that needs no torch."""
+    _setup_logging(verbose)
+
+    def job():
+        from compress.deploy import deploy as make_bundle
+
+        make_bundle(run_dir, target, out, candidate=candidate, runtime=runtime, max_drop=max_drop,
+                    log=console.print)
+
+    _guard(job)
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="A deployment bundle (the --out of `compress deploy`)", show_default=False)],
+    data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder with the model's classes, for top-1")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Another of the bundle's runtimes")] = None,
+    batch: Annotated[Optional[list[int]], typer.Option("--batch", help="Batch sizes (default: the run's)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where records.jsonl goes (default: BUNDLE/device/HOST-RUNTIME)")] = None,
+    seconds: Annotated[float, typer.Option("--seconds", help="Time budget per batch size")] = 10.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Measure a bundle on this device; the records join `compress report`."""
+    _setup_logging(verbose)
+
+    def job():
+        from compress.bundle_runner import bench as run_bench
+
+        path, _ = run_bench(bundle, runtime=runtime, batch_sizes=batch, data=data, out=out, seconds=seconds,
+                            log=console.print)
+        console.print(f"records: {path}")
+
+    _guard(job)
+
+
+@app.command("build-engine")
+def build_engine(
+    bundle: Annotated[Path, typer.Argument(help="A jetson-orin deployment bundle", show_default=False)],
+    dla_core: Annotated[Optional[int], typer.Option("--dla-core", help="Build for this DLA core (GPU fallback on)")] = None,
+    workspace_mb: Annotated[int, typer.Option("--workspace-mb", help="TensorRT workspace limit")] = 1024,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch of the optimization profile")] = 32,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Build the TensorRT engine of a bundle on this device (engines do not move between GPUs)."""
+    _setup_logging(verbose)
+
+    def job():
+        from compress.bundle_runner import build_engine as build
+
+        path = build(bundle, workspace_mb=workspace_mb, max_batch=max_batch, dla_core=dla_core, log=console.print)
+        console.print(f"engine: {path}")
+
+    _guard(job)
+
+
+def _with_status(what: str, fn):
+    with console.status(what):
+        return fn()
+
+
 def _demo_checkpoint(config, run_dir: Path, bars: _ProgressBars):
     """Train the demo model once (resumable) in ``<RUN_DIR>-train`` beside the run directory."""
     from compress.checkpoint import load_own_checkpoint

@@ -8,10 +8,12 @@ and is shown with its traceback.
 from __future__ import annotations
 
 from calibration.errors import DatasetError
+from compress.bundle_runner import BundleError
 from export.errors import ExportError
 from runtimes.errors import RuntimeUnavailableError
 
 __all__ = [
+    "BundleError",
     "CheckpointError",
     "CompressError",
     "ConfigError",
@@ -41,4 +43,6 @@ class ConfigError(InputError):
 
 # The leaf packages (calibration/, export/, runtimes/) import nothing of compress/, so each defines its own
 # error; these are the types the CLI reports as one line.
-USER_ERRORS: tuple[type[Exception], ...] = (CompressError, DatasetError, ExportError, RuntimeUnavailableError)
+# The bundle runner (compress/bundle_runner.py) travels alone to devices, so its error stands alone too.
+USER_ERRORS: tuple[type[Exception], ...] = (CompressError, DatasetError, ExportError, RuntimeUnavailableError,
+                                            BundleError)

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from compress.bundle_runner import sha256 as sha256_file  # noqa: F401  (one hasher; the runner stands alone)
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -55,14 +57,6 @@ def atomic_write_json(path: Path, data: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_json(data: Any) -> str:

@@ -115,6 +115,11 @@ def _quantization_section(run_dir: Path, records: list[StageRecord]) -> list[str
 
 
 def write_markdown_report(run_dir: Path, records: list[StageRecord]) -> Path:
+    return atomic_write_text(run_dir / "report.md", markdown_report(run_dir, records))
+
+
+def markdown_report(run_dir: Path, records: list[StageRecord]) -> str:
+    """The text of ``report.md``: every record, pruning, quantization, what was skipped, and the environment."""
     ok = [r for r in records if r.status == "ok"]
     skipped = [r for r in records if r.status != "ok"]
     env = ok[0].env if ok else {}
@@ -141,4 +146,4 @@ def write_markdown_report(run_dir: Path, records: list[StageRecord]) -> Path:
         parts += ["## Environment", "", f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} logical cores), "
                   f"{env.get('threads')} threads", f"- {env.get('system')}, Python {env.get('python')}",
                   f"- {versions}", ""]
-    return atomic_write_text(run_dir / "report.md", "\n".join(parts))
+    return "\n".join(parts)

@@ -1,0 +1,270 @@
+"""Deployment bundles: the chosen model of a run, packed for a target device with a runner that needs no torch.
+
+``compress deploy RUN_DIR --target cpu-x86 --out BUNDLE`` reads the run's records (it measures nothing), picks
+the fastest candidate on the target's runtimes whose top-1 is within the budget (or the one the user names), and
+writes ``BUNDLE/`` and ``BUNDLE.tar.gz``:
+
+- the model: the ONNX file, and for OpenVINO the IR (``openvino/model.xml`` + ``.bin``) converted here;
+- ``manifest.json``: input spec, preprocessing, class names, accuracy and latency measured in the run, the
+  library versions they were measured with, the selection and why, and the SHA-256 of every file;
+- ``runner.py`` (``compress/bundle_runner.py``) with ``preprocess.py``, ``env.py`` and the ``runtimes/``
+  package, the same code the run measured with; ``requirements.txt`` naming only the runtime, numpy and Pillow.
+
+A Jetson bundle carries the ONNX file only: TensorRT engines are tied to the GPU and TensorRT version, so the
+engine is built on the device (``compress build-engine BUNDLE`` or ``python runner.py build-engine``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compress.bundle_runner import FORMAT, MANIFEST, BundleError, sha256
+from compress.errors import InputError
+from compress.records import StageRecord, read_records
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    runtimes: tuple[str, ...]  # in order of preference when latencies tie
+    requirements: tuple[str, ...]
+    measured_here: bool  # whether this machine's records measure the target's runtime
+
+
+TARGETS = {
+    "cpu-x86": Target("cpu-x86", "x86-64 CPU (OpenVINO or ONNX Runtime)", ("openvino", "onnxruntime"),
+                      ("numpy", "pillow"), True),
+    "cpu-arm": Target("cpu-arm", "64-bit Arm CPU, e.g. Graviton or Raspberry Pi 5 (ONNX Runtime or OpenVINO)",
+                      ("onnxruntime", "openvino"), ("numpy", "pillow"), True),
+    "jetson-orin": Target("jetson-orin", "NVIDIA Jetson Orin, JetPack 6 (TensorRT 10, engine built on the device)",
+                          ("tensorrt",), ("numpy", "pillow"), False),
+}
+RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # TensorRT comes with JetPack
+# What a TensorRT engine can be built from, best first: explicit INT8 (Q/DQ), an FP16 file, FP32.
+TENSORRT_PREFERENCE = ("int8", "fp16", "fp32")
+
+
+def choose(records: list[StageRecord], target: Target, *, max_drop: float, candidate: str | None = None,
+           runtime: str | None = None) -> StageRecord:
+    """The record to deploy: at the smallest batch size, on the target's runtimes, within ``max_drop`` points of
+    the baseline; the fastest, or for TensorRT targets (not measured here) the best TensorRT-buildable file."""
+    ok = [r for r in records if r.status == "ok" and r.top1_drop is not None and r.artifact]
+    if not ok:
+        raise InputError("the run has no measured records; run `compress run` to the end first")
+    batch = min(r.batch_size for r in ok)
+    pool = [r for r in ok if r.batch_size == batch]
+    if candidate is not None:
+        pool = [r for r in pool if candidate in (r.candidate, r.stage)]
+        if not pool:
+            names = sorted({r.candidate or r.stage for r in ok})
+            raise InputError(f"no record of candidate {candidate!r} in the run; it has {names}")
+    if target.measured_here:
+        runtimes = (runtime,) if runtime else target.runtimes
+        pool = [r for r in pool if r.runtime in runtimes]
+        if not pool:
+            raise InputError(f"the run has no measurements on {', '.join(runtimes)}, the runtime(s) of target "
+                             f"{target.name}; rerun with `--runtime {runtimes[0]}` (and install it)")
+    else:  # TensorRT runs the same ONNX files ONNX Runtime measured; its latency is measured on the device
+        pool = [r for r in pool if r.runtime == "onnxruntime" and r.artifact.endswith(".onnx")
+                and r.precision in TENSORRT_PREFERENCE]
+        if not pool:
+            raise InputError(f"the run has no ONNX Runtime measurements to judge the ONNX files {target.name} builds "
+                             "engines from; rerun with `--runtime onnxruntime`")
+    fits = [r for r in pool if r.top1_drop <= max_drop + 1e-9]
+    if not fits:
+        best = min(pool, key=lambda r: r.top1_drop)
+        raise InputError(f"no candidate of the run is within the {max_drop:g} pt budget on {target.name}'s "
+                         f"runtimes; the closest is {best.candidate or best.stage} on {best.runtime} "
+                         f"({best.top1_drop:+.2f} pt): raise --max-drop or rerun with a milder recipe")
+    if target.measured_here:
+        return min(fits, key=lambda r: (r.latency_ms_p50, target.runtimes.index(r.runtime)))
+    return min(fits, key=lambda r: (TENSORRT_PREFERENCE.index(r.precision), r.latency_ms_p50))
+
+
+def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None = None, runtime: str | None = None,
+           max_drop: float | None = None, log=print) -> Path:
+    """Write the bundle ``out`` (and ``out.tar.gz``) for ``target_name`` from the run in ``run_dir``."""
+    if target_name not in TARGETS:
+        raise InputError(f"unknown target {target_name!r}; choose from {list(TARGETS)}")
+    target = TARGETS[target_name]
+    if runtime is not None and runtime not in target.runtimes:
+        raise InputError(f"runtime {runtime!r} is not one of target {target.name}'s: {list(target.runtimes)}")
+    if max_drop is not None and max_drop < 0:
+        raise InputError(f"--max-drop {max_drop:g} is negative; give the top-1 points you accept losing (e.g. 1.0)")
+    records_path = Path(run_dir) / "records.jsonl"
+    if not records_path.is_file():
+        raise InputError(f"{run_dir} is not a run directory (no records.jsonl); pass the --out of `compress run`")
+    tarball = out.with_name(out.name + ".tar.gz")
+    for path in (out, tarball):
+        if path.exists():
+            raise InputError(f"{path} already exists; choose a new --out (nothing was changed)")
+    config = _read_json(Path(run_dir) / "config.json")
+    budget = max_drop if max_drop is not None else float(config.get("quantize", {}).get("max_drop", 1.0))
+    records = read_records(records_path)
+    chosen = choose(records, target, max_drop=budget, candidate=candidate, runtime=runtime)
+    log(f"deploying {chosen.candidate or chosen.stage} ({chosen.runtime} {chosen.precision}): top-1 "
+        f"{chosen.top1 * 100:.2f}% ({chosen.top1_drop:+.2f} pt), p50 {chosen.latency_ms_p50:.3f} ms at batch "
+        f"{chosen.batch_size} here")
+    from compress.checkpoint import read_metadata
+
+    stage_ckpt = _stage_checkpoint(Path(run_dir), chosen)
+    metadata = read_metadata(stage_ckpt) if stage_ckpt else None
+    if not metadata:
+        raise InputError(f"the checkpoint of stage {chosen.stage} is missing from {run_dir}/artifacts; the run is "
+                         "incomplete: rerun the same `compress run` command to finish it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is for copying to devices
+    try:
+        models = _write_models(Path(run_dir) / chosen.artifact, chosen, target, staging)
+        _write_runner(staging, target, models)
+        manifest = _manifest(out.name, target, chosen, records, models, metadata, budget, staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(staging, out)  # the bundle appears whole or not at all
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _write_tarball(out, tarball)
+    log(f"bundle: {out}\ntarball: {tarball}")
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _stage_checkpoint(run_dir: Path, record: StageRecord) -> Path | None:
+    """The checkpoint of the stage a record belongs to (for quantized candidates, the stage they came from)."""
+    stage = record.stage
+    if stage == "quantize":
+        stages = [json.loads(p.read_text()) for p in (run_dir / "stages").glob("*.json") if p.stem != "quantize"]
+        stages = [s for s in stages if "checkpoint" in s]
+        stages.sort(key=lambda s: s.get("finished", ""))
+        return run_dir / "artifacts" / stages[-1]["checkpoint"] if stages else None
+    marker = _read_json(run_dir / "stages" / f"{stage}.json")
+    return run_dir / "artifacts" / marker["checkpoint"] if "checkpoint" in marker else None
+
+
+def _write_models(artifact: Path, record: StageRecord, target: Target, root: Path) -> list[dict[str, Any]]:
+    """Copy (and for OpenVINO convert) the chosen artifact; one entry per runtime the bundle can use."""
+    if not artifact.is_file():
+        raise InputError(f"artifact {artifact} of the chosen record is missing; rerun the same `compress run`")
+    precision = "fp32" if record.precision == "bf16" and record.runtime != "openvino" else record.precision
+    models = []
+    if artifact.suffix == ".onnx":
+        shutil.copy2(artifact, root / "model.onnx")
+        runtimes = ("tensorrt", "onnxruntime") if not target.measured_here else ("onnxruntime", "openvino")
+        for name in runtimes:
+            models.append({"runtime": name, "path": "model.onnx", "precision": precision})
+    if record.runtime == "openvino":
+        (root / "openvino").mkdir()
+        if artifact.suffix == ".xml":
+            shutil.copy2(artifact, root / "openvino" / "model.xml")
+            shutil.copy2(artifact.with_suffix(".bin"), root / "openvino" / "model.bin")
+        else:
+            import openvino as ov
+
+            ov.save_model(ov.convert_model(str(artifact)), str(root / "openvino" / "model.xml"), compress_to_fp16=False)
+        models = [m for m in models if m["runtime"] != "openvino"]
+        models.insert(0, {"runtime": "openvino", "path": "openvino/model.xml", "precision": record.precision})
+    return models
+
+
+def _write_runner(root: Path, target: Target, models: list[dict[str, Any]]) -> None:
+    import calibration.preprocess
+    import compress.bundle_runner
+    import compress.env
+    import runtimes
+
+    shutil.copy2(compress.bundle_runner.__file__, root / "runner.py")
+    shutil.copy2(calibration.preprocess.__file__, root / "preprocess.py")
+    shutil.copy2(compress.env.__file__, root / "env.py")
+    package = Path(runtimes.__file__).parent
+    (root / "runtimes").mkdir()
+    for source in sorted(package.glob("*.py")):
+        if source.name != "torch_eager.py":  # the bundle runs without torch
+            shutil.copy2(source, root / "runtimes" / source.name)
+    needed = sorted({RUNTIME_PACKAGES[m["runtime"]] for m in models if m["runtime"] in RUNTIME_PACKAGES})
+    versions = _installed_versions(["numpy", "pillow", *needed])
+    lines = [f"{name}>={versions[name]}" if versions.get(name) else name for name in ("numpy", "pillow", *needed)]
+    (root / "requirements.txt").write_text("\n".join(lines) + "\n")
+    (root / "README.md").write_text(_readme(root.name, target, models))
+
+
+def _installed_versions(names: list[str]) -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _readme(name: str, target: Target, models: list[dict[str, Any]]) -> str:
+    lines = [f"# Deployment bundle for {target.description}", "",
+             "Needs Python 3.10+, numpy, Pillow and the runtime; never torch.", "", "```bash"]
+    if target.name == "jetson-orin":
+        lines += ["# TensorRT comes with JetPack 6 (python3-libnvinfer); build the engine here, once per device:",
+                  "pip install numpy pillow", "python runner.py build-engine"]
+    else:
+        lines += ["python -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt"]
+    lines += ["python runner.py verify                       # every file against manifest.json's SHA-256",
+              "python runner.py classify image.jpg           # top classes",
+              "python runner.py bench --data IMAGE_FOLDER    # latency here, and top-1 on an ImageFolder",
+              "```", "", "Models: " + ", ".join(f"{m['runtime']} ({m['precision']}, {m['path']})" for m in models),
+              "", "`manifest.json` holds the input spec, preprocessing, classes, and the accuracy and latency measured "
+              "when the bundle was made."]
+    return "\n".join(lines) + "\n"
+
+
+def _manifest(name: str, target: Target, chosen: StageRecord, records: list[StageRecord], models: list[dict],
+              metadata: dict[str, str], budget: float, root: Path) -> dict[str, Any]:
+    same = [r for r in records if r.status == "ok" and r.stage == chosen.stage and r.candidate == chosen.candidate
+            and r.runtime == chosen.runtime and r.precision == chosen.precision]
+    preprocess = json.loads(metadata["preprocess"])
+    files = {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        "format": FORMAT, "name": name, "target": target.name, "target_description": target.description,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "input": {"name": "pixel_values", "dtype": "float32", "layout": "NCHW",
+                  "shape": ["batch", preprocess["in_chans"], preprocess["crop_size"], preprocess["crop_size"]]},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", len(json.loads(metadata["classes"]))]},
+        "preprocess": preprocess, "classes": json.loads(metadata["classes"]),
+        "model": json.loads(metadata["model"]) | ({"tokens": json.loads(metadata["tokens"])} if "tokens" in metadata
+                                                  else {}),
+        "selected": {"stage": chosen.stage, "candidate": chosen.candidate or chosen.stage, "runtime": models[0]["runtime"],
+                     "measured_runtime": chosen.runtime, "precision": chosen.precision, "top1": chosen.top1,
+                     "top1_drop": chosen.top1_drop, "budget_pt": budget, "dataset": chosen.dataset,
+                     "eval_samples": chosen.eval_samples, "batch_sizes": sorted({r.batch_size for r in same}),
+                     "why": ("fastest within budget on the target's runtimes" if target.measured_here else
+                             "best TensorRT-buildable file within budget (INT8 Q/DQ > FP16 > FP32); latency is "
+                             "measured on the device")},
+        "latency_measured": [{"batch_size": r.batch_size, "latency_ms_p50": r.latency_ms_p50,
+                              "latency_ms_p90": r.latency_ms_p90, "latency_ms_p99": r.latency_ms_p99,
+                              "throughput_ips": r.throughput_ips, "threads": r.threads} for r in same],
+        "measured_on": {k: v for k, v in chosen.env.items() if k != "versions"},
+        "versions": chosen.env.get("versions", {}),
+        "models": models, "files": files,
+    }
+
+
+def _write_tarball(bundle: Path, tarball: Path) -> None:
+    tmp = tarball.with_name(f".{tarball.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(bundle, arcname=bundle.name)
+    os.replace(tmp, tarball)
+    (tarball.with_name(tarball.name + ".sha256")).write_text(f"{sha256(tarball)}  {tarball.name}\n")
+
+
+__all__ = ["TARGETS", "BundleError", "choose", "deploy"]
