@@ -213,8 +213,11 @@ def bench(bundle: Path, *, runtime: str | None = None, batch_sizes: list[int] | 
     env["versions"] = dict(env["versions"]) | _runtime_version(entry["runtime"])
     rows = []
     for batch in batch_sizes:
-        stats = measure_latency(engine, x[:batch], threads=threads, warmup=warmup, iterations=iterations,
-                                max_seconds=seconds)
+        if hasattr(engine, "measure"):  # TensorRT: end to end with copies, plus GPU compute from CUDA events
+            stats = _Stats(engine.measure(x[:batch], warmup=warmup, iterations=iterations, max_seconds=seconds))
+        else:
+            stats = measure_latency(engine, x[:batch], threads=threads, warmup=warmup, iterations=iterations,
+                                    max_seconds=seconds)
         row = {"schema": RECORD_SCHEMA, "stage": "deployed", "candidate": manifest["selected"].get("candidate"),
                "runtime": entry["runtime"], "precision": entry["precision"], "batch_size": batch, "status": "ok",
                "artifact": entry["path"], "dataset": str(data) if data else None, "run_id": manifest["name"],
@@ -231,6 +234,17 @@ def bench(bundle: Path, *, runtime: str | None = None, batch_sizes: list[int] | 
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     os.replace(tmp, path)
     return path, rows
+
+
+class _Stats:
+    """A latency dict (TensorRT's ``measure``) with the attribute access of ``LatencyStats``."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+        self.__dict__.update(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.values)
 
 
 def _size_mb(bundle: Path, entry: dict[str, Any]) -> float:

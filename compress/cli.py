@@ -7,8 +7,10 @@ inside the commands, so ``compress --help`` is fast.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -44,14 +46,25 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _guard(fn):
     """Run ``fn``; user errors become one line and exit code 1."""
     from compress.errors import USER_ERRORS
 
     try:
         return fn()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): every atomic write has removed its temporary file
+        console.print("interrupted; rerun the same command to resume")
+        raise typer.Exit(130) from None
     except USER_ERRORS as e:
         _fail(str(e))
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        _fail(f"cannot write {e.filename or 'the output'}: {e.strerror}; free space or choose a writable --out, then "
+              "rerun the same command (finished stages are kept)")
 
 
 class _ProgressBars:
@@ -106,6 +119,8 @@ def train(
         ckpt = load_configured(init, config) if init else None
         with _ProgressBars() as bars:
             _, summary = train_job(config, out, init=ckpt, progress=_train_progress(bars))
+        if not summary:  # a torchrun rank other than 0: rank 0 reports
+            return
         console.print(f"trained in {summary['seconds']:.0f} s: top-1 {summary['eval_top1']:.4f} on "
                       f"{summary['eval_images']} held-out images -> {out / 'model.safetensors'}")
 
@@ -145,11 +160,25 @@ def run(
                 ckpt = load_configured(checkpoint, config)
                 checkpoint_id = sha256_file(checkpoint) if checkpoint.is_file() else _dir_digest(checkpoint)
             result = run_pipeline(ckpt, checkpoint_id, config, run_dir, progress=bars)
+        if not result.records and not result.resumed_stages:  # a torchrun rank that only served fine-tuning
+            return
         if result.resumed_stages:
             console.print(f"resumed: stages {', '.join(result.resumed_stages)} were done in an earlier run")
         _print_table(result.records)
+        chain = run_dir / "stages" / "pipeline.json"
+        if chain.exists():
+            summary = json.loads(chain.read_text())
+            chosen = summary["selected"]
+            if summary.get("broke_at"):
+                console.print(f"budget: broke at stage {summary['broke_at']['stage']} "
+                              f"(budget {summary['budget_pt']:.2f} pt; see report.md)")
+            console.print(f"chosen for {summary['target']}: {chosen['candidate']} on {chosen['runtime']}, top-1 "
+                          f"{chosen['top1'] * 100:.2f}%, {chosen['latency_ms_p50']:.3f} ms" if "none" not in chosen
+                          else f"chosen for {summary['target']}: nothing within budget")
+            if summary.get("bundle"):
+                console.print(f"bundle:  {run_dir / summary['bundle']}")
         marker = run_dir / "stages" / "quantize.json"
-        if marker.exists():
+        if marker.exists() and not chain.exists():
             chosen = json.loads(marker.read_text()).get("selected")
             console.print(f"quantize: selected {chosen['candidate']} on {chosen['runtime']} ({chosen['artifact']})"
                           if chosen else "quantize: no candidate met the budget; the float model is the result")
@@ -298,7 +327,12 @@ def _resolve_config(recipe: Path | None, sets: list[str] | None, data: str | Non
     return config
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: every atomic write removes its temporary file
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except KeyboardInterrupt:

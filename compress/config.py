@@ -157,6 +157,23 @@ class QuantizeConfig(Section):
     fp16_keep_float32: list[str] = ["LayerNormalization"]
 
 
+STAGES = ("prune", "recover", "tokens", "quantize", "deploy")
+
+
+class PipelineConfig(Section):
+    """The chain: which stages run and in what order, one accuracy budget over all of them, and the target.
+
+    With ``stages`` unset, the sections' own switches decide (``prune.enabled``, ``recover.epochs``,
+    ``tokens.enabled``, ``quantize.enabled``), in the order prune, recover, tokens, quantize. With ``max_drop``
+    set, each stage may spend what the stages before it left of the budget, and the run reports the stage that
+    broke it; the final choice is the fastest candidate on the target's runtimes within it.
+    """
+
+    stages: list[str] | None = None  # from STAGES, e.g. ["prune", "recover", "tokens", "quantize", "deploy"]
+    max_drop: float | None = Field(None, ge=0)  # top-1 points against the model as loaded, for the whole chain
+    target: Literal["cpu-x86", "cpu-arm", "jetson-orin"] = "cpu-x86"
+
+
 class RunConfig(Section):
     model: dict[str, Any] = {}
     preprocess: PreprocessConfig = PreprocessConfig()
@@ -168,6 +185,7 @@ class RunConfig(Section):
     recover: RecoverConfig = RecoverConfig()
     tokens: TokensConfig = TokensConfig()
     quantize: QuantizeConfig = QuantizeConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def dump(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
@@ -186,11 +204,20 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def load_config(recipe: Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """Resolve defaults < ``base`` (e.g. a built-in demo recipe) < recipe file < ``--set`` overrides."""
+    """Resolve defaults < ``base`` (e.g. a built-in demo recipe) < recipe file < ``--set`` overrides.
+
+    ``recipe`` is a TOML file or the name of a built-in recipe (``compress.recipes.BUILTIN_RECIPES``).
+    """
+    from compress.recipes import BUILTIN_RECIPES
+
     data: dict[str, Any] = json.loads(json.dumps(base or {}))
+    if recipe is not None and not Path(recipe).is_file() and str(recipe) in BUILTIN_RECIPES:
+        _merge(data, json.loads(json.dumps(BUILTIN_RECIPES[str(recipe)])))
+        recipe = None
     if recipe is not None:
         if not recipe.is_file():
-            raise ConfigError(f"recipe {recipe} does not exist; pass the path of a TOML recipe")
+            raise ConfigError(f"recipe {recipe} does not exist; pass the path of a TOML recipe or a built-in one "
+                              f"({', '.join(BUILTIN_RECIPES)})")
         try:
             _merge(data, tomllib.loads(recipe.read_text()))
         except tomllib.TOMLDecodeError as e:

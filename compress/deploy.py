@@ -90,6 +90,30 @@ def choose(records: list[StageRecord], target: Target, *, max_drop: float, candi
     return min(fits, key=lambda r: (TENSORRT_PREFERENCE.index(r.precision), r.latency_ms_p50))
 
 
+def _pool(records: list[StageRecord], target: Target) -> list[StageRecord]:
+    """Measured rows at the smallest batch size on the target's runtimes (ONNX Runtime standing in for TensorRT)."""
+    ok = [r for r in records if r.status == "ok" and r.top1 is not None and r.latency_ms_p50 is not None
+          and r.artifact]  # settings a stage only tried (no artifact kept) are not candidates
+    if not ok:
+        return []
+    batch = min(r.batch_size for r in ok)
+    runtimes = target.runtimes if target.measured_here else ("onnxruntime",)
+    return [r for r in ok if r.batch_size == batch and r.runtime in runtimes]
+
+
+def pareto_front(records: list[StageRecord], target: Target) -> list[dict[str, Any]]:
+    """The rows no other row beats on both top-1 and latency, fastest first (the accuracy-latency trade-off)."""
+    pool = sorted(_pool(records, target), key=lambda r: (r.latency_ms_p50, -r.top1))
+    front, best = [], -1.0
+    for r in pool:
+        if r.top1 > best + 1e-12:
+            front.append({"stage": r.stage, "candidate": r.candidate or r.stage, "runtime": r.runtime,
+                          "precision": r.precision, "top1": r.top1, "top1_drop": r.top1_drop,
+                          "latency_ms_p50": r.latency_ms_p50, "batch_size": r.batch_size})
+            best = r.top1
+    return front
+
+
 def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None = None, runtime: str | None = None,
            max_drop: float | None = None, log=print) -> Path:
     """Write the bundle ``out`` (and ``out.tar.gz``) for ``target_name`` from the run in ``run_dir``."""

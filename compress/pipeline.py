@@ -37,7 +37,8 @@ from compress.io import atomic_write, atomic_write_json, atomic_write_text, sha2
 from compress.macs import count_macs, count_params
 from compress.records import StageRecord, read_records
 from compress.report import write_markdown_report
-from compress.stages import StageContext, check_feasible, model_stages, model_structure, openvino_parity
+from compress.stages import (StageContext, check_feasible, model_stages, model_structure, openvino_parity,
+                             stage_plan)
 from compress.vit import VisionTransformer
 from export.onnx_export import export_onnx
 from runtimes import RUNTIME_NAMES, RuntimeUnavailableError, default_threads, get_runtime, measure_latency
@@ -70,19 +71,51 @@ def prepare_run_dir(run_dir: Path, inputs: dict[str, Any]) -> bool:
         return True
     if run_dir.exists() and any(run_dir.iterdir()):
         raise InputError(f"{run_dir} exists and is not a run directory of this tool; choose a new --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(manifest, {"key": key, "inputs": inputs, "created": _now()})
+    for parent in run_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"--out {run_dir}: {parent} is a file; choose a directory path for the run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(manifest, {"key": key, "inputs": inputs, "created": _now()})
+    except OSError as e:
+        raise InputError(f"cannot write the run directory {run_dir}: {e.strerror}; choose a writable --out with free "
+                         "space") from e
     return False
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of atomic writes that a killed process (SIGKILL, power loss) left behind."""
+    stale = [p for p in run_dir.rglob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def run_pipeline(
     ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path, *, progress: Progress | None = None
 ) -> RunResult:
-    """Run every stage on ``ckpt`` and measure it; resume a run of the same inputs in ``run_dir``."""
+    """Run every stage on ``ckpt`` and measure it; resume a run of the same inputs in ``run_dir``.
+
+    Under ``torchrun`` rank 0 runs the pipeline and the other ranks only join its fine-tuning (``distributed``).
+    """
+    from compress import distributed
+
+    if distributed.init() and not distributed.is_main():
+        distributed.serve()
+        return RunResult(run_dir, [], [])
+    try:
+        return _run(ckpt, checkpoint_id, config, run_dir, progress)
+    finally:
+        distributed.release()
+
+
+def _run(ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path, progress: Progress | None
+         ) -> RunResult:
     for name in config.measure.runtimes:  # fail before any work, not after the first stage
         if name not in RUNTIME_NAMES:
             raise RuntimeUnavailableError(f"unknown runtime {name!r}; choose from {list(RUNTIME_NAMES)}")
     stages = model_stages(config)  # a recipe error stops here, before any file is written
+    plan = stage_plan(config)
     check_feasible(ckpt.model, config)
     source = open_source(config.data.path)
     check_dataset_fits(ckpt, source)
@@ -93,9 +126,11 @@ def run_pipeline(
     if len(eval_data) == 0:
         raise InputError(f"dataset {source.name} leaves no images for evaluation; add images or lower data.calib_size")
     q = config.quantize
-    if q.enabled and set(q.quantizers) - {"fp16", "bf16", "onnxruntime-dynamic"}:  # fail before any work
+    if "quantize" in plan and set(q.quantizers) - {"fp16", "bf16", "onnxruntime-dynamic"}:  # fail before any work
         _calibration_set(q, calib_data, ckpt.preprocess, announce=False)
-    prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()})
+    if prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()}):
+        for path in remove_stale_temporaries(run_dir):
+            log.info("removed %s, left by an interrupted run", path.relative_to(run_dir))
     atomic_write_json(run_dir / "config.json", config.dump())
     probe = calib_data if len(calib_data) else eval_data
     parity_inputs = next(probe.batches(32))[0]  # (<=32, C, H, W) real images
@@ -128,7 +163,8 @@ def run_pipeline(
             continue
         log.info("stage %s: running", stage.name)
         state_dir = run_dir / "stages" / f"{stage.name}-{key}"
-        ctx = StageContext(config, train_data, calib_data, eval_data, ckpt.model, state_dir, progress)
+        ctx = StageContext(config, train_data, calib_data, eval_data, ckpt.model, state_dir, progress,
+                           budget_left=_budget_left(config, kept, stage_name))
         model = stage.transform(model, ctx)
         stage_ckpt = Checkpoint(model, ckpt.preprocess, ckpt.classes)
         save_checkpoint(stage_ckpt, ckpt_path)
@@ -161,17 +197,23 @@ def run_pipeline(
         if state_dir.exists():  # resumable training state is only needed until the stage is marked done
             shutil.rmtree(state_dir)
         prev_key, stage_name = key, stage.name
-    if config.quantize.enabled and config.quantize.quantizers:
+    if "quantize" in plan:
         key = sha256_json({"prev": prev_key, "stage": "quantize", "options": config.quantize.model_dump(),
-                           "measure": config.measure.model_dump(), "data": config.data.model_dump(),
-                           "dataset": source.name})[:16]
+                           "budget": config.pipeline.max_drop, "measure": config.measure.model_dump(),
+                           "data": config.data.model_dump(), "dataset": source.name})[:16]
         if done_keys.get("quantize") == key:
             log.info("stage quantize: done in an earlier run")
             resumed.append("quantize")
         else:
+            left = _budget_left(config, kept, stage_name)
+            if left is not None:  # the chain's budget: what the float stages left of it
+                config = config.model_copy(update={"quantize": config.quantize.model_copy(
+                    update={"max_drop": max(0.0, left)})})
             kept += quantize_stage(key, stage_name, model, onnx_path, kept, calib_data, eval_data, latency_input,
                                    reference, config, run_dir, source.name, progress)
             atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in kept))
+    if config.pipeline.stages is not None or config.pipeline.max_drop is not None:
+        finish_chain(run_dir, config, plan, kept)
     write_markdown_report(run_dir, kept)
     return RunResult(run_dir, kept, resumed)
 
@@ -268,6 +310,77 @@ def quantize_stage(
                        for c in candidates],
     })
     return out
+
+
+def _stage_drop(records: list[StageRecord], stage: str | None) -> float | None:
+    """Top-1 points ``stage``'s float model lost against the baseline, on ONNX Runtime when it was measured."""
+    rows = [r for r in records if r.stage == stage and r.status == "ok" and r.candidate is None
+            and r.top1_drop is not None and r.precision == "fp32"]
+    if not rows:
+        return None
+    preferred = [r for r in rows if r.runtime == "onnxruntime"] or rows
+    return preferred[0].top1_drop
+
+
+def _budget_left(config: RunConfig, records: list[StageRecord], prev_stage: str | None) -> float | None:
+    """What ``pipeline.max_drop`` leaves after the stages up to ``prev_stage``; None without a chain budget."""
+    budget = config.pipeline.max_drop
+    if budget is None:
+        return None
+    spent = _stage_drop(records, prev_stage) if prev_stage else 0.0
+    return budget - max(0.0, spent or 0.0)
+
+
+def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: list[StageRecord]) -> dict[str, Any]:
+    """Judge the chain against its budget, choose for the target, keep the Pareto set, and deploy if asked.
+
+    Writes ``stages/pipeline.json``: each stage's drop against the baseline and whether it stayed within the
+    budget (prune is judged after its recovery), the first stage that broke the budget, the choice for
+    ``pipeline.target`` (the fastest within budget on its runtimes), the accuracy-latency Pareto set, and the
+    bundle when ``deploy`` is a stage.
+    """
+    from compress.deploy import TARGETS, choose, deploy, pareto_front
+
+    budget = config.pipeline.max_drop if config.pipeline.max_drop is not None else config.quantize.max_drop
+    target = TARGETS[config.pipeline.target]
+    judged, broke = [], None
+    for i, stage in enumerate(["baseline", *[s for s in plan if s not in ("quantize", "deploy")]]):
+        drop = _stage_drop(records, stage)
+        recovered_later = stage == "prune" and "recover" in plan[plan.index("prune"):]
+        within = drop is not None and drop <= budget + 1e-9
+        judged.append({"stage": stage, "drop_pt": drop, "within_budget": within, "judged": not recovered_later})
+        if broke is None and not within and not recovered_later and drop is not None:
+            broke = {"stage": stage, "drop_pt": drop}
+    if "quantize" in plan:
+        marker = _read_json(run_dir / "stages" / "quantize.json")
+        if broke is None and marker and marker.get("selected") is None:
+            broke = {"stage": "quantize", "drop_pt": None}
+    try:
+        chosen = choose(records, target, max_drop=budget)
+        selected = {"stage": chosen.stage, "candidate": chosen.candidate or chosen.stage, "runtime": chosen.runtime,
+                    "precision": chosen.precision, "top1": chosen.top1, "top1_drop": chosen.top1_drop,
+                    "latency_ms_p50": chosen.latency_ms_p50, "batch_size": chosen.batch_size,
+                    "artifact": chosen.artifact}
+    except InputError as e:
+        selected = {"none": str(e)}
+    front = pareto_front(records, target)
+    summary = {"budget_pt": budget, "target": target.name, "stages": plan, "per_stage": judged, "broke_at": broke,
+               "selected": selected, "pareto": front}
+    if "deploy" in plan and "none" not in selected:
+        bundle = run_dir / f"bundle-{target.name}"
+        if not bundle.exists():
+            deploy(run_dir, target.name, bundle, max_drop=budget, log=log.info)
+        summary["bundle"] = bundle.name
+    if broke is not None:
+        log.warning("the chain broke its %.2f pt budget at stage %s (%s)", budget, broke["stage"],
+                    "no quantized candidate within what was left" if broke["drop_pt"] is None
+                    else f"{broke['drop_pt']:+.2f} pt")
+    atomic_write_json(run_dir / "stages" / "pipeline.json", summary)
+    return summary
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 DEFAULT_CALIB_SIZE = 256

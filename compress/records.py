@@ -34,6 +34,9 @@ class StageRecord:
     latency_ms_mean: float | None = None
     latency_ms_std: float | None = None
     throughput_ips: float | None = None
+    gpu_compute_ms_p50: float | None = None  # TensorRT: CUDA-event time of the network alone, without copies
+    gpu_compute_ms_p90: float | None = None
+    gpu_compute_ms_p99: float | None = None
     iterations: int | None = None
     threads: int | None = None
     peak_rss_mb: float | None = None

@@ -114,6 +114,62 @@ def _quantization_section(run_dir: Path, records: list[StageRecord]) -> list[str
     return parts
 
 
+def _tokens_section(run_dir: Path) -> list[str]:
+    """Every token-reduction setting tried, what it cost and bought, and the one kept."""
+    import json
+
+    marker = run_dir / "stages" / "tokens.json"
+    if not marker.exists():
+        return []
+    notes = json.loads(marker.read_text())["notes"]
+    trials = notes.get("trials", [])
+    base = trials[0] if trials else {}
+    parts = ["## Token reduction", "",
+             f"Budget: {notes['budget_pt']:.2f} pt of top-1 against the stage's input on the target runtime. Kept: "
+             f"**{notes['selected']}**" + (f", tokens per layer {notes['token_counts']}." if notes.get("token_counts")
+                                           else "."), "",
+             "| setting | top-1 | drop (pt) | p50 ms | speed-up | MACs | OpenVINO parity |", "|---|---|---|---|---|---|---|"]
+    for t in trials:
+        if t.get("top1") is None:
+            parts.append(f"| {t['candidate']} | skipped: {t.get('reason')} | | | | | |")
+            continue
+        parts.append(f"| {t['candidate']} | {t['top1'] * 100:.2f} | {t['top1_drop']:+.2f} | {t['latency_ms_p50']:.3f} | "
+                     f"{base['latency_ms_p50'] / t['latency_ms_p50']:.2f}x | {t['macs'] / base['macs']:.2f}x | "
+                     f"{_fmt(t.get('openvino_parity_max_abs_diff'), '.1e')} |")
+    return parts + [""]
+
+
+def _chain_section(run_dir: Path) -> list[str]:
+    """The chain against its one budget: where it broke, what was chosen for the target, the Pareto set."""
+    import json
+
+    marker = run_dir / "stages" / "pipeline.json"
+    if not marker.exists():
+        return []
+    chain = json.loads(marker.read_text())
+    parts = ["## The chain", "", f"Stages: {' -> '.join(['baseline', *chain['stages']])}; budget "
+             f"{chain['budget_pt']:.2f} pt of top-1 against the baseline; target {chain['target']}.", ""]
+    for s in chain["per_stage"]:
+        verdict = ("within budget" if s["within_budget"] else "over budget") if s["judged"] else "judged after recovery"
+        parts.append(f"- {s['stage']}: {_fmt(s['drop_pt'], '+.2f')} pt, {verdict}")
+    broke = chain.get("broke_at")
+    parts += ["", f"**The budget broke at stage {broke['stage']}**" + (
+        f" ({broke['drop_pt']:+.2f} pt)." if broke.get("drop_pt") is not None else
+        " (no quantized candidate within what was left).") if broke else "Every judged stage stayed within budget.", ""]
+    selected = chain["selected"]
+    parts.append(f"Chosen for {chain['target']}: **{selected['candidate']}** on {selected['runtime']} "
+                 f"({selected['precision']}), {selected['top1'] * 100:.2f}% top-1 ({selected['top1_drop']:+.2f} pt), "
+                 f"{selected['latency_ms_p50']:.3f} ms at batch {selected['batch_size']}."
+                 if "none" not in selected else f"Chosen: nothing. {selected['none']}")
+    if chain.get("bundle"):
+        parts.append(f"Bundle: `{chain['bundle']}/` (and `.tar.gz`).")
+    parts += ["", "Pareto set (no other candidate is both faster and more accurate):", "",
+              "| candidate | runtime | precision | top-1 | drop (pt) | p50 ms |", "|---|---|---|---|---|---|"]
+    parts += [f"| {p['candidate']} | {p['runtime']} | {p['precision']} | {p['top1'] * 100:.2f} | {p['top1_drop']:+.2f} | "
+              f"{p['latency_ms_p50']:.3f} |" for p in chain["pareto"]]
+    return parts + [""]
+
+
 def write_markdown_report(run_dir: Path, records: list[StageRecord]) -> Path:
     return atomic_write_text(run_dir / "report.md", markdown_report(run_dir, records))
 
@@ -134,7 +190,9 @@ def markdown_report(run_dir: Path, records: list[StageRecord]) -> str:
         markdown_table(ok),
         "",
     ]
-    parts += _pruning_section(ok)
+    parts += _chain_section(run_dir)
+    parts += _pruning_section([r for r in ok if r.stage != "tokens"])
+    parts += _tokens_section(run_dir)
     parts += _quantization_section(run_dir, [r for r in records if r.stage == "quantize"])
     if skipped:
         parts += ["## Skipped", ""]

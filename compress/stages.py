@@ -38,6 +38,7 @@ class StageContext:
     progress: Callable[[str, int, int], None] | None = None
     notes: dict[str, Any] = field(default_factory=dict)  # what a stage wants written into its marker
     records: list[dict[str, Any]] = field(default_factory=list)  # extra record fields: settings a stage tried
+    budget_left: float | None = None  # top-1 points the chain's budget (pipeline.max_drop) still allows
 
 
 @dataclass(frozen=True)
@@ -52,39 +53,82 @@ def baseline(model: VisionTransformer, ctx: StageContext) -> VisionTransformer:
     return model
 
 
-def model_stages(config: RunConfig) -> list[Stage]:
-    stages = [Stage("baseline", baseline)]
-    p = config.prune
-    if p.enabled:
-        if not (p.heads or p.mlp or p.target_macs or p.target_latency_ms):
-            from compress.errors import ConfigError
+def stage_plan(config: RunConfig) -> list[str]:
+    """The stages to run after the baseline, in order: ``pipeline.stages``, or the sections' own switches.
 
-            raise ConfigError("prune.enabled is set but nothing to prune: set prune.heads and/or prune.mlp, or "
-                              "prune.target_macs or prune.target_latency_ms")
-        stages.append(Stage("prune", prune_stage, {"prune": p.model_dump(), "recover": config.recover.model_dump()}))
-        if config.recover.epochs > 0:
+    Raises ``ConfigError`` for an unknown stage, one listed twice, or an order that cannot work.
+    """
+    from compress.config import STAGES
+    from compress.errors import ConfigError
+
+    order = config.pipeline.stages
+    if order is None:
+        order = (["prune"] if config.prune.enabled else []) + \
+            (["recover"] if config.prune.enabled and config.recover.epochs > 0 else []) + \
+            (["tokens"] if config.tokens.enabled else []) + \
+            (["quantize"] if config.quantize.enabled and config.quantize.quantizers else [])
+        return order
+    unknown = [s for s in order if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage {unknown[0]!r} in pipeline.stages; valid stages are {list(STAGES)}")
+    twice = sorted({s for s in order if order.count(s) > 1})
+    if twice:
+        raise ConfigError(f"stage {twice[0]!r} is listed twice in pipeline.stages; list each stage once")
+    position = {s: i for i, s in enumerate(order)}
+    if "recover" in position and position.get("prune", len(order)) > position["recover"]:
+        raise ConfigError("pipeline.stages puts 'recover' before 'prune' (or has no 'prune'): recovery fine-tunes a "
+                          "pruned model, so list 'prune' first")
+    if "recover" in position and config.recover.epochs <= 0:
+        raise ConfigError("pipeline.stages lists 'recover' but recover.epochs is 0; set recover.epochs > 0")
+    for stage in ("quantize", "deploy"):
+        later = [s for s in order[position.get(stage, len(order)) + 1:] if s not in ("deploy",)]
+        if stage in position and later:
+            raise ConfigError(f"pipeline.stages puts {later[0]!r} after {stage!r}: {stage} works on the final "
+                              f"float model, so list it after prune, recover and tokens")
+    if "deploy" in position and position["deploy"] != len(order) - 1:
+        raise ConfigError("pipeline.stages: 'deploy' packs the final choice, so it comes last")
+    return list(order)
+
+
+def model_stages(config: RunConfig) -> list[Stage]:
+    """The model-to-model stages of ``stage_plan`` (quantize and deploy branch off afterwards)."""
+    stages = [Stage("baseline", baseline)]
+    plan = stage_plan(config)
+    p = config.prune
+    if "prune" in plan and not (p.heads or p.mlp or p.target_macs or p.target_latency_ms):
+        from compress.errors import ConfigError
+
+        raise ConfigError("prune is on but there is nothing to prune: set prune.heads and/or prune.mlp, or "
+                          "prune.target_macs or prune.target_latency_ms")
+    for name in plan:
+        if name == "prune":
+            stages.append(Stage("prune", prune_stage, {"prune": p.model_dump(), "recover": config.recover.model_dump()}))
+        elif name == "recover":
             stages.append(Stage("recover", recover_stage, {"recover": config.recover.model_dump()}))
-    t = config.tokens
-    if t.enabled:
-        options = {"tokens": t.model_dump()} | ({"recover": config.recover.model_dump()} if t.finetune_epochs else {})
-        stages.append(Stage("tokens", tokens_stage, options))
+        elif name == "tokens":
+            t = config.tokens
+            options = {"tokens": t.model_dump()} | ({"recover": config.recover.model_dump()} if t.finetune_epochs
+                                                    else {})
+            stages.append(Stage("tokens", tokens_stage, options))
     return stages
 
 
 def check_feasible(model: VisionTransformer, config: RunConfig) -> None:
-    """Refuse, before any work, a model pruning cannot handle or ratios that would empty a layer."""
+    """Refuse, before any work, a model pruning cannot handle, ratios that would empty a layer, or a token
+    reduction setting the model cannot follow."""
     from compress.prune import check_layout, select
 
-    if config.tokens.enabled:
+    plan = stage_plan(config)
+    if "tokens" in plan:
         from compress.tokens import token_counts
 
-        plan = requested_plan(config, model)
-        if plan is not None:
-            token_counts(plan, model.config)  # raises TokenError naming the largest valid value
+        requested = requested_plan(config, model)
+        if requested is not None:
+            token_counts(requested, model.config)  # raises TokenError naming the largest valid value
         elif config.tokens.method == "evit" and not model.config.class_token:
             token_counts(evit_plan(config, model, 1.0), model.config)  # the no-class-token error
     p = config.prune
-    if not p.enabled:
+    if "prune" not in plan:
         return
     check_layout(model)
     heads = [np.ones(b.attn.num_heads) for b in model.blocks]
@@ -213,7 +257,7 @@ def _recover(model: VisionTransformer, ctx: StageContext, *, epochs: float, tag:
              switch: str = "recover.epochs") -> None:
     """Distil ``ctx.teacher`` into ``model`` in place on the training split; resumable from its state file."""
     from calibration.evaluate import evaluate_top1
-    from compress.train import train
+    from compress.distributed import train_together
 
     r = ctx.config.recover
     if len(ctx.train_data) == 0:
@@ -232,7 +276,7 @@ def _recover(model: VisionTransformer, ctx: StageContext, *, epochs: float, tag:
             ctx.progress(f"recover ({tag})", p.step, p.total_steps)
 
     ctx.state_dir.mkdir(parents=True, exist_ok=True)
-    result = train(model, ctx.train_data, epochs=epochs, **options, teacher=ctx.teacher, kd_alpha=r.kd_alpha,
+    result = train_together(model, ctx.train_data, epochs=epochs, **options, teacher=ctx.teacher, kd_alpha=r.kd_alpha,
                    kd_temperature=r.kd_temperature, checkpoint_path=ctx.state_dir / f"recover-{tag}.pt",
                    eval_fn=eval_fn, progress=report)
     ctx.notes.setdefault("recovery", []).append({"tag": tag, "epochs": epochs, "steps": result.steps,
@@ -354,17 +398,18 @@ def tokens_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransform
         log.info("tokens: %s top-1 %.4f (drop %.2f pt), p50 %.2f ms on %s at batch %d, %.2fx the MACs", name,
                  result.top1, drop, stats.latency_ms_p50, t.target_runtime, t.target_batch,
                  fields["macs"] / trials[0]["macs"])
-    fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= t.max_drop + 1e-9]
+    max_drop = t.max_drop if ctx.budget_left is None else max(0.0, ctx.budget_left)  # the chain's budget rules
+    fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= max_drop + 1e-9]
     best = min(fits, key=lambda r: r["latency_ms_p50"])
     if best["plan"] is None and len(trials) > 1:
         log.warning("tokens: no setting stays within %.2f pt of top-1 %.4f; the model goes on unreduced",
-                    t.max_drop, base_top1)
+                    max_drop, base_top1)
     apply(model, best["plan"])
     if best["plan"] is not None and t.finetune_epochs > 0:
         _recover(model, ctx, epochs=t.finetune_epochs, tag="tokens", switch="tokens.finetune_epochs")
     ctx.records += [{k: v for k, v in r.items() if k not in ("plan", "openvino_parity_max_abs_diff")} for r in trials]
     ctx.notes |= {
-        "method": t.method, "selected": best["candidate"], "budget_pt": t.max_drop, "reference_top1": base_top1,
+        "method": t.method, "selected": best["candidate"], "budget_pt": max_drop, "reference_top1": base_top1,
         "plan": best["plan"].to_dict() if best["plan"] is not None else None,
         "token_counts": token_counts(best["plan"], model.config) if best["plan"] is not None else None,
         "trials": [{k: r.get(k) for k in ("candidate", "top1", "top1_drop", "latency_ms_p50", "macs", "status",

@@ -106,8 +106,16 @@ def train(
     ``kd_alpha * T^2 * KL(teacher_T || student_T) + (1 - kd_alpha) * cross-entropy`` at temperature ``T``.
     ``max_steps`` caps the run below ``epochs`` (a step budget).
     """
+    from compress import distributed
+
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    together = distributed.active()  # under torchrun: every rank takes its slice of each global batch
+    world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if together else (1, 0)
+    if batch_size % world:
+        raise InputError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple "
+                         f"of {world} so the update equals one process's")
+    local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     log.info("decoding %d training images", len(train_data))
     images = torch.from_numpy(train_data.decode_uint8())  # (N, H, W, C) uint8
     labels = torch.from_numpy(train_data.labels)
@@ -132,6 +140,7 @@ def train(
                "kd": [kd_alpha, kd_temperature] if teacher is not None else None}
     if teacher is not None:
         teacher.eval()
+    net = torch.nn.parallel.DistributedDataParallel(model) if together else model
     step, history, elapsed_before = 0, [], 0.0
     if checkpoint_path is not None and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=True)
@@ -147,7 +156,7 @@ def train(
         log.info("resuming training at step %d of %d", step, total_steps)
 
     def save() -> None:
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and rank == 0:
             atomic_torch_save(
                 {
                     "model": model.state_dict(),
@@ -172,14 +181,14 @@ def train(
             order_epoch = epoch
         rows = order[pos * batch_size : (pos + 1) * batch_size]
         x = images[rows].permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
-        x = augment(x, padding=crop_padding, flip=flip, generator=generator)
-        x = (x - mean) / std
-        y = labels[rows]
+        x = augment(x, padding=crop_padding, flip=flip, generator=generator)  # the whole batch on every rank
+        x = ((x - mean) / std)[local]  # (B / world, C, H, W): this rank's slice
+        y = labels[rows][local]
         current_lr = cosine_lr(step, total_steps, warmup_steps, lr, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = current_lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x)  # (B, K)
+            logits = net(x)  # (B, K)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
         if teacher is not None:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -193,12 +202,17 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1
+        if together:  # the loss of the whole batch, for the log
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= world
         loss_value = loss.item()
 
         eval_top1 = None
         if step % steps_per_epoch == 0 or step == total_steps:
             epoch_done = step // steps_per_epoch
-            if eval_fn is not None and (step == total_steps or (eval_every_epochs and epoch_done % eval_every_epochs == 0)):
+            if eval_fn is not None and rank == 0 and (step == total_steps or
+                                                      (eval_every_epochs and epoch_done % eval_every_epochs == 0)):
                 model.eval()
                 eval_top1 = eval_fn(model)
                 model.train()
@@ -209,7 +223,7 @@ def train(
         elif time.perf_counter() - last_save > checkpoint_minutes * 60:
             save()
             last_save = time.perf_counter()
-        if progress is not None:
+        if progress is not None and rank == 0:
             progress(TrainProgress(epoch + 1, step, total_steps, loss_value, current_lr, eval_top1))
     model.eval()
     return TrainResult(steps=step, seconds=elapsed_before + time.perf_counter() - start, history=history)
@@ -226,15 +240,21 @@ def train_job(
 
     Resumes from ``out_dir/train_state.pt`` when an earlier run of the same job was interrupted.
     """
+    from compress import distributed
+
+    main = not distributed.init() or distributed.is_main()  # under torchrun, rank 0 alone writes
     source = open_source(config.data.path)
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
                          seed=config.data.seed)
     torch.manual_seed(config.train.seed)  # the initial weights, too, follow the recipe's seed
     ckpt = init if init is not None else new_checkpoint(config, source)
     check_dataset_fits(ckpt, source)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train_state.pt").exists():
-        raise InputError(f"{out_dir} exists and is not an interrupted training run; choose a new --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train_state.pt").exists():
+            raise InputError(f"{out_dir} exists and is not an interrupted training run; choose a new --out")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.active():
+        torch.distributed.barrier()  # the others read the resumable state only once rank 0 has looked at out_dir
     train_data = Subset(source, splits.train, ckpt.preprocess)
     eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
 
@@ -247,6 +267,8 @@ def train_job(
     result = train(ckpt.model, train_data, **options, checkpoint_path=out_dir / "train_state.pt",
                    checkpoint_minutes=config.train.checkpoint_minutes,
                    eval_every_epochs=config.train.eval_every_epochs, eval_fn=eval_fn, progress=progress)
+    if not main:
+        return ckpt, {}
     save_checkpoint(ckpt, out_dir / "model.safetensors")
     summary = {
         "dataset": source.name,

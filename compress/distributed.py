@@ -1,0 +1,85 @@
+"""Training across processes and machines with ``torchrun`` and DistributedDataParallel.
+
+``torchrun`` starts one process per worker and sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+``init()`` joins the process group (gloo on CPUs, NCCL on GPUs). Every rank draws the same global batch and the
+same augmentation, then trains on its own slice of it; DDP averages the gradients, so the update equals one
+process training on the whole batch, up to the order of floating-point sums. Rank 0 alone writes files.
+
+``compress train`` runs on every rank. In ``compress run`` rank 0 runs the pipeline and every other rank serves
+it: each fine-tuning job (recovery, token-merging fine-tuning) is broadcast to them and trained together, and a
+final empty job sends them home. ::
+
+    torchrun --nproc_per_node 2 -m compress.cli train --data DIR --out OUT                  # two processes here
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --master_addr HOST0 --master_port 29500 \\
+        -m compress.cli run CKPT --data DIR --out RUN --recipe cpu-latency                  # on each of two machines
+
+The run directory must be on storage every machine sees (rank 0 writes, all ranks read resumable state).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> bool:
+    """Join the process group when started by torchrun with more than one process; True when distributed."""
+    if world_size() <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast(obj: Any) -> Any:
+    """``obj`` from rank 0 on every rank (pickled; models travel as modules)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def serve() -> None:
+    """Ranks other than 0 in ``compress run``: train each job rank 0 broadcasts, until it sends None."""
+    from compress.train import train
+
+    while True:
+        job = broadcast(None)
+        if job is None:
+            return
+        model, data, options = job
+        train(model, data, **options)
+
+
+def train_together(model, data, **options):
+    """``compress.train.train`` on every rank: rank 0 sends the job (without its callbacks) to the others first."""
+    from compress.train import train
+
+    if active() and is_main():
+        shared = {k: v for k, v in options.items() if k not in ("eval_fn", "progress")}
+        broadcast((model, data, shared))
+    return train(model, data, **options)
+
+
+def release() -> None:
+    """Rank 0, at the end of ``compress run``: tell the serving ranks there is no more work."""
+    if active() and is_main():
+        broadcast(None)

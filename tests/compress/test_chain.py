@@ -1,0 +1,91 @@
+"""Recipes: stages in order under one budget, the built-in recipes, bad orders, and a budget no chain meets."""
+
+import json
+
+import pytest
+
+from compress.bundle_runner import verify
+from compress.config import load_config
+from compress.errors import ConfigError
+from compress.pipeline import run_pipeline
+from compress.recipes import BUILTIN_RECIPES
+from compress.stages import stage_plan
+
+FAST = ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_size=64", "measure.iterations=3",
+        "measure.max_seconds=0.3", "measure.warmup=1", "measure.batch_sizes=[1]", "data.eval_limit=128",
+        'measure.runtimes=["onnxruntime", "openvino"]', "prune.importance=l2", "recover.batch_size=64",
+        'quantize.quantizers=["onnxruntime-static"]', "tokens.finetune_epochs=0", "tokens.macs=[0.8]"]
+
+
+def test_builtin_recipes_load_and_chain_every_stage():
+    for name, recipe in BUILTIN_RECIPES.items():
+        config = load_config(name)
+        assert stage_plan(config) == ["prune", "recover", "tokens", "quantize", "deploy"]
+        assert config.pipeline.max_drop == 1.0 and config.pipeline.target == recipe["pipeline"]["target"]
+    assert load_config("jetson-latency").quantize.activations == "int8"  # TensorRT reads symmetric INT8 only
+
+
+@pytest.mark.parametrize("stages, message", [
+    (["prune", "distill"], r"unknown stage 'distill' in pipeline.stages; valid stages are \['prune', 'recover', "
+                           r"'tokens', 'quantize', 'deploy'\]"),
+    (["prune", "prune"], "listed twice"),
+    (["recover", "prune"], "puts 'recover' before 'prune'"),
+    (["tokens", "recover"], "puts 'recover' before 'prune' \\(or has no 'prune'\\)"),
+    (["quantize", "tokens"], "puts 'tokens' after 'quantize'"),
+    (["deploy", "quantize"], "puts 'quantize' after 'deploy'"),
+])
+def test_impossible_orders_and_unknown_stages_are_one_clear_error(stages, message):
+    config = load_config(None, [f"pipeline.stages={json.dumps(stages)}", "recover.epochs=1"])
+    with pytest.raises(ConfigError, match=message):
+        stage_plan(config)
+
+
+def test_recover_listed_without_epochs_is_refused():
+    with pytest.raises(ConfigError, match="lists 'recover' but recover.epochs is 0"):
+        stage_plan(load_config(None, ['pipeline.stages=["prune", "recover"]']))
+
+
+def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path, digits_model):
+    config = load_config(None, [*FAST, 'pipeline.stages=["prune", "recover", "tokens", "quantize", "deploy"]',
+                                "pipeline.max_drop=5", "prune.heads=0.25", "recover.epochs=1"])
+    run = tmp_path / "run"
+    result = run_pipeline(digits_model, "digits", config, run)
+    chain = json.loads((run / "stages" / "pipeline.json").read_text())
+    assert [s["stage"] for s in chain["per_stage"]] == ["baseline", "prune", "recover", "tokens"]
+    assert chain["per_stage"][1]["judged"] is False  # prune is judged after its recovery
+    recover_drop = chain["per_stage"][2]["drop_pt"]
+    tokens = json.loads((run / "stages" / "tokens.json").read_text())["notes"]
+    assert tokens["budget_pt"] == pytest.approx(5 - max(0.0, recover_drop))  # what recovery left of the budget
+    quantize = json.loads((run / "stages" / "quantize.json").read_text())
+    tokens_drop = chain["per_stage"][3]["drop_pt"]
+    assert quantize["max_drop"] == pytest.approx(5 - max(0.0, tokens_drop))
+    # the choice is the fastest row on the target's runtimes within budget, and it is on the Pareto set
+    rows = [r for r in result.records if r.status == "ok" and r.artifact and r.batch_size == 1
+            and r.runtime in ("openvino", "onnxruntime") and r.top1_drop <= 5]
+    fastest = min(rows, key=lambda r: r.latency_ms_p50)
+    assert chain["selected"]["latency_ms_p50"] == fastest.latency_ms_p50
+    front = chain["pareto"]
+    every = [r for r in result.records if r.status == "ok" and r.artifact and r.batch_size == 1
+             and r.runtime in ("openvino", "onnxruntime")]
+    assert front[0]["latency_ms_p50"] == min(r.latency_ms_p50 for r in every)  # the fastest is never dominated
+    assert all(a["latency_ms_p50"] <= b["latency_ms_p50"] and a["top1"] < b["top1"] for a, b in zip(front, front[1:]))
+    # nothing faster is also more accurate, so the fastest row within budget is on the front
+    assert (chain["selected"]["latency_ms_p50"], chain["selected"]["top1"]) in {
+        (p["latency_ms_p50"], p["top1"]) for p in front}
+    manifest = verify(run / chain["bundle"])
+    assert manifest["selected"]["top1"] == chain["selected"]["top1"]
+    report = (run / "report.md").read_text()
+    assert "## The chain" in report and "Pareto set" in report and "## Token reduction" in report
+
+
+def test_a_budget_no_chain_meets_names_the_stage_that_broke_it(tmp_path, digits_model):
+    config = load_config(None, [*FAST, 'pipeline.stages=["prune", "recover", "quantize"]', "pipeline.max_drop=0",
+                                "prune.heads=0.5", "prune.mlp=0.5", "recover.epochs=0.2"])
+    run = tmp_path / "run"
+    run_pipeline(digits_model, "digits", config, run)
+    chain = json.loads((run / "stages" / "pipeline.json").read_text())
+    over = [s for s in chain["per_stage"] if s["judged"] and s["drop_pt"] > 0]
+    assert over, "half the heads and MLP units with a fifth of an epoch of recovery should cost some top-1"
+    assert chain["broke_at"]["stage"] == over[0]["stage"]
+    report = (run / "report.md").read_text()
+    assert f"**The budget broke at stage {over[0]['stage']}**" in report
