@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import socket
@@ -38,6 +37,8 @@ except ImportError:  # inside a bundle: the copies beside this file, and its run
     from env import environment  # type: ignore[no-redef]
     from preprocess import Preprocess  # type: ignore[no-redef]
 
+from runtimes.base import sha256_file as sha256  # noqa: E402  (the bundle's own copy once sys.path is set)
+
 MANIFEST = "manifest.json"
 FORMAT = "vit-compress.bundle/1"
 RECORD_SCHEMA = "vit-compress.record/1"
@@ -49,14 +50,6 @@ class BundleError(Exception):
 
 
 # -------------------------------------------------------------------------------------------- the bundle
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_manifest(bundle: Path) -> dict[str, Any]:
     path = Path(bundle) / MANIFEST
     if not path.is_file():

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from compress.bundle_runner import FORMAT, MANIFEST, BundleError, sha256
+from compress.env import versions as installed_versions
 from compress.errors import InputError
-from compress.records import StageRecord, read_records
+from compress.records import StageRecord, pareto_front, read_records
 
 
 @dataclass(frozen=True)
@@ -101,17 +102,13 @@ def _pool(records: list[StageRecord], target: Target) -> list[StageRecord]:
     return [r for r in ok if r.batch_size == batch and r.runtime in runtimes]
 
 
-def pareto_front(records: list[StageRecord], target: Target) -> list[dict[str, Any]]:
+def pareto_set(records: list[StageRecord], target: Target) -> list[dict[str, Any]]:
     """The rows no other row beats on both top-1 and latency, fastest first (the accuracy-latency trade-off)."""
     pool = sorted(_pool(records, target), key=lambda r: (r.latency_ms_p50, -r.top1))
-    front, best = [], -1.0
-    for r in pool:
-        if r.top1 > best + 1e-12:
-            front.append({"stage": r.stage, "candidate": r.candidate or r.stage, "runtime": r.runtime,
-                          "precision": r.precision, "top1": r.top1, "top1_drop": r.top1_drop,
-                          "latency_ms_p50": r.latency_ms_p50, "batch_size": r.batch_size})
-            best = r.top1
-    return front
+    on = pareto_front([(r.latency_ms_p50, r.top1) for r in pool])
+    return [{"stage": r.stage, "candidate": r.candidate or r.stage, "runtime": r.runtime, "precision": r.precision,
+             "top1": r.top1, "top1_drop": r.top1_drop, "latency_ms_p50": r.latency_ms_p50, "batch_size": r.batch_size}
+            for r, keep in zip(pool, on) if keep]
 
 
 def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None = None, runtime: str | None = None,
@@ -217,22 +214,10 @@ def _write_runner(root: Path, target: Target, models: list[dict[str, Any]]) -> N
         if source.name != "torch_eager.py":  # the bundle runs without torch
             shutil.copy2(source, root / "runtimes" / source.name)
     needed = sorted({RUNTIME_PACKAGES[m["runtime"]] for m in models if m["runtime"] in RUNTIME_PACKAGES})
-    versions = _installed_versions(["numpy", "pillow", *needed])
+    versions = installed_versions(["numpy", "pillow", *needed])
     lines = [f"{name}>={versions[name]}" if versions.get(name) else name for name in ("numpy", "pillow", *needed)]
     (root / "requirements.txt").write_text("\n".join(lines) + "\n")
     (root / "README.md").write_text(_readme(root.name, target, models))
-
-
-def _installed_versions(names: list[str]) -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def _readme(name: str, target: Target, models: list[dict[str, Any]]) -> str:

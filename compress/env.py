@@ -21,19 +21,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def versions(names=PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution in ``names``; None for one that is not installed."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 @lru_cache(maxsize=1)
 def environment() -> dict[str, object]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     return {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "versions": versions,
+        "versions": versions(),
     }

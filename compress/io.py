@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from compress.bundle_runner import sha256 as sha256_file  # noqa: F401  (one hasher; the runner stands alone)
+from runtimes.base import sha256_file  # noqa: F401  (one hasher for artifacts, engines and bundles)
 
 
 @contextlib.contextmanager

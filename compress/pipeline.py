@@ -339,7 +339,7 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
     ``pipeline.target`` (the fastest within budget on its runtimes), the accuracy-latency Pareto set, and the
     bundle when ``deploy`` is a stage.
     """
-    from compress.deploy import TARGETS, choose, deploy, pareto_front
+    from compress.deploy import TARGETS, choose, deploy, pareto_set
 
     budget = config.pipeline.max_drop if config.pipeline.max_drop is not None else config.quantize.max_drop
     target = TARGETS[config.pipeline.target]
@@ -363,7 +363,7 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
                     "artifact": chosen.artifact}
     except InputError as e:
         selected = {"none": str(e)}
-    front = pareto_front(records, target)
+    front = pareto_set(records, target)
     summary = {"budget_pt": budget, "target": target.name, "stages": plan, "per_stage": judged, "broke_at": broke,
                "selected": selected, "pareto": front}
     if "deploy" in plan and "none" not in selected:

@@ -69,3 +69,13 @@ def read_records(path: Path) -> list[StageRecord]:
     if not path.exists():
         return []
     return [StageRecord.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For (latency, accuracy) points: True where no other point is at least as fast and at least as accurate,
+    and strictly better in one of the two. Identical points are all kept (none strictly beats the other)."""
+
+    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
+
+    return [not any(dominates(q, p) for q in points) for p in points]

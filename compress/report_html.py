@@ -31,7 +31,7 @@ from typing import Any
 
 from compress.errors import InputError
 from compress.io import atomic_write, atomic_write_text
-from compress.records import StageRecord, read_records
+from compress.records import StageRecord, pareto_front, read_records
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,6 @@ def _runtime_color(name: str, runtimes: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ Pareto fronts
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """For (latency, accuracy) points: True where no other point is at least as fast and at least as accurate,
-    and strictly better in one of the two. Identical points are all kept (none strictly beats the other)."""
-
-    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-        return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
-
-    return [not any(dominates(q, p) for q in points) for p in points]
 
 
 def pareto_marks(records: Sequence[StageRecord]) -> dict[int, str]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import default_threads, measure_latency
+from runtimes.base import default_threads, measure_latency, sha256_file
 from runtimes.cuda_ctypes import CudaUnavailableError, DeviceBuffer, PinnedBuffer, cudart, gpu_info
 from runtimes.errors import RuntimeUnavailableError
 
@@ -306,7 +306,7 @@ def build_engine(
         "format": METADATA_FORMAT, **env, "precision": precision, "strongly_typed": plan.strongly_typed,
         "builder_flags": list(plan.flags), "input": {"name": image.name, "shape": [int(d) for d in image.shape]},
         "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]}, "dla_core": dla_core,
-        "workspace_mb": workspace_mb, "onnx": onnx_path.name, "onnx_sha256": _sha256_file(onnx_path),
+        "workspace_mb": workspace_mb, "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path),
         "build_seconds": round(seconds, 3), "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     # The metadata goes last: an engine whose <engine>.json exists is whole and is the one that file describes.
@@ -354,14 +354,6 @@ def _atomic_write_bytes(path: Path, data) -> None:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -574,7 +566,7 @@ class TensorRtRuntime:
 
     def _engine_path(self, onnx_path: Path, precision: str, env: Mapping[str, str]) -> Path:
         key = hashlib.sha256(json.dumps({
-            "onnx": _sha256_file(onnx_path), "precision": precision, "workspace_mb": self.workspace_mb,
+            "onnx": sha256_file(onnx_path), "precision": precision, "workspace_mb": self.workspace_mb,
             "batch": [self.min_batch, self.opt_batch, self.max_batch], **{k: env[k] for k in METADATA_KEYS},
         }, sort_keys=True).encode()).hexdigest()[:16]
         folder = Path(self.cache_dir) if self.cache_dir is not None else onnx_path.parent / "tensorrt"
