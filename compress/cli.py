@@ -307,10 +307,15 @@ def _print_table(records) -> None:
     keep = [COLUMNS.index(c) for c in CONSOLE_COLUMNS]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False,
                   title="top-1 and latency per stage and runtime (every column: report.md)")
-    for heading in CONSOLE_COLUMNS.values():
-        table.add_column(heading, no_wrap=True)
-    for row in table_rows([r for r in records if r.status == "ok"]):
-        row = (row[1] or row[0], *row[1:])  # a quantized candidate is shown by its name in the stage column
+    rows = [(row[1] or row[0], *row[1:])  # a candidate (quantized, or a token setting) is shown by its name
+            for row in table_rows([r for r in records if r.status == "ok"])]
+    for n, heading in enumerate(CONSOLE_COLUMNS.values()):
+        if n == 0:  # the name gives way, with an ellipsis, so that no number is ever cut
+            table.add_column(heading, no_wrap=True, overflow="ellipsis", max_width=18)
+        else:
+            width = max([len(heading), *(len(row[keep[n]]) for row in rows)])
+            table.add_column(heading, no_wrap=True, min_width=width)
+    for row in rows:
         table.add_row(*(row[i] for i in keep))
     Console().print(table)
 

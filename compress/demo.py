@@ -20,7 +20,10 @@ DEMO_RECIPE = {
     "train": {"epochs": 40, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 2, "crop_padding": 0, "flip": False,
               "label_smoothing": 0.0},
     "measure": {"iterations": 100, "max_seconds": 3.0},
-    # The chain: prune a quarter of the heads and MLP units, recover by distillation, then quantize.
-    "prune": {"enabled": True, "heads": 0.25, "mlp": 0.25},
+    # The chain, under one budget of 1 pt: prune a quarter of the heads and MLP units, recover by distillation,
+    # try token merging, quantize, and pack the fastest model within budget for an x86 CPU.
+    "pipeline": {"stages": ["prune", "recover", "tokens", "quantize", "deploy"], "max_drop": 1.0},
+    "prune": {"heads": 0.25, "mlp": 0.25},
     "recover": {"epochs": 5, "batch_size": 32, "lr": 5e-4, "crop_padding": 0, "flip": False},
+    "tokens": {"macs": [0.75]},
 }

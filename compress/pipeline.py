@@ -516,7 +516,9 @@ def _measure_engine(
 def _done_stage_keys(run_dir: Path) -> dict[str, str]:
     keys = {}
     for marker in (run_dir / "stages").glob("*.json"):
-        keys[marker.stem] = json.loads(marker.read_text())["key"]
+        key = json.loads(marker.read_text()).get("key")
+        if key is not None:  # pipeline.json is the chain's summary, rewritten by every run, not a stage marker
+            keys[marker.stem] = key
     return keys
 
 

@@ -355,7 +355,9 @@ def tokens_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransform
 
     Each setting (and the unreduced model, the reference) is exported, checked against PyTorch in ONNX Runtime
     and OpenVINO (the export is refused beyond ``export.atol``), scored on the evaluation split and timed; every
-    one becomes a record. With ``tokens.finetune_epochs`` the chosen setting is then fine-tuned with reduction on.
+    one becomes a record. A setting the config names (``tokens.r`` / ``tokens.keep_rate``) is kept whenever it is
+    within the budget, faster or not, and with ``tokens.finetune_epochs`` it is fine-tuned *before* it is judged;
+    searched settings are judged training-free and the chosen one is fine-tuned afterwards.
     """
     from calibration.evaluate import evaluate_top1
     from compress.macs import count_macs
@@ -366,6 +368,8 @@ def tokens_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransform
     t = ctx.config.tokens
     shape = _input_shape(ctx)
     settings = token_settings(model, ctx.config, shape)
+    fixed = requested_plan(ctx.config, model) is not None
+    original = {k: v.clone() for k, v in model.state_dict().items()} if fixed and t.finetune_epochs > 0 else None
     x = next(ctx.eval_data.batches(max(t.target_batch, 1)))[0]
     x = np.concatenate([x] * -(-t.target_batch // len(x)))[: t.target_batch]  # (B, C, H, W) real images
     probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
@@ -373,6 +377,9 @@ def tokens_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransform
     for plan in [None, *settings]:
         name = plan.describe() if plan is not None else "unreduced"
         apply(model, plan)
+        if plan is not None and original is not None:
+            _recover(model, ctx, epochs=t.finetune_epochs, tag="tokens", switch="tokens.finetune_epochs")
+            name += f" fine-tuned {t.finetune_epochs:g} ep"
         fields = {"candidate": name, "runtime": t.target_runtime, "precision": "fp32", "batch_size": t.target_batch,
                   "macs": count_macs(model, (1, *shape)), "structure": model_structure(model)}
         try:
@@ -400,12 +407,18 @@ def tokens_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransform
                  fields["macs"] / trials[0]["macs"])
     max_drop = t.max_drop if ctx.budget_left is None else max(0.0, ctx.budget_left)  # the chain's budget rules
     fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= max_drop + 1e-9]
-    best = min(fits, key=lambda r: r["latency_ms_p50"])
+    if fixed:  # the setting asked for, when within budget
+        best = fits[-1] if fits[-1]["plan"] is not None else fits[0]
+    else:
+        best = min(fits, key=lambda r: r["latency_ms_p50"])
     if best["plan"] is None and len(trials) > 1:
-        log.warning("tokens: no setting stays within %.2f pt of top-1 %.4f; the model goes on unreduced",
-                    max_drop, base_top1)
+        log.warning("tokens: %s; the model goes on unreduced", "no setting within budget is faster than the "
+                    f"unreduced model on {t.target_runtime}" if len(fits) > 1 else
+                    f"no setting stays within {max_drop:.2f} pt of top-1 {base_top1:.4f}")
+        if original is not None:
+            model.load_state_dict(original)  # the fine-tuned weights were for the rejected setting
     apply(model, best["plan"])
-    if best["plan"] is not None and t.finetune_epochs > 0:
+    if best["plan"] is not None and t.finetune_epochs > 0 and original is None:
         _recover(model, ctx, epochs=t.finetune_epochs, tag="tokens", switch="tokens.finetune_epochs")
     ctx.records += [{k: v for k, v in r.items() if k not in ("plan", "openvino_parity_max_abs_diff")} for r in trials]
     ctx.notes |= {

@@ -76,6 +76,9 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     assert manifest["selected"]["top1"] == chain["selected"]["top1"]
     report = (run / "report.md").read_text()
     assert "## The chain" in report and "Pareto set" in report and "## Token reduction" in report
+    again = run_pipeline(digits_model, "digits", config, run)  # resumes: every stage done, the bundle kept
+    assert again.resumed_stages == ["baseline", "prune", "recover", "tokens", "quantize"]
+    assert json.loads((run / "stages" / "pipeline.json").read_text())["selected"] == chain["selected"]
 
 
 def test_a_budget_no_chain_meets_names_the_stage_that_broke_it(tmp_path, digits_model):
