@@ -54,6 +54,7 @@ class TrainConfig(Section):
     seed: int = 0
     checkpoint_minutes: float = Field(5.0, gt=0)
     eval_every_epochs: int = Field(0, ge=0)  # 0: evaluate only at the end
+    micro_batch_size: int | None = Field(None, ge=1)  # gradient accumulation pieces; None: sized to ~2 GB
 
 
 class ExportConfig(Section):
@@ -108,6 +109,7 @@ class RecoverConfig(Section):
     flip: bool = True
     bf16: bool = False
     seed: int = 0
+    micro_batch_size: int | None = Field(None, ge=1)  # gradient accumulation pieces; None: sized to ~2 GB
 
 
 class TokensConfig(Section):

@@ -9,6 +9,7 @@ written atomically every few minutes and at the end of each epoch; ``train`` res
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -74,6 +75,19 @@ def augment(images: torch.Tensor, *, padding: int, flip: bool, generator: torch.
     return images
 
 
+ACTIVATION_BUDGET_BYTES = 2 << 30  # activations kept for one backward pass, when micro_batch_size is not set
+
+
+def auto_micro_batch(model: VisionTransformer, batch: int) -> int:
+    """The largest piece of ``batch`` whose activations fit ``ACTIVATION_BUDGET_BYTES``, by a rough count per image:
+    each layer keeps about 12 floats per token and width (norms, qkv, MLP) plus the attention maps."""
+    cfg = model.config
+    tokens = cfg.num_prefix_tokens + cfg.num_patches
+    per_layer = tokens * cfg.embed_dim * 12 + sum(cfg.num_heads) / cfg.depth * tokens * tokens * 2
+    per_image = cfg.depth * per_layer * 4  # float32 bytes
+    return max(1, min(batch, int(ACTIVATION_BUDGET_BYTES // per_image)))
+
+
 DECODE_ALL_BYTES = 1 << 30  # decode the training split once when it fits in this; else batch by batch
 
 
@@ -122,13 +136,16 @@ def train(
     kd_alpha: float = 0.5,
     kd_temperature: float = 2.0,
     max_steps: int | None = None,
+    micro_batch_size: int | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_data``; resume from ``checkpoint_path`` when it exists.
 
     ``eval_fn`` is called at the end and every ``eval_every_epochs`` epochs (0: only at the end). With a
     ``teacher`` (recovery after pruning) the loss is knowledge distillation (Hinton et al. 2015):
     ``kd_alpha * T^2 * KL(teacher_T || student_T) + (1 - kd_alpha) * cross-entropy`` at temperature ``T``.
-    ``max_steps`` caps the run below ``epochs`` (a step budget).
+    ``max_steps`` caps the run below ``epochs`` (a step budget). ``micro_batch_size`` splits each batch into
+    pieces whose gradients accumulate (the update is the same; memory holds one piece); None picks it so one
+    piece's activations stay near ``ACTIVATION_BUDGET_BYTES``.
     """
     from compress import distributed
 
@@ -140,6 +157,9 @@ def train(
         raise InputError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple "
                          f"of {world} so the update equals one process's")
     local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    micro = micro_batch_size or auto_micro_batch(model, batch_size // world)
+    if micro < batch_size // world:
+        log.info("batches of %d go through in pieces of %d (gradients accumulate)", batch_size // world, micro)
     images = _training_images(train_data)  # images[rows] -> (B, H, W, C) uint8
     labels = torch.from_numpy(train_data.labels)
     mean = torch.tensor(train_data.preprocess.mean).view(1, -1, 1, 1)
@@ -210,18 +230,25 @@ def train(
         current_lr = cosine_lr(step, total_steps, warmup_steps, lr, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = current_lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = net(x)  # (B, K)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-        if teacher is not None:
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                soft = teacher(x)  # (B, K)
-            T = kd_temperature
-            kd = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(soft.float() / T, -1),
-                          reduction="batchmean", log_target=True) * T * T
-            loss = kd_alpha * kd + (1 - kd_alpha) * loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        pieces = list(zip(x.split(micro), y.split(micro)))  # gradients accumulate: memory holds one piece
+        loss = torch.zeros(())
+        for j, (xp, yp) in enumerate(pieces):
+            sync = contextlib.nullcontext() if not together or j == len(pieces) - 1 else net.no_sync()
+            with sync:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = net(xp)  # (b, K)
+                part = F.cross_entropy(logits.float(), yp, label_smoothing=label_smoothing)
+                if teacher is not None:
+                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        soft = teacher(xp)  # (b, K)
+                    T = kd_temperature
+                    kd = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(soft.float() / T, -1),
+                                  reduction="batchmean", log_target=True) * T * T
+                    part = kd_alpha * kd + (1 - kd_alpha) * part
+                part = part * (len(xp) / len(x))  # each piece's share of the batch mean
+                part.backward()
+            loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         step += 1

@@ -251,3 +251,17 @@ def test_tokens_stage_with_a_fixed_setting_over_budget_keeps_the_model_unreduced
     notes = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
     if tried[1].top1 < tried[0].top1:  # pruning 90% of the tokens at the first layer costs accuracy
         assert notes["selected"] == "unreduced" and notes["plan"] is None
+
+
+def test_a_fixed_setting_is_fine_tuned_before_it_is_judged_and_kept_within_budget(tmp_path, digits_model):
+    from compress.pipeline import run_pipeline
+
+    config = _stage_config("tokens.enabled=true", "tokens.r=2", "tokens.finetune_epochs=1", "tokens.max_drop=100",
+                           "recover.batch_size=64", "quantize.enabled=false")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    tried = [r.candidate for r in result.records if r.stage == "tokens" and r.candidate is not None]
+    assert tried == ["unreduced", "tome r=2 fine-tuned 1 ep"]
+    notes = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
+    # kept although it may be slower than the unreduced model: the config asked for it and it is within budget
+    assert notes["selected"] == "tome r=2 fine-tuned 1 ep" and notes["plan"]["r"] == [2, 2, 2, 2]
+    assert [r["tag"] for r in notes["recovery"]] == ["tokens"]

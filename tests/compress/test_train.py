@@ -80,3 +80,20 @@ def test_resume_with_other_options_is_refused(tmp_path, digits_train):
     train(model, digits_train, epochs=0.25, batch_size=64, checkpoint_path=tmp_path / "state.pt")
     with pytest.raises(InputError, match="other options"):
         train(model, digits_train, epochs=0.5, batch_size=64, checkpoint_path=tmp_path / "state.pt")
+
+
+def test_micro_batches_give_the_same_update_with_less_memory(digits_train):
+    from compress.train import auto_micro_batch
+
+    models = []
+    for micro in (None, 8):
+        torch.manual_seed(0)
+        model = VisionTransformer(ViTConfig(**DIGITS))
+        teacher = VisionTransformer(ViTConfig(**DIGITS)).eval()
+        train(model, digits_train, epochs=0.5, batch_size=32, crop_padding=1, teacher=teacher, kd_alpha=0.5,
+              micro_batch_size=micro)
+        models.append(model.state_dict())
+    assert max(float((models[0][k] - models[1][k]).abs().max()) for k in models[0]) < 1e-5
+    vit_b = ViTConfig(image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072)
+    assert auto_micro_batch(VisionTransformer(vit_b), 128) == 16  # ~2 GB of activations per piece
+    assert auto_micro_batch(VisionTransformer(ViTConfig(**DIGITS)), 128) == 128  # small models: the whole batch
