@@ -1,13 +1,12 @@
 """The headline: our full chain against every single technique a peer offers, ViT-S/16 at 224x224, batch 1.
 
-    python bench/pipeline.py --data /tmp/cifar10 [--heads 0.25] [--mlp 0.5] [--tokens-macs 0.5] [--rounds 5]
+    python bench/pipeline.py --data /tmp/cifar10 [--heads 0.25] [--mlp 0.5] [--tokens-macs 0.8 0.65] [--rounds 5]
 
 Paths, timed side by side in interleaved rounds on this CPU (each round times every path once, in turn; the
 figure per path is the median of round medians, ratios are paired per round):
 PyTorch eager FP32, ONNX Runtime FP32, OpenVINO FP32 and BF16, plain ``nncf.quantize`` INT8 on OpenVINO (the
-peer), ToMe alone (training-free merging at the MAC fraction asked, OpenVINO FP32 and BF16), and our full chain:
-heads and MLP units pruned, ToMe, INT8 (NNCF on OpenVINO, and ONNX Runtime's QDQ on OpenVINO; the faster is the
-chain's figure). Random weights (latency does not depend on them; accuracy of the same settings is measured on
+peer), ToMe alone (merging at each MAC fraction asked, OpenVINO FP32), and our full chain for each fraction:
+heads and MLP units pruned, ToMe, INT8 (NNCF on OpenVINO, and ONNX Runtime's QDQ on OpenVINO). Random weights (latency does not depend on them; accuracy of the same settings is measured on
 the CIFAR-10 ViT by ``compress run --recipe cpu-latency``, see BENCHMARKS.md). Calibration: 128 real CIFAR-10
 images upscaled to 224.
 """
@@ -58,7 +57,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/cifar10"))
     parser.add_argument("--heads", type=float, default=0.25)
     parser.add_argument("--mlp", type=float, default=0.5)
-    parser.add_argument("--tokens-macs", type=float, default=0.5, help="ToMe's MAC fraction (of the model it merges)")
+    parser.add_argument("--tokens-macs", type=float, nargs="+", default=[0.8, 0.65],
+                        help="ToMe's MAC fractions (of the model it merges), one chain each")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--calib-size", type=int, default=128)
@@ -100,16 +100,7 @@ def main() -> None:
     base_onnx = exported(base, "base")
     peer_xml, _ = int8(base, base_onnx, "base-int8")
 
-    tome = VisionTransformer(VIT_S16).eval()
-    tome.load_state_dict(base.state_dict())
-    apply(tome, _tome_at(tome, args.tokens_macs))
-    tome_onnx = exported(tome, "tome")
-
-    chain = prune_by_ratio(base, l2_importance(base), heads=args.heads, mlp=args.mlp)
-    apply(chain, _tome_at(chain, args.tokens_macs))
-    chain_onnx = exported(chain, "chain")
-    chain_nncf, chain_qdq = int8(chain, chain_onnx, "chain-int8")
-
+    pruned = prune_by_ratio(base, l2_importance(base), heads=args.heads, mlp=args.mlp)
     ort, ov = get_runtime("onnxruntime"), get_runtime("openvino")
     paths = {
         "pytorch eager fp32": (get_runtime("torch"), base, "fp32"),
@@ -117,11 +108,24 @@ def main() -> None:
         "openvino fp32": (ov, base_onnx, "fp32"),
         "openvino bf16": (ov, base_onnx, "bf16"),
         PEER: (ov, peer_xml, "int8"),
-        "tome alone (openvino fp32)": (ov, tome_onnx, "fp32"),
-        "tome alone (openvino bf16)": (ov, tome_onnx, "bf16"),
-        "chain: prune + tome + nncf int8 (openvino)": (ov, chain_nncf, "int8"),
-        "chain: prune + tome + ort-static qdq int8 (openvino)": (ov, chain_qdq, "int8"),
     }
+    settings = {"chain_structure": structure(pruned)}
+    for fraction in args.tokens_macs:
+        tome = VisionTransformer(VIT_S16).eval()
+        tome.load_state_dict(base.state_dict())
+        apply(tome, _tome_at(tome, fraction))
+        chain = VisionTransformer(pruned.config).eval()
+        chain.load_state_dict(pruned.state_dict())
+        apply(chain, _tome_at(chain, fraction))
+        tag = f"tome@{fraction:g}"
+        chain_nncf, chain_qdq = int8(chain, exported(chain, f"chain-{tag}"), f"chain-{tag}-int8")
+        paths[f"tome alone {tag} (openvino fp32)"] = (ov, exported(tome, f"tome-{tag}"), "fp32")
+        paths[f"chain: prune + {tag} + nncf int8 (openvino)"] = (ov, chain_nncf, "int8")
+        paths[f"chain: prune + {tag} + ort-static qdq int8 (openvino)"] = (ov, chain_qdq, "int8")
+        settings[tag] = {"tome_tokens": token_counts(tome.token_reduction, tome.config),
+                         "chain_tokens": token_counts(chain.token_reduction, chain.config),
+                         "tome_macs_fraction": round(count_macs(tome, (1, 3, 224, 224)) / full_macs, 3),
+                         "chain_macs_fraction": round(count_macs(chain, (1, 3, 224, 224)) / full_macs, 3)}
     engines = {name: rt.build(src, precision=p, threads=threads) for name, (rt, src, p) in paths.items()}
     data = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     stats = interleaved_rounds(engines, data, [1], rounds=args.rounds, seconds=args.seconds, threads=threads,
@@ -131,18 +135,15 @@ def main() -> None:
              "paired_ratio_vs_nncf_int8": round(paired_ratio(v, medians[PEER]), 3),
              "paired_ratio_vs_onnxruntime_fp32": round(paired_ratio(v, medians["onnxruntime fp32"]), 3),
              "round_medians_ms": [round(float(t), 3) for t in v]} for name, v in medians.items()]
-    chain_rows = [r for r in rows if r["path"].startswith("chain")]
-    best = min(chain_rows, key=lambda r: r["paired_ratio_vs_nncf_int8"])
+    best = {}
+    for fraction in args.tokens_macs:
+        tag = f"tome@{fraction:g}"
+        chain_rows = [r for r in rows if r["path"].startswith(f"chain: prune + {tag} ")]
+        best[tag] = min(r["paired_ratio_vs_nncf_int8"] for r in chain_rows)
     result = {
         "benchmark": "ViT-S/16 224x224 batch 1, random weights; full chain vs single techniques",
-        "settings": {"heads": args.heads, "mlp": args.mlp, "tokens_macs": args.tokens_macs,
-                     "chain_structure": structure(chain), "chain_tokens": token_counts(chain.token_reduction,
-                                                                                       chain.config),
-                     "tome_tokens": token_counts(tome.token_reduction, tome.config),
-                     "macs_fraction": {"tome": round(count_macs(tome, (1, 3, 224, 224)) / full_macs, 3),
-                                       "chain": round(count_macs(chain, (1, 3, 224, 224)) / full_macs, 3)}},
-        "rounds": args.rounds, "threads": threads, "rows": rows,
-        "chain_vs_nncf_int8": best["paired_ratio_vs_nncf_int8"], "target": 0.5,
+        "settings": {"heads": args.heads, "mlp": args.mlp, "tokens_macs": args.tokens_macs} | settings,
+        "rounds": args.rounds, "threads": threads, "rows": rows, "chain_vs_nncf_int8": best, "target": 0.5,
         "date": dt.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "env": environment(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
