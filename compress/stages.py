@@ -87,6 +87,8 @@ def stage_plan(config: RunConfig) -> list[str]:
                               f"float model, so list it after prune, recover and tokens")
     if "deploy" in position and position["deploy"] != len(order) - 1:
         raise ConfigError("pipeline.stages: 'deploy' packs the final choice, so it comes last")
+    if not (config.quantize.enabled and config.quantize.quantizers):  # --set quantize.enabled=false still wins
+        order = [s for s in order if s != "quantize"]
     return list(order)
 
 

@@ -92,3 +92,8 @@ def test_a_budget_no_chain_meets_names_the_stage_that_broke_it(tmp_path, digits_
     assert chain["broke_at"]["stage"] == over[0]["stage"]
     report = (run / "report.md").read_text()
     assert f"**The budget broke at stage {over[0]['stage']}**" in report
+
+
+def test_quantize_enabled_false_still_takes_quantization_out_of_a_listed_chain():
+    config = load_config("cpu-latency", ["quantize.enabled=false"])
+    assert stage_plan(config) == ["prune", "recover", "tokens", "deploy"]
