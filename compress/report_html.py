@@ -65,6 +65,7 @@ class Run:
     label: str
     records: tuple[StageRecord, ...]
     quantize: dict[str, Any] = field(default_factory=dict)  # stages/quantize.json, when the run quantized
+    chain: dict[str, Any] = field(default_factory=dict)  # stages/pipeline.json, when a recipe chained stages
 
     @property
     def ok(self) -> list[StageRecord]:
@@ -108,9 +109,10 @@ def load_run(run_dir: Path, label: str | None = None) -> Run:
     if not records:
         raise InputError(f"{records_path} holds no records (an interrupted run?); rerun `compress run` with the "
                          "same --out to finish it")
-    marker = run_dir / "stages" / "quantize.json"
+    marker, chain = run_dir / "stages" / "quantize.json", run_dir / "stages" / "pipeline.json"
     quantize = json.loads(marker.read_text()) if marker.is_file() else {}
-    return Run(run_dir, label or run_dir.name, tuple(records), quantize)
+    return Run(run_dir, label or run_dir.name, tuple(records), quantize,
+               json.loads(chain.read_text()) if chain.is_file() else {})
 
 
 def load_runs(run_dirs: Sequence[Path]) -> list[Run]:
@@ -812,7 +814,7 @@ def _run_section(run: Run, figures: Sequence[Figure], anchor: str, heading: bool
     parts = [f'<section id="{anchor}">']
     if heading:
         parts.append(f"<h2>Run <code>{_e(run.label)}</code> <small>{_e(run.path)}</small></h2>")
-    parts += [_run_cards(run), *(_figure_html(f) for f in figures),
+    parts += [_run_cards(run), _chain_html(run.chain), *(_figure_html(f) for f in figures),
               f"<h3>All records <small>{len(run.records)} rows; click a heading to sort</small></h3>",
               '<p class="hint">★ on the Pareto front over every runtime at its batch size, ☆ on its runtime\'s '
               "front only. Top-1 is on the held-out split, <i>drop</i> in points against the baseline's first "
@@ -824,6 +826,34 @@ def _run_section(run: Run, figures: Sequence[Figure], anchor: str, heading: bool
                      + "</ul></details>")
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _chain_html(chain: dict[str, Any]) -> str:
+    """The recipe's chain: each stage's drop against the one budget, where it broke, the choice, the Pareto set."""
+    if not chain:
+        return ""
+    budget = chain["budget_pt"]
+    stages = [(("over" if not s["within_budget"] and s["judged"] else ""), [
+        (s["stage"], s["stage"]), (_num(s["drop_pt"], "+.2f"), s["drop_pt"]),
+        (("within budget" if s["within_budget"] else "over budget") if s["judged"] else "judged after recovery",
+         None)]) for s in chain["per_stage"]]
+    broke = chain.get("broke_at")
+    verdict = (f"<b>The budget broke at stage {_e(broke['stage'])}</b>" if broke else
+               "Every judged stage stayed within the budget")
+    chosen = chain["selected"]
+    pick = (f"Chosen for {_e(chain['target'])}: <b>{_e(chosen['candidate'])}</b> on {_e(chosen['runtime'])} "
+            f"({_e(chosen['precision'])}), {chosen['top1'] * 100:.2f}% top-1 ({chosen['top1_drop']:+.2f} pt), "
+            f"{chosen['latency_ms_p50']:.3f} ms at batch {chosen['batch_size']}" if "none" not in chosen
+            else f"Chosen: nothing ({_e(chosen['none'])})")
+    front = [("", [(p["candidate"], p["candidate"]), (p["runtime"], p["runtime"]), (p["precision"], p["precision"]),
+                   (_num(p["top1"] * 100, ".2f"), p["top1"]), (_num(p["top1_drop"], "+.2f"), p["top1_drop"]),
+                   (_num(p["latency_ms_p50"], ".3f"), p["latency_ms_p50"])]) for p in chain["pareto"]]
+    return ("<h3>The chain <small>" + _e(" → ".join(["baseline", *chain["stages"]])) + f"; budget {budget:.2f} pt "
+            "of top-1 against the baseline</small></h3>"
+            + _table(["stage", "drop (pt)", "verdict"], stages)
+            + f"<p>{verdict}. {pick}.</p><p class=\"hint\">Pareto set on the target's runtimes: no other candidate "
+            "is both faster and more accurate.</p>"
+            + _table(["candidate", "runtime", "precision", "top-1 %", "drop (pt)", "p50 ms"], front))
 
 
 ENV_FIELDS = (("CPU", "cpu"), ("machine", "machine"), ("logical cores", "cpu_count"), ("threads", "threads"),
