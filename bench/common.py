@@ -1,14 +1,42 @@
-"""The one timing protocol every benchmark script shares: interleaved rounds over all paths.
+"""What every benchmark script shares: the timing protocol, the ViT-S/16 shape, the data check, the result file.
 
-Each round times every (batch size, path) once, in turn, so noise from other work on the shared machine falls
-on all paths alike; callers take the median over rounds and pair each path with a reference in the same round.
+Timing is in interleaved rounds: each round times every (batch size, path) once, in turn, so noise from other work
+on the shared machine falls on all paths alike; callers take the median over rounds and pair each path with a
+reference in the same round.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
+from compress.env import environment
+from compress.vit import ViTConfig
 from runtimes import LatencyStats, measure_latency
+
+# ViT-S/16 at 224x224 (DeiT-S / timm vit_small_patch16_224): 197 tokens, 22M parameters, 4.6 GMACs.
+VIT_S16 = ViTConfig(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, num_classes=1000)
+
+
+def require_cifar(root: Path, part: str = "train") -> None:
+    """Stop, saying how to unpack it, when the CIFAR-10 JPEG folders are not at ``root``."""
+    if not (root / part).is_dir():
+        sys.exit(f"CIFAR-10 is not at {root}: mkdir -p {root} && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {root}")
+
+
+def write_result(result: dict[str, Any], out: Path) -> Path:
+    """Write ``result`` as JSON to ``out``, with the date, the command and the environment unless it has them."""
+    result.setdefault("date", dt.date.today().isoformat())
+    result.setdefault("command", "python " + " ".join(sys.argv))
+    result.setdefault("env", environment())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return out
 
 
 def interleaved_rounds(

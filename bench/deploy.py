@@ -12,7 +12,6 @@ two starts show OpenVINO's model cache: the second reads the compiled model inst
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -23,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from compress.deploy import deploy  # noqa: E402
-from compress.env import environment  # noqa: E402
+from bench.common import write_result  # noqa: E402
 
 
 def _clean_venv(path: Path, requirements: Path) -> Path:
@@ -72,11 +71,9 @@ def main() -> None:
         "benchmark": "cpu-x86 bundle, standalone runner in a clean venv, against the run's records",
         "selected": manifest["selected"], "bundle_top1": starts[1][0]["top1"], "run_top1": manifest["selected"]["top1"],
         "eval_images": starts[1][0]["eval_samples"], "startup_s": [s[0]["env"]["startup_s"] for s in starts],
-        "venv_packages": packages, "rows": rows, "date": dt.date.today().isoformat(),
-        "command": "python " + " ".join(sys.argv), "env": environment(),
+        "venv_packages": packages, "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "env"}, indent=1))
 
 

@@ -14,7 +14,6 @@ streamed). Accuracy of random weights is meaningless and not reported.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import resource
 import subprocess
@@ -28,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from calibration.preprocess import Preprocess  # noqa: E402
 from compress.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
-from compress.env import environment  # noqa: E402
+from bench.common import require_cifar, write_result  # noqa: E402
 from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
 
 VIT_B16 = ViTConfig(image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, num_classes=10)
@@ -41,9 +40,7 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("bench/results/memory_vit_b16.json"))
     args = parser.parse_args()
-    if not (args.data / "train").is_dir():
-        sys.exit(f"CIFAR-10 is not at {args.data}: mkdir -p {args.data} && "
-                 f"tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {args.data}")
+    require_cifar(args.data)
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     classes = sorted(p.name for p in (args.data / "train").iterdir() if p.is_dir())
     pre = Preprocess(crop_size=224, resize_size=224, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
@@ -62,10 +59,8 @@ def main() -> None:
     chain = json.loads((work / "run" / "stages" / "pipeline.json").read_text())
     out = {"benchmark": "peak RSS of compress run --recipe cpu-latency on ViT-B/16 224x224",
            "peak_rss_gb": round(peak_gb, 2), "limit_gb": 8, "seconds": round(seconds), "stages": chain["stages"],
-           "selected": chain["selected"], "command": "python " + " ".join(sys.argv), "child_command": command,
-           "date": dt.date.today().isoformat(), "env": environment()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+           "selected": chain["selected"], "child_command": command}
+    write_result(out, args.out)
     print(json.dumps({k: v for k, v in out.items() if k not in ("env", "child_command")}, indent=1))
 
 

@@ -14,7 +14,6 @@ images upscaled to 224.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import tempfile
@@ -26,21 +25,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import interleaved_rounds, paired_ratio  # noqa: E402
+from bench.common import VIT_S16, interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
 from calibration.calibrate import from_split  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from calibration.preprocess import Preprocess  # noqa: E402
-from compress.env import environment  # noqa: E402
 from compress.macs import count_macs  # noqa: E402
 from compress.prune import l2_importance, prune_by_ratio, structure  # noqa: E402
 from compress.quantize.base import QuantizeContext, artifact_evaluator  # noqa: E402
 from compress.stages import token_settings  # noqa: E402
 from compress.tokens import apply, token_counts  # noqa: E402
-from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
+from compress.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 
-VIT_S16 = ViTConfig(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, num_classes=1000)
 PEER = "nncf int8 (openvino, plain nncf.quantize)"
 
 
@@ -64,9 +61,7 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline_vit_s16.json"))
     args = parser.parse_args()
-    if not (args.data / "train").is_dir():
-        sys.exit(f"CIFAR-10 is not at {args.data}: mkdir -p {args.data} && "
-                 f"tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {args.data}")
+    require_cifar(args.data)
     from compress.quantize.onnxruntime_ptq import quantize_static_qdq
     from compress.quantize.openvino_nncf import quantize_openvino
 
@@ -144,10 +139,8 @@ def main() -> None:
         "benchmark": "ViT-S/16 224x224 batch 1, random weights; full chain vs single techniques",
         "settings": {"heads": args.heads, "mlp": args.mlp, "tokens_macs": args.tokens_macs} | settings,
         "rounds": args.rounds, "threads": threads, "rows": rows, "chain_vs_nncf_int8": best, "target": 0.5,
-        "date": dt.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "env": environment(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
     print(json.dumps({k: v for k, v in result.items() if k != "env"}, indent=1))
     print(f"written to {args.out}")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import sys
 import tempfile
@@ -33,16 +32,14 @@ from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from calibration.evaluate import evaluate_top1  # noqa: E402
 from compress.checkpoint import load_own_checkpoint  # noqa: E402
 from compress.config import RecoverConfig  # noqa: E402
-from compress.env import environment  # noqa: E402
 from compress.macs import count_macs, count_params  # noqa: E402
 from compress.prune import l2_importance, prune_by_ratio, structure, taylor_importance  # noqa: E402
 from compress.train import train  # noqa: E402
-from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
+from compress.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from bench.common import interleaved_rounds, paired_ratio  # noqa: E402
+from bench.common import VIT_S16, interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 
-VIT_S16 = ViTConfig(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, num_classes=1000)
 RATIOS = (0.0, 0.25, 0.5)
 
 
@@ -149,9 +146,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.part != "vit-s16" and not (args.data / "train").is_dir():
-        sys.exit(f"CIFAR-10 is not at {args.data}: mkdir -p {args.data} && "
-                 f"tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {args.data}")
+    if args.part != "vit-s16":
+        require_cifar(args.data)
     if args.part == "target":
         result = cifar_runs(args, [(0.25, 0.25)], 4.0 if args.epochs is None else args.epochs)
     elif args.part == "grid":
@@ -159,10 +155,7 @@ def main() -> None:
                             0.5 if args.epochs is None else args.epochs)
     else:
         result = vit_s16(args)
-    result |= {"date": dt.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "env": environment()}
-    out = args.out or Path(f"bench/results/prune_{args.part.replace('-', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_result(result, args.out or Path(f"bench/results/prune_{args.part.replace('-', '_')}.json"))
     print(json.dumps({k: v for k, v in result.items() if k not in ("env",)}, indent=1))
     print(f"written to {out}")
 

@@ -19,7 +19,6 @@ Both need the CIFAR-10 JPEG folders (``mkdir -p /tmp/cifar10 && tar -xzf ../shar
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
 import sys
@@ -35,19 +34,12 @@ sys.path.insert(0, str(REPO))
 from calibration.calibrate import from_split  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from calibration.preprocess import Preprocess  # noqa: E402
-from compress.env import environment  # noqa: E402
 from compress.quantize.base import QuantizeContext, artifact_evaluator  # noqa: E402
-from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
+from compress.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from bench.common import interleaved_rounds, paired_ratio  # noqa: E402
+from bench.common import VIT_S16, interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 
-VIT_S16 = ViTConfig(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, num_classes=1000)
-
-
-def _require_data(path: Path) -> None:
-    if not (path / "train").is_dir():
-        sys.exit(f"CIFAR-10 is not at {path}: mkdir -p {path} && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {path}")
 
 
 def latency(args: argparse.Namespace) -> dict:
@@ -148,13 +140,11 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=128)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    _require_data(args.data)
+    require_cifar(args.data)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = latency(args) if args.part == "latency" else accuracy(args)
-    result |= {"date": dt.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "env": environment()}
-    out = args.out or Path(f"bench/results/quantize_{'vit_s16' if args.part == 'latency' else 'cifar10'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_result(result, args.out or
+                       Path(f"bench/results/quantize_{'vit_s16' if args.part == 'latency' else 'cifar10'}.json"))
     if args.part == "latency":
         print("\n| batch | path | p50 ms | paired vs ORT FP32 |\n|---|---|---|---|")
         for row in result["rows"]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.env import environment  # noqa: E402
 from compress.macs import count_macs, count_params  # noqa: E402
-from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
+from compress.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from bench.common import interleaved_rounds  # noqa: E402
+from bench.common import VIT_S16, interleaved_rounds, write_result  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 
-VIT_S16 = ViTConfig(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, num_classes=1000)
 
 
 def main() -> None:
@@ -87,8 +85,7 @@ def main() -> None:
         "onnx_nodes": {"as_exported": raw.nodes_final, "onnxslim": slim.nodes_final},
         "env": environment(), "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, args.out)
     print("\n| batch | path | p50 ms | p99 ms | img/s | vs ORT FP32 | paired vs ORT FP32 |\n|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['batch_size']} | {row['path']} | {row['latency_ms_p50']:.2f} | {row['latency_ms_p99']:.2f} | "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import sys
 import tempfile
@@ -28,21 +27,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import interleaved_rounds, paired_ratio  # noqa: E402
+from bench.common import VIT_S16, interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from calibration.evaluate import evaluate_top1  # noqa: E402
 from compress.checkpoint import load_own_checkpoint  # noqa: E402
 from compress.config import RecoverConfig  # noqa: E402
-from compress.env import environment  # noqa: E402
 from compress.macs import count_macs  # noqa: E402
 from compress.stages import openvino_parity  # noqa: E402
 from compress.tokens import TokenReduction, apply, evit, token_counts, tome  # noqa: E402
 from compress.train import train  # noqa: E402
-from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
+from compress.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 
-VIT_S16 = ViTConfig(image_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_dim=1536, num_classes=1000)
 
 
 def _settings(depth: int, constant: list[int], decreasing: list[int], keeps: list[float]) -> dict[str, TokenReduction | None]:
@@ -149,14 +146,10 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="fine-tune with BF16 autocast")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.part == "cifar" and not (args.data / "test").is_dir():
-        sys.exit(f"CIFAR-10 is not at {args.data}: mkdir -p {args.data} && "
-                 f"tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {args.data}")
+    if args.part == "cifar":
+        require_cifar(args.data, "test")
     result = vit_s16(args) if args.part == "vit-s16" else cifar(args)
-    result |= {"date": dt.date.today().isoformat(), "command": "python " + " ".join(sys.argv), "env": environment()}
-    out = args.out or Path(f"bench/results/tokens_{args.part.replace('-', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = write_result(result, args.out or Path(f"bench/results/tokens_{args.part.replace('-', '_')}.json"))
     print(json.dumps({k: v for k, v in result.items() if k != "env"}, indent=1))
     print(f"written to {out}")
 

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from compress.env import environment  # noqa: E402
 from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
+from bench.common import write_result  # noqa: E402
 
 
 def main() -> None:
@@ -59,9 +60,7 @@ def main() -> None:
               "epoch_minutes_fp32": round(fp32 * steps_per_epoch / 6e4, 2),
               "epoch_minutes_bf16": round(bf16 * steps_per_epoch / 6e4, 2), "threads": torch.get_num_threads(),
               "env": environment()}
-    out = REPO / "bench/results/train_step.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(result, REPO / "bench/results/train_step.json")
     print(json.dumps({k: v for k, v in result.items() if k != "env"}, indent=1))
 
 
