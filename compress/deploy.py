@@ -29,6 +29,7 @@ from typing import Any
 from compress.bundle_runner import FORMAT, MANIFEST, BundleError, sha256
 from compress.env import versions as installed_versions
 from compress.errors import InputError
+from compress.io import read_json
 from compress.records import StageRecord, pareto_front, read_records
 
 
@@ -128,7 +129,7 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
     for path in (out, tarball):
         if path.exists():
             raise InputError(f"{path} already exists; choose a new --out (nothing was changed)")
-    config = _read_json(Path(run_dir) / "config.json")
+    config = read_json(Path(run_dir) / "config.json")
     budget = max_drop if max_drop is not None else float(config.get("quantize", {}).get("max_drop", 1.0))
     records = read_records(records_path)
     chosen = choose(records, target, max_drop=budget, candidate=candidate, runtime=runtime)
@@ -158,10 +159,6 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _stage_checkpoint(run_dir: Path, record: StageRecord) -> Path | None:
     """The checkpoint of the stage a record belongs to (for quantized candidates, the stage they came from)."""
     stage = record.stage
@@ -170,7 +167,7 @@ def _stage_checkpoint(run_dir: Path, record: StageRecord) -> Path | None:
         stages = [s for s in stages if "checkpoint" in s]
         stages.sort(key=lambda s: s.get("finished", ""))
         return run_dir / "artifacts" / stages[-1]["checkpoint"] if stages else None
-    marker = _read_json(run_dir / "stages" / f"{stage}.json")
+    marker = read_json(run_dir / "stages" / f"{stage}.json")
     return run_dir / "artifacts" / marker["checkpoint"] if "checkpoint" in marker else None
 
 

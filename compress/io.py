@@ -59,5 +59,10 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or an empty dict when there is no such file (a marker not written yet)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -33,7 +33,7 @@ from compress.checkpoint import Checkpoint, check_dataset_fits, load_own_checkpo
 from compress.config import RunConfig
 from compress.env import environment
 from compress.errors import InputError
-from compress.io import atomic_write, atomic_write_json, atomic_write_text, sha256_json
+from compress.io import atomic_write, atomic_write_json, atomic_write_text, read_json, sha256_json
 from compress.macs import count_macs, count_params
 from compress.records import StageRecord, read_records
 from compress.report import write_markdown_report
@@ -184,7 +184,7 @@ def _run(ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path,
             buffer = io.BytesIO()
             np.save(buffer, reference.predictions)
             atomic_write(preds_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
-        kept += _tried_records(ctx, stage.name, key, model, latency_input, source.name, run_dir, threads)
+        kept += _tried_records(ctx, stage.name, key, model, latency_input, source.name, run_dir, threads, reference)
         kept += stage_records  # rewritten whole and atomically: a kill never leaves a torn line
         atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in kept))
         atomic_write_json(run_dir / "stages" / f"{stage.name}.json", {
@@ -352,7 +352,7 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
         if broke is None and not within and not recovered_later and drop is not None:
             broke = {"stage": stage, "drop_pt": drop}
     if "quantize" in plan:
-        marker = _read_json(run_dir / "stages" / "quantize.json")
+        marker = read_json(run_dir / "stages" / "quantize.json")
         if broke is None and marker and marker.get("selected") is None:
             broke = {"stage": "quantize", "drop_pt": None}
     try:
@@ -377,10 +377,6 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
                     else f"{broke['drop_pt']:+.2f} pt")
     atomic_write_json(run_dir / "stages" / "pipeline.json", summary)
     return summary
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 DEFAULT_CALIB_SIZE = 256
@@ -471,14 +467,23 @@ def _common_fields(stage: str, key: str, model: VisionTransformer, latency_input
 
 
 def _tried_records(ctx: StageContext, stage: str, key: str, model: VisionTransformer, latency_input: np.ndarray,
-                   dataset: str, run_dir: Path, threads: int) -> list[StageRecord]:
-    """Records of the settings a stage tried before choosing one (``ctx.records``), in the common schema."""
+                   dataset: str, run_dir: Path, threads: int, reference: EvalResult | None) -> list[StageRecord]:
+    """Records of the settings a stage tried before choosing one (``ctx.records``), in the common schema.
+
+    A stage judges its settings against its own input; in the records, as in every other row, ``top1_drop`` is
+    against the baseline's first runtime.
+    """
     if not ctx.records:
         return []
     common = _common_fields(stage, key, model, latency_input, dataset, run_dir, threads) | {"timestamp": _now()}
     known = set(StageRecord.__dataclass_fields__)
-    return [StageRecord(**{k: v for k, v in (common | row).items() if k in known}
-                        | {"env": _runtime_env(common["env"], get_runtime(row["runtime"]))}) for row in ctx.records]
+    rows = []
+    for row in ctx.records:
+        fields = {k: v for k, v in (common | row).items() if k in known}
+        if reference is not None and fields.get("top1") is not None:
+            fields["top1_drop"] = round((reference.top1 - fields["top1"]) * 100, 4)
+        rows.append(StageRecord(**fields | {"env": _runtime_env(common["env"], get_runtime(row["runtime"]))}))
+    return rows
 
 
 def _runtime_env(env: dict[str, Any], runtime) -> dict[str, Any]:

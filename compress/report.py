@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.io import atomic_write_text
+from compress.io import atomic_write_text, read_json
 from compress.records import StageRecord
 
 COLUMNS = ("stage", "candidate", "runtime", "precision", "batch", "top-1", "drop (pt)", "agree", "p50 ms", "p90 ms",
@@ -78,9 +78,7 @@ def _quantization_section(run_dir: Path, records: list[StageRecord]) -> list[str
     marker = run_dir / "stages" / "quantize.json"
     if not records and not marker.exists():
         return []
-    import json
-
-    summary = json.loads(marker.read_text()) if marker.exists() else {}
+    summary = read_json(marker)
     parts = ["## Quantization", ""]
     if summary:
         parts.append(f"Budget: {summary['max_drop']} pt of top-1 against the float model's "

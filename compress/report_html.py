@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import InputError
-from compress.io import atomic_write, atomic_write_text
+from compress.io import atomic_write, atomic_write_text, read_json
 from compress.records import StageRecord, pareto_front, read_records
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,8 @@ def load_run(run_dir: Path, label: str | None = None) -> Run:
     if not records:
         raise InputError(f"{records_path} holds no records (an interrupted run?); rerun `compress run` with the "
                          "same --out to finish it")
-    marker, chain = run_dir / "stages" / "quantize.json", run_dir / "stages" / "pipeline.json"
-    quantize = json.loads(marker.read_text()) if marker.is_file() else {}
-    return Run(run_dir, label or run_dir.name, tuple(records), quantize,
-               json.loads(chain.read_text()) if chain.is_file() else {})
+    return Run(run_dir, label or run_dir.name, tuple(records), read_json(run_dir / "stages" / "quantize.json"),
+               read_json(run_dir / "stages" / "pipeline.json"))
 
 
 def load_runs(run_dirs: Sequence[Path]) -> list[Run]:

@@ -225,7 +225,7 @@ def _latency_ms(model: VisionTransformer, ctx: StageContext) -> float:
     p = ctx.config.prune
     x = np.random.default_rng(0).standard_normal((p.target_batch, *_input_shape(ctx))).astype(np.float32)
     with _exported(model, ctx, x[:1]) as path:
-        return _time(path, p.target_runtime, x, ctx).latency_ms_p50
+        return _time(_engine(path, p.target_runtime, ctx), x, ctx).latency_ms_p50
 
 
 @contextlib.contextmanager
@@ -241,13 +241,24 @@ def _exported(model: VisionTransformer, ctx: StageContext, parity_inputs: np.nda
         yield path
 
 
-def _time(path: Path, runtime: str, x: np.ndarray, ctx: StageContext, engine=None):
-    """Latency statistics of the ONNX file ``path`` on ``runtime`` (FP32) at the batch of ``x``."""
-    from runtimes import default_threads, get_runtime, measure_latency
+def _threads(ctx: StageContext) -> int:
+    from runtimes import default_threads
 
-    threads = ctx.config.measure.threads or default_threads()
-    engine = engine or get_runtime(runtime).build(path, precision="fp32", threads=threads)
-    return measure_latency(engine, x, threads=threads, warmup=3, iterations=ctx.config.measure.iterations,
+    return ctx.config.measure.threads or default_threads()
+
+
+def _engine(path: Path, runtime: str, ctx: StageContext):
+    """An FP32 engine of the ONNX file ``path`` on ``runtime``, with the run's thread count."""
+    from runtimes import get_runtime
+
+    return get_runtime(runtime).build(path, precision="fp32", threads=_threads(ctx))
+
+
+def _time(engine, x: np.ndarray, ctx: StageContext):
+    """Latency statistics of ``engine`` at the batch of ``x``, under the run's measurement settings."""
+    from runtimes import measure_latency
+
+    return measure_latency(engine, x, threads=_threads(ctx), warmup=3, iterations=ctx.config.measure.iterations,
                            max_seconds=ctx.config.measure.max_seconds)
 
 
@@ -368,9 +379,11 @@ def tokens_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransform
     from compress.macs import count_macs
     from compress.tokens import apply, token_counts
     from export.errors import ParityError
-    from runtimes import default_threads
 
     t = ctx.config.tokens
+    # The stage sets plans on, and may fine-tune, its model: work on a copy, since the model it is given can be the
+    # one loaded, which is also the teacher (a run without pruning) and the caller's.
+    model = copy.deepcopy(model)
     shape = _input_shape(ctx)
     settings = token_settings(model, ctx.config, shape)
     fixed = requested_plan(ctx.config, model) is not None
@@ -389,13 +402,12 @@ def tokens_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransform
                   "macs": count_macs(model, (1, *shape)), "structure": model_structure(model)}
         try:
             with _exported(model, ctx, probe) as path:
-                ov_diff = openvino_parity(path, model, probe, atol=ctx.config.export.atol,
-                                          threads=ctx.config.measure.threads or default_threads())
+                ov_diff = openvino_parity(path, model, probe, atol=ctx.config.export.atol, threads=_threads(ctx))
                 engine = _engine(path, t.target_runtime, ctx)
                 result = evaluate_top1(engine.run, ctx.eval_data, batch_size=ctx.config.measure.eval_batch_size,
                                        progress=(lambda d, n: ctx.progress(f"tokens · {name}", d, n))
                                        if ctx.progress else None)
-                stats = _time(path, t.target_runtime, x, ctx, engine)
+                stats = _time(engine, x, ctx)
         except ParityError as e:
             if plan is None:
                 raise
@@ -434,12 +446,6 @@ def tokens_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransform
                                           "reason", "openvino_parity_max_abs_diff")} for r in trials],
     }
     return model
-
-
-def _engine(path: Path, runtime: str, ctx: StageContext):
-    from runtimes import default_threads, get_runtime
-
-    return get_runtime(runtime).build(path, precision="fp32", threads=ctx.config.measure.threads or default_threads())
 
 
 def openvino_parity(path: Path, model: VisionTransformer, x: np.ndarray, *, atol: float, threads: int) -> float | None:

@@ -221,6 +221,8 @@ def test_tokens_stage_tries_settings_records_them_and_keeps_one_within_budget(tm
     tried = [r for r in result.records if r.stage == "tokens" and r.candidate is not None]
     assert [r.candidate for r in tried][0] == "unreduced" and len(tried) == 3
     assert all(r.runtime == "onnxruntime" and r.top1 is not None and r.latency_ms_p50 > 0 for r in tried)
+    baseline = next(r for r in result.records if r.stage == "baseline" and r.status == "ok")
+    assert all(r.top1_drop == pytest.approx((baseline.top1 - r.top1) * 100, abs=1e-3) for r in tried)  # the schema's
     assert tried[1].macs <= 0.8 * tried[0].macs and tried[2].macs <= 0.7 * tried[0].macs
     assert sum(tried[1].structure["heads"]) == 12  # measured after head pruning
     marker = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
@@ -258,7 +260,11 @@ def test_a_fixed_setting_is_fine_tuned_before_it_is_judged_and_kept_within_budge
 
     config = _stage_config("tokens.enabled=true", "tokens.r=2", "tokens.finetune_epochs=1", "tokens.max_drop=100",
                            "recover.batch_size=64", "quantize.enabled=false")
+    before = {k: v.clone() for k, v in digits_model.model.state_dict().items()}
     result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    # the loaded model (here also the distillation teacher) is neither merged nor trained by the stage
+    assert digits_model.model.token_reduction is None
+    assert all(torch.equal(v, digits_model.model.state_dict()[k]) for k, v in before.items())
     tried = [r.candidate for r in result.records if r.stage == "tokens" and r.candidate is not None]
     assert tried == ["unreduced", "tome r=2 fine-tuned 1 ep"]
     notes = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
