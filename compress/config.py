@@ -86,6 +86,7 @@ class PruneConfig(Section):
     importance_samples: int = Field(256, ge=1)  # images of the calibration split scored for Taylor importance
     min_heads_per_layer: int = Field(1, ge=1)
     mlp_round_to: int = Field(1, ge=1)  # keep a multiple of this many MLP units per layer (aligned GEMM widths)
+    scope: Literal["global", "layer"] = "global"  # rank all layers together, or remove the same share from each
     target_macs: float | None = Field(None, gt=0, lt=1)  # fraction of the unpruned model's MACs
     target_latency_ms: float | None = Field(None, gt=0)  # on target_runtime at target_batch, FP32
     target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
@@ -156,6 +157,7 @@ class QuantizeConfig(Section):
     sensitivity_samples: int = Field(64, ge=1)
     inc_max_trials: int = Field(4, ge=0)  # neural-compressor autotune trials when over budget
     smoothquant_alpha: float | None = Field(0.5, ge=0, le=1)  # neural-compressor path; None: no SmoothQuant
+    nncf_smooth_quant: bool = True  # NNCF's SmoothQuant (a Multiply before each MatMul input; off: fewer ops)
     fp16_keep_float32: list[str] = ["LayerNormalization"]
 
 

@@ -256,7 +256,7 @@ def quantize_stage(
         exclude=tuple(q.exclude), attention_matmul=q.attention_matmul, activations=q.activations,
         calibration_method=q.calibration_method,
         sensitivity_samples=q.sensitivity_samples, inc_max_trials=q.inc_max_trials,
-        smoothquant_alpha=q.smoothquant_alpha, threads=threads, log=log.info,
+        smoothquant_alpha=q.smoothquant_alpha, nncf_smooth_quant=q.nncf_smooth_quant, threads=threads, log=log.info,
     )
     log.info("stage quantize: %s on %d calibration images, budget %.2f pt against top-1 %.2f of %s",
              ", ".join(q.quantizers), calib.size, q.max_drop, float_top1 * 100, prev_stage)

@@ -26,6 +26,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ import torch.nn.functional as F
 
 from compress.errors import CompressError
 from compress.vit import VisionTransformer
+
+Scope = Literal["global", "layer"]
+SCOPES = ("global", "layer")
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +156,13 @@ def taylor_importance(
 
 
 # -------------------------------------------------------------------------------------------- selection
-def select(scores: list[np.ndarray], ratio: float, *, minimum: int, what: str, round_to: int = 1) -> list[list[int]]:
+def select(scores: list[np.ndarray], ratio: float, *, minimum: int, what: str, round_to: int = 1,
+           scope: Scope = "global") -> list[list[int]]:
     """Indices to keep per layer after removing ``ratio`` of all items, lowest normalised score first.
 
+    ``scope="global"`` ranks every layer's items together, so layers lose different shares; ``"layer"`` removes
+    the same share from each layer (its own lowest first), which keeps every layer the same width: one GEMM
+    shape per layer type, and on CPU the latency of an evenly pruned model follows its MACs more closely.
     ``round_to`` rounds each layer's kept count up to a multiple of it (never above the original): GEMM
     kernels are faster on aligned widths, so an MLP of 1,152 units can beat one of 1,100.
     """
@@ -168,16 +176,25 @@ def select(scores: list[np.ndarray], ratio: float, *, minimum: int, what: str, r
             f"removing {ratio:.0%} of {total} {what} would leave a layer with fewer than {minimum}; at most "
             f"{removable / total:.0%} can go with {minimum} kept per layer"
         )
-    order = sorted(((float(s), layer, idx) for layer, layer_scores in enumerate(scores)
-                    for idx, s in enumerate(layer_scores)), key=lambda t: (t[0], t[1], t[2]))
+    if scope not in SCOPES:
+        raise PruneError(f"unknown pruning scope {scope!r}; choose from {list(SCOPES)}")
     kept = [set(range(len(s))) for s in scores]
-    removed = 0
-    for _, layer, idx in order:
-        if removed == remove:
-            break
-        if len(kept[layer]) > minimum:
-            kept[layer].discard(idx)
-            removed += 1
+    if scope == "layer":
+        for layer, layer_scores in enumerate(scores):
+            n = len(layer_scores)
+            drop = min(round(ratio * n), n - minimum)
+            for idx in sorted(range(n), key=lambda i: (float(layer_scores[i]), i))[:drop]:
+                kept[layer].discard(idx)
+    else:
+        order = sorted(((float(s), layer, idx) for layer, layer_scores in enumerate(scores)
+                        for idx, s in enumerate(layer_scores)), key=lambda t: (t[0], t[1], t[2]))
+        removed = 0
+        for _, layer, idx in order:
+            if removed == remove:
+                break
+            if len(kept[layer]) > minimum:
+                kept[layer].discard(idx)
+                removed += 1
     if round_to > 1:
         for layer, layer_scores in enumerate(scores):
             want = min(len(layer_scores), -(-len(kept[layer]) // round_to) * round_to)
@@ -221,10 +238,10 @@ def remove(model: VisionTransformer, heads_keep: list[list[int]], units_keep: li
 
 
 def prune_by_ratio(model: VisionTransformer, importance: Importance, *, heads: float, mlp: float,
-                   min_heads: int = 1, mlp_round_to: int = 1) -> VisionTransformer:
+                   min_heads: int = 1, mlp_round_to: int = 1, scope: Scope = "global") -> VisionTransformer:
     scores = importance.normalised()
-    return remove(model, select(scores.heads, heads, minimum=min_heads, what="heads"),
-                  select(scores.units, mlp, minimum=1, what="MLP units", round_to=mlp_round_to))
+    return remove(model, select(scores.heads, heads, minimum=min_heads, what="heads", scope=scope),
+                  select(scores.units, mlp, minimum=1, what="MLP units", round_to=mlp_round_to, scope=scope))
 
 
 @dataclass(frozen=True)
@@ -237,7 +254,8 @@ class TargetResult:
 
 def prune_to_target(
     model: VisionTransformer, importance: Importance, measure: Callable[[VisionTransformer], float], target: float,
-    *, what: str, unit: str, min_heads: int = 1, mlp_round_to: int = 1, step: float = 0.05, max_ratio: float = 0.9,
+    *, what: str, unit: str, min_heads: int = 1, mlp_round_to: int = 1, scope: Scope = "global", step: float = 0.05,
+    max_ratio: float = 0.9,
     log_fn: Callable[[str], None] = log.info,
 ) -> TargetResult:
     """Raise one ratio for heads and MLP units together, in ``step``s, until ``measure(model) <= target``."""
@@ -247,7 +265,7 @@ def prune_to_target(
     while ratio <= max_ratio + 1e-9:
         try:
             candidate = prune_by_ratio(model, importance, heads=ratio, mlp=ratio, min_heads=min_heads,
-                                       mlp_round_to=mlp_round_to)
+                                       mlp_round_to=mlp_round_to, scope=scope)
         except PruneError:
             break  # no more heads can go with min_heads per layer
         value = measure(candidate)

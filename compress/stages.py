@@ -135,8 +135,8 @@ def check_feasible(model: VisionTransformer, config: RunConfig) -> None:
     check_layout(model)
     heads = [np.ones(b.attn.num_heads) for b in model.blocks]
     units = [np.ones(b.mlp.fc1.out_features) for b in model.blocks]
-    select(heads, p.heads, minimum=p.min_heads_per_layer, what="heads")  # raises PruneError when impossible
-    select(units, p.mlp, minimum=1, what="MLP units")
+    select(heads, p.heads, minimum=p.min_heads_per_layer, what="heads", scope=p.scope)  # raises when impossible
+    select(units, p.mlp, minimum=1, what="MLP units", scope=p.scope)
 
 
 def model_structure(model: VisionTransformer) -> dict[str, list[int]]:
@@ -167,11 +167,11 @@ def prune_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransforme
             full = count_macs(model, (1, C, H, W))
             result = prune_to_target(model, importance, lambda m: count_macs(m, (1, C, H, W)) / full, p.target_macs,
                                      what="MAC", unit="x the unpruned MACs", min_heads=p.min_heads_per_layer,
-                                     mlp_round_to=p.mlp_round_to)
+                                     mlp_round_to=p.mlp_round_to, scope=p.scope)
         else:
             result = prune_to_target(model, importance, lambda m: _latency_ms(m, ctx), p.target_latency_ms,
                                      what="latency", unit=f"ms ({p.target_runtime}, batch {p.target_batch})",
-                                     min_heads=p.min_heads_per_layer, mlp_round_to=p.mlp_round_to)
+                                     min_heads=p.min_heads_per_layer, mlp_round_to=p.mlp_round_to, scope=p.scope)
         ctx.notes |= {"importance": importance.method, "ratio": result.ratio, "trail": result.trail,
                       "structure": structure(result.model)}
         return result.model
@@ -183,7 +183,7 @@ def prune_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransforme
         heads = _relative(p.heads * i / p.iterations, total_heads, sum(now["heads"]))
         units = _relative(p.mlp * i / p.iterations, total_units, sum(now["mlp"]))
         model = prune_by_ratio(model, importance, heads=heads, mlp=units, min_heads=p.min_heads_per_layer,
-                               mlp_round_to=p.mlp_round_to)
+                               mlp_round_to=p.mlp_round_to, scope=p.scope)
         log.info("prune %d/%d: heads %s, MLP units %s", i, p.iterations, structure(model)["heads"],
                  structure(model)["mlp"])
         if i < p.iterations and ctx.config.recover.epochs > 0:

@@ -66,6 +66,7 @@ class QuantizeContext:
     sensitivity_samples: int = 64
     inc_max_trials: int = 4
     smoothquant_alpha: float | None = 0.5
+    nncf_smooth_quant: bool = True
     threads: int = 1
     log: Callable[[str], None] = print
 

@@ -31,13 +31,19 @@ def quantize_openvino(
     dataset = nncf_dataset(ctx.calib)
     name, path = "nncf-ov", ctx.workdir / "nncf-ov.xml"
     ignored = nncf.IgnoredScope(patterns=[_regex(p) for p in ctx.exclude], validate=False) if ctx.exclude else None
-    ctx.log(f"{name}: nncf.quantize (ModelType.TRANSFORMER) on {ctx.calib.size} images")
+    # SmoothQuant moves activation outliers into the weights through a Multiply per MatMul input; off, those
+    # Multiplies are gone (NNCF's switch: alpha -1), which a small model without outliers can afford.
+    advanced = None if ctx.nncf_smooth_quant else nncf.AdvancedQuantizationParameters(
+        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
+    smooth = "SmoothQuant" if ctx.nncf_smooth_quant else "no SmoothQuant"
+    ctx.log(f"{name}: nncf.quantize (ModelType.TRANSFORMER, {smooth}) on {ctx.calib.size} images")
     quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=ctx.calib.size,
-                              preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope())
+                              preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope(),
+                              advanced_parameters=advanced)
     ov.save_model(quantized, str(path), compress_to_fp16=False)
     top1 = ctx.evaluate(path, "openvino", "int8")
     ctx.log(f"{name}: top-1 {top1 * 100:.2f} (drop {ctx.drop(top1):+.2f} pt)")
-    calibration = {"method": "nncf minmax (ModelType.TRANSFORMER, SmoothQuant)", "size": ctx.calib.size,
+    calibration = {"method": f"nncf minmax (ModelType.TRANSFORMER, {smooth})", "size": ctx.calib.size,
                    "source": ctx.calib.name}
     excluded = tuple({"name": p, "reason": "excluded by quantize.exclude"} for p in ctx.exclude)
     if ctx.within_budget(top1):
@@ -60,6 +66,7 @@ def quantize_openvino(
         model, dataset, validation, validate, max_drop=ctx.max_drop / 100, drop_type=nncf.DropType.ABSOLUTE,
         model_type=nncf.ModelType.TRANSFORMER, subset_size=ctx.calib.size,
         preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope(),
+        advanced_quantization_parameters=advanced,
     )
     path = ctx.workdir / "nncf-ov-ac.xml"
     ov.save_model(controlled, str(path), compress_to_fp16=False)

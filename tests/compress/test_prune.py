@@ -110,6 +110,24 @@ def test_global_selection_respects_the_minimum_and_rejects_impossible_ratios():
     assert select(scores, 0.75, minimum=1, what="units", round_to=2) == [[2, 3], [2, 3]]  # 1 kept -> 2
 
 
+def test_layer_scope_removes_the_same_share_from_every_layer():
+    scores = [np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.9, 0.8, 0.7, 0.6])]
+    # Globally the four lowest are all in layer 0; per layer each loses its own two lowest.
+    assert select(scores, 0.5, minimum=1, what="heads") == [[3], [0, 1, 2]]
+    assert select(scores, 0.5, minimum=1, what="heads", scope="layer") == [[2, 3], [0, 1]]
+    assert select(scores, 0.75, minimum=1, what="heads", scope="layer") == [[3], [0]]
+    with pytest.raises(PruneError, match="unknown pruning scope 'row'"):
+        select(scores, 0.5, minimum=1, what="heads", scope="row")
+
+
+def test_layer_scope_gives_every_layer_the_same_width(digits_model):
+    model = digits_model.model
+    pruned = prune_by_ratio(model, l2_importance(model), heads=0.5, mlp=0.5, scope="layer")
+    shape = structure(pruned)
+    assert len(set(shape["heads"])) == 1 and len(set(shape["mlp"])) == 1
+    assert shape["heads"][0] == structure(model)["heads"][0] // 2
+
+
 def test_pruned_model_exports_and_matches_in_onnxruntime_and_openvino(digits_model, tmp_path):
     from runtimes import get_runtime
 

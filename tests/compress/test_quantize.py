@@ -172,6 +172,24 @@ def test_nncf_on_openvino(setup):
     assert np.mean(got.argmax(1) == reference.argmax(1)) >= 0.95
 
 
+def test_nncf_without_smooth_quant_drops_its_multiplies(setup, tmp_path):
+    pytest.importorskip("nncf", reason="nncf is not installed (pip install nncf)")
+    import openvino as ov
+
+    from compress.quantize.openvino_nncf import quantize_openvino
+
+    def smoothing_ops(path: Path) -> int:
+        return sum("smooth_quant" in op.get_friendly_name() for op in ov.Core().read_model(str(path)).get_ops())
+
+    with_sq = quantize_openvino(_ctx(setup, workdir=tmp_path / "sq"))
+    without = quantize_openvino(_ctx(setup, workdir=tmp_path / "plain", nncf_smooth_quant=False))
+    assert smoothing_ops(with_sq.path) > 0 and smoothing_ops(without.path) == 0
+    assert without.calibration["method"].endswith("no SmoothQuant)")
+    x = next(setup[3].batches(128))[0]
+    reference = _logits("onnxruntime", setup[1], x, "fp32")
+    assert np.mean(_logits("openvino", without.path, x).argmax(1) == reference.argmax(1)) >= 0.95
+
+
 def test_neural_compressor_pt2e_exports_canonical_qdq(setup):
     pytest.importorskip("neural_compressor.torch.quantization", reason="neural-compressor-pt is not installed")
     from compress.quantize.neural_compressor_pt2e import quantize_pt2e
