@@ -128,6 +128,8 @@ class TokensConfig(Section):
     schedule: Literal["constant", "decreasing"] = "constant"  # ToMe: how an int r is spread over the layers
     keep_rate: float | list[float] | None = None  # EViT: share of patch tokens kept at each of `layers`
     layers: list[int] | None = None  # EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth)
+    # EViT: where to prune as fractions of the depth, for recipes meant for any depth (2/3: layer 8 of 12, 4 of 6)
+    depths: list[float] | None = None
     macs: list[float] = [0.75, 0.6, 0.5]  # MAC fractions to find settings for when none is given
     max_drop: float = Field(1.0, ge=0)  # top-1 points against the stage's input model on target_runtime
     target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"

@@ -315,9 +315,12 @@ def requested_plan(config: RunConfig, model: VisionTransformer):
 
 
 def evit_plan(config: RunConfig, model: VisionTransformer, keep):
-    from compress.tokens import evit
+    from compress.tokens import TokenError, evit, layers_at
 
-    return evit(keep, model.config.depth, config.tokens.layers)
+    t, depth = config.tokens, model.config.depth
+    if t.layers is not None and t.depths is not None:
+        raise TokenError("set tokens.layers (layer numbers) or tokens.depths (fractions of the depth), not both")
+    return evit(keep, depth, layers_at(t.depths, depth) if t.depths is not None else t.layers)
 
 
 def token_settings(model: VisionTransformer, config: RunConfig, shape: tuple[int, int, int]) -> list:

@@ -115,6 +115,14 @@ def default_evit_layers(depth: int) -> list[int]:
     return sorted({max(0, round(depth * q)) for q in (0.25, 0.5, 0.75)} - {depth})
 
 
+def layers_at(fractions: Sequence[float], depth: int) -> list[int]:
+    """Layers at ``fractions`` of the depth (0 <= f < 1), rounded: 2/3 is layer 8 of 12 and layer 4 of 6."""
+    bad = [f for f in fractions if not 0 <= f < 1]
+    if bad:
+        raise TokenError(f"tokens.depths {bad} are outside [0, 1); 0.5 is the middle layer, 0.75 three quarters in")
+    return sorted({min(depth - 1, round(depth * f)) for f in fractions})
+
+
 def evit(keep: float | Sequence[float], depth: int, layers: Sequence[int] | None = None) -> TokenReduction:
     """An EViT plan: keep rate ``keep`` at ``layers`` (default ``default_evit_layers``), 1 elsewhere."""
     if not isinstance(keep, (int, float)):

@@ -11,7 +11,7 @@ from compress.checkpoint import Checkpoint, load_own_checkpoint, save_checkpoint
 from compress.macs import count_macs
 from compress.tokens import (
     TokenError, apply, class_attention, default_evit_layers, evit, forward_reduced, max_constant_r, merge_tokens,
-    prune_tokens, token_counts, tome,
+    layers_at, prune_tokens, token_counts, tome,
 )
 from compress.vit import ViTConfig, VisionTransformer
 from calibration.preprocess import Preprocess
@@ -189,6 +189,20 @@ def test_plan_and_layers_must_fit_the_model():
     with pytest.raises(TokenError, match=r"tokens.layers \[7\] are outside"):
         evit(0.5, 4, layers=[7])
     assert default_evit_layers(12) == [3, 6, 9]
+
+
+def test_depth_fractions_name_the_same_place_in_models_of_any_depth():
+    from compress.config import load_config
+    from compress.stages import evit_plan
+
+    assert layers_at([2 / 3], 12) == [8] and layers_at([2 / 3], 6) == [4] and layers_at([0.99], 4) == [3]
+    with pytest.raises(TokenError, match=r"tokens.depths \[1.0\] are outside \[0, 1\)"):
+        layers_at([1.0], 12)
+    config = load_config(None, ["tokens.method='evit'", "tokens.depths=[0.6667]"])
+    assert evit_plan(config, _model(), 0.5).keep == (1.0, 1.0, 1.0, 0.5)  # 2/3 of 4 layers: layer 3
+    both = load_config(None, ["tokens.method='evit'", "tokens.depths=[0.5]", "tokens.layers=[1]"])
+    with pytest.raises(TokenError, match="not both"):
+        evit_plan(both, _model(), 0.5)
 
 
 def test_a_plan_that_merges_every_token_it_can_still_runs():
