@@ -15,6 +15,7 @@ not depend on them; the accuracy of the same settings is measured on the CIFAR-1
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import sys
@@ -137,11 +138,11 @@ def main() -> None:
     settings = {"tome_alone": {"tokens": token_counts(tome_alone.token_reduction, tome_alone.config),
                                "macs_fraction": round(count_macs(tome_alone, (1, 3, 224, 224)) / full_macs, 3)}}
     tags = []
+    pruned_by_heads = {heads: prune_by_ratio(base, importance, heads=heads, mlp=args.mlp, scope=args.scope)
+                       for heads in args.heads}
     for heads, spec in itertools.product(args.heads, args.tokens):
-        pruned = prune_by_ratio(base, importance, heads=heads, mlp=args.mlp, scope=args.scope)
-        chain = VisionTransformer(pruned.config).eval()
-        chain.load_state_dict(pruned.state_dict())
-        apply(chain, token_plan(spec, chain))
+        pruned = pruned_by_heads[heads]
+        chain = apply(copy.deepcopy(pruned), token_plan(spec, pruned))
         tag = f"heads {heads:g} mlp {args.mlp:g} + {spec}"
         tags.append(tag)
         chain_nncf, chain_qdq = int8(chain, exported(chain, f"chain-{tag}"), f"chain-{tag}-int8",

@@ -110,17 +110,17 @@ def tome(r: int | Sequence[int], depth: int, schedule: Literal["constant", "decr
     raise TokenError(f"unknown ToMe schedule {schedule!r}; choose 'constant' or 'decreasing'")
 
 
-def default_evit_layers(depth: int) -> list[int]:
-    """EViT's placement, generalised: DeiT-S (12 layers) reduces at layers 3, 6 and 9 (0-based)."""
-    return sorted({max(0, round(depth * q)) for q in (0.25, 0.5, 0.75)} - {depth})
-
-
 def layers_at(fractions: Sequence[float], depth: int) -> list[int]:
     """Layers at ``fractions`` of the depth (0 <= f < 1), rounded: 2/3 is layer 8 of 12 and layer 4 of 6."""
     bad = [f for f in fractions if not 0 <= f < 1]
     if bad:
         raise TokenError(f"tokens.depths {bad} are outside [0, 1); 0.5 is the middle layer, 0.75 three quarters in")
     return sorted({min(depth - 1, round(depth * f)) for f in fractions})
+
+
+def default_evit_layers(depth: int) -> list[int]:
+    """EViT's placement, generalised: DeiT-S (12 layers) reduces at layers 3, 6 and 9 (0-based)."""
+    return layers_at((0.25, 0.5, 0.75), depth)
 
 
 def evit(keep: float | Sequence[float], depth: int, layers: Sequence[int] | None = None) -> TokenReduction:

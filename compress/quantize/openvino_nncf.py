@@ -1,10 +1,11 @@
 """NNCF post-training quantization of the OpenVINO model, and NNCF's own accuracy control.
 
 ``nncf.quantize(..., model_type=ModelType.TRANSFORMER)`` is NNCF's transformer recipe: INT8 MatMuls (with
-SmoothQuant, unless ``quantize.nncf_smooth_quant=false``), LayerNorm, Softmax and GELU kept in float, symmetric ("performance" preset). When that misses the
-budget, ``nncf.quantize_with_accuracy_control(max_drop=..., drop_type=ABSOLUTE)`` ranks groups of quantizers
-by their harm and reverts the worst until the drop fits; the layers it reverted are read back by comparing
-which MatMul/Conv inputs carry FakeQuantize before and after. The candidate is an OpenVINO IR (``.xml``).
+SmoothQuant, unless ``quantize.nncf_smooth_quant=false``), LayerNorm, Softmax and GELU kept in float, symmetric
+("performance" preset). When that misses the budget, ``nncf.quantize_with_accuracy_control(max_drop=...,
+drop_type=ABSOLUTE)`` ranks groups of quantizers by their harm and reverts the worst until the drop fits; the
+layers it reverted are read back by comparing which MatMul/Conv inputs carry FakeQuantize before and after. The
+candidate is an OpenVINO IR (``.xml``).
 """
 
 from __future__ import annotations
