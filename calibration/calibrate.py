@@ -120,23 +120,52 @@ def _checked(x: np.ndarray, shape: tuple[int, int, int], name: str) -> np.ndarra
 
 
 # ---------------------------------------------------------------------------------------------- adapters
-def onnxruntime_reader(calib: CalibrationSet, input_name: str):
-    """An ONNX Runtime ``CalibrationDataReader`` that streams ``calib``; ``rewind`` restarts it."""
+def onnxruntime_reader(calib: CalibrationSet, input_name: str, batch_size: int | None = None):
+    """An ONNX Runtime ``CalibrationDataReader`` that streams ``calib`` in batches of ``batch_size`` images (by
+    default the set's own); ``rewind`` restarts it.
+
+    It also takes ONNX Runtime's strided calibration (``extra_options["CalibStridedMinMax"]``): ``len`` counts its
+    batches and ``set_range(start, end)`` serves batches ``start`` to ``end``; the stream is read once, in order,
+    so ranges must follow one another (a range from 0 restarts it).
+    """
     from onnxruntime.quantization import CalibrationDataReader
+
+    size = calib.batch_size if batch_size is None else batch_size
+    if size <= 0:
+        raise CalibrationError(f"the calibration batch size is {size}; it must be a positive number of images")
+
+    def pieces() -> Iterator[np.ndarray]:
+        for batch in calib.batches():
+            for start in range(0, len(batch), size):
+                yield batch[start : start + size]
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.rewind()
 
         def get_next(self) -> dict[str, np.ndarray] | None:
+            if self._end is not None and self._position >= self._end:
+                return None
             batch = next(self._it, None)
-            return None if batch is None else {input_name: batch}
+            if batch is None:
+                return None
+            self._position += 1
+            return {input_name: batch}
 
         def rewind(self) -> None:
-            self._it = calib.batches()
+            self._it, self._position, self._end = pieces(), 0, None
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            if start_index == 0:
+                self.rewind()
+            elif start_index != self._position:
+                raise CalibrationError(f"the calibration stream is read in order: asked for batch {start_index} "
+                                       f"after batch {self._position}")
+            self._end = end_index
 
         def __len__(self) -> int:
-            return -(-calib.size // calib.batch_size)
+            full, rest = divmod(calib.size, calib.batch_size)
+            return full * -(-calib.batch_size // size) + -(-rest // size)
 
     return _Reader()
 

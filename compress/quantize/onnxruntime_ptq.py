@@ -3,8 +3,10 @@
 Static: per-channel symmetric INT8 weights, INT8 symmetric activations by default (what TensorRT's explicit
 quantization accepts; ``quantize.activations = "uint8"`` gives ONNX Runtime's asymmetric U8S8 instead),
 MinMax, Entropy or Percentile calibration on the streamed calibration set, only the target layers of
-``base.target_layers``. Over budget, layers go back to float by graph surgery on the QDQ model, most sensitive
-first (``sensitivity.layer_sensitivity``), with no re-calibration.
+``base.target_layers``. Calibration runs ``CALIB_BATCH`` images at a time, each run folded into the ranges
+before the next (ONNX Runtime's strided calibration), so peak memory follows that batch, not the calibration
+set. Over budget, layers go back to float by graph surgery on the QDQ model, most sensitive first
+(``sensitivity.layer_sensitivity``), with no re-calibration.
 
 Dynamic: INT8 weights, activation ranges computed per batch at run time (no calibration data needed; ONNX
 Runtime's ``DynamicQuantizeLinear`` + ``MatMulInteger``, an ONNX Runtime format). Over budget it re-quantizes
@@ -29,6 +31,15 @@ log = logging.getLogger(__name__)
 
 METHODS = ("minmax", "entropy", "percentile")
 
+# Images per calibration run. ONNX Runtime's calibration model keeps every calibrated tensor of a run alive at
+# once (MinMax's added ReduceMin/ReduceMax nodes run after the rest of the graph in the default node order; Entropy
+# and Percentile return the tensors whole and hold them until the histograms are built, for the whole set unless
+# strided), so memory grows with the images per run. On the pruned ViT-B/16 chain (EViT, 8 of 12 layers at 197
+# tokens), MinMax over 128 images peaked at 6.9 GB of RAM in runs of 32 and at 1.4 GB in runs of 4, with identical
+# ranges and in less time; Entropy over 64 images in one pass peaked at 7.0 GB, folded per run of 4 at 1.0 GB
+# (BENCHMARKS.md, "Memory"). Histograms folded run by run may bin slightly differently from one pass.
+CALIB_BATCH = 4
+
 
 def quantize_static_qdq(
     ctx: QuantizeContext, method: str | None = None
@@ -46,7 +57,8 @@ def quantize_static_qdq(
     # Q/DQ only on the inputs of the target layers: no INT32 bias (TensorRT has no INT32 DQ) and no
     # quantized outputs (the following bias Add and residual stay float, FIELD-NOTES' first trap).
     extra = {"ActivationSymmetric": signed, "WeightSymmetric": True, "QuantizeBias": False,
-             "OpTypesToExcludeOutputQuantization": list(ctx.op_types)}
+             "OpTypesToExcludeOutputQuantization": list(ctx.op_types),
+             "CalibStridedMinMax": 1}  # fold every run into the ranges (histograms) before the next; any method
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
     calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -55,7 +67,7 @@ def quantize_static_qdq(
         out = Path(tmp) / "qdq.onnx"
         ctx.log(f"{name}: calibrating on {ctx.calib.size} images")
         quantize_static(
-            str(ctx.float_onnx), str(out), onnxruntime_reader(ctx.calib, float_proto.graph.input[0].name),
+            str(ctx.float_onnx), str(out), onnxruntime_reader(ctx.calib, float_proto.graph.input[0].name, CALIB_BATCH),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ctx.op_types), per_channel=True,
             activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_quantize=targets, calibrate_method=calib_method, extra_options=extra,

@@ -80,3 +80,29 @@ def test_adapters_stream_the_same_images(tmp_path):
     seen = []
     forward_loop(calib)(lambda x: seen.append(x.shape[0]) or x)
     assert seen == [4, 4, 2]
+
+
+def test_onnxruntime_reader_rebatches_and_serves_strided_ranges(tmp_path):
+    array = np.random.default_rng(1).normal(size=(10, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "c.npy", array)
+    calib = from_array(tmp_path / "c.npy", 10, (1, 8, 8), batch_size=4)  # batches of 4, 4, 2
+    reader = onnxruntime_reader(calib, "x", batch_size=3)
+    assert len(reader) == 5  # 3+1, 3+1, 2
+    sizes = []
+    while (item := reader.get_next()) is not None:
+        sizes.append(item["x"].shape[0])
+    assert sizes == [3, 1, 3, 1, 2]
+
+    # ONNX Runtime's strided calibration: one range after another, each ends where asked
+    served = []
+    for start in range(0, len(reader), 2):
+        reader.set_range(start_index=start, end_index=start + 2)
+        while (item := reader.get_next()) is not None:
+            served.append(item["x"])
+    assert np.array_equal(np.concatenate(served), array)
+    reader.set_range(start_index=0, end_index=1)  # from 0 again: a restart
+    assert np.array_equal(reader.get_next()["x"], array[:3]) and reader.get_next() is None
+    with pytest.raises(CalibrationError, match="read in order"):
+        reader.set_range(start_index=3, end_index=4)
+    with pytest.raises(CalibrationError, match="batch size is 0"):
+        onnxruntime_reader(calib, "x", batch_size=0)

@@ -357,3 +357,36 @@ def test_nncf_accuracy_control_when_over_budget(setup, tmp_path):
     assert candidate.float_layers and all("quantize_with_accuracy_control" in layer["reason"]
                                           for layer in candidate.float_layers)
     assert candidate.path.name == "nncf-ov-ac.xml"
+
+
+def _activation_scales(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The scale of every QuantizeLinear on an activation, by the tensor it quantizes."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    return {n.input[0]: inits[n.input[1]] for n in proto.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_static_minmax_in_small_runs_has_the_scales_of_one_run_over_the_set(setup, tmp_path):
+    """Calibration folds runs of CALIB_BATCH images (for memory); MinMax must give what one run of all 64 gives."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from calibration.calibrate import onnxruntime_reader
+    from compress.quantize.onnxruntime_ptq import CALIB_BATCH
+
+    ctx = _ctx(setup)
+    assert ctx.calib.size > CALIB_BATCH
+    candidate, _ = quantize_static_qdq(ctx)
+    float_proto = onnx.load(str(ctx.float_onnx))
+    targets, _ = target_layers(float_proto, ctx)
+    one_run = tmp_path / "one-run.onnx"
+    quantize_static(str(ctx.float_onnx), str(one_run),
+                    onnxruntime_reader(ctx.calib, float_proto.graph.input[0].name, batch_size=ctx.calib.size),
+                    quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ctx.op_types), per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=targets,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                                   "OpTypesToExcludeOutputQuantization": list(ctx.op_types)})
+    ours, reference = _activation_scales(onnx.load(str(candidate.path))), _activation_scales(onnx.load(str(one_run)))
+    assert ours and ours.keys() <= reference.keys()  # ours may have dropped Q/DQ on the graph's outputs
+    for tensor, scale in ours.items():
+        np.testing.assert_array_equal(scale, reference[tensor], err_msg=tensor)
