@@ -35,9 +35,10 @@ METHODS = ("minmax", "entropy", "percentile")
 # once (MinMax's added ReduceMin/ReduceMax nodes run after the rest of the graph in the default node order; Entropy
 # and Percentile return the tensors whole and hold them until the histograms are built, for the whole set unless
 # strided), so memory grows with the images per run. On the pruned ViT-B/16 chain (EViT, 8 of 12 layers at 197
-# tokens), MinMax over 128 images peaked at 6.9 GB of RAM in runs of 32 and at 1.4 GB in runs of 4, with identical
-# ranges and in less time; Entropy over 64 images in one pass peaked at 7.0 GB, folded per run of 4 at 1.0 GB
-# (BENCHMARKS.md, "Memory"). Histograms folded run by run may bin slightly differently from one pass.
+# tokens), a MinMax calibration process peaked at 7.1 GB in runs of 32 images and at 2.0 GB in runs of 4, with the
+# same scales and in less time; Entropy at 7.4 GB in one pass and 2.0 GB folded per run of 4. Folded histograms bin
+# differently (Entropy scales moved), but on the CIFAR-10 ViT the top-1 of each method stayed within 0.03 pt of its
+# one-pass form (python bench/calibration_memory.py; BENCHMARKS.md, "Memory").
 CALIB_BATCH = 4
 
 
