@@ -121,8 +121,8 @@ def _checked(x: np.ndarray, shape: tuple[int, int, int], name: str) -> np.ndarra
 
 # ---------------------------------------------------------------------------------------------- adapters
 def onnxruntime_reader(calib: CalibrationSet, input_name: str, batch_size: int | None = None):
-    """An ONNX Runtime ``CalibrationDataReader`` that streams ``calib`` in batches of ``batch_size`` images (by
-    default the set's own); ``rewind`` restarts it.
+    """An ONNX Runtime ``CalibrationDataReader`` that streams ``calib``, each of its batches cut into pieces of at
+    most ``batch_size`` images (by default left whole); ``rewind`` restarts it.
 
     It also takes ONNX Runtime's strided calibration (``extra_options["CalibStridedMinMax"]``): ``len`` counts its
     batches and ``set_range(start, end)`` serves batches ``start`` to ``end``; the stream is read once, in order,
