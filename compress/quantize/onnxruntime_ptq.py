@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
 
-from calibration.calibrate import onnxruntime_reader
+from calibration.calibrate import CalibrationSet, onnxruntime_reader
 from compress.io import atomic_write
 from compress.quantize.base import Candidate, QuantizeContext, QuantizeError, target_layers, user_excluded
 from compress.quantize.budget import fit_budget, fit_qdq
@@ -35,44 +36,58 @@ METHODS = ("minmax", "entropy", "percentile")
 # once (MinMax's added ReduceMin/ReduceMax nodes run after the rest of the graph in the default node order; Entropy
 # and Percentile return the tensors whole and hold them until the histograms are built, for the whole set unless
 # strided), so memory grows with the images per run. On the pruned ViT-B/16 chain (EViT, 8 of 12 layers at 197
-# tokens), a MinMax calibration process peaked at 7.1 GB in runs of 32 images and at 2.0 GB in runs of 4, with the
-# same scales and in less time; Entropy at 7.4 GB in one pass and 2.0 GB folded per run of 4. Folded histograms bin
+# tokens), a MinMax calibration process peaked at 7.2 GB in runs of 32 images and at 2.0 GB in runs of 4, with the
+# same scales and in less time; Entropy at 7.3 GB in one pass and 2.0 GB folded per run of 4. Folded histograms bin
 # differently (Entropy scales moved), but on the CIFAR-10 ViT the top-1 of each method stayed within 0.03 pt of its
 # one-pass form (python bench/calibration_memory.py; BENCHMARKS.md, "Memory").
 CALIB_BATCH = 4
+
+
+def run_quantize_static(
+    float_onnx: Path, out: Path, calib: CalibrationSet, input_name: str, method: str, op_types: Sequence[str], *,
+    nodes: list[str] | None = None, signed: bool = True, images_per_run: int = CALIB_BATCH, strided: bool = True,
+) -> None:
+    """``onnxruntime.quantization.quantize_static`` to Q/DQ with this project's options, calibrated on ``calib``.
+
+    Only ``nodes`` (default: every node of ``op_types``) get Q/DQ; every tensor of ``op_types`` is calibrated.
+    ``images_per_run`` and ``strided`` exist to compare with ONNX Runtime's one-pass form (the set's own batches,
+    ``strided=False``), as ``bench/calibration_memory.py`` and the tests do.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    # Q/DQ only on the inputs of the target layers: no INT32 bias (TensorRT has no INT32 DQ) and no
+    # quantized outputs (the following bias Add and residual stay float, FIELD-NOTES' first trap).
+    extra = {"ActivationSymmetric": signed, "WeightSymmetric": True, "QuantizeBias": False,
+             "OpTypesToExcludeOutputQuantization": list(op_types)}
+    if strided:
+        extra["CalibStridedMinMax"] = 1  # fold every run into the ranges (histograms) before the next; any method
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile}[method]
+    quantize_static(
+        str(float_onnx), str(out), onnxruntime_reader(calib, input_name, images_per_run),
+        quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types), per_channel=True,
+        activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
+        nodes_to_quantize=nodes, calibrate_method=calib_method, extra_options=extra,
+    )
 
 
 def quantize_static_qdq(
     ctx: QuantizeContext, method: str | None = None
 ) -> tuple[Candidate | None, list[tuple[str, float]]]:
     """The static QDQ candidate fitted to the budget (None when nothing fits), and its sensitivity ranking."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     method = method or ctx.calibration_method
     if method not in METHODS:
         raise QuantizeError(f"unknown calibration method {method!r}; choose from {list(METHODS)}")
     float_proto = onnx.load(str(ctx.float_onnx))
     targets, excluded = target_layers(float_proto, ctx)
     name = f"ort-static-{method}"
-    signed = ctx.activations == "int8"
-    # Q/DQ only on the inputs of the target layers: no INT32 bias (TensorRT has no INT32 DQ) and no
-    # quantized outputs (the following bias Add and residual stay float, FIELD-NOTES' first trap).
-    extra = {"ActivationSymmetric": signed, "WeightSymmetric": True, "QuantizeBias": False,
-             "OpTypesToExcludeOutputQuantization": list(ctx.op_types),
-             "CalibStridedMinMax": 1}  # fold every run into the ranges (histograms) before the next; any method
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.999
-    calib_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                    "percentile": CalibrationMethod.Percentile}[method]
     with tempfile.TemporaryDirectory(dir=ctx.workdir) as tmp:
         out = Path(tmp) / "qdq.onnx"
         ctx.log(f"{name}: calibrating on {ctx.calib.size} images")
-        quantize_static(
-            str(ctx.float_onnx), str(out), onnxruntime_reader(ctx.calib, float_proto.graph.input[0].name, CALIB_BATCH),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ctx.op_types), per_channel=True,
-            activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_quantize=targets, calibrate_method=calib_method, extra_options=extra,
-        )
+        run_quantize_static(ctx.float_onnx, out, ctx.calib, float_proto.graph.input[0].name, method, ctx.op_types,
+                            nodes=targets, signed=ctx.activations == "int8")
         graph = QdqGraph.from_quantize_static(onnx.load(str(out)), float_proto)
     graph.proto = unquantize_graph_outputs(graph.proto)
     calibration = {"method": method, "size": ctx.calib.size, "source": ctx.calib.name}

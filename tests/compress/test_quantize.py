@@ -369,10 +369,7 @@ def _activation_scales(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 def test_static_minmax_in_small_runs_has_the_scales_of_one_run_over_the_set(setup, tmp_path):
     """Calibration folds runs of CALIB_BATCH images (for memory); MinMax must give the scales of ONNX Runtime's
     one-pass calibration (the set's own batches of 32, every run kept, ranges computed once)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from calibration.calibrate import onnxruntime_reader
-    from compress.quantize.onnxruntime_ptq import CALIB_BATCH
+    from compress.quantize.onnxruntime_ptq import CALIB_BATCH, run_quantize_static
 
     ctx = _ctx(setup)
     assert ctx.calib.size > CALIB_BATCH
@@ -380,13 +377,8 @@ def test_static_minmax_in_small_runs_has_the_scales_of_one_run_over_the_set(setu
     float_proto = onnx.load(str(ctx.float_onnx))
     targets, _ = target_layers(float_proto, ctx)
     one_run = tmp_path / "one-run.onnx"
-    quantize_static(str(ctx.float_onnx), str(one_run),
-                    onnxruntime_reader(ctx.calib, float_proto.graph.input[0].name),
-                    quant_format=QuantFormat.QDQ, op_types_to_quantize=list(ctx.op_types), per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=targets,
-                    calibrate_method=CalibrationMethod.MinMax,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                                   "OpTypesToExcludeOutputQuantization": list(ctx.op_types)})
+    run_quantize_static(ctx.float_onnx, one_run, ctx.calib, float_proto.graph.input[0].name, "minmax", ctx.op_types,
+                        nodes=targets, images_per_run=ctx.calib.batch_size, strided=False)
     ours, reference = _activation_scales(onnx.load(str(candidate.path))), _activation_scales(onnx.load(str(one_run)))
     assert ours and ours.keys() <= reference.keys()  # ours may have dropped Q/DQ on the graph's outputs
     for tensor, scale in ours.items():
