@@ -68,26 +68,52 @@ def _guard(fn):
 
 
 class _ProgressBars:
-    """Renders the library's (what, done, total) progress callbacks as rich progress bars."""
+    """Renders the library's (what, done, total) progress callbacks: live bars on a terminal; elsewhere (a log
+    file, CI, ``nohup``), where rich would draw nothing until the end, a line per tenth of the work at most every
+    ``min_interval_s`` seconds, and one at the end of work that took longer than that."""
 
     def __init__(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        self.live = console.is_terminal
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), console=console, transient=False)
         self.tasks: dict[str, int] = {}
+        self.logged: dict[str, tuple[int, float, float]] = {}  # what -> (tenths reported, start, last line)
+        self.min_interval_s = 15.0  # without a terminal: seconds between lines about the same work
 
     def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.live:
+            self._line(what, done, total)
+            return
         if what not in self.tasks:
             self.tasks[what] = self.progress.add_task(what, total=total)
         self.progress.update(self.tasks[what], completed=done, total=total)
 
+    def _line(self, what: str, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        tenths, start, last = self.logged.setdefault(what, (0, now, now))
+        tenth = min(10, done * 10 // max(1, total))
+        # A line per tenth once the work has run a while, so quick steps stay quiet; always the end of long work.
+        finished_long = tenth == 10 and now - start >= self.min_interval_s
+        if tenth <= tenths or (now - last < self.min_interval_s and not finished_long):
+            return
+        self.logged[what] = (tenth, start, now)
+        elapsed = now - start
+        left = f", about {elapsed * (total - done) / max(1, done) / 60:.1f} min left" if done < total else ""
+        console.print(f"{what}: {done}/{total} ({100 * done // max(1, total)}%), {elapsed / 60:.1f} min{left}",
+                      highlight=False, soft_wrap=True)
+
     def __enter__(self) -> _ProgressBars:
-        self.progress.start()
+        if self.live:
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.live:
+            self.progress.stop()
 
 
 def _train_progress(bars: _ProgressBars):

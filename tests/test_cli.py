@@ -52,6 +52,27 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "onnxruntime" in (tmp_path / "demo" / "report.md").read_text()
 
 
+def test_progress_without_a_terminal_is_lines(monkeypatch):
+    """In a log file or CI, rich's bars would show nothing until the end: long work prints a line per tenth."""
+    from compress import cli
+
+    with cli.console.capture() as captured:
+        bars = cli._ProgressBars()
+        assert not bars.live
+        bars.min_interval_s = 0.0
+        with bars:
+            for step in range(1, 41):
+                bars("recover (tokens)", step, 40)
+    lines = captured.get().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("recover (tokens): 4/40 (10%)"), lines
+    assert lines[-1].startswith("recover (tokens): 40/40 (100%)"), lines
+    with cli.console.capture() as captured:
+        bars = cli._ProgressBars()  # the default interval: a quick job says nothing
+        for step in range(1, 41):
+            bars("export", step, 40)
+    assert captured.get() == ""
+
+
 def _write_truncated(ws):
     data = (ws / "vit.safetensors").read_bytes()
     (ws / "bad.safetensors").write_bytes(data[: len(data) // 2])
