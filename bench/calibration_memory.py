@@ -3,8 +3,9 @@ against runs of ``CALIB_BATCH`` images folded one by one (what ``quantize_static
 
     python bench/calibration_memory.py --data /tmp/cifar10 [--images 128] [--entropy-images 64]
 
-The model is what the quantize stage of ``bench/memory.py`` sees: ViT-B/16 (random weights, 10 classes), a third
-of the heads and two thirds of the MLP units pruned in every layer, EViT keeping half the tokens at layer 8. Each
+The model is what the quantize stage of ``bench/memory.py`` sees: ViT-B/16 (random weights, 10 classes), pruned
+and token-reduced as the ``cpu-latency`` recipe says (when BENCHMARKS.md's figures were taken: a third of the
+heads and two thirds of the MLP units in every layer, EViT keeping half the tokens at layer 8). Each
 setting runs ``onnxruntime.quantization.quantize_static`` through the product's own call
 (``compress.quantize.onnxruntime_ptq.run_quantize_static``: QDQ, INT8 symmetric, per-channel weights) in its own
 process on the same CIFAR-10 images upscaled to 224, and the figure is that process's peak resident memory
@@ -47,6 +48,7 @@ def build(work: Path, data: Path, images: int) -> tuple[Path, Path]:
     from calibration.datasets import Subset, make_splits, open_source
     from calibration.preprocess import Preprocess
     from compress.prune import l2_importance, prune_by_ratio
+    from compress.recipes import CPU_LATENCY
     from compress.tokens import apply, evit, layers_at
     from compress.vit import VisionTransformer
     from export.onnx_export import export_onnx
@@ -58,8 +60,9 @@ def build(work: Path, data: Path, images: int) -> tuple[Path, Path]:
     x = next(Subset(source, splits.calib, pre).batches(images))[0]
     np.save(work / "calib.npy", x)
     base = VisionTransformer(VIT_B16).eval()
-    chain = prune_by_ratio(base, l2_importance(base), heads=0.3333, mlp=0.6667, scope="layer")
-    apply(chain, evit(0.5, VIT_B16.depth, layers_at([0.6667], VIT_B16.depth)))
+    prune, tokens = CPU_LATENCY["prune"], CPU_LATENCY["tokens"]  # the cpu-latency recipe's settings
+    chain = prune_by_ratio(base, l2_importance(base), heads=prune["heads"], mlp=prune["mlp"], scope=prune["scope"])
+    apply(chain, evit(tokens["keep_rate"], VIT_B16.depth, layers_at(tokens["depths"], VIT_B16.depth)))
     onnx_path = work / "chain.onnx"
     # random weights leave token ranks nearly tied; a tie broken the other way moves the logits (bench/pipeline.py)
     export_onnx(chain, onnx_path, example=torch.from_numpy(x[:2]), parity_inputs=x[:4], atol=1e-2)

@@ -3,6 +3,8 @@
     python bench/pipeline.py --data /tmp/cifar10 [--heads 0.3333 0.1667] [--mlp 0.6667] [--scope layer]
                              [--tokens none evit:0.5@8 tome:0.65] [--no-chain-smooth-quant] [--rounds 5]
 
+The defaults are the ``cpu-latency`` recipe's pruning and token settings (``compress/recipes.py``).
+
 Paths, timed side by side in interleaved rounds on this CPU (each round times every path once, in turn; the
 figure per path is the median of round medians, ratios are paired per round):
 PyTorch eager FP32, ONNX Runtime FP32, OpenVINO FP32 and BF16, plain ``nncf.quantize`` INT8 on OpenVINO (the
@@ -35,13 +37,18 @@ from calibration.preprocess import Preprocess  # noqa: E402
 from compress.macs import count_macs  # noqa: E402
 from compress.prune import l2_importance, prune_by_ratio, structure  # noqa: E402
 from compress.quantize.base import QuantizeContext, artifact_evaluator  # noqa: E402
+from compress.recipes import CPU_LATENCY  # noqa: E402
 from compress.stages import token_settings  # noqa: E402
-from compress.tokens import apply, evit, token_counts  # noqa: E402
+from compress.tokens import apply, evit, layers_at, token_counts  # noqa: E402
 from compress.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 
 PEER = "nncf int8 (openvino, plain nncf.quantize)"
+# The cpu-latency recipe's settings, as it applies them to ViT-S/16 (12 layers): the default chain.
+RECIPE_HEADS, RECIPE_MLP = CPU_LATENCY["prune"]["heads"], CPU_LATENCY["prune"]["mlp"]
+RECIPE_TOKENS = (f"evit:{CPU_LATENCY['tokens']['keep_rate']:g}@"
+                 + ",".join(str(v) for v in layers_at(CPU_LATENCY["tokens"]["depths"], VIT_S16.depth)))
 
 
 def _tome_at(model: VisionTransformer, fraction: float):
@@ -69,14 +76,15 @@ def token_plan(spec: str, model: VisionTransformer):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("/tmp/cifar10"))
-    parser.add_argument("--heads", type=float, nargs="+", default=[0.3333, 0.1667],
+    parser.add_argument("--heads", type=float, nargs="+", default=[RECIPE_HEADS, 0.1667],
                         help="shares of the attention heads pruned, one chain each (6 heads a layer: 0.3333 removes "
-                             "2, 0.1667 removes 1)")
-    parser.add_argument("--mlp", type=float, default=0.6667, help="share of the MLP units pruned")
-    parser.add_argument("--scope", choices=["global", "layer"], default="layer",
+                             "2, 0.1667 removes 1); default: the cpu-latency recipe's, and one head")
+    parser.add_argument("--mlp", type=float, default=RECIPE_MLP, help="share of the MLP units pruned (the recipe's)")
+    parser.add_argument("--scope", choices=["global", "layer"], default=CPU_LATENCY["prune"]["scope"],
                         help="prune the same share from every layer, or rank all layers together")
-    parser.add_argument("--tokens", nargs="+", default=["none", "evit:0.5@8"],
-                        help="token settings, one chain each: none, tome:MAC_FRACTION, evit:KEEP_RATE[@LAYER,...]")
+    parser.add_argument("--tokens", nargs="+", default=["none", RECIPE_TOKENS],
+                        help="token settings, one chain each: none, tome:MAC_FRACTION, evit:KEEP_RATE[@LAYER,...]; "
+                             f"default: none and the recipe's ({RECIPE_TOKENS})")
     parser.add_argument("--chain-smooth-quant", action=argparse.BooleanOptionalAction, default=False,
                         help="NNCF SmoothQuant in the chain's INT8 (the peer always has it, as nncf.quantize does)")
     parser.add_argument("--tome-alone", type=float, default=0.65, help="MAC fraction for the ToMe-alone path")
