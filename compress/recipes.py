@@ -41,12 +41,10 @@ JETSON_LATENCY: dict[str, Any] = {
     # TensorRT-ready Q/DQ (symmetric, per-channel) and FP16 with LayerNorm in float32; the engine is built on the
     # device from the bundle (`compress build-engine`). The pruning and token settings are the CPU recipe's; no
     # TensorRT latency has been measured for them (no GPU was available to this project).
-    "pipeline": {"stages": ["prune", "recover", "tokens", "quantize", "deploy"], "max_drop": 1.0,
-                 "target": "jetson-orin"},
-    "prune": {"heads": 0.3333, "mlp": 0.6667, "importance": "taylor", "scope": "layer", "iterations": 2},
-    "recover": {"epochs": 8, "bf16": True},
-    "tokens": {"method": "evit", "keep_rate": 0.5, "depths": [0.5], "target_runtime": "onnxruntime",
-               "finetune_epochs": 8},
+    "pipeline": CPU_LATENCY["pipeline"] | {"target": "jetson-orin"},
+    "prune": CPU_LATENCY["prune"],
+    "recover": CPU_LATENCY["recover"],
+    "tokens": CPU_LATENCY["tokens"] | {"target_runtime": "onnxruntime"},
     "quantize": {"quantizers": ["onnxruntime-static", "fp16"], "activations": "int8"},
     "measure": {"runtimes": ["onnxruntime"], "batch_sizes": [1, 8]},
 }
