@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from calibration.errors import DatasetError
-from calibration.preprocess import Preprocess
+from calibration.preprocess import Preprocess, to_8bit
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 TEST_DIRS = ("test", "val", "valid", "validation")
@@ -43,6 +43,14 @@ class ImageSource:
 
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
+
+    def use_class_order(self, classes: list[str]) -> None:
+        """Renumber the labels so that label i is ``classes[i]`` (the same names, in a model's order)."""
+        if sorted(classes) != sorted(self.classes):
+            raise DatasetError(f"dataset {self.name} has classes {self.classes[:10]}, not {classes[:10]}")
+        position = np.asarray([classes.index(c) for c in self.classes], np.int64)
+        self.labels = position[self.labels]
+        self.classes = list(classes)
 
 
 class FolderSource(ImageSource):
@@ -68,9 +76,11 @@ class FolderSource(ImageSource):
         try:
             with Image.open(path) as image:
                 image.load()
-                return image
+                return to_8bit(image)
         except (UnidentifiedImageError, OSError) as e:
             raise DatasetError(f"cannot decode image {path}: {e}; remove or replace the file") from e
+        except (ValueError, Image.DecompressionBombError) as e:  # a mode with no 8-bit meaning, or a pixel bomb
+            raise DatasetError(f"cannot use image {path}: {e}") from e
 
 
 class ArraySource(ImageSource):

@@ -9,6 +9,7 @@ A checkpoint is therefore enough on its own to rebuild the model and feed it the
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from safetensors.torch import load_file, safe_open, save_file
 from calibration.datasets import ImageSource
 from calibration.preprocess import Preprocess
 from compress.config import RunConfig
-from compress.errors import CheckpointError, DatasetError
+from compress.errors import CheckpointError, ConfigError, DatasetError
 from compress.io import atomic_write
 from compress.vit import ViTConfig, VisionTransformer
 
 FORMAT = "vit-compress/1"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,24 +67,49 @@ def load_own_checkpoint(path: Path, overrides: dict | None = None) -> Checkpoint
     metadata = read_metadata(path)
     if metadata is None or metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
-    recorded = json.loads(metadata["model"])
+    try:  # the metadata is text anyone can edit: every key parsed and checked, a failure named
+        recorded = json.loads(metadata["model"])
+        preprocess = Preprocess.from_dict(json.loads(metadata["preprocess"]))
+        classes = json.loads(metadata["classes"])
+        tokens = json.loads(metadata["tokens"]) if "tokens" in metadata else None
+        if not isinstance(recorded, dict):
+            raise ValueError("the model entry is not a mapping")
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError("the class names are not a list of strings")
+    except KeyError as e:
+        raise CheckpointError(f"{path} has no {e.args[0]!r} in its metadata; re-save it with `compress train` or "
+                              "pass the original checkpoint") from None
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} has damaged metadata ({str(e)[:160]}); re-save it with `compress train` or "
+                              "pass the original checkpoint") from None
     for key, value in (overrides or {}).items():
         if key in recorded and not same_value(recorded[key], value):
             raise CheckpointError(
                 f"model.{key}={value} disagrees with checkpoint {path}, which records {recorded[key]}; "
                 "remove the override (this format carries every hyper-parameter)"
             )
-    model = VisionTransformer(ViTConfig.from_dict(recorded | (overrides or {})))
+    try:
+        model = VisionTransformer(ViTConfig.from_dict(recorded | (overrides or {})))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} records a model that cannot be built ({str(e)[:160]}); re-save it with "
+                              "`compress train`") from None
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {path}: {e}; the file may be truncated, re-download or re-export it") from e
     load_exact(model, state, source=str(path))
-    if "tokens" in metadata:
+    if len(classes) != model.config.num_classes:
+        raise CheckpointError(f"{path} names {len(classes)} classes but its model predicts {model.config.num_classes}; "
+                              "re-save it with `compress train`")
+    if tokens is not None:
         from compress.tokens import TokenReduction, apply
 
-        apply(model, TokenReduction.from_dict(json.loads(metadata["tokens"])))
-    return Checkpoint(model, Preprocess.from_dict(json.loads(metadata["preprocess"])), json.loads(metadata["classes"]))
+        try:
+            plan = TokenReduction.from_dict(tokens)
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path} has a damaged token plan ({e!r}); re-save it with `compress run`") from None
+        apply(model, plan)
+    return Checkpoint(model, preprocess, classes)
 
 
 def same_value(a: object, b: object) -> bool:
@@ -125,7 +152,11 @@ def resolve_preprocess(config: RunConfig, model_cfg: ViTConfig, base: Preprocess
         c = model_cfg.in_chans
         base = Preprocess(crop_size=model_cfg.image_size, in_chans=c, mean=(0.5,) * c, std=(0.5,) * c)
     values = base.to_dict() | config.preprocess.model_dump(exclude_none=True)
-    return Preprocess.from_dict(values)
+    try:
+        return Preprocess.from_dict(values)
+    except ValueError as e:
+        raise ConfigError(f"{e}; set it in [preprocess] or with --set (e.g. --set 'preprocess.mean=[0.485, 0.456, "
+                          "0.406]')") from None
 
 
 def new_checkpoint(config: RunConfig, source: ImageSource) -> Checkpoint:
@@ -144,3 +175,21 @@ def check_dataset_fits(ckpt: Checkpoint, source: ImageSource) -> None:
             f"the model predicts {ckpt.config.num_classes} classes but dataset {source.name} has "
             f"{len(source.classes)}; use a dataset with the model's classes or fine-tune with `compress train`"
         )
+
+
+def match_class_names(ckpt: Checkpoint, source: ImageSource) -> None:
+    """Give the model the dataset's class names where its checkpoint recorded none, and its own order where both
+    name the same classes; say in one line when the names differ, since labels then match by position."""
+    index_names = [str(i) for i in range(len(ckpt.classes))]
+    dataset = list(source.classes)
+    if ckpt.classes == dataset:
+        return
+    if ckpt.classes == index_names:
+        log.info("class names from the dataset: %s", ", ".join(dataset[:10]) + (" ..." if len(dataset) > 10 else ""))
+        ckpt.classes = dataset
+    elif sorted(ckpt.classes) == sorted(dataset):
+        log.info("dataset %s relabelled to the checkpoint's class order", source.name)
+        source.use_class_order(ckpt.classes)
+    else:
+        log.warning("the checkpoint's class names %s differ from the dataset's %s; labels are matched by position "
+                    "(class folders in sorted order)", ckpt.classes[:5], dataset[:5])

@@ -9,11 +9,12 @@ The resolved config is saved beside the results of every run.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compress.errors import ConfigError
 
@@ -25,11 +26,35 @@ class Section(BaseModel):
 class PreprocessConfig(Section):
     """Overrides of the checkpoint's preprocessing; unset fields keep the checkpoint's (or the defaults)."""
 
-    crop_size: int | None = None
-    resize_size: int | None = None
+    crop_size: int | None = Field(None, ge=1)
+    resize_size: int | None = Field(None, ge=1)
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    mean: list[float] | None = Field(None, min_length=1, max_length=4)  # one value per input channel
+    std: list[float] | None = Field(None, min_length=1, max_length=4)
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{values} holds a value that is not a finite number")
+        return values
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, values: list[float] | None) -> list[float] | None:
+        if values is not None and not all(v > 0 for v in values):
+            raise ValueError(f"std {values} must be positive: the input is divided by it (ImageNet's is "
+                             "[0.229, 0.224, 0.225])")
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessConfig:
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError(f"mean {self.mean} and std {self.std} differ in length; give one value per channel")
+        if self.crop_size is not None and self.resize_size is not None and self.resize_size < self.crop_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}; the crop "
+                             "would run off the image")
+        return self
 
 
 class DataConfig(Section):
@@ -64,10 +89,13 @@ class ExportConfig(Section):
     min_agreement: float = Field(0.99, ge=0, le=1)
 
 
+RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt")
+
+
 class MeasureConfig(Section):
-    runtimes: list[str] = ["torch", "onnxruntime", "openvino"]
-    batch_sizes: list[int] = [1, 8]
-    threads: int | None = None  # None: every core of this machine
+    runtimes: list[Literal[RUNTIMES]] = Field(["torch", "onnxruntime", "openvino"], min_length=1)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field([1, 8], min_length=1)
+    threads: int | None = Field(None, ge=1)  # None: every core of this machine
     warmup: int = Field(5, ge=0)
     iterations: int = Field(50, ge=1)
     max_seconds: float = Field(10.0, gt=0)  # per (runtime, precision, batch); stops earlier iterations
@@ -245,6 +273,10 @@ def load_config(recipe: Path | None = None, overrides: list[str] = (), base: dic
             section = first["loc"][0] if len(first["loc"]) > 1 else None
             fields = RunConfig.model_fields if section is None else RunConfig.model_fields[section].annotation.model_fields
             raise ConfigError(f"unknown config key {where!r}; valid keys here are {sorted(fields)}") from e
+        if first["type"] == "literal_error":
+            expected = first["ctx"]["expected"]
+            where = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
+            raise ConfigError(f"config {where}: unknown value {first.get('input')!r}; choose from {expected}") from e
         raise ConfigError(f"config {where}: {first['msg']} (got {first.get('input')!r})") from e
 
 

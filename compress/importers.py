@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -92,16 +93,43 @@ def _load(path: Path, overrides: dict[str, Any]) -> Checkpoint:
 
 
 def _read_state_dict(path: Path, *, is_safetensors: bool) -> State:
-    try:
-        if is_safetensors:
+    """The tensors of a safetensors file or a ``torch.save`` file, loaded with ``weights_only`` (no code runs).
+
+    ``torch.load`` answers damaged bytes with almost any exception type (IndexError, KeyError, UnpicklingError,
+    RuntimeError, ...), so its failures are told apart by what the file is, not by the exception's type.
+    """
+    if is_safetensors:
+        try:
             return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read safetensors checkpoint {path} ({str(e).splitlines()[0][:160]}); the "
+                                  "file is truncated or corrupt: re-download or re-export it") from None
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if path.suffix == ".safetensors" or head[8:9] == b"{":  # a safetensors header that did not parse
+        raise CheckpointError(f"cannot read safetensors checkpoint {path}: its header is damaged (the file is "
+                              "truncated or corrupt); re-download or re-export it")
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch's zip format nor a legacy pickle
+        what = "an empty file" if not head else "not a PyTorch or safetensors checkpoint"
+        raise CheckpointError(f"{path} is {what}; pass a state dict saved with torch.save(model.state_dict(), path), "
+                              "a .safetensors file or a Hugging Face model directory")
+    try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, OSError, ValueError) as e:  # torch raises these on bad files
-        reason = str(e).splitlines()[0][:160]
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt; re-download "
+                                  "it") from None
+        raise CheckpointError(
+            f"{path} contains code or Python objects other than tensors, which are never loaded (they could run "
+            "code); in Python you trust, load it and re-save the weights alone: torch.save(model.state_dict(), "
+            "path) or safetensors.torch.save_file"
+        ) from None
+    except Exception as e:  # noqa: BLE001  (any type, see above; our own bugs cannot happen inside torch.load)
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise CheckpointError(
             f"cannot read checkpoint {path} ({reason}); the file is truncated or corrupt, or not a PyTorch "
             "state dict: re-download it or save it with torch.save(model.state_dict(), path)"
-        ) from e
+        ) from None
     for key in ("state_dict", "model", "model_state_dict", "module", "state"):  # common training wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

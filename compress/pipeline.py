@@ -27,13 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibration.datasets import Subset, make_splits, open_source
+from calibration.datasets import ImageSource, Splits, Subset, make_splits, open_source
 from calibration.evaluate import EvalResult, evaluate_top1
-from compress.checkpoint import Checkpoint, check_dataset_fits, load_own_checkpoint, save_checkpoint
+from compress.checkpoint import (Checkpoint, check_dataset_fits, load_own_checkpoint, match_class_names,
+                                 save_checkpoint)
 from compress.config import RunConfig
 from compress.env import environment
 from compress.errors import InputError
-from compress.io import atomic_write, atomic_write_json, atomic_write_text, read_json, sha256_json
+from compress.io import (LOCK_NAME, atomic_write, atomic_write_json, atomic_write_text, exclusive, read_json,
+                         sha256_json)
 from compress.macs import count_macs, count_params
 from compress.records import StageRecord, read_records
 from compress.report import write_markdown_report
@@ -56,24 +58,42 @@ class RunResult:
     resumed_stages: list[str]
 
 
-def prepare_run_dir(run_dir: Path, inputs: dict[str, Any]) -> bool:
-    """Create ``run_dir`` or accept it for resuming; return True when resuming. Never touches other content."""
-    key = sha256_json(inputs)
-    manifest = run_dir / "run.json"
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse an ``--out`` that is a file, lies under a file, or holds anything but a run of this tool; reads only."""
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"--out {run_dir} is a file; choose a directory path for the run")
+    for parent in run_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InputError(f"--out {run_dir}: {parent} is a file; choose a directory path for the run")
+    if run_dir.is_symlink():
+        raise InputError(f"--out {run_dir} is a symbolic link; pass the directory itself")
+    if (run_dir / "run.json").exists():
+        return
+    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
+        raise InputError(f"{run_dir} exists and is not a run directory of this tool; choose a new --out")
+
+
+def prepare_run_dir(run_dir: Path, inputs: dict[str, Any]) -> bool:
+    """Accept ``run_dir`` (already checked and locked) for this run; return True when resuming a run of the same
+    inputs. A run of other inputs that finished no stage left nothing of value, and is started afresh; one that
+    finished a stage is refused, so nothing a user already has is lost."""
+    key = sha256_json(inputs)
+    manifest = run_dir / "run.json"
     if manifest.exists():
-        if json.loads(manifest.read_text()).get("key") != key:
+        try:
+            recorded = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise InputError(f"{manifest} is damaged; choose a new --out (or delete {run_dir} yourself)")
+        if recorded.get("key") == key:
+            return True
+        if _done_stage_keys(run_dir) or read_records(run_dir / "records.jsonl"):
             raise InputError(
                 f"{run_dir} already holds a run of another checkpoint or config; choose a new --out "
                 "(or delete that directory yourself to replace it)"
             )
-        return True
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise InputError(f"{run_dir} exists and is not a run directory of this tool; choose a new --out")
-    for parent in run_dir.parents:
-        if parent.exists() and not parent.is_dir():
-            raise InputError(f"--out {run_dir}: {parent} is a file; choose a directory path for the run")
+        log.info("%s held an attempt with other inputs that finished no stage; starting afresh", run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(manifest, {"key": key, "inputs": inputs, "created": _now()})
@@ -119,6 +139,7 @@ def _run(ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path,
     check_feasible(ckpt.model, config)
     source = open_source(config.data.path)
     check_dataset_fits(ckpt, source)
+    match_class_names(ckpt, source)
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
                          seed=config.data.seed)
     eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
@@ -128,6 +149,28 @@ def _run(ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path,
     q = config.quantize
     if "quantize" in plan and set(q.quantizers) - {"fp16", "bf16", "onnxruntime-dynamic"}:  # fail before any work
         _calibration_set(q, calib_data, ckpt.preprocess, announce=False)
+    check_run_dir(run_dir)
+    with exclusive(run_dir, what="`compress run`"):  # held to the end: one process per run directory
+        return _run_locked(ckpt, checkpoint_id, config, run_dir, progress,
+                           _Inputs(stages, plan, source, splits, eval_data, calib_data))
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What ``_run`` checked before touching the run directory, handed to the part that works in it."""
+
+    stages: list
+    plan: list[str]
+    source: ImageSource
+    splits: Splits
+    eval_data: Subset
+    calib_data: Subset
+
+
+def _run_locked(ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path, progress: Progress | None,
+                inputs: _Inputs) -> RunResult:
+    stages, plan, source, splits = inputs.stages, inputs.plan, inputs.source, inputs.splits
+    eval_data, calib_data = inputs.eval_data, inputs.calib_data
     if prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()}):
         for path in remove_stale_temporaries(run_dir):
             log.info("removed %s, left by an interrupted run", path.relative_to(run_dir))

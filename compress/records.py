@@ -9,9 +9,12 @@ and the reason, rather than left out. The report reads these records and never m
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from compress.errors import InputError
 
 SCHEMA = "vit-compress.record/1"
 
@@ -61,14 +64,76 @@ class StageRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageRecord:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """A record from one parsed JSON line; a field of the wrong type is a ``ValueError`` naming it.
+
+        Unknown keys are ignored (a newer writer may add fields); known ones must have their declared type, so a
+        damaged or hand-edited file fails here, on its line, and never later inside a plot or a choice.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a record is a JSON object, not {type(d).__name__}")
+        for name in ("stage", "runtime", "precision", "batch_size"):
+            if name not in d:
+                raise ValueError(f"field {name!r} is missing")
+        known = {f.name: f for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        for name, value in values.items():
+            _check_type(name, value, _FIELD_TYPES[name])
+        return cls(**values)
+
+
+# What each field's JSON value may be: checked by ``from_dict``. ``None`` is allowed wherever the default is None.
+_NUMBER = (int, float)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "runtime": (str,), "precision": (str,), "batch_size": (int,), "status": (str,),
+    "reason": (str, type(None)), "env": (dict,), "schema": (str,), "structure": (dict, type(None)),
+    "calibration": (dict, type(None)), "float_layers": (list, type(None)),
+    **{name: (int, type(None)) for name in ("eval_samples", "iterations", "threads", "params", "macs")},
+    **{name: (str, type(None)) for name in ("artifact", "stage_key", "dataset", "run_id", "timestamp", "candidate",
+                                            "quantizer")},
+}
+for _f in fields(StageRecord):
+    _FIELD_TYPES.setdefault(_f.name, (*_NUMBER, type(None)))  # the measured numbers: top1, latency_ms_p50, ...
+
+
+def _check_type(name: str, value: Any, allowed: tuple[type, ...]) -> None:
+    if isinstance(value, bool) and bool not in allowed:  # JSON true is not a batch size
+        raise ValueError(f"field {name!r} is {value!r}, not a number")
+    if not isinstance(value, allowed):
+        kinds = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"field {name!r} is {type(value).__name__} {str(value)[:40]!r}, expected {kinds}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"field {name!r} is {value}, not a finite number")
+    if name == "batch_size" and value < 1:
+        raise ValueError(f"field 'batch_size' is {value}; a batch holds at least one image")
+
+
+class RecordsError(InputError):
+    """A records file that cannot be read: names the file, the line, and what is wrong with it."""
 
 
 def read_records(path: Path) -> list[StageRecord]:
+    """Every record in ``path`` (none when it does not exist); a damaged line is a ``RecordsError`` naming it."""
+    path = Path(path)
     if not path.exists():
         return []
-    return [StageRecord.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise RecordsError(f"{path}, line {line}: not UTF-8 text; the file is damaged: restore it, or rerun the "
+                           "command that wrote it") from None
+    except OSError as e:
+        raise RecordsError(f"cannot read {path}: {e.strerror}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(StageRecord.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            raise RecordsError(f"{path}, line {number}: not a record ({str(e)[:120]}); the file is damaged: restore "
+                               "it or remove that line, or rerun the command that wrote it") from None
+    return records
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:

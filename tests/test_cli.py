@@ -119,7 +119,7 @@ BAD_RUNS = {
     "image size": (lambda ws: ["train", "--data", ws / "data", "--out", ws / "t", "--set", "model.image_size=30",
                                "--set", "model.patch_size=8"], "not divisible by patch size 8"),
     "unknown runtime": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--runtime", "tensorflow"],
-                        "unknown runtime 'tensorflow'"),
+                        "measure.runtimes: unknown value 'tensorflow'; choose from 'torch'"),
     "unknown key": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set", "train.epoch=3"],
                     "unknown config key 'train.epoch'"),
     "calibration set too small": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--set",

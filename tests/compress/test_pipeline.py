@@ -4,11 +4,10 @@ import pytest
 
 from compress.checkpoint import Checkpoint
 from compress.config import load_config
-from compress.errors import InputError
+from compress.errors import ConfigError, InputError
 from compress.pipeline import run_pipeline
 from compress.records import read_records
 from calibration.preprocess import Preprocess
-from runtimes import RuntimeUnavailableError
 
 FIELDS = ("stage", "runtime", "precision", "top1", "top1_drop", "agreement", "latency_ms_p50", "latency_ms_p90",
           "latency_ms_p99", "throughput_ips", "batch_size", "params", "macs", "size_mb", "artifact", "env")
@@ -79,7 +78,7 @@ def test_existing_directories_are_never_overwritten(tmp_path, tiny_vit, digit_fo
 
 
 def test_unknown_runtime_fails_before_any_work(tmp_path, tiny_vit, digit_folder):
-    with pytest.raises(RuntimeUnavailableError, match="unknown runtime 'tensorrtx'"):
+    with pytest.raises(ConfigError, match="measure.runtimes: unknown value 'tensorrtx'; choose from 'torch'"):
         run_pipeline(_ckpt(tiny_vit), "tiny", _config(digit_folder, runtimes='["tensorrtx"]'), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
