@@ -25,6 +25,8 @@ console = Console(stderr=True)
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe with [model], [data], [train], ...")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs")]
+ExpectOpt = Annotated[Optional[str], typer.Option("--expect", help="Refuse the bundle unless its identity is this sha256:DIGEST (compress deploy prints it)")]
+PublicKeyOpt = Annotated[Optional[Path], typer.Option("--public-key", help="Refuse the bundle unless manifest.sig is this Ed25519 public key's signature")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="ImageFolder or idx directory, or builtin:digits")]
 
 
@@ -191,23 +193,18 @@ def run(
         if result.resumed_stages:
             console.print(f"resumed: stages {', '.join(result.resumed_stages)} were done in an earlier run")
         _print_table(result.records)
-        chain = run_dir / "stages" / "pipeline.json"
-        if chain.exists():
-            summary = json.loads(chain.read_text())
-            chosen = summary["selected"]
-            if summary.get("broke_at"):
-                console.print(f"budget: broke at stage {summary['broke_at']['stage']} "
-                              f"(budget {summary['budget_pt']:.2f} pt; see report.md)")
-            console.print(f"chosen for {summary['target']}: {chosen['candidate']} on {chosen['runtime']}, top-1 "
-                          f"{chosen['top1'] * 100:.2f}%, {chosen['latency_ms_p50']:.3f} ms" if "none" not in chosen
-                          else f"chosen for {summary['target']}: nothing within budget")
-            if summary.get("bundle"):
-                console.print(f"bundle:  {run_dir / summary['bundle']}")
-        marker = run_dir / "stages" / "quantize.json"
-        if marker.exists() and not chain.exists():
-            chosen = json.loads(marker.read_text()).get("selected")
-            console.print(f"quantize: selected {chosen['candidate']} on {chosen['runtime']} ({chosen['artifact']})"
-                          if chosen else "quantize: no candidate met the budget; the float model is the result")
+        summary = json.loads((run_dir / "stages" / "pipeline.json").read_text())
+        chosen = summary["selected"]
+        if summary.get("broke_at"):
+            console.print(f"budget: broke at stage {summary['broke_at']['stage']} "
+                          f"(budget {summary['budget_pt']:.2f} pt; see report.md)")
+        # The rule `compress deploy` applies to the same records: the bundle holds what this line names.
+        console.print(f"chosen for {summary['target']}: {chosen['candidate']} on {chosen['runtime']} "
+                      f"{chosen['precision']}, top-1 {chosen['top1'] * 100:.2f}%, {chosen['latency_ms_p50']:.3f} ms "
+                      f"(within {summary['budget_pt']:g} pt)" if "none" not in chosen
+                      else f"chosen for {summary['target']}: nothing within budget ({chosen['none']})")
+        if summary.get("bundle"):
+            console.print(f"bundle:  {run_dir / summary['bundle']} ({summary['bundle_digest']})")
         console.print(f"records: {run_dir / 'records.jsonl'}\nreport:  {run_dir / 'report.md'}")
 
     _guard(job)
@@ -239,7 +236,8 @@ def deploy(
     out: Annotated[Path, typer.Option("--out", help="The bundle directory to write (BUNDLE.tar.gz goes beside it)")],
     candidate: Annotated[Optional[str], typer.Option("--candidate", help="Deploy this stage or candidate, not the fastest")] = None,
     runtime: Annotated[Optional[str], typer.Option("--runtime", help="Restrict the choice to one of the target's runtimes")] = None,
-    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget in top-1 points (default: the run's quantize.max_drop)")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget in top-1 points (default: the run's own budget)")] = None,
+    sign: Annotated[Optional[Path], typer.Option("--sign", help="Sign the manifest with this Ed25519 private key (PEM); devices check it with --public-key")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Pack the fastest model within the accuracy budget for a target device, with a runner that needs no torch."""
@@ -248,7 +246,7 @@ def deploy(
     def job():
         from compress.deploy import deploy as make_bundle
 
-        make_bundle(run_dir, target, out, candidate=candidate, runtime=runtime, max_drop=max_drop,
+        make_bundle(run_dir, target, out, candidate=candidate, runtime=runtime, max_drop=max_drop, sign=sign,
                     log=console.print)
 
     _guard(job)
@@ -262,16 +260,18 @@ def bench(
     batch: Annotated[Optional[list[int]], typer.Option("--batch", help="Batch sizes (default: the run's)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where records.jsonl goes (default: BUNDLE/device/HOST-RUNTIME)")] = None,
     seconds: Annotated[float, typer.Option("--seconds", help="Time budget per batch size")] = 10.0,
+    expect: ExpectOpt = None,
+    public_key: PublicKeyOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Measure a bundle on this device; the records join `compress report`."""
+    """Measure a bundle on this device; the records (appended, never replaced) join `compress report`."""
     _setup_logging(verbose)
 
     def job():
         from compress.bundle_runner import bench as run_bench
 
         path, _ = run_bench(bundle, runtime=runtime, batch_sizes=batch, data=data, out=out, seconds=seconds,
-                            log=console.print)
+                            expect=expect, public_key=public_key, log=console.print)
         console.print(f"records: {path}")
 
     _guard(job)
@@ -283,6 +283,8 @@ def build_engine(
     dla_core: Annotated[Optional[int], typer.Option("--dla-core", help="Build for this DLA core (GPU fallback on)")] = None,
     workspace_mb: Annotated[int, typer.Option("--workspace-mb", help="TensorRT workspace limit")] = 1024,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch of the optimization profile")] = 32,
+    expect: ExpectOpt = None,
+    public_key: PublicKeyOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Build the TensorRT engine of a bundle on this device (engines do not move between GPUs)."""
@@ -291,7 +293,8 @@ def build_engine(
     def job():
         from compress.bundle_runner import build_engine as build
 
-        path = build(bundle, workspace_mb=workspace_mb, max_batch=max_batch, dla_core=dla_core, log=console.print)
+        path = build(bundle, workspace_mb=workspace_mb, max_batch=max_batch, dla_core=dla_core, expect=expect,
+                     public_key=public_key, log=console.print)
         console.print(f"engine: {path}")
 
     _guard(job)

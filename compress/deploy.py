@@ -16,6 +16,7 @@ engine is built on the device (``compress build-engine BUNDLE`` or ``python runn
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.bundle_runner import FORMAT, MANIFEST, BundleError, sha256
+from compress.bundle_runner import (FORMAT, MANIFEST, RUNTIME_PRECISIONS, SIGNATURE, BundleError, canonical_manifest,
+                                    manifest_digest, sha256)
 from compress.env import versions as installed_versions
 from compress.errors import InputError
 from compress.io import read_json
@@ -53,6 +55,14 @@ TARGETS = {
 RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # TensorRT comes with JetPack
 # What a TensorRT engine can be built from, best first: explicit INT8 (Q/DQ), an FP16 file, FP32.
 TENSORRT_PREFERENCE = ("int8", "fp16", "fp32")
+
+
+def chain_budget(config: dict[str, Any]) -> float:
+    """The accuracy budget a run's final choice is made under: ``pipeline.max_drop`` when the run chained stages
+    under one budget, else ``quantize.max_drop``. ``compress run`` and ``compress deploy`` both use this, with
+    ``choose``, so a bundle holds what the run said it chose."""
+    chain = (config.get("pipeline") or {}).get("max_drop")
+    return float(chain if chain is not None else (config.get("quantize") or {}).get("max_drop", 1.0))
 
 
 def choose(records: list[StageRecord], target: Target, *, max_drop: float, candidate: str | None = None,
@@ -113,8 +123,12 @@ def pareto_set(records: list[StageRecord], target: Target) -> list[dict[str, Any
 
 
 def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None = None, runtime: str | None = None,
-           max_drop: float | None = None, log=print) -> Path:
-    """Write the bundle ``out`` (and ``out.tar.gz``) for ``target_name`` from the run in ``run_dir``."""
+           max_drop: float | None = None, sign: Path | None = None, log=print) -> Path:
+    """Write the bundle ``out`` (and ``out.tar.gz``) for ``target_name`` from the run in ``run_dir``.
+
+    The bundle's identity (``manifest_digest``) is logged and appended to ``RUN_DIR/bundles.jsonl``; with
+    ``sign`` (an Ed25519 private key in PEM), ``manifest.sig`` signs the manifest.
+    """
     if target_name not in TARGETS:
         raise InputError(f"unknown target {target_name!r}; choose from {list(TARGETS)}")
     target = TARGETS[target_name]
@@ -130,9 +144,10 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
         if path.exists():
             raise InputError(f"{path} already exists; choose a new --out (nothing was changed)")
     config = read_json(Path(run_dir) / "config.json")
-    budget = max_drop if max_drop is not None else float(config.get("quantize", {}).get("max_drop", 1.0))
+    budget = max_drop if max_drop is not None else chain_budget(config)
     records = read_records(records_path)
     chosen = choose(records, target, max_drop=budget, candidate=candidate, runtime=runtime)
+    private_key = _signing_key(sign) if sign is not None else None
     log(f"deploying {chosen.candidate or chosen.stage} ({chosen.runtime} {chosen.precision}): top-1 "
         f"{chosen.top1 * 100:.2f}% ({chosen.top1_drop:+.2f} pt), p50 {chosen.latency_ms_p50:.3f} ms at batch "
         f"{chosen.batch_size} here")
@@ -151,12 +166,43 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
         _write_runner(staging, target, models)
         manifest = _manifest(out.name, target, chosen, records, models, metadata, budget, staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if private_key is not None:
+            signature = private_key.sign(canonical_manifest(manifest))
+            (staging / SIGNATURE).write_bytes(base64.b64encode(signature) + b"\n")
         os.replace(staging, out)  # the bundle appears whole or not at all
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _write_tarball(out, tarball)
-    log(f"bundle: {out}\ntarball: {tarball}")
+    digest = manifest_digest(manifest)
+    _append_line(Path(run_dir) / "bundles.jsonl", {
+        "bundle": str(out.resolve()), "digest": digest, "target": target.name, "signed": private_key is not None,
+        "record": manifest["selected"]["record"], "created": manifest["created"]})
+    log(f"bundle: {out}\ntarball: {tarball}\nidentity: {digest} (check it on the device: python runner.py verify "
+        f"--expect {digest})")
     return out
+
+
+def _signing_key(path: Path):
+    """The Ed25519 private key (PEM, unencrypted) in ``path``; ``InputError`` for anything else."""
+    try:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    except ImportError:
+        raise InputError("signing needs the cryptography package: pip install cryptography") from None
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"cannot read signing key {path} ({str(e)[:80]}); make one with: openssl genpkey "
+                         "-algorithm ed25519 -out key.pem") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InputError(f"{path} is not an Ed25519 private key; make one with: openssl genpkey -algorithm ed25519 "
+                         "-out key.pem")
+    return key
+
+
+def _append_line(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def _stage_checkpoint(run_dir: Path, record: StageRecord) -> Path | None:
@@ -172,16 +218,19 @@ def _stage_checkpoint(run_dir: Path, record: StageRecord) -> Path | None:
 
 
 def _write_models(artifact: Path, record: StageRecord, target: Target, root: Path) -> list[dict[str, Any]]:
-    """Copy (and for OpenVINO convert) the chosen artifact; one entry per runtime the bundle can use."""
+    """Copy (and for OpenVINO convert) the chosen artifact; one entry per runtime the bundle can use, each at a
+    precision that runtime runs (the runtime the record measured first, marked ``measured``)."""
     if not artifact.is_file():
         raise InputError(f"artifact {artifact} of the chosen record is missing; rerun the same `compress run`")
-    precision = "fp32" if record.precision == "bf16" and record.runtime != "openvino" else record.precision
     models = []
     if artifact.suffix == ".onnx":
         shutil.copy2(artifact, root / "model.onnx")
         runtimes = ("tensorrt", "onnxruntime") if not target.measured_here else ("onnxruntime", "openvino")
         for name in runtimes:
-            models.append({"runtime": name, "path": "model.onnx", "precision": precision})
+            # A BF16 record is the float ONNX under OpenVINO's BF16 hint: other runtimes run that file in FP32.
+            precision = record.precision if record.precision in RUNTIME_PRECISIONS[name] else "fp32"
+            models.append({"runtime": name, "path": "model.onnx", "precision": precision,
+                           "measured": name == record.runtime and precision == record.precision})
     if record.runtime == "openvino":
         (root / "openvino").mkdir()
         if artifact.suffix == ".xml":
@@ -192,7 +241,10 @@ def _write_models(artifact: Path, record: StageRecord, target: Target, root: Pat
 
             ov.save_model(ov.convert_model(str(artifact)), str(root / "openvino" / "model.xml"), compress_to_fp16=False)
         models = [m for m in models if m["runtime"] != "openvino"]
-        models.insert(0, {"runtime": "openvino", "path": "openvino/model.xml", "precision": record.precision})
+        models.insert(0, {"runtime": "openvino", "path": "openvino/model.xml", "precision": record.precision,
+                          "measured": True})
+    if target.measured_here:  # the measured one first: the bundle's selected runtime (TensorRT stays first)
+        models.sort(key=lambda m: not m["measured"])
     return models
 
 
@@ -249,7 +301,9 @@ def _manifest(name: str, target: Target, chosen: StageRecord, records: list[Stag
         "preprocess": preprocess, "classes": json.loads(metadata["classes"]),
         "model": json.loads(metadata["model"]) | ({"tokens": json.loads(metadata["tokens"])} if "tokens" in metadata
                                                   else {}),
-        "selected": {"stage": chosen.stage, "candidate": chosen.candidate or chosen.stage, "runtime": models[0]["runtime"],
+        "selected": {"record": {"id": chosen.record_id, "stage_key": chosen.stage_key, "run_id": chosen.run_id,
+                                "timestamp": chosen.timestamp},
+                     "stage": chosen.stage, "candidate": chosen.candidate or chosen.stage, "runtime": models[0]["runtime"],
                      "measured_runtime": chosen.runtime, "precision": chosen.precision, "top1": chosen.top1,
                      "top1_drop": chosen.top1_drop, "budget_pt": budget, "dataset": chosen.dataset,
                      "eval_samples": chosen.eval_samples, "batch_sizes": sorted({r.batch_size for r in same}),

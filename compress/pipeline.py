@@ -255,8 +255,7 @@ def _run_locked(ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir
             kept += quantize_stage(key, stage_name, model, onnx_path, kept, calib_data, eval_data, latency_input,
                                    reference, config, run_dir, source.name, progress)
             atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in kept))
-    if config.pipeline.stages is not None or config.pipeline.max_drop is not None:
-        finish_chain(run_dir, config, plan, kept)
+    finish_chain(run_dir, config, plan, kept)  # every run says what it chose, by the rule deploy applies
     write_markdown_report(run_dir, kept)
     return RunResult(run_dir, kept, resumed)
 
@@ -382,9 +381,10 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
     ``pipeline.target`` (the fastest within budget on its runtimes), the accuracy-latency Pareto set, and the
     bundle when ``deploy`` is a stage.
     """
-    from compress.deploy import TARGETS, choose, deploy, pareto_set
+    from compress.bundle_runner import manifest_digest
+    from compress.deploy import TARGETS, chain_budget, choose, deploy, pareto_set
 
-    budget = config.pipeline.max_drop if config.pipeline.max_drop is not None else config.quantize.max_drop
+    budget = chain_budget(config.dump())
     target = TARGETS[config.pipeline.target]
     judged, broke = [], None
     for i, stage in enumerate(["baseline", *[s for s in plan if s not in ("quantize", "deploy")]]):
@@ -400,7 +400,8 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
             broke = {"stage": "quantize", "drop_pt": None}
     try:
         chosen = choose(records, target, max_drop=budget)
-        selected = {"stage": chosen.stage, "candidate": chosen.candidate or chosen.stage, "runtime": chosen.runtime,
+        selected = {"record": chosen.record_id, "stage": chosen.stage, "candidate": chosen.candidate or chosen.stage,
+                    "runtime": chosen.runtime,
                     "precision": chosen.precision, "top1": chosen.top1, "top1_drop": chosen.top1_drop,
                     "latency_ms_p50": chosen.latency_ms_p50, "batch_size": chosen.batch_size,
                     "artifact": chosen.artifact}
@@ -414,6 +415,7 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
         if not bundle.exists():
             deploy(run_dir, target.name, bundle, max_drop=budget, log=log.info)
         summary["bundle"] = bundle.name
+        summary["bundle_digest"] = manifest_digest(json.loads((bundle / "manifest.json").read_text()))
     if broke is not None:
         log.warning("the chain broke its %.2f pt budget at stage %s (%s)", budget, broke["stage"],
                     "no quantized candidate within what was left" if broke["drop_pt"] is None

@@ -8,6 +8,7 @@ and the reason, rather than left out. The report reads these records and never m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -61,6 +62,11 @@ class StageRecord:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    @property
+    def record_id(self) -> str:
+        """A short content hash of the record: how a bundle or a summary names the row it came from."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageRecord:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 
 from runtimes.base import Engine, LatencyStats, Runtime, default_threads, measure_latency
-from runtimes.errors import RuntimeUnavailableError
+from runtimes.errors import RuntimeNotInstalledError, RuntimeUnavailableError
 
 _REGISTRY = {
     "torch": ("runtimes.torch_eager", "TorchRuntime"),
@@ -27,6 +27,6 @@ def get_runtime(name: str, **options) -> Runtime:
 
 
 __all__ = [
-    "Engine", "LatencyStats", "Runtime", "RUNTIME_NAMES", "RuntimeUnavailableError", "default_threads",
-    "get_runtime", "measure_latency",
+    "Engine", "LatencyStats", "Runtime", "RUNTIME_NAMES", "RuntimeNotInstalledError", "RuntimeUnavailableError",
+    "default_threads", "get_runtime", "measure_latency",
 ]

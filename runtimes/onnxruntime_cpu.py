@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.errors import RuntimeUnavailableError
+from runtimes.errors import RuntimeNotInstalledError, RuntimeUnavailableError
 
 
 class OrtEngine:
@@ -37,7 +37,7 @@ class OnnxRuntimeCPU:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
-            raise RuntimeUnavailableError("ONNX Runtime is not installed; pip install onnxruntime") from e
+            raise RuntimeNotInstalledError("ONNX Runtime is not installed; pip install onnxruntime") from e
 
     def precisions(self) -> list[str]:
         return ["fp32"]

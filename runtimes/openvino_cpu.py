@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.errors import RuntimeUnavailableError
+from runtimes.errors import RuntimeNotInstalledError, RuntimeUnavailableError
 
 # INT8 and FP16 models carry their precision in the graph (FakeQuantize / QDQ, FP16 weights); the hint then
 # sets the precision of what stays in float, kept f32 so the INT8 candidate is measured as quantized, no more.
@@ -74,7 +74,7 @@ class OpenVinoCPU:
         try:
             import openvino as ov
         except ImportError as e:
-            raise RuntimeUnavailableError("OpenVINO is not installed; pip install openvino") from e
+            raise RuntimeNotInstalledError("OpenVINO is not installed; pip install openvino") from e
         self.cache_dir = cache_dir
         capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")  # asked once: it cannot change
         self._precisions = ["fp32", "bf16"] if "BF16" in capabilities else ["fp32"]

@@ -33,7 +33,7 @@ import numpy as np
 
 from runtimes.base import default_threads, measure_latency, sha256_file
 from runtimes.cuda_ctypes import CudaUnavailableError, DeviceBuffer, PinnedBuffer, cudart, gpu_info
-from runtimes.errors import RuntimeUnavailableError
+from runtimes.errors import RuntimeNotInstalledError, RuntimeUnavailableError
 
 _log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _tensorrt():
     try:
         import tensorrt as trt
     except (ImportError, OSError) as e:  # OSError: the bindings are there but libnvinfer is not
-        raise RuntimeUnavailableError(INSTALL_HINT) from e
+        raise RuntimeNotInstalledError(INSTALL_HINT) from e
     return trt
 
 
