@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from calibration.errors import DatasetError
 from calibration.preprocess import Preprocess, to_8bit
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 TEST_DIRS = ("test", "val", "valid", "validation")
 
 

@@ -60,7 +60,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"  # base64 Ed25519 signature of the canonical manifest (compress deploy --sign)
 FORMAT = "vit-compress.bundle/1"
 RECORD_SCHEMA = "vit-compress.record/1"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # What each runtime can run from a file: a manifest offering anything else is refused, not tried.
 RUNTIME_PRECISIONS = {"onnxruntime": ("fp32", "int8", "fp16"), "openvino": ("fp32", "bf16", "int8", "fp16"),
                       "tensorrt": ("fp32", "fp16", "int8")}
@@ -161,13 +161,14 @@ def check_manifest(manifest: Any, where: Path = Path(MANIFEST)) -> None:
     if not manifest["models"]:
         _fail(where, "it lists no model")
     for entry in manifest["models"]:
-        if not isinstance(entry, dict) or entry.get("runtime") not in RUNTIME_PRECISIONS:
+        if not isinstance(entry, dict) or not isinstance(entry.get("runtime"), str) or \
+                entry["runtime"] not in RUNTIME_PRECISIONS:
             _fail(where, f"model entry {str(entry)[:80]} names no known runtime ({', '.join(RUNTIME_PRECISIONS)})")
         runtime, path, precision = entry["runtime"], entry.get("path"), entry.get("precision")
-        if precision not in RUNTIME_PRECISIONS[runtime]:
+        if not isinstance(precision, str) or precision not in RUNTIME_PRECISIONS[runtime]:
             _fail(where, f"it offers {runtime} at {precision!r}, which {runtime} cannot run (it runs "
                          f"{', '.join(RUNTIME_PRECISIONS[runtime])})")
-        if path not in files or not str(path).endswith((".onnx", ".xml")):
+        if not isinstance(path, str) or path not in files or not path.endswith((".onnx", ".xml")):
             _fail(where, f"the {runtime} model {path!r} is not one of its listed .onnx or .xml files")
         if path.endswith(".xml") and path[:-4] + ".bin" not in files:
             _fail(where, f"the OpenVINO model {path} has no listed {path[:-4]}.bin")
@@ -253,7 +254,7 @@ def _check_signature(bundle: Path, manifest: dict[str, Any], public_key: Path) -
     if not signature_path.is_file() or signature_path.is_symlink():
         raise BundleError(f"bundle {bundle} is not signed (no {SIGNATURE}); deploy it with `compress deploy --sign`")
     try:
-        key.verify(base64.b64decode(signature_path.read_bytes(), validate=True), canonical_manifest(manifest))
+        key.verify(base64.b64decode(signature_path.read_bytes().strip(), validate=True), canonical_manifest(manifest))
     except (InvalidSignature, ValueError):
         raise BundleError(f"the signature of bundle {bundle} does not match its manifest under {public_key}: it "
                           "was changed after signing, or signed with another key; do not run it") from None
@@ -473,7 +474,7 @@ def append_records(folder: Path, rows: list[dict[str, Any]]) -> Path:
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8")
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             if os.fstat(fd).st_size and os.pread(fd, 1, os.fstat(fd).st_size - 1) != b"\n":
                 os.write(fd, b"\n")  # an earlier writer was cut off mid-line: start ours on a line of its own

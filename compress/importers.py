@@ -82,7 +82,14 @@ def _load(path: Path, overrides: dict[str, Any]) -> Checkpoint:
     state = _read_state_dict(path, is_safetensors=metadata is not None)
     layout, convert = detect_layout(state, path)
     log.info("%s: %s layout", path, layout)
-    values, canonical = convert(state, overrides)
+    try:
+        values, canonical = convert(state, overrides)
+    except KeyError as e:  # the layout was recognised by some keys, but one it needs is not there
+        raise CheckpointError(f"{path} looks like a {layout} checkpoint but has no {e.args[0]!r}; the file is "
+                              "incomplete or damaged, or of another layout: re-save or re-download it") from None
+    except (IndexError, ValueError) as e:  # a tensor of a shape the layout cannot have
+        raise CheckpointError(f"{path} looks like a {layout} checkpoint but a tensor has an impossible shape "
+                              f"({str(e)[:100]}); the file is damaged or of another layout") from None
     cfg = _build_config(values, overrides, path)
     model = VisionTransformer(cfg)
     load_exact(model, canonical, source=str(path))

@@ -139,7 +139,6 @@ def _run(ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path,
     check_feasible(ckpt.model, config)
     source = open_source(config.data.path)
     check_dataset_fits(ckpt, source)
-    match_class_names(ckpt, source)
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
                          seed=config.data.seed)
     eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
@@ -174,6 +173,7 @@ def _run_locked(ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir
     if prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()}):
         for path in remove_stale_temporaries(run_dir):
             log.info("removed %s, left by an interrupted run", path.relative_to(run_dir))
+    match_class_names(ckpt, source)  # labels are read per batch, so the splits drawn above still hold
     atomic_write_json(run_dir / "config.json", config.dump())
     probe = calib_data if len(calib_data) else eval_data
     parity_inputs = next(probe.batches(32))[0]  # (<=32, C, H, W) real images
