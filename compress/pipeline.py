@@ -381,7 +381,7 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
     ``pipeline.target`` (the fastest within budget on its runtimes), the accuracy-latency Pareto set, and the
     bundle when ``deploy`` is a stage.
     """
-    from compress.bundle_runner import manifest_digest
+    from compress.bundle_runner import load_manifest, manifest_digest
     from compress.deploy import TARGETS, chain_budget, choose, deploy, pareto_set
 
     budget = chain_budget(config.dump())
@@ -415,7 +415,7 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
         if not bundle.exists():
             deploy(run_dir, target.name, bundle, max_drop=budget, log=log.info)
         summary["bundle"] = bundle.name
-        summary["bundle_digest"] = manifest_digest(json.loads((bundle / "manifest.json").read_text()))
+        summary["bundle_digest"] = manifest_digest(load_manifest(bundle))
     if broke is not None:
         log.warning("the chain broke its %.2f pt budget at stage %s (%s)", budget, broke["stage"],
                     "no quantized candidate within what was left" if broke["drop_pt"] is None

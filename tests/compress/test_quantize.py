@@ -113,7 +113,9 @@ def _with_outlier(model: torch.nn.Module) -> torch.nn.Module:
 
 def test_budget_returns_the_most_sensitive_layers_to_float(setup, tmp_path):
     _, onnx_path = _outlier_setup(setup, tmp_path)
-    ctx = _ctx(setup, float_onnx=onnx_path, max_drop=0.0, workdir=tmp_path)
+    # 1 pt, not 0: with fc1 back in float the other layers' INT8 noise may still flip one of the 128 images
+    # (0.78 pt; it does with onnxruntime 1.32), while the outlier alone costs ~10 pt
+    ctx = _ctx(setup, float_onnx=onnx_path, max_drop=1.0, workdir=tmp_path)
     candidate, ranking = quantize_static_qdq(ctx)
     assert ranking[0][0] == "blocks.0.mlp.fc1"
     assert candidate is not None and ctx.within_budget(candidate.top1)
