@@ -110,7 +110,8 @@ def exclusive(directory: Path, *, what: str) -> Iterator[None]:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        raise InputError(f"cannot use {directory} ({e.strerror}); choose a writable --out with free space") from None
+        raise InputError(f"cannot write the run directory {directory}: {e.strerror}; choose a writable --out with free "
+                         "space") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -183,8 +183,10 @@ def test_nncf_without_smooth_quant_drops_its_multiplies(setup, tmp_path):
     def smoothing_ops(path: Path) -> int:
         return sum("smooth_quant" in op.get_friendly_name() for op in ov.Core().read_model(str(path)).get_ops())
 
-    with_sq = quantize_openvino(_ctx(setup, workdir=tmp_path / "sq"))
-    without = quantize_openvino(_ctx(setup, workdir=tmp_path / "plain", nncf_smooth_quant=False))
+    # What is tested is the graph and its agreement; the budget is wide so that two flipped images of 128 (1.56 pt,
+    # as measured on 2026-11-30) do not turn the candidate away
+    with_sq = quantize_openvino(_ctx(setup, workdir=tmp_path / "sq", max_drop=5.0))
+    without = quantize_openvino(_ctx(setup, workdir=tmp_path / "plain", nncf_smooth_quant=False, max_drop=5.0))
     assert smoothing_ops(with_sq.path) > 0 and smoothing_ops(without.path) == 0
     assert without.calibration["method"].endswith("no SmoothQuant)")
     x = next(setup[3].batches(128))[0]
@@ -335,7 +337,8 @@ def test_neural_compressor_autotune_runs_when_over_budget(setup, tmp_path):
         scores.append(evaluate_top1(lambda x: m(torch.from_numpy(x)).detach().numpy(), eval_data).top1)
         return scores[-1]
 
-    ctx = _ctx(setup, model=model, float_onnx=onnx_path, workdir=tmp_path, max_drop=0.0, smoothquant_alpha=None,
+    # 1 pt: the outlier costs ~10 pt, so autotune must run; 0 pt is out of reach of any INT8 here (one image flips)
+    ctx = _ctx(setup, model=model, float_onnx=onnx_path, workdir=tmp_path, max_drop=1.0, smoothquant_alpha=None,
                inc_max_trials=2)
     candidate = quantize_pt2e(ctx, evaluate_torch)
     assert len(scores) >= 3  # the first quantization, autotune's float baseline, and its trials
