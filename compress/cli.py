@@ -18,11 +18,17 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from compress.config import RUNTIMES, TARGETS, RunConfig
+from compress.recipes import BUILTIN_RECIPES
+
+# rich_markup_mode=None: help is printed as written, so "[model]" stays "[model]" (rich markup would eat it).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Shrink Vision Transformers and measure them on real runtimes.")
 console = Console(stderr=True)
 
-RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe with [model], [data], [train], ...")]
+RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help=(
+    f"A built-in recipe ({', '.join(BUILTIN_RECIPES)}) or a TOML file with any of the sections "
+    f"{', '.join(f'[{name}]' for name in RunConfig.model_fields)}"))]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe value: section.key=value")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs")]
 ExpectOpt = Annotated[Optional[str], typer.Option("--expect", help="Refuse the bundle unless its identity is this sha256:DIGEST (compress deploy prints it)")]
@@ -161,7 +167,7 @@ def run(
     data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (new, or a run of the same inputs to resume)")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Train a small ViT on the built-in digits and run everything")] = False,
-    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help="Runtime to measure (repeat); default all")] = None,
+    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help=f"Runtime to measure (repeat): {', '.join(RUNTIMES)}; default torch, onnxruntime and openvino")] = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
@@ -232,10 +238,10 @@ def report(
 @app.command()
 def deploy(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (the --out of `compress run`)", show_default=False)],
-    target: Annotated[str, typer.Option("--target", help="cpu-x86, cpu-arm or jetson-orin")],
+    target: Annotated[str, typer.Option("--target", help=f"Target device: {', '.join(TARGETS)}")],
     out: Annotated[Path, typer.Option("--out", help="The bundle directory to write (BUNDLE.tar.gz goes beside it)")],
     candidate: Annotated[Optional[str], typer.Option("--candidate", help="Deploy this stage or candidate, not the fastest")] = None,
-    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Restrict the choice to one of the target's runtimes")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Restrict the choice to one of the target's runtimes (cpu-x86 and cpu-arm: openvino, onnxruntime)")] = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy budget in top-1 points (default: the run's own budget)")] = None,
     sign: Annotated[Optional[Path], typer.Option("--sign", help="Sign the manifest with this Ed25519 private key (PEM); devices check it with --public-key")] = None,
     verbose: VerboseOpt = False,
@@ -256,7 +262,7 @@ def deploy(
 def bench(
     bundle: Annotated[Path, typer.Argument(help="A deployment bundle (the --out of `compress deploy`)", show_default=False)],
     data: Annotated[Optional[Path], typer.Option("--data", help="ImageFolder with the model's classes, for top-1")] = None,
-    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Another of the bundle's runtimes")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Another of the bundle's runtimes (its manifest lists them: onnxruntime, openvino or tensorrt)")] = None,
     batch: Annotated[Optional[list[int]], typer.Option("--batch", help="Batch sizes (default: the run's)")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Where records.jsonl goes (default: BUNDLE/device/HOST-RUNTIME)")] = None,
     seconds: Annotated[float, typer.Option("--seconds", help="Time budget per batch size")] = 10.0,

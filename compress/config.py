@@ -192,6 +192,7 @@ class QuantizeConfig(Section):
 
 
 STAGES = ("prune", "recover", "tokens", "quantize", "deploy")
+TARGETS = ("cpu-x86", "cpu-arm", "jetson-orin")  # compress.deploy.TARGETS describes each
 
 
 class PipelineConfig(Section):
@@ -205,7 +206,7 @@ class PipelineConfig(Section):
 
     stages: list[str] | None = None  # from STAGES, e.g. ["prune", "recover", "tokens", "quantize", "deploy"]
     max_drop: float | None = Field(None, ge=0)  # top-1 points against the model as loaded, for the whole chain
-    target: Literal["cpu-x86", "cpu-arm", "jetson-orin"] = "cpu-x86"
+    target: Literal[TARGETS] = "cpu-x86"
 
 
 class RunConfig(Section):

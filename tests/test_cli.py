@@ -34,6 +34,7 @@ def invoke(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_run_writes_records_and_report_then_resumes(workspace):
     args = ["run", workspace / "vit.safetensors", "--data", workspace / "data", "--out", workspace / "run",
             "--runtime", "onnxruntime", "--runtime", "openvino", *FAST]
@@ -45,6 +46,7 @@ def test_run_writes_records_and_report_then_resumes(workspace):
     assert second.exit_code == 0 and "resumed: stages baseline" in second.output
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     result = invoke("run", "--demo", "--out", tmp_path / "demo", "--set", "train.epochs=1", "--runtime", "onnxruntime", *FAST)
     assert result.exit_code == 0, result.output
@@ -174,6 +176,7 @@ def test_bad_input_is_one_line_and_changes_nothing(workspace, case):
     assert _snapshot(workspace) == before  # no file the user had was changed, and nothing was added
 
 
+@pytest.mark.slow
 def test_console_script_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "compress.cli", "run", str(tmp_path / "x.pt"), "--data", "builtin:digits"],
                           capture_output=True, text=True, timeout=120)
@@ -181,9 +184,19 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     assert proc.stderr.strip().startswith("error: checkpoint") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_help_does_not_import_runtimes():
     code = ("import sys; from typer.testing import CliRunner; from compress.cli import app; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
             "print(sorted(m for m in ('openvino', 'onnxruntime', 'tensorrt', 'torch') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_help_renders_as_written_and_names_the_choices():
+    """Rich markup once ate "[model], [data]" out of --recipe's help; every fixed set of values is listed."""
+    run = " ".join(CliRunner().invoke(app, ["run", "--help"]).output.split())  # as read, whatever the wrapping
+    assert "[model], [preprocess], [data]" in run and "[pipeline]" in run
+    assert "cpu-latency, jetson-latency" in run and "torch, onnxruntime, openvino, tensorrt" in run
+    deploy = " ".join(CliRunner().invoke(app, ["deploy", "--help"]).output.split())
+    assert "cpu-x86, cpu-arm, jetson-orin" in deploy and "--sign" in deploy

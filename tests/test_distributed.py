@@ -3,10 +3,10 @@
 import json
 import subprocess
 import sys
-
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from compress.checkpoint import save_checkpoint
@@ -31,6 +31,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_training_on_two_processes_matches_one(tmp_path):
     args = ["-m", "compress.cli", "train", "--data", "builtin:digits", *MODEL, *TRAIN]
     _run([sys.executable, *args, "--out", str(tmp_path / "one")])
@@ -42,6 +43,7 @@ def test_training_on_two_processes_matches_one(tmp_path):
     assert abs(one["history"][-1]["loss"] - two["history"][-1]["loss"]) < 1e-4  # rank 0 logs the whole batch's loss
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
     args = ["compress.cli", "train", "--data", "builtin:digits", *MODEL, *TRAIN, "--set", "train.batch_size=33"]
     result = subprocess.run([*TORCHRUN, "-m", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
@@ -49,6 +51,7 @@ def test_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
     assert result.returncode != 0 and "batch size 33 does not split evenly over 2 processes" in result.stderr
 
 
+@pytest.mark.slow
 def test_recovery_inside_compress_run_on_two_processes_matches_one(tmp_path, digits_model):
     ckpt = save_checkpoint(digits_model, tmp_path / "digits.safetensors")
     args = ["-m", "compress.cli", "run", str(ckpt), "--data", "builtin:digits", "--set", "data.calib_size=128",
@@ -66,6 +69,23 @@ def test_recovery_inside_compress_run_on_two_processes_matches_one(tmp_path, dig
     assert _max_difference(recovered["one"], recovered["two"]) < 1e-4
 
 
-def test_the_multi_node_command_is_documented():
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert "torchrun --nnodes" in text and "--master_addr" in text
+def test_the_readme_torchrun_commands_name_real_options():
+    """The README's torchrun lines call `compress.cli` commands with options those commands really have."""
+    import re
+
+    import typer
+
+    from compress.cli import app
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    commands = [line.split("#")[0] for line in text.splitlines() if line.startswith("torchrun ")]
+    assert any("--nnodes" in c and "--master_addr" in c for c in commands)  # the multi-node form is there
+    click_app = typer.main.get_command(app)
+    for command in commands:
+        words = command.split()
+        module = words.index("-m")
+        assert words[module + 1] == "compress.cli", command
+        sub = click_app.commands[words[module + 2]]  # KeyError: a subcommand that does not exist
+        known = {opt for param in sub.params for opt in param.opts}
+        used = {w for w in words[module + 3:] if re.fullmatch(r"--[a-z-]+", w)}
+        assert used <= known, f"{command}: {sorted(used - known)} are not options of `compress {sub.name}`"

@@ -147,6 +147,7 @@ def test_bench_never_writes_through_a_planted_link(bundle, tmp_path):
     assert (outside / "records.jsonl").read_text() == "precious\n"
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_out_is_refused_while_the_first_holds_it(ws, run_dir, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
@@ -167,6 +168,7 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_holds_it(ws, run_
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_rejected_run_leaves_nothing_that_blocks_the_corrected_one(ws, tmp_path):
     out = tmp_path / "run"
     base = ["run", ws / "vit.safetensors", "--data", ws / "data", "--out", out, *[x for s in FAST for x in ("--set", s)]]
@@ -221,6 +223,7 @@ def test_edited_manifest_is_refused_in_one_line(bundle, case):
     assert _one_line(invoke("bench", bundle, "--seconds", "0.1")).startswith("error: ")
 
 
+@pytest.mark.slow
 def test_unlisted_files_are_refused_and_never_imported(bundle, tmp_path):
     marker = tmp_path / "planted-code-ran"
     (bundle / "numpy.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
@@ -368,6 +371,7 @@ def test_bad_checkpoint_files_are_one_line(ws, tmp_path, case):
     (["--batch", "-1"], "--batch -1"),
     (["--seconds", "-5"], "--seconds -5.0 must be a positive number"),
 ])
+@pytest.mark.slow
 def test_bad_bench_options_are_one_line_and_write_nothing(bundle, args, message):
     before = _snapshot(bundle)
     assert message in _one_line(invoke("bench", bundle, *args))
@@ -377,6 +381,7 @@ def test_bad_bench_options_are_one_line_and_write_nothing(bundle, args, message)
     assert _snapshot(bundle) == before
 
 
+@pytest.mark.slow
 def test_runner_bench_into_an_unwritable_place_is_one_line(bundle, tmp_path):
     (tmp_path / "a-file").write_text("")
     proc = subprocess.run([sys.executable, str(bundle / "runner.py"), "bench", "--seconds", "0.1", "--batch", "1",
@@ -385,6 +390,7 @@ def test_runner_bench_into_an_unwritable_place_is_one_line(bundle, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_is_one_line(ws, tmp_path):
     """A file-size limit stands in for a full disk: the same write fails with the operating system's error."""
     code = textwrap.dedent(f"""
@@ -431,6 +437,7 @@ def _damaged(data: bytes):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit.safetensors", "vit.pth"])
 def test_damaged_checkpoints_are_a_checkpoint_error(ws, tmp_path, name):
     data = (ws / name).read_bytes()

@@ -14,6 +14,8 @@ from compress.checkpoint import save_checkpoint
 from compress.config import load_config
 from compress.pipeline import run_pipeline
 
+pytestmark = pytest.mark.slow  # every test here starts `compress run` subprocesses and kills them
+
 SETTINGS = ["--set", "data.calib_size=128", "--set", "quantize.enabled=false", "--set", "measure.iterations=3",
             "--set", "measure.max_seconds=0.3", "--set", "measure.warmup=1", "--set", "measure.batch_sizes=[1]",
             "--set", 'measure.runtimes=["onnxruntime"]', "--set", "data.eval_limit=64", "--set", "prune.enabled=true",

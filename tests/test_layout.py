@@ -22,10 +22,15 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     return found
 
 
-def test_top_level_packages_exist():
-    for name in ("compress", "export", "runtimes", "calibration", "tests"):
-        assert (REPO / name).is_dir()
-    assert (REPO / "pyproject.toml").exists()
+def test_every_package_is_installed():
+    """A package folder missing from pyproject's list works in an editable install and breaks in a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for top in ("compress", "export", "runtimes", "calibration")
+               for p in (REPO / top).rglob("__init__.py")}
+    assert {"compress", "export", "runtimes", "calibration"} <= on_disk
+    assert on_disk == listed, f"pyproject.toml lists {sorted(listed)}, the tree has {sorted(on_disk)}"
 
 
 def test_leaf_packages_import_only_themselves():

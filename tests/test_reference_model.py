@@ -2,6 +2,7 @@
 
 import tomllib
 
+import pytest
 import torch
 
 from calibration.datasets import Subset, make_splits, open_source
@@ -26,6 +27,7 @@ def test_architecture_is_the_recipes():
         assert config[key] in (value, [value] * config["depth"]), key
 
 
+@pytest.mark.slow
 def test_top1_on_the_cifar10_jpeg_test_split(cifar10_dir):
     ckpt = load_checkpoint(MODEL_DIR / "model.safetensors")
     source = open_source(cifar10_dir)

@@ -45,6 +45,7 @@ def test_recover_listed_without_epochs_is_refused():
         stage_plan(load_config(None, ['pipeline.stages=["prune", "recover"]']))
 
 
+@pytest.mark.slow
 def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path, digits_model):
     config = load_config(None, [*FAST, 'pipeline.stages=["prune", "recover", "tokens", "quantize", "deploy"]',
                                 "pipeline.max_drop=5", "prune.heads=0.25", "recover.epochs=1"])
@@ -85,6 +86,7 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     assert json.loads((run / "stages" / "pipeline.json").read_text())["selected"] == chain["selected"]
 
 
+@pytest.mark.slow
 def test_a_budget_no_chain_meets_names_the_stage_that_broke_it(tmp_path, digits_model):
     config = load_config(None, [*FAST, 'pipeline.stages=["prune", "recover", "quantize"]', "pipeline.max_drop=0",
                                 "prune.heads=0.5", "prune.mlp=0.5", "recover.epochs=0.2"])

@@ -18,6 +18,8 @@ from compress.errors import InputError
 from compress.pipeline import run_pipeline
 from compress.records import read_records
 
+pytestmark = pytest.mark.slow  # its run (pruning, INT8, two runtimes) takes 15-40 s; test_hostile covers bundles fast
+
 # Runs the bundle's runner.py with torch and the vit-compress packages made unimportable: a bundle must work on a
 # device that has only its runtime, numpy and Pillow.
 STANDALONE = ("import runpy, sys; [sys.modules.__setitem__(m, None) for m in ('torch', 'compress', 'calibration', "

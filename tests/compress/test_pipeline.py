@@ -24,6 +24,7 @@ def _ckpt(model):
     return Checkpoint(model, Preprocess(crop_size=32), [str(i) for i in range(10)])
 
 
+@pytest.mark.slow
 def test_records_for_every_runtime_precision_and_batch(tmp_path, tiny_vit, digit_folder):
     result = run_pipeline(_ckpt(tiny_vit), "tiny", _config(digit_folder), tmp_path / "run")
     records = read_records(tmp_path / "run" / "records.jsonl")
@@ -53,6 +54,7 @@ def test_rerun_resumes_without_duplicates(tmp_path, tiny_vit, digit_folder):
     assert second.records == first.records == read_records(tmp_path / "run" / "records.jsonl")
 
 
+@pytest.mark.slow
 def test_interrupted_stage_is_redone_and_its_partial_records_dropped(tmp_path, tiny_vit, digit_folder):
     config = _config(digit_folder, runtimes='["onnxruntime"]')
     first = run_pipeline(_ckpt(tiny_vit), "tiny", config, tmp_path / "run")
@@ -90,6 +92,7 @@ def _quantize_config(*extra):
                               "measure.batch_sizes=[1]", "data.eval_limit=128", *extra])
 
 
+@pytest.mark.slow
 def test_quantize_stage_records_candidates_with_their_fields(tmp_path, digits_model):
     config = _quantize_config('quantize.quantizers=["onnxruntime-static", "fp16", "bf16"]')
     result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
@@ -111,6 +114,7 @@ def test_quantize_stage_records_candidates_with_their_fields(tmp_path, digits_mo
     assert again.resumed_stages == ["baseline", "quantize"] and again.records == result.records
 
 
+@pytest.mark.slow
 def test_no_candidate_within_budget_carries_the_float_model(tmp_path, digits_model):
     from tests.compress.test_quantize import _with_outlier
 
@@ -133,6 +137,7 @@ def test_calibration_larger_than_the_split_is_one_clear_error(tmp_path, digits_m
 
 
 # -------------------------------------------------------------------------------------- prune and recover
+@pytest.mark.slow
 def test_prune_and_recover_stages_record_structure_and_resume(tmp_path, digits_model):
     config = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.heads=0.25", "prune.mlp=0.5",
                               "recover.epochs=2", "recover.batch_size=64")
@@ -163,6 +168,7 @@ def test_prune_enabled_without_anything_to_prune_is_an_error(tmp_path, digits_mo
         run_pipeline(digits_model, "digits", _quantize_config("prune.enabled=true"), tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_iterative_pruning_and_mac_target(tmp_path, digits_model):
     iterative = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.heads=0.25", "prune.mlp=0.25",
                                  "prune.iterations=2", "recover.epochs=2", "recover.batch_size=64")
@@ -179,6 +185,7 @@ def test_iterative_pruning_and_mac_target(tmp_path, digits_model):
     assert pruned.macs <= 0.7 * base.macs
 
 
+@pytest.mark.slow
 def test_unreachable_latency_target_says_how_close_it_got(tmp_path, digits_model):
     from compress.prune import PruneError
 

@@ -128,6 +128,7 @@ def test_layer_scope_gives_every_layer_the_same_width(digits_model):
     assert shape["heads"][0] == structure(model)["heads"][0] // 2
 
 
+@pytest.mark.slow
 def test_pruned_model_exports_and_matches_in_onnxruntime_and_openvino(digits_model, tmp_path):
     from runtimes import get_runtime
 

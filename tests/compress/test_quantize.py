@@ -111,6 +111,7 @@ def _with_outlier(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_budget_returns_the_most_sensitive_layers_to_float(setup, tmp_path):
     _, onnx_path = _outlier_setup(setup, tmp_path)
     # 1 pt, not 0: with fc1 back in float the other layers' INT8 noise may still flip one of the 128 images
@@ -174,6 +175,7 @@ def test_nncf_on_openvino(setup):
     assert np.mean(got.argmax(1) == reference.argmax(1)) >= 0.95
 
 
+@pytest.mark.slow
 def test_nncf_without_smooth_quant_drops_its_multiplies(setup, tmp_path):
     pytest.importorskip("nncf", reason="nncf is not installed (pip install nncf)")
     import openvino as ov
@@ -194,6 +196,7 @@ def test_nncf_without_smooth_quant_drops_its_multiplies(setup, tmp_path):
     assert np.mean(_logits("openvino", without.path, x).argmax(1) == reference.argmax(1)) >= 0.95
 
 
+@pytest.mark.slow
 def test_neural_compressor_pt2e_exports_canonical_qdq(setup):
     pytest.importorskip("neural_compressor.torch.quantization", reason="neural-compressor-pt is not installed")
     from compress.quantize.neural_compressor_pt2e import quantize_pt2e
@@ -325,6 +328,7 @@ def _outlier_setup(setup, tmp_path):
     return model, onnx_path
 
 
+@pytest.mark.slow
 def test_neural_compressor_autotune_runs_when_over_budget(setup, tmp_path):
     pytest.importorskip("neural_compressor.torch.quantization", reason="neural-compressor-pt is not installed")
     from compress.quantize.neural_compressor_pt2e import quantize_pt2e

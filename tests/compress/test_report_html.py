@@ -158,6 +158,7 @@ def test_pareto_marks_are_per_batch_size_and_per_runtime():
 # ------------------------------------------------------------------------------------------------- one run
 
 
+@pytest.mark.slow
 def test_single_run_page_is_self_contained_with_every_record(tmp_path, digits_run):
     run_dir = _copy(digits_run, tmp_path / "run")
     records = read_records(run_dir / "records.jsonl")
@@ -203,6 +204,7 @@ def test_single_run_page_is_self_contained_with_every_record(tmp_path, digits_ru
     assert set(after) - set(before) == {"report.html", *linked}
 
 
+@pytest.mark.slow
 def test_report_replaces_its_own_files_but_nothing_of_the_users(tmp_path, digits_run):
     run_dir = _copy(digits_run, tmp_path / "run")
     write_report([run_dir])
@@ -219,6 +221,7 @@ def test_report_replaces_its_own_files_but_nothing_of_the_users(tmp_path, digits
 # ------------------------------------------------------------------------------------------------ several runs
 
 
+@pytest.mark.slow
 def test_comparison_shows_both_runs_side_by_side_and_names_the_datasets(tmp_path, digits_run, folder_run, caplog):
     a, b = _copy(digits_run, tmp_path / "a"), _copy(folder_run, tmp_path / "b")
     a_before, b_before = _snapshot(a), _snapshot(b)
@@ -255,6 +258,7 @@ def test_comparison_shows_both_runs_side_by_side_and_names_the_datasets(tmp_path
                for link in re.findall(r"\]\((report-figures/[^)]+\.png)\)", markdown))
 
 
+@pytest.mark.slow
 def test_dataset_note_only_when_datasets_differ(digits_run, folder_run):
     same = [load_run(digits_run, "a"), load_run(digits_run, "b")]
     assert dataset_note(same) is None
@@ -265,6 +269,7 @@ def test_dataset_note_only_when_datasets_differ(digits_run, folder_run):
 # -------------------------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 def test_bad_run_directories_are_one_clear_error(tmp_path, digits_run):
     with pytest.raises(InputError, match=r"nowhere is not a run directory \(does not exist\); pass the --out of a"):
         write_report([tmp_path / "nowhere"])
@@ -280,6 +285,7 @@ def test_bad_run_directories_are_one_clear_error(tmp_path, digits_run):
     assert not (tmp_path / "empty" / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_cli_report_writes_files_and_prints_one_line_errors(tmp_path, digits_run):
     run_dir = _copy(digits_run, tmp_path / "run")
     runner = CliRunner()
@@ -295,6 +301,7 @@ def test_cli_report_writes_files_and_prints_one_line_errors(tmp_path, digits_run
 # ---------------------------------------------------------------------------------------------- in a browser
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install -y chromium)")
 def test_page_renders_in_headless_chromium(tmp_path, digits_run):
     from PIL import Image

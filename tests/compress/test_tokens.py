@@ -124,6 +124,7 @@ def test_reduction_lowers_macs_and_survives_a_checkpoint(tmp_path):
     ({"dist_token": True, "dist_head": True}, tome(6, 4)),
     ({}, evit(0.6, 4)),
 ])
+@pytest.mark.slow
 def test_onnx_parity_in_onnxruntime_and_openvino(tmp_path, overrides, plan):
     from compress.stages import openvino_parity
     from export.onnx_export import export_onnx
@@ -147,6 +148,7 @@ def test_onnx_parity_in_onnxruntime_and_openvino(tmp_path, overrides, plan):
     assert np.allclose(engine.run(x[:1].numpy()), engine.run(x.numpy())[:1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_openvino_agrees_when_the_token_count_equals_the_head_count(tmp_path):
     """OpenVINO 2026.4 (CPU, static shapes) mis-computed timm's fused-qkv reshape when tokens == heads; token
     reduction can land there (here EViT leaves 1 + 2 + 1 = 4 tokens for 4 heads), so the model avoids that form."""
@@ -225,6 +227,7 @@ def _stage_config(*extra):
                               "measure.batch_sizes=[1]", "data.eval_limit=128", *extra])
 
 
+@pytest.mark.slow
 def test_tokens_stage_tries_settings_records_them_and_keeps_one_within_budget(tmp_path, digits_model):
     from compress.pipeline import run_pipeline
 
@@ -256,6 +259,7 @@ def test_tokens_stage_tries_settings_records_them_and_keeps_one_within_budget(tm
     assert again.resumed_stages == ["baseline", "prune", "tokens", "quantize"]
 
 
+@pytest.mark.slow
 def test_tokens_stage_with_a_fixed_setting_over_budget_keeps_the_model_unreduced(tmp_path, digits_model):
     from compress.pipeline import run_pipeline
 
@@ -269,6 +273,7 @@ def test_tokens_stage_with_a_fixed_setting_over_budget_keeps_the_model_unreduced
         assert notes["selected"] == "unreduced" and notes["plan"] is None
 
 
+@pytest.mark.slow
 def test_a_fixed_setting_is_fine_tuned_before_it_is_judged_and_kept_within_budget(tmp_path, digits_model):
     from compress.pipeline import run_pipeline
 

@@ -12,6 +12,7 @@ from export.onnx_export import check_parity, export_onnx
 ATOL = 1e-4  # FP32 logits, PyTorch against ONNX Runtime
 
 
+@pytest.mark.slow
 def test_export_parity_and_fused_layernorm(tmp_path, tiny_vit):
     result = export_onnx(tiny_vit, tmp_path / "m.onnx", example=torch.randn(2, 3, 32, 32),
                          parity_inputs=np.random.randn(16, 3, 32, 32).astype(np.float32))

@@ -1,16 +1,23 @@
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from export.onnx_export import export_onnx
+from compress.vit import ViTConfig, VisionTransformer
 from runtimes import RUNTIME_NAMES, RuntimeUnavailableError, get_runtime, measure_latency
+from tests.conftest import TINY
 
 ATOL_FP32 = 1e-4
 
 
-@pytest.fixture
-def onnx_file(tmp_path, tiny_vit):
-    return export_onnx(tiny_vit, tmp_path / "m.onnx", example=torch.randn(1, 3, 32, 32)).path
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory):
+    """The tiny ViT's ONNX, exported once: the ``tiny_vit`` fixture builds the same weights (seed 0)."""
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(**TINY)).eval()
+    return export_onnx(model, tmp_path_factory.mktemp("runtimes") / "m.onnx", example=torch.randn(1, 3, 32, 32)).path
 
 
 @pytest.mark.parametrize("name", ["onnxruntime", "openvino"])
@@ -49,11 +56,16 @@ def test_unknown_runtime_and_precision(onnx_file):
 
 def test_latency_statistics_are_consistent(onnx_file):
     engine = get_runtime("onnxruntime").build(onnx_file, precision="fp32", threads=1)
+    start = time.perf_counter()
     stats = measure_latency(engine, np.zeros((4, 3, 32, 32), np.float32), threads=1, warmup=2, iterations=30,
                             max_seconds=5)
-    assert stats.iterations == 30 and stats.batch_size == 4
-    assert stats.latency_ms_min <= stats.latency_ms_p50 <= stats.latency_ms_p90 <= stats.latency_ms_p99
-    assert stats.throughput_ips == pytest.approx(4 * 1000 / stats.latency_ms_mean, rel=1e-6)
+    wall_s = time.perf_counter() - start
+    assert stats.iterations == 30 and stats.batch_size == 4 and stats.threads == 1
+    # Bounds that hold however noisy the machine is, and break on a wrong unit or count: throughput counts the timed
+    # calls only, so it is at least what the whole call (warm-up included) achieved and at most the fastest call's.
+    images = stats.iterations * stats.batch_size
+    assert images / wall_s <= stats.throughput_ips <= stats.batch_size / (stats.latency_ms_min / 1e3) * (1 + 1e-9)
+    assert stats.latency_ms_mean * stats.iterations / 1e3 <= wall_s
     assert stats.peak_rss_mb > 0
 
 
