@@ -84,7 +84,8 @@ def _quantization_section(run_dir: Path, records: list[StageRecord]) -> list[str
         parts.append(f"Budget: {summary['max_drop']} pt of top-1 against the float model's "
                      f"{summary['reference_top1'] * 100:.2f}% (ONNX Runtime FP32).")
         selected = summary.get("selected")
-        parts.append(f"Selected: **{selected['candidate']}** on {selected['runtime']}, {selected['top1'] * 100:.2f}% "
+        parts.append(f"Fastest quantized candidate within this stage's budget: **{selected['candidate']}** on "
+                     f"{selected['runtime']}, {selected['top1'] * 100:.2f}% "
                      f"top-1, {selected['latency_ms_p50']:.3f} ms at batch {selected['batch_size']}." if selected else
                      "**No candidate meets the budget**; the float model of the previous stage is carried forward.")
         parts.append("")

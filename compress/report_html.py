@@ -794,7 +794,7 @@ def _run_cards(run: Run) -> str:
                            f"{row.latency_ms_p50:.3f} ms, top-1 {row.top1 * 100:.2f}%{speedup}"))
     selected = run.quantize.get("selected") if run.quantize else None
     if run.quantize:
-        cards.append(_card("quantize selected", f"{selected['candidate']} · {selected['runtime']}" if selected
+        cards.append(_card("fastest quantized", f"{selected['candidate']} · {selected['runtime']}" if selected
                            else "none within budget",
                            f"{selected['top1'] * 100:.2f}% top-1, {selected['latency_ms_p50']:.3f} ms at batch "
                            f"{selected['batch_size']}" if selected else "the float model is carried forward"))

@@ -109,7 +109,7 @@ def test_quantize_stage_records_candidates_with_their_fields(tmp_path, digits_mo
     marker = json.loads((tmp_path / "run" / "stages" / "quantize.json").read_text())
     assert marker["selected"]["candidate"] in {"ort-static-minmax", "fp16", "ov-bf16"}
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "## Quantization" in report and "Selected: **" in report
+    assert "## Quantization" in report and "Fastest quantized candidate within this stage's budget: **" in report
     again = run_pipeline(digits_model, "digits", config, tmp_path / "run")  # resumes, measures nothing again
     assert again.resumed_stages == ["baseline", "quantize"] and again.records == result.records
 
