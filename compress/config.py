@@ -121,6 +121,15 @@ class PruneConfig(Section):
     target_batch: int = Field(1, ge=1)
     iterations: int = Field(1, ge=1)  # prune a little, recover, repeat (recovery split evenly)
 
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneConfig:
+        if self.target_macs is not None and self.target_latency_ms is not None:
+            raise ValueError("set one of prune.target_macs and prune.target_latency_ms, not both")
+        if (self.target_macs is not None or self.target_latency_ms is not None) and self.iterations > 1:
+            raise ValueError("prune.iterations > 1 works with prune.heads / prune.mlp ratios, not with a MAC or "
+                             "latency target; set prune.iterations=1")
+        return self
+
 
 class RecoverConfig(Section):
     """Fine-tuning after pruning, distilled from the unpruned model, on the training split."""
@@ -163,6 +172,16 @@ class TokensConfig(Section):
     target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     target_batch: int = Field(1, ge=1)
     finetune_epochs: float = Field(0.0, ge=0)  # fine-tune with reduction on, distilled (recover.* settings)
+
+    @model_validator(mode="after")
+    def _one_setting(self) -> TokensConfig:
+        if self.layers is not None and self.depths is not None:
+            raise ValueError("set tokens.layers (layer numbers) or tokens.depths (fractions of the depth), not both")
+        other = {"tome": ("keep_rate", self.keep_rate), "evit": ("r", self.r)}[self.method]
+        if other[1] is not None:
+            raise ValueError(f"tokens.{other[0]} belongs to the other method than tokens.method={self.method!r}; "
+                             "remove it, or switch tokens.method")
+        return self
 
 
 QUANTIZERS = ("onnxruntime-static", "onnxruntime-dynamic", "nncf", "neural-compressor", "fp16", "bf16")
@@ -278,6 +297,8 @@ def load_config(recipe: Path | None = None, overrides: list[str] = (), base: dic
             expected = first["ctx"]["expected"]
             where = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
             raise ConfigError(f"config {where}: unknown value {first.get('input')!r}; choose from {expected}") from e
+        if first["type"] == "value_error":  # a rule of the models' own: its message names the keys and the fix
+            raise ConfigError(f"config {where or 'recipe'}: {first['msg'].removeprefix('Value error, ')}") from e
         raise ConfigError(f"config {where}: {first['msg']} (got {first.get('input')!r})") from e
 
 

@@ -150,16 +150,10 @@ def model_structure(model: VisionTransformer) -> dict[str, list[int]]:
 
 # ------------------------------------------------------------------------------------------------ prune
 def prune_stage(model: VisionTransformer, ctx: StageContext) -> VisionTransformer:
-    from compress.errors import ConfigError
     from compress.macs import count_macs
     from compress.prune import prune_by_ratio, prune_to_target, structure
 
-    p = ctx.config.prune
-    if (p.target_macs or p.target_latency_ms) and p.iterations > 1:
-        raise ConfigError("prune.iterations > 1 works with prune.heads / prune.mlp ratios, not with a MAC or "
-                          "latency target; set prune.iterations=1")
-    if p.target_macs and p.target_latency_ms:
-        raise ConfigError("set one of prune.target_macs and prune.target_latency_ms, not both")
+    p = ctx.config.prune  # one target at a time, without iterations: PruneConfig checked that when it was loaded
     if p.target_macs or p.target_latency_ms:
         importance = _importance(model, ctx)
         C, H, W = _input_shape(ctx)
@@ -315,11 +309,9 @@ def requested_plan(config: RunConfig, model: VisionTransformer):
 
 
 def evit_plan(config: RunConfig, model: VisionTransformer, keep):
-    from compress.tokens import TokenError, evit, layers_at
+    from compress.tokens import evit, layers_at
 
-    t, depth = config.tokens, model.config.depth
-    if t.layers is not None and t.depths is not None:
-        raise TokenError("set tokens.layers (layer numbers) or tokens.depths (fractions of the depth), not both")
+    t, depth = config.tokens, model.config.depth  # not both layers and depths: TokensConfig checked that
     return evit(keep, depth, layers_at(t.depths, depth) if t.depths is not None else t.layers)
 
 

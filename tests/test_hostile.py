@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from compress.checkpoint import Checkpoint, save_checkpoint
 from compress.cli import app
 from compress.config import load_config
 from compress.deploy import deploy
-from compress.errors import USER_ERRORS, CheckpointError
+from compress.errors import USER_ERRORS
 from compress.importers import load_checkpoint
 from compress.pipeline import run_pipeline
 from compress.records import RecordsError, StageRecord, read_records
@@ -522,3 +521,17 @@ def test_damaged_manifests_are_a_bundle_error(pristine_bundle, tmp_path):
 
     check()
     assert {k: v for k, v in _snapshot(bundle).items() if k != MANIFEST} == before
+
+
+@pytest.mark.parametrize("settings,message", [
+    (["prune.target_macs=0.5", "prune.target_latency_ms=3.0"], "config prune: set one of prune.target_macs and "
+                                                               "prune.target_latency_ms, not both"),
+    (["prune.target_macs=0.5", "prune.iterations=2"], "config prune: prune.iterations > 1 works with"),
+    (["tokens.method='evit'", "tokens.r=4"], "config tokens: tokens.r belongs to the other method"),
+])
+def test_conflicting_settings_fail_before_the_baseline_is_measured(ws, tmp_path, settings, message):
+    """Conflicts that were found only inside their stage, after the baseline was exported and measured."""
+    args = [x for s in ["prune.enabled=true", *settings] for x in ("--set", s)]
+    line = _one_line(invoke("run", ws / "vit.safetensors", "--data", ws / "data", "--out", tmp_path / "run", *args))
+    assert message in line, line
+    assert not (tmp_path / "run").exists()

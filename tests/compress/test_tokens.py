@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compress.checkpoint import Checkpoint, load_own_checkpoint, save_checkpoint
+from compress.errors import ConfigError
 from compress.macs import count_macs
 from compress.tokens import (
     TokenError, apply, class_attention, default_evit_layers, evit, forward_reduced, max_constant_r, merge_tokens,
@@ -202,9 +203,10 @@ def test_depth_fractions_name_the_same_place_in_models_of_any_depth():
         layers_at([1.0], 12)
     config = load_config(None, ["tokens.method='evit'", "tokens.depths=[0.6667]"])
     assert evit_plan(config, _model(), 0.5).keep == (1.0, 1.0, 1.0, 0.5)  # 2/3 of 4 layers: layer 3
-    both = load_config(None, ["tokens.method='evit'", "tokens.depths=[0.5]", "tokens.layers=[1]"])
-    with pytest.raises(TokenError, match="not both"):
-        evit_plan(both, _model(), 0.5)
+    with pytest.raises(ConfigError, match="config tokens: set tokens.layers .* not both"):
+        load_config(None, ["tokens.method='evit'", "tokens.depths=[0.5]", "tokens.layers=[1]"])
+    with pytest.raises(ConfigError, match="tokens.r belongs to the other method"):
+        load_config(None, ["tokens.method='evit'", "tokens.r=4"])
 
 
 def test_a_plan_that_merges_every_token_it_can_still_runs():
