@@ -48,12 +48,12 @@ class Preprocess:
             object.__setattr__(self, "std", tuple(float(s) for s in self.std))
         except (TypeError, ValueError):
             raise ValueError(f"preprocess mean {self.mean!r} and std {self.std!r} must be lists of numbers") from None
-        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ValueError(f"preprocess mean and std need {self.in_chans} value(s) each, one per input channel; "
-                             f"got {list(self.mean)} and {list(self.std)}")
         if not all(math.isfinite(v) for v in self.mean + self.std) or not all(s > 0 for s in self.std):
             raise ValueError(f"preprocess std {list(self.std)} must be positive and mean {list(self.mean)} finite: "
                              "the input is divided by std")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"preprocess mean and std need {self.in_chans} value(s) each, one per input channel; "
+                             f"got {list(self.mean)} and {list(self.std)}")
 
     @property
     def mode(self) -> str:

@@ -77,7 +77,8 @@ class BundleError(Exception):
 
 
 def sha256(path: Path) -> str:
-    """SHA-256 of a file in 1 MiB chunks (stdlib only: it runs before any of the bundle's code is trusted)."""
+    """SHA-256 of a file in 1 MiB chunks. ``runtimes.base.sha256_file`` computes the same, but inside a bundle that
+    module is one of the files being checked, so the runner hashes with the standard library alone."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -439,7 +440,7 @@ def _check_bench_options(batch_sizes: list[int] | None, iterations: int, seconds
             raise BundleError(f"--batch {batch}: a batch size is a whole number from 1 to 4096")
     if not isinstance(iterations, int) or iterations < 1:
         raise BundleError(f"--iterations {iterations} must be at least 1")
-    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+    if not 0 < seconds < float("inf"):  # NaN fails both comparisons
         raise BundleError(f"--seconds {seconds} must be a positive number of seconds (e.g. 10)")
     if not isinstance(warmup, int) or warmup < 0:
         raise BundleError(f"warm-up {warmup} must be 0 or more iterations")
@@ -467,16 +468,17 @@ def records_folder(bundle: Path, out: Path | None, runtime: str) -> Path:
     return folder
 
 
-def append_records(folder: Path, rows: list[dict[str, Any]]) -> Path:
-    """Append ``rows`` to ``folder/records.jsonl`` in one write: earlier records are never replaced, and a link
-    in place of the file is refused rather than followed."""
-    path = Path(folder) / "records.jsonl"
+def append_records(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """Append ``rows`` as JSON lines to ``path`` in one write: earlier lines are never replaced, and a link in place
+    of the file is refused rather than followed."""
+    path = Path(path)
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8")
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
-            if os.fstat(fd).st_size and os.pread(fd, 1, os.fstat(fd).st_size - 1) != b"\n":
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
                 os.write(fd, b"\n")  # an earlier writer was cut off mid-line: start ours on a line of its own
             os.write(fd, text)
         finally:
@@ -540,7 +542,7 @@ def bench(bundle: Path, *, runtime: str | None = None, batch_sizes: list[int] | 
         rows.append(row)
         log(f"{entry['runtime']} {entry['precision']} batch {batch}: p50 {stats.latency_ms_p50:.3f} ms, "
             f"p90 {stats.latency_ms_p90:.3f} ms, {stats.throughput_ips:.0f} img/s")
-    return append_records(folder, rows), rows
+    return append_records(folder / "records.jsonl", rows), rows
 
 
 class _Stats:

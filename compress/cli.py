@@ -17,9 +17,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from compress.config import RUNTIMES, TARGETS, RunConfig
+from compress.config import TARGETS, RunConfig
 from compress.recipes import BUILTIN_RECIPES
+from runtimes import RUNTIME_NAMES
 
 # rich_markup_mode=None: help is printed as written, so "[model]" stays "[model]" (rich markup would eat it).
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -50,8 +52,14 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # The message is the user's data (paths, "[preprocess]"): escaped, so rich prints it and never reads it as markup.
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _plain(message: str) -> None:
+    """Print a line that holds the user's data (paths, names in brackets) exactly, without rich markup."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -167,7 +175,7 @@ def run(
     data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (new, or a run of the same inputs to resume)")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Train a small ViT on the built-in digits and run everything")] = False,
-    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help=f"Runtime to measure (repeat): {', '.join(RUNTIMES)}; default torch, onnxruntime and openvino")] = None,
+    runtime: Annotated[Optional[list[str]], typer.Option("--runtime", help=f"Runtime to measure (repeat): {', '.join(RUNTIME_NAMES)}; default torch, onnxruntime and openvino")] = None,
     recipe: RecipeOpt = None,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
@@ -197,21 +205,21 @@ def run(
         if not result.records and not result.resumed_stages:  # a torchrun rank that only served fine-tuning
             return
         if result.resumed_stages:
-            console.print(f"resumed: stages {', '.join(result.resumed_stages)} were done in an earlier run")
+            _plain(f"resumed: stages {', '.join(result.resumed_stages)} were done in an earlier run")
         _print_table(result.records)
         summary = json.loads((run_dir / "stages" / "pipeline.json").read_text())
         chosen = summary["selected"]
         if summary.get("broke_at"):
-            console.print(f"budget: broke at stage {summary['broke_at']['stage']} "
+            _plain(f"budget: broke at stage {summary['broke_at']['stage']} "
                           f"(budget {summary['budget_pt']:.2f} pt; see report.md)")
         # The rule `compress deploy` applies to the same records: the bundle holds what this line names.
-        console.print(f"chosen for {summary['target']}: {chosen['candidate']} on {chosen['runtime']} "
+        _plain(f"chosen for {summary['target']}: {chosen['candidate']} on {chosen['runtime']} "
                       f"{chosen['precision']}, top-1 {chosen['top1'] * 100:.2f}%, {chosen['latency_ms_p50']:.3f} ms "
                       f"(within {summary['budget_pt']:g} pt)" if "none" not in chosen
                       else f"chosen for {summary['target']}: nothing within budget ({chosen['none']})")
         if summary.get("bundle"):
-            console.print(f"bundle:  {run_dir / summary['bundle']} ({summary['bundle_digest']})")
-        console.print(f"records: {run_dir / 'records.jsonl'}\nreport:  {run_dir / 'report.md'}")
+            _plain(f"bundle:  {run_dir / summary['bundle']} ({summary['bundle_digest']})")
+        _plain(f"records: {run_dir / 'records.jsonl'}\nreport:  {run_dir / 'report.md'}")
 
     _guard(job)
 
@@ -230,7 +238,7 @@ def report(
         from compress.report_html import write_report
 
         files = _with_status("drawing the report", lambda: write_report(run_dirs, out=out))
-        console.print(f"report:   {files.html}\nmarkdown: {files.markdown} (plots in {files.markdown.parent / 'report-figures'})")
+        _plain(f"report:   {files.html}\nmarkdown: {files.markdown} (plots in {files.markdown.parent / 'report-figures'})")
 
     _guard(job)
 
@@ -253,7 +261,7 @@ def deploy(
         from compress.deploy import deploy as make_bundle
 
         make_bundle(run_dir, target, out, candidate=candidate, runtime=runtime, max_drop=max_drop, sign=sign,
-                    log=console.print)
+                    log=_plain)
 
     _guard(job)
 
@@ -277,8 +285,8 @@ def bench(
         from compress.bundle_runner import bench as run_bench
 
         path, _ = run_bench(bundle, runtime=runtime, batch_sizes=batch, data=data, out=out, seconds=seconds,
-                            expect=expect, public_key=public_key, log=console.print)
-        console.print(f"records: {path}")
+                            expect=expect, public_key=public_key, log=_plain)
+        _plain(f"records: {path}")
 
     _guard(job)
 
@@ -300,8 +308,8 @@ def build_engine(
         from compress.bundle_runner import build_engine as build
 
         path = build(bundle, workspace_mb=workspace_mb, max_batch=max_batch, dla_core=dla_core, expect=expect,
-                     public_key=public_key, log=console.print)
-        console.print(f"engine: {path}")
+                     public_key=public_key, log=_plain)
+        _plain(f"engine: {path}")
 
     _guard(job)
 

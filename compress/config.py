@@ -9,14 +9,14 @@ The resolved config is saved beside the results of every run.
 from __future__ import annotations
 
 import json
-import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress.errors import ConfigError
+from runtimes import RUNTIME_NAMES
 
 
 class Section(BaseModel):
@@ -31,30 +31,8 @@ class PreprocessConfig(Section):
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
     mean: list[float] | None = Field(None, min_length=1, max_length=4)  # one value per input channel
     std: list[float] | None = Field(None, min_length=1, max_length=4)
-
-    @field_validator("mean", "std")
-    @classmethod
-    def _finite(cls, values: list[float] | None) -> list[float] | None:
-        if values is not None and not all(math.isfinite(v) for v in values):
-            raise ValueError(f"{values} holds a value that is not a finite number")
-        return values
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, values: list[float] | None) -> list[float] | None:
-        if values is not None and not all(v > 0 for v in values):
-            raise ValueError(f"std {values} must be positive: the input is divided by it (ImageNet's is "
-                             "[0.229, 0.224, 0.225])")
-        return values
-
-    @model_validator(mode="after")
-    def _consistent(self) -> PreprocessConfig:
-        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
-            raise ValueError(f"mean {self.mean} and std {self.std} differ in length; give one value per channel")
-        if self.crop_size is not None and self.resize_size is not None and self.resize_size < self.crop_size:
-            raise ValueError(f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}; the crop "
-                             "would run off the image")
-        return self
+    # Their values are checked once, where every source of preprocessing meets: ``Preprocess`` (positive std, one
+    # value per channel, resize no smaller than crop), raised as a ConfigError by ``resolve_preprocess``.
 
 
 class DataConfig(Section):
@@ -89,11 +67,8 @@ class ExportConfig(Section):
     min_agreement: float = Field(0.99, ge=0, le=1)
 
 
-RUNTIMES = ("torch", "onnxruntime", "openvino", "tensorrt")
-
-
 class MeasureConfig(Section):
-    runtimes: list[Literal[RUNTIMES]] = Field(["torch", "onnxruntime", "openvino"], min_length=1)
+    runtimes: list[Literal[RUNTIME_NAMES]] = Field(["torch", "onnxruntime", "openvino"], min_length=1)
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field([1, 8], min_length=1)
     threads: int | None = Field(None, ge=1)  # None: every core of this machine
     warmup: int = Field(5, ge=0)

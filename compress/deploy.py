@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.bundle_runner import (FORMAT, MANIFEST, RUNTIME_PRECISIONS, SIGNATURE, BundleError, canonical_manifest,
-                                    manifest_digest, sha256)
+from compress.bundle_runner import (FORMAT, MANIFEST, RUNTIME_PRECISIONS, SIGNATURE, BundleError, append_records,
+                                    canonical_manifest, manifest_digest, sha256)
+from compress.config import TARGETS as CONFIG_TARGETS
 from compress.env import versions as installed_versions
 from compress.errors import InputError
 from compress.io import read_json
@@ -52,6 +53,7 @@ TARGETS = {
     "jetson-orin": Target("jetson-orin", "NVIDIA Jetson Orin, JetPack 6 (TensorRT 10, engine built on the device)",
                           ("tensorrt",), ("numpy", "pillow"), False),
 }
+assert tuple(TARGETS) == CONFIG_TARGETS, "compress.config.TARGETS names the targets the recipes may ask for"
 RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # TensorRT comes with JetPack
 # What a TensorRT engine can be built from, best first: explicit INT8 (Q/DQ), an FP16 file, FP32.
 TENSORRT_PREFERENCE = ("int8", "fp16", "fp32")
@@ -174,9 +176,9 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
         shutil.rmtree(staging, ignore_errors=True)
     _write_tarball(out, tarball)
     digest = manifest_digest(manifest)
-    _append_line(Path(run_dir) / "bundles.jsonl", {
+    append_records(Path(run_dir) / "bundles.jsonl", [{
         "bundle": str(out.resolve()), "digest": digest, "target": target.name, "signed": private_key is not None,
-        "record": manifest["selected"]["record"], "created": manifest["created"]})
+        "record": manifest["selected"]["record"], "created": manifest["created"]}])
     log(f"bundle: {out}\ntarball: {tarball}\nidentity: {digest} (check it on the device: python runner.py verify "
         f"--expect {digest})")
     return out
@@ -199,10 +201,6 @@ def _signing_key(path: Path):
                          "-out key.pem")
     return key
 
-
-def _append_line(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
 def _stage_checkpoint(run_dir: Path, record: StageRecord) -> Path | None:

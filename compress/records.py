@@ -80,8 +80,7 @@ class StageRecord:
         for name in ("stage", "runtime", "precision", "batch_size"):
             if name not in d:
                 raise ValueError(f"field {name!r} is missing")
-        known = {f.name: f for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
+        values = {k: v for k, v in d.items() if k in _FIELD_TYPES}
         for name, value in values.items():
             _check_type(name, value, _FIELD_TYPES[name])
         return cls(**values)
@@ -123,15 +122,17 @@ def read_records(path: Path) -> list[StageRecord]:
     if not path.exists():
         return []
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise RecordsError(f"{path}, line {line}: not UTF-8 text; the file is damaged: restore it, or rerun the "
-                           "command that wrote it") from None
+        data = path.read_bytes()
     except OSError as e:
         raise RecordsError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecordsError(f"{path}, line {line}: not UTF-8 text; the file is damaged: restore it, or rerun the "
+                           "command that wrote it") from None
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # numbered as an editor does: by newlines only
         if not line.strip():
             continue
         try:

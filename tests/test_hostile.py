@@ -535,3 +535,10 @@ def test_conflicting_settings_fail_before_the_baseline_is_measured(ws, tmp_path,
     line = _one_line(invoke("run", ws / "vit.safetensors", "--data", ws / "data", "--out", tmp_path / "run", *args))
     assert message in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_error_lines_print_brackets_as_written(ws, tmp_path):
+    """Rich read "[preprocess]" in a message as markup and dropped it ("set it in  or with --set")."""
+    line = _one_line(invoke("run", ws / "vit.safetensors", "--data", ws / "data", "--out", tmp_path / "[run]",
+                            "--set", "preprocess.mean=[0.5, 0.5]"))
+    assert "set it in [preprocess] or with --set" in line, line
