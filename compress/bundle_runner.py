@@ -100,10 +100,11 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    duplicated = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicated:
-        raise ValueError(f"key {duplicated[0]!r} appears twice")
+    seen: set[str] = set()
+    for key, _ in pairs:  # linear: a manifest may list many files, and a hostile one very many
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice")
+        seen.add(key)
     return dict(pairs)
 
 
