@@ -151,9 +151,9 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_holds_it(ws, run_
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
-         "time.sleep(60)", str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from compress.io import exclusive\n"
+         "with exclusive(Path(sys.argv[1]), what='`compress run`'):\n    print('held', flush=True); time.sleep(60)",
+         str(out)], stdout=subprocess.PIPE, text=True)  # the product's own lock, in another process
     try:
         assert holder.stdout.readline().strip() == "held"
         (out / ".run.json.abc.tmp").write_text("the other process is writing this")
