@@ -47,10 +47,10 @@ def build(work: Path, data: Path, images: int) -> tuple[Path, Path]:
     from bench.memory import VIT_B16
     from calibration.datasets import Subset, make_splits, open_source
     from calibration.preprocess import Preprocess
-    from compress.prune import l2_importance, prune_by_ratio
+    from compress.prune.structured import l2_importance, prune_by_ratio
     from compress.recipes import CPU_LATENCY
     from compress.tokens import apply, evit, layers_at
-    from compress.vit import VisionTransformer
+    from compress.model.vit import VisionTransformer
     from export.onnx_export import export_onnx
 
     torch.manual_seed(0)
@@ -86,7 +86,7 @@ def accuracy(model_path: Path, data: Path, work: Path) -> list[dict]:
 
     from calibration.calibrate import from_split
     from calibration.datasets import Subset, make_splits, open_source
-    from compress.checkpoint import load_own_checkpoint
+    from compress.model.checkpoint import load_own_checkpoint
     from compress.quantize.base import artifact_evaluator
     from export.onnx_export import export_onnx
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from compress.env import environment
-from compress.vit import ViTConfig
+from compress.model.vit import ViTConfig
 from runtimes import LatencyStats, measure_latency
 
 # ViT-S/16 at 224x224 (DeiT-S / timm vit_small_patch16_224): 197 tokens, 22M parameters, 4.6 GMACs.

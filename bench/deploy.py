@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from compress.deploy import deploy  # noqa: E402
+from compress.deploy.bundle import deploy  # noqa: E402
 from bench.common import write_result  # noqa: E402
 
 

@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from calibration.preprocess import Preprocess  # noqa: E402
-from compress.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from compress.model.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from bench.common import require_cifar, write_result  # noqa: E402
-from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
+from compress.model.vit import ViTConfig, VisionTransformer  # noqa: E402
 
 VIT_B16 = ViTConfig(image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072, num_classes=10)
 

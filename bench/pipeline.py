@@ -34,13 +34,13 @@ from bench.common import VIT_S16, interleaved_rounds, paired_ratio, require_cifa
 from calibration.calibrate import from_split  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from calibration.preprocess import Preprocess  # noqa: E402
-from compress.macs import count_macs  # noqa: E402
-from compress.prune import l2_importance, prune_by_ratio, structure  # noqa: E402
+from compress.model.macs import count_macs  # noqa: E402
+from compress.prune.structured import l2_importance, prune_by_ratio, structure  # noqa: E402
 from compress.quantize.base import QuantizeContext, artifact_evaluator  # noqa: E402
 from compress.recipes import CPU_LATENCY  # noqa: E402
-from compress.stages import token_settings  # noqa: E402
+from compress.tokens.stage import token_settings  # noqa: E402
 from compress.tokens import apply, evit, layers_at, token_counts  # noqa: E402
-from compress.vit import VisionTransformer  # noqa: E402
+from compress.model.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 

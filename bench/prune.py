@@ -30,12 +30,12 @@ sys.path.insert(0, str(REPO))
 
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from calibration.evaluate import evaluate_top1  # noqa: E402
-from compress.checkpoint import load_own_checkpoint  # noqa: E402
+from compress.model.checkpoint import load_own_checkpoint  # noqa: E402
 from compress.config import RecoverConfig  # noqa: E402
-from compress.macs import count_macs, count_params  # noqa: E402
-from compress.prune import l2_importance, prune_by_ratio, structure, taylor_importance  # noqa: E402
-from compress.train import train  # noqa: E402
-from compress.vit import VisionTransformer  # noqa: E402
+from compress.model.macs import count_macs, count_params  # noqa: E402
+from compress.prune.structured import l2_importance, prune_by_ratio, structure, taylor_importance  # noqa: E402
+from compress.train.loop import train  # noqa: E402
+from compress.model.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from bench.common import VIT_S16, interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402

@@ -35,7 +35,7 @@ from calibration.calibrate import from_split  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from calibration.preprocess import Preprocess  # noqa: E402
 from compress.quantize.base import QuantizeContext, artifact_evaluator  # noqa: E402
-from compress.vit import VisionTransformer  # noqa: E402
+from compress.model.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from bench.common import VIT_S16, interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
@@ -111,9 +111,9 @@ def _sub(path: Path, name: str) -> Path:
 
 
 def accuracy(args: argparse.Namespace) -> dict:
-    from compress.checkpoint import load_own_checkpoint
+    from compress.model.checkpoint import load_own_checkpoint
     from compress.config import load_config
-    from compress.pipeline import run_pipeline
+    from compress.run.pipeline import run_pipeline
 
     ckpt_path = REPO / "models" / "cifar10-vit" / "model.safetensors"
     config = load_config(REPO / "models" / "cifar10-vit" / "recipe.toml",

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.env import environment  # noqa: E402
-from compress.macs import count_macs, count_params  # noqa: E402
-from compress.vit import VisionTransformer  # noqa: E402
+from compress.model.macs import count_macs, count_params  # noqa: E402
+from compress.model.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from bench.common import VIT_S16, interleaved_rounds, write_result  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402

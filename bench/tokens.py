@@ -30,13 +30,13 @@ sys.path.insert(0, str(REPO))
 from bench.common import VIT_S16, interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from calibration.evaluate import evaluate_top1  # noqa: E402
-from compress.checkpoint import load_own_checkpoint  # noqa: E402
+from compress.model.checkpoint import load_own_checkpoint  # noqa: E402
 from compress.config import RecoverConfig  # noqa: E402
-from compress.macs import count_macs  # noqa: E402
-from compress.stages import openvino_parity  # noqa: E402
+from compress.model.macs import count_macs  # noqa: E402
+from compress.run.measure import openvino_parity  # noqa: E402
 from compress.tokens import TokenReduction, apply, evit, token_counts, tome  # noqa: E402
-from compress.train import train  # noqa: E402
-from compress.vit import VisionTransformer  # noqa: E402
+from compress.train.loop import train  # noqa: E402
+from compress.model.vit import VisionTransformer  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.config import load_config  # noqa: E402
-from compress.train import train_job  # noqa: E402
+from compress.train.job import train_job  # noqa: E402
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from compress.env import environment  # noqa: E402
-from compress.vit import ViTConfig, VisionTransformer  # noqa: E402
+from compress.model.vit import ViTConfig, VisionTransformer  # noqa: E402
 from bench.common import write_result  # noqa: E402
 
 

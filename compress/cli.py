@@ -8,6 +8,7 @@ inside the commands, so ``compress --help`` is fast.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import signal
@@ -26,7 +27,39 @@ from runtimes import RUNTIME_NAMES
 # rich_markup_mode=None: help is printed as written, so "[model]" stays "[model]" (rich markup would eat it).
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Shrink Vision Transformers and measure them on real runtimes.")
-console = Console(stderr=True)
+
+
+class _AboveBars(io.TextIOBase):
+    """stderr for rich, written through ``tqdm.write`` so that log lines go above the progress bars, not through
+    them."""
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr, end="")
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+class _Lines(io.TextIOBase):
+    """For a log file or CI: each of tqdm's in-place redraws (a carriage return, then the bar) as its own line."""
+
+    def write(self, text: str) -> int:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            sys.stderr.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+console = Console(file=_AboveBars())
 
 RecipeOpt = Annotated[Optional[Path], typer.Option("--recipe", help=(
     f"A built-in recipe ({', '.join(BUILTIN_RECIPES)}) or a TOML file with any of the sections "
@@ -84,52 +117,39 @@ def _guard(fn):
 
 
 class _ProgressBars:
-    """Renders the library's (what, done, total) progress callbacks: live bars on a terminal; elsewhere (a log
-    file, CI, ``nohup``), where rich would draw nothing until the end, a line per tenth of the work at most every
-    ``min_interval_s`` seconds, and one at the end of work that took longer than that."""
+    """Renders the library's (what, done, total) progress callbacks as tqdm bars, one per piece of work, with the
+    time left. On a terminal they redraw in place; elsewhere (a log file, CI, ``nohup``) work that lasts longer
+    than ``min_interval_s`` prints a line at most every ``min_interval_s`` seconds, and quick work prints nothing."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.live = console.is_terminal
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=console, transient=False)
-        self.tasks: dict[str, int] = {}
-        self.logged: dict[str, tuple[int, float, float]] = {}  # what -> (tenths reported, start, last line)
-        self.min_interval_s = 15.0  # without a terminal: seconds between lines about the same work
+        self.live = sys.stderr.isatty()
+        self.min_interval_s = 15.0  # without a terminal: seconds before the first line, and between lines
+        self.bars: dict = {}
 
     def __call__(self, what: str, done: int, total: int) -> None:
-        if not self.live:
-            self._line(what, done, total)
-            return
-        if what not in self.tasks:
-            self.tasks[what] = self.progress.add_task(what, total=total)
-        self.progress.update(self.tasks[what], completed=done, total=total)
+        from tqdm import tqdm
 
-    def _line(self, what: str, done: int, total: int) -> None:
-        import time
-
-        now = time.monotonic()
-        tenths, start, last = self.logged.setdefault(what, (0, now, now))
-        tenth = min(10, done * 10 // max(1, total))
-        # A line per tenth once the work has run a while, so quick steps stay quiet; always the end of long work.
-        finished_long = tenth == 10 and now - start >= self.min_interval_s
-        if tenth <= tenths or (now - last < self.min_interval_s and not finished_long):
-            return
-        self.logged[what] = (tenth, start, now)
-        elapsed = now - start
-        left = f", about {elapsed * (total - done) / max(1, done) / 60:.1f} min left" if done < total else ""
-        console.print(f"{what}: {done}/{total} ({100 * done // max(1, total)}%), {elapsed / 60:.1f} min{left}",
-                      highlight=False, soft_wrap=True)
+        bar = self.bars.get(what)
+        if bar is None or bar.disable:
+            quiet = {} if self.live else {"file": _Lines(), "mininterval": self.min_interval_s,
+                                          "delay": self.min_interval_s,
+                                          "bar_format": "{desc}: {n}/{total} ({percentage:.0f}%), {elapsed} elapsed, "
+                                                        "about {remaining} left"}
+            bar = self.bars[what] = tqdm(total=total, desc=what, unit="", dynamic_ncols=self.live, leave=True,
+                                         **({"file": sys.stderr} | quiet))
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self.bars[what]
 
     def __enter__(self) -> _ProgressBars:
-        if self.live:
-            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.live:
-            self.progress.stop()
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
 
 
 def _train_progress(bars: _ProgressBars):
@@ -154,13 +174,12 @@ def train(
     _setup_logging(verbose)
 
     def job():
-        from compress.importers import load_configured
-        from compress.train import train_job
+        from compress.api import train_model
 
         config = _resolve_config(recipe, set_, data)
-        ckpt = load_configured(init, config) if init else None
         with _ProgressBars() as bars:
-            _, summary = train_job(config, out, init=ckpt, progress=_train_progress(bars))
+            _, summary = train_model(config.data.path, out=out, recipe=config, init=init,
+                                     progress=_train_progress(bars))
         if not summary:  # a torchrun rank other than 0: rank 0 reports
             return
         console.print(f"trained in {summary['seconds']:.0f} s: top-1 {summary['eval_top1']:.4f} on "
@@ -184,9 +203,8 @@ def run(
     _setup_logging(verbose)
 
     def job():
+        from compress.api import run_recipe
         from compress.demo import DEMO_RECIPE
-        from compress.io import sha256_file
-        from compress.pipeline import run_pipeline
 
         if demo == (checkpoint is not None):
             _fail("pass a CHECKPOINT with --data, or --demo (not both)")
@@ -194,14 +212,9 @@ def run(
         config = _resolve_config(recipe, set_, data, extra, base=DEMO_RECIPE if demo else None)
         run_dir = out or Path("runs/demo" if demo else f"runs/{checkpoint.stem}")
         with _ProgressBars() as bars:
-            if demo:
-                ckpt, checkpoint_id = _demo_checkpoint(config, run_dir, bars)
-            else:
-                from compress.importers import load_configured
-
-                ckpt = load_configured(checkpoint, config)
-                checkpoint_id = sha256_file(checkpoint) if checkpoint.is_file() else _dir_digest(checkpoint)
-            result = run_pipeline(ckpt, checkpoint_id, config, run_dir, progress=bars)
+            model, checkpoint_id = _demo_checkpoint(config, run_dir, bars) if demo else (checkpoint, None)
+            result = run_recipe(model, config.data.path, out=run_dir, recipe=config, checkpoint_id=checkpoint_id,
+                                progress=bars)
         if not result.records and not result.resumed_stages:  # a torchrun rank that only served fine-tuning
             return
         if result.resumed_stages:
@@ -235,7 +248,7 @@ def report(
     _setup_logging(verbose)
 
     def job():
-        from compress.report_html import write_report
+        from compress.report.html import write_report
 
         files = _with_status("drawing the report", lambda: write_report(run_dirs, out=out))
         _plain(f"report:   {files.html}\nmarkdown: {files.markdown} (plots in {files.markdown.parent / 'report-figures'})")
@@ -258,7 +271,7 @@ def deploy(
     _setup_logging(verbose)
 
     def job():
-        from compress.deploy import deploy as make_bundle
+        from compress.deploy.bundle import deploy as make_bundle
 
         make_bundle(run_dir, target, out, candidate=candidate, runtime=runtime, max_drop=max_drop, sign=sign,
                     log=_plain)
@@ -282,7 +295,7 @@ def bench(
     _setup_logging(verbose)
 
     def job():
-        from compress.bundle_runner import bench as run_bench
+        from compress.deploy.runner import bench as run_bench
 
         path, _ = run_bench(bundle, runtime=runtime, batch_sizes=batch, data=data, out=out, seconds=seconds,
                             expect=expect, public_key=public_key, log=_plain)
@@ -305,7 +318,7 @@ def build_engine(
     _setup_logging(verbose)
 
     def job():
-        from compress.bundle_runner import build_engine as build
+        from compress.deploy.runner import build_engine as build
 
         path = build(bundle, workspace_mb=workspace_mb, max_batch=max_batch, dla_core=dla_core, expect=expect,
                      public_key=public_key, log=_plain)
@@ -321,45 +334,37 @@ def _with_status(what: str, fn):
 
 def _demo_checkpoint(config, run_dir: Path, bars: _ProgressBars):
     """Train the demo model once (resumable) in ``<RUN_DIR>-train`` beside the run directory."""
-    from compress.checkpoint import load_own_checkpoint
+    from compress.api import load_model, train_model
     from compress.io import sha256_file
-    from compress.train import train_job
 
     train_dir = run_dir.parent / f"{run_dir.name}-train"
     model_path = train_dir / "model.safetensors"
     if not model_path.exists():
         console.print("demo: training a small ViT on scikit-learn's digits")
-        _, summary = train_job(config, train_dir, progress=_train_progress(bars))
+        _, summary = train_model(config.data.path, out=train_dir, recipe=config, progress=_train_progress(bars))
         console.print(f"demo: trained in {summary['seconds']:.0f} s, top-1 {summary['eval_top1']:.4f}")
-    return load_own_checkpoint(model_path), sha256_file(model_path)
-
-
-def _dir_digest(path: Path) -> str:
-    from compress.io import sha256_file, sha256_json
-
-    return sha256_json({p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()})
+    return load_model(model_path), sha256_file(model_path)
 
 
 def _print_table(records) -> None:
+    from rich import box
     from rich.table import Table
 
-    from compress.report import COLUMNS, CONSOLE_COLUMNS, table_rows
+    from compress.report.columns import CONSOLE, rows
 
-    from rich import box
-
-    keep = [COLUMNS.index(c) for c in CONSOLE_COLUMNS]
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True, show_edge=False,
                   title="top-1 and latency per stage and runtime (every column: report.md)")
-    rows = [(row[1] or row[0], *row[1:])  # a candidate (quantized, or a token setting) is shown by its name
-            for row in table_rows([r for r in records if r.status == "ok"])]
-    for n, heading in enumerate(CONSOLE_COLUMNS.values()):
+    ok = [r for r in records if r.status == "ok"]
+    lines = [[r.candidate or cells[0], *cells[1:]]  # a candidate (quantized, or a token setting) is shown by its name
+             for r, cells in zip(ok, rows(ok, CONSOLE))]
+    for n, column in enumerate(CONSOLE):
         if n == 0:  # the name gives way, with an ellipsis, so that no number is ever cut
-            table.add_column(heading, no_wrap=True, overflow="ellipsis", max_width=18)
+            table.add_column(column.console, no_wrap=True, overflow="ellipsis", max_width=18)
         else:
-            width = max([len(heading), *(len(row[keep[n]]) for row in rows)])
-            table.add_column(heading, no_wrap=True, min_width=width)
-    for row in rows:
-        table.add_row(*(row[i] for i in keep))
+            width = max([len(column.console), *(len(line[n]) for line in lines)])
+            table.add_column(column.console, no_wrap=True, min_width=width)
+    for line in lines:
+        table.add_row(*line)
     Console().print(table)
 
 

@@ -186,7 +186,7 @@ class QuantizeConfig(Section):
 
 
 STAGES = ("prune", "recover", "tokens", "quantize", "deploy")
-TARGETS = ("cpu-x86", "cpu-arm", "jetson-orin")  # compress.deploy.TARGETS describes each
+TARGETS = ("cpu-x86", "cpu-arm", "jetson-orin")  # compress.deploy.bundle.TARGETS describes each
 
 
 class PipelineConfig(Section):
@@ -198,7 +198,7 @@ class PipelineConfig(Section):
     broke it; the final choice is the fastest candidate on the target's runtimes within it.
     """
 
-    stages: list[str] | None = None  # from STAGES, e.g. ["prune", "recover", "tokens", "quantize", "deploy"]
+    stages: list[Literal[STAGES]] | None = None  # e.g. ["prune", "recover", "tokens", "quantize", "deploy"]
     max_drop: float | None = Field(None, ge=0)  # top-1 points against the model as loaded, for the whole chain
     target: Literal[TARGETS] = "cpu-x86"
 
@@ -218,6 +218,45 @@ class RunConfig(Section):
 
     def dump(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())
+
+    def stage_order(self) -> list[str]:
+        """The stages to run after the baseline, in order: ``pipeline.stages``, or the sections' own switches.
+
+        ``quantize.enabled=false`` (or no quantizers) drops quantize from a listed order too, so ``--set`` wins.
+        """
+        order = self.pipeline.stages
+        quantize = self.quantize.enabled and bool(self.quantize.quantizers)
+        if order is None:
+            return (["prune"] if self.prune.enabled else []) + \
+                (["recover"] if self.prune.enabled and self.recover.epochs > 0 else []) + \
+                (["tokens"] if self.tokens.enabled else []) + (["quantize"] if quantize else [])
+        return [s for s in order if s != "quantize" or quantize]
+
+    @model_validator(mode="after")
+    def _stages_can_run(self) -> RunConfig:
+        """The order of ``pipeline.stages`` works, and each stage in it has something to do."""
+        order = self.pipeline.stages or []
+        twice = sorted({s for s in order if order.count(s) > 1})
+        if twice:
+            raise ValueError(f"pipeline.stages lists {twice[0]!r} twice; list each stage once")
+        position = {s: i for i, s in enumerate(order)}
+        if "recover" in position and position.get("prune", len(order)) > position["recover"]:
+            raise ValueError("pipeline.stages puts 'recover' before 'prune' (or has no 'prune'): recovery fine-tunes "
+                             "a pruned model, so list 'prune' first")
+        if "recover" in position and self.recover.epochs <= 0:
+            raise ValueError("pipeline.stages lists 'recover' but recover.epochs is 0; set recover.epochs > 0")
+        for stage in ("quantize", "deploy"):
+            later = [s for s in order[position.get(stage, len(order)) + 1:] if s != "deploy"]
+            if stage in position and later:
+                raise ValueError(f"pipeline.stages puts {later[0]!r} after {stage!r}: {stage} works on the final "
+                                 "float model, so list it after prune, recover and tokens")
+        if "deploy" in position and position["deploy"] != len(order) - 1:
+            raise ValueError("pipeline.stages: 'deploy' packs the final choice, so it comes last")
+        p = self.prune
+        if "prune" in self.stage_order() and not (p.heads or p.mlp or p.target_macs or p.target_latency_ms):
+            raise ValueError("prune is on but there is nothing to prune: set prune.heads and/or prune.mlp, or "
+                             "prune.target_macs or prune.target_latency_ms")
+        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -267,13 +306,14 @@ def load_config(recipe: Path | None = None, overrides: list[str] = (), base: dic
         if first["type"] == "extra_forbidden":
             section = first["loc"][0] if len(first["loc"]) > 1 else None
             fields = RunConfig.model_fields if section is None else RunConfig.model_fields[section].annotation.model_fields
-            raise ConfigError(f"unknown config key {where!r}; valid keys here are {sorted(fields)}") from e
+            raise ConfigError(f"config: unknown key {where!r}; valid keys here are {sorted(fields)}") from e
         if first["type"] == "literal_error":
             expected = first["ctx"]["expected"]
             where = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
             raise ConfigError(f"config {where}: unknown value {first.get('input')!r}; choose from {expected}") from e
         if first["type"] == "value_error":  # a rule of the models' own: its message names the keys and the fix
-            raise ConfigError(f"config {where or 'recipe'}: {first['msg'].removeprefix('Value error, ')}") from e
+            rule = first["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"config {where}: {rule}" if where else f"config: {rule}") from e
         raise ConfigError(f"config {where}: {first['msg']} (got {first.get('input')!r})") from e
 
 

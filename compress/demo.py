@@ -22,7 +22,7 @@ DEMO_RECIPE = {
     "measure": {"iterations": 100, "max_seconds": 3.0},
     # The chain, under one budget of 1 pt: prune a quarter of the heads and MLP units, recover by distillation,
     # try token merging, quantize, and pack the fastest model within budget for an x86 CPU.
-    "pipeline": {"stages": ["prune", "recover", "tokens", "quantize", "deploy"], "max_drop": 1.0},
+    "pipeline": {"stages": ["prune", "recover", "tokens", "quantize", "deploy"], "max_drop": 1.0, "target": "cpu-x86"},
     "prune": {"heads": 0.25, "mlp": 0.25},
     "recover": {"epochs": 5, "batch_size": 32, "lr": 5e-4, "crop_padding": 0, "flip": False},
     "tokens": {"macs": [0.75]},

@@ -8,7 +8,7 @@ and is shown with its traceback.
 from __future__ import annotations
 
 from calibration.errors import DatasetError
-from compress.bundle_runner import BundleError
+from compress.deploy.runner import BundleError
 from export.errors import ExportError
 from runtimes.errors import RuntimeUnavailableError
 
@@ -43,6 +43,6 @@ class ConfigError(InputError):
 
 # The leaf packages (calibration/, export/, runtimes/) import nothing of compress/, so each defines its own
 # error; these are the types the CLI reports as one line.
-# The bundle runner (compress/bundle_runner.py) travels alone to devices, so its error stands alone too.
+# The bundle runner (compress/deploy/runner.py) travels alone to devices, so its error stands alone too.
 USER_ERRORS: tuple[type[Exception], ...] = (CompressError, DatasetError, ExportError, RuntimeUnavailableError,
                                             BundleError)

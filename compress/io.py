@@ -1,7 +1,8 @@
-"""Atomic writes and content hashes.
+"""Atomic writes, content hashes and the run directory's lock.
 
-Every artifact is written to a temporary file in the destination folder and renamed into place, so an
-interrupted run never leaves a half-written file that looks whole; a rename within one file system is atomic.
+Every artifact is written through ``runtimes.files.atomic_path`` (a temporary file in the destination folder,
+renamed into place), so an interrupted run never leaves a half-written file that looks whole; the helpers here
+are conveniences on it for text, JSON and torch objects.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,52 +19,9 @@ from typing import Any
 import torch
 
 from compress.errors import InputError
-from runtimes.base import sha256_file  # noqa: F401  (one hasher for artifacts, engines and bundles)
+from runtimes.files import atomic_path, sha256_file  # noqa: F401  (one atomic writer and one hasher for all)
 
 LOCK_NAME = ".lock"  # in a run or training directory: held (flock) by the process working in it
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``, on failure remove it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are for sharing and deploying
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except OSError:
-        raise
-    except Exception as e:
-        cause = _os_error(e, path)
-        if cause is None:
-            raise
-        raise cause from e  # a full disk is a full disk, whichever library was writing
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _os_error(error: BaseException, path: Path) -> OSError | None:
-    """The operating-system error behind a writer's own exception: torch chains it, safetensors (Rust) names it
-    as "(os error N)" in its message; None when there is none."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return OSError(seen.errno, seen.strerror, str(path))
-        seen = seen.__cause__ or seen.__context__
-    match = re.search(r"\(os error (\d+)\)", str(error))
-    if match:
-        number = int(match.group(1))
-        return OSError(number, os.strerror(number), str(path))
-    return None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write(path: Path, writer: Callable[[Path], Any]) -> Path:

@@ -1,4 +1,5 @@
-"""Built-in recipes: whole chains tuned for a target, usable as ``--recipe cpu-latency`` or ``jetson-latency``.
+"""Built-in recipes: whole chains tuned for a target, usable as ``--recipe cpu-latency``, ``jetson-latency``
+or ``digits-demo``.
 
 A recipe file (TOML) or one of these names gives the stages in order (``[pipeline] stages``), one accuracy budget
 for the whole chain (``pipeline.max_drop``, top-1 points against the model as loaded) and the target the final
@@ -14,6 +15,8 @@ the same settings run at 0.42x the latency of plain NNCF INT8.
 from __future__ import annotations
 
 from typing import Any
+
+from compress.demo import DEMO_RECIPE
 
 CPU_LATENCY: dict[str, Any] = {
     "pipeline": {"stages": ["prune", "recover", "tokens", "quantize", "deploy"], "max_drop": 1.0,
@@ -49,4 +52,6 @@ JETSON_LATENCY: dict[str, Any] = {
     "measure": {"runtimes": ["onnxruntime"], "batch_sizes": [1, 8]},
 }
 
-BUILTIN_RECIPES: dict[str, dict[str, Any]] = {"cpu-latency": CPU_LATENCY, "jetson-latency": JETSON_LATENCY}
+# The demo (`compress run --demo`): a small ViT on scikit-learn's digits, every stage in a couple of minutes.
+BUILTIN_RECIPES: dict[str, dict[str, Any]] = {"cpu-latency": CPU_LATENCY, "jetson-latency": JETSON_LATENCY,
+                                              "digits-demo": DEMO_RECIPE}

@@ -1,9 +1,9 @@
 """PyTorch module -> validated ONNX file.
 
 Uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) at opset >= 17 with a dynamic batch axis.
-Two field-tested traps shape it (see FIELD-NOTES): LayerNorm must stay one ``LayerNormalization`` node, since a
-decomposed one overflows in FP16 on TensorRT, and an export can succeed while computing something else
-(ToMe's ``scatter_reduce`` mean), so parity against ONNX Runtime is part of exporting: a file that disagrees
+Two traps others fell into shape it: LayerNorm must stay one ``LayerNormalization`` node, since a
+decomposed one overflows in FP16 on TensorRT (NVIDIA/TensorRT#2709), and an export can succeed while computing something else
+(ToMe's ``scatter_reduce`` mean: pytorch/pytorch#101535), so parity against ONNX Runtime is part of exporting: a file that disagrees
 with PyTorch beyond tolerance is never handed on. onnxslim, a maintained graph simplifier, folds what the
 exporter leaves behind; the node counts before and after are reported so its effect is visible.
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from export.errors import ExportError, ParityError
+from runtimes.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +76,11 @@ def export_onnx(
         raise ExportError(f"unknown simplifier {simplify!r}; use 'onnxslim' or 'none'")
     _check_layernorm(proto, model)
     name_weighted_nodes(proto, model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # as compress.io.atomic_path (export may not import compress)
-    try:
+    with atomic_path(path) as tmp:  # renamed into place only once the file passed every check
         onnx.save(proto, tmp)
         onnx.checker.check_model(tmp)
         inputs = parity_inputs if parity_inputs is not None else example.numpy()
-        parity = check_parity(model, Path(tmp), inputs, atol=atol, min_agreement=min_agreement)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        parity = check_parity(model, tmp, inputs, atol=atol, min_agreement=min_agreement)
     log.info("exported %s: %d nodes (%d before %s), max |diff| %.2e", path, len(proto.graph.node),
              nodes_exported, simplify, parity.max_abs_diff)
     return ExportResult(path, opset, nodes_exported, len(proto.graph.node), parity)

@@ -9,7 +9,6 @@ standard deviation and throughput, with the process's peak resident memory sampl
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from runtimes.files import sha256_file  # noqa: F401  (re-exported: runtimes.base.sha256_file)
 
 
 class Engine(Protocol):
@@ -54,15 +55,6 @@ class LatencyStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks (artifacts, engines and bundle files are hashed the same way)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_threads() -> int:

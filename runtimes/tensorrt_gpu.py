@@ -1,7 +1,7 @@
 """TensorRT on an NVIDIA GPU or a Jetson (GPU, optionally DLA): ONNX -> serialized engine -> logits and latency.
 
 Written against TensorRT's Python builder and runtime API (10.x and 11.x; 8.6 where it costs nothing), as trtexec
-and Polygraphy use it. The traps it is built around (FIELD-NOTES):
+and Polygraphy use it. The traps it is built around:
 - an engine is tied to the GPU model and the TensorRT version that built it: ``build_engine`` writes
   ``<engine>.json`` with both, ``load_engine`` refuses an engine built elsewhere. Build on the target, from ONNX.
 - precision comes from the ONNX file. Networks are strongly typed where TensorRT has it (always in 11): FP16 from
@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import default_threads, measure_latency, sha256_file
+from runtimes.base import default_threads, measure_latency
+from runtimes.files import sha256_file, write_bytes_atomic
 from runtimes.cuda_ctypes import CudaUnavailableError, DeviceBuffer, PinnedBuffer, cudart, gpu_info
 from runtimes.errors import RuntimeNotInstalledError, RuntimeUnavailableError
 
@@ -311,10 +312,10 @@ def build_engine(
     }
     # The metadata goes last: an engine whose <engine>.json exists is whole and is the one that file describes.
     metadata_path(engine_path).unlink(missing_ok=True)
-    _atomic_write_bytes(engine_path, serialized)
-    _atomic_write_bytes(metadata_path(engine_path), (json.dumps(metadata, indent=2) + "\n").encode())
+    write_bytes_atomic(engine_path, serialized)
+    write_bytes_atomic(metadata_path(engine_path), (json.dumps(metadata, indent=2) + "\n").encode())
     if timing_cache is not None:
-        _atomic_write_bytes(Path(timing_cache), config.get_timing_cache().serialize())
+        write_bytes_atomic(Path(timing_cache), config.get_timing_cache().serialize())
     say(f"TensorRT: built {engine_path.name} in {seconds:.1f} s")
     return EngineBuild(engine_path, metadata)
 
@@ -338,22 +339,6 @@ def _set_timing_cache(config, path: Path | None) -> None:
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         _log.warning("timing cache %s is from another device or TensorRT version; starting a new one", path)
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-
-
-def _atomic_write_bytes(path: Path, data) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place (as compress.io.atomic_path; the
-    runtimes package imports nothing of compress)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 # --- running ---------------------------------------------------------------------------------------------------
@@ -519,7 +504,7 @@ class EngineParity:
 
 def parity_against_onnxruntime(engine, onnx_path: Path, x: np.ndarray, atol: float = 1e-3) -> EngineParity:
     """Compare ``engine.run(x)`` with ONNX Runtime (CPU) on ``onnx_path``: per engine, not only through accuracy,
-    since TensorRT and ONNX Runtime can disagree (FIELD-NOTES)."""
+    since TensorRT and ONNX Runtime can disagree (TF32 matmuls: NVIDIA/TensorRT#4492)."""
     from runtimes.onnxruntime_cpu import OrtEngine
 
     x = np.ascontiguousarray(x, dtype=np.float32)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from calibration.datasets import digits_source
-from compress.vit import ViTConfig, VisionTransformer
+from compress.model.vit import ViTConfig, VisionTransformer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VIT_COMPRESS_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -67,7 +67,7 @@ def digits_model(tmp_path_factory):
     """A real trained model: the demo's ViT on scikit-learn's digits, 12 epochs (a few seconds), ~90% top-1."""
     from compress.config import load_config
     from compress.demo import DEMO_RECIPE
-    from compress.train import train_job
+    from compress.train.job import train_job
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     config = load_config(None, ["train.epochs=12"], base=DEMO_RECIPE)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from compress.checkpoint import save_checkpoint
+from compress.model.checkpoint import save_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 MODEL = ["--set", "model.image_size=8", "--set", "model.in_chans=1", "--set", "model.patch_size=2", "--set",

@@ -29,15 +29,15 @@ from typer.testing import CliRunner
 
 from calibration.datasets import FolderSource, Subset
 from calibration.preprocess import Preprocess
-from compress.bundle_runner import (MANIFEST, BundleError, bench, check_manifest, manifest_digest, open_engine,
+from compress.deploy.runner import (MANIFEST, BundleError, bench, check_manifest, manifest_digest, open_engine,
                                     verify)
-from compress.checkpoint import Checkpoint, save_checkpoint
+from compress.model.checkpoint import Checkpoint, save_checkpoint
 from compress.cli import app
 from compress.config import load_config
-from compress.deploy import deploy
+from compress.deploy.bundle import deploy
 from compress.errors import USER_ERRORS
-from compress.importers import load_checkpoint
-from compress.pipeline import run_pipeline
+from compress.model.importers import load_checkpoint
+from compress.run.pipeline import run_pipeline
 from compress.records import RecordsError, StageRecord, read_records
 from tests.conftest import TINY, write_digit_folder
 
@@ -71,7 +71,7 @@ def ws(tmp_path_factory):
     for i, word in enumerate(words):
         (root / "data" / str(i)).rename(root / "data" / word)
     torch.manual_seed(0)
-    from compress.vit import ViTConfig, VisionTransformer
+    from compress.model.vit import ViTConfig, VisionTransformer
 
     model = VisionTransformer(ViTConfig(**TINY)).eval()
     save_checkpoint(Checkpoint(model, Preprocess(crop_size=32), [str(i) for i in range(10)]), root / "vit.safetensors")
@@ -81,7 +81,7 @@ def ws(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(ws):
-    from compress.importers import load_configured
+    from compress.model.importers import load_configured
 
     config = load_config(None, [f'data.path="{ws / "data"}"', *FAST])
     run_pipeline(load_configured(ws / "vit.safetensors", config), "tiny", config, ws / "run")
@@ -324,7 +324,7 @@ def test_deploy_packs_what_the_run_chose_with_the_dataset_class_names(run_dir, p
 
 
 def test_no_runtime_is_offered_a_precision_it_cannot_run(run_dir, tmp_path):
-    from compress.deploy import TARGETS, _write_models
+    from compress.deploy.bundle import TARGETS, _write_models
 
     ok = next(r for r in read_records(run_dir / "records.jsonl") if r.status == "ok")
     record = StageRecord(**{**ok.__dict__, "runtime": "openvino", "precision": "bf16"})

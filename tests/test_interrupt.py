@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from compress.checkpoint import save_checkpoint
+from compress.model.checkpoint import save_checkpoint
 from compress.config import load_config
-from compress.pipeline import run_pipeline
+from compress.run.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow  # every test here starts `compress run` subprocesses and kills them
 

@@ -7,7 +7,7 @@ import torch
 
 from calibration.datasets import Subset, make_splits, open_source
 from calibration.evaluate import evaluate_top1
-from compress.importers import load_checkpoint
+from compress.model.importers import load_checkpoint
 from compress.io import sha256_file
 from tests.conftest import REPO
 

@@ -1,6 +1,7 @@
 """FP16 ONNX: weights and activations in half precision, LayerNorm kept fused and in float32.
 
-A decomposed LayerNorm overflows in FP16 (ViT-B at 19% on TensorRT, FIELD-NOTES); the export keeps one
+A decomposed LayerNorm overflows in FP16 (ViT-B/16 at 19% top-1 on a Jetson Orin
+Nano with TensorRT 10.3, onnxsim's scripts/nvidia/README.md; NVIDIA/TensorRT#2709); the export keeps one
 ``LayerNormalization`` node per LayerNorm and the conversion leaves those nodes in float32, with casts around
 them, and keeps the model's inputs and outputs float32 so callers need not change. The conversion is ONNX
 Runtime's own (``onnxruntime.transformers.float16``).

@@ -3,9 +3,9 @@
 Per input channel j of a Linear fed by a LayerNorm, ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)``; the
 LayerNorm's weight and bias are divided by ``s`` and the Linear's weight columns multiplied by it. The float
 function is unchanged (up to rounding), but the Linear's input no longer has a few channels hundreds of times
-larger than the rest, so a per-tensor INT8 scale keeps the others (FIELD-NOTES: the residual stream reaches
-|x| ~ 1400). It applies where a LayerNorm feeds Linear layers directly: ``norm1 -> attn.qkv`` and ``norm2 ->
-mlp.fc1`` of each pre-norm block. Post-norm blocks have no such pair and are left alone.
+larger than the rest, so a per-tensor INT8 scale keeps the others (the residual stream reaches |x| ~ 1400
+in ViTs: NVIDIA/TensorRT#4084, #4068). It applies where a LayerNorm feeds Linear layers directly:
+``norm1 -> attn.qkv`` and ``norm2 -> mlp.fc1`` of each pre-norm block. Post-norm blocks have no such pair and are left alone.
 
 neural-compressor 3.x runs its own SmoothQuant only through intel-extension-for-pytorch; this transform gives
 the PT2E path the same migration without it. The maxima come from the calibration set.

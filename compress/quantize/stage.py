@@ -1,13 +1,22 @@
-"""Run the configured quantizers and collect their candidates, each already fitted to the accuracy budget."""
+"""The quantize stage: run the configured quantizers, fit each candidate to the accuracy budget, measure it.
+
+``build_candidates`` runs the quantizers on the previous stage's float ONNX file; ``quantize_stage`` is the run's
+plan entry, which measures every candidate on every runtime that can load it.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
 from compress.quantize.base import Candidate, QuantizeContext
 from compress.quantize.fp16 import convert_fp16
+from compress.run.context import RunContext, StageInput, StageResult
+
+log = logging.getLogger(__name__)
 
 
 def build_candidates(
@@ -57,3 +66,123 @@ def build_candidates(
     missed += [f"{c.name}: top-1 drop {ctx.drop(c.top1):.2f} pt exceeds the {ctx.max_drop} pt budget"
                for c in candidates if not ctx.within_budget(c.top1)]
     return candidates, missed
+
+
+# ------------------------------------------------------------------------------------------- the run's stage
+DEFAULT_CALIB_SIZE = 256
+
+
+def calibration_set(q, calib_split, preprocess, *, announce: bool = True):
+    """The calibration set ``quantize.*`` asks for; raises ``CalibrationError`` when it cannot be had."""
+    from calibration.calibrate import from_array, from_split
+
+    shape = (preprocess.in_chans, preprocess.crop_size, preprocess.crop_size)
+    if q.calibration_data:
+        return from_array(Path(q.calibration_data), q.calib_size or DEFAULT_CALIB_SIZE, shape)
+    size = q.calib_size
+    if size is None:
+        size = min(DEFAULT_CALIB_SIZE, len(calib_split)) or DEFAULT_CALIB_SIZE  # an empty split errors below
+        if size < DEFAULT_CALIB_SIZE and announce:
+            log.warning("quantize: calibrating on the %d images of the calibration split (fewer than the usual %d; "
+                        "raise data.calib_size or add images for steadier INT8 scales)", size, DEFAULT_CALIB_SIZE)
+    return from_split(calib_split, size, shape)
+
+
+def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
+    """Make every configured quantized candidate, fit each to the budget, measure each on every runtime.
+
+    The budget is what the chain's budget (``pipeline.max_drop``) left, else ``quantize.max_drop``, in points of
+    top-1 against the previous stage's float model on ONNX Runtime. The stage's pick is the fastest (candidate,
+    runtime) at the smallest batch size within budget; when none is, the stage says so and the float model
+    stays the pipeline's output.
+    """
+    import torch
+
+    from calibration.evaluate import evaluate_top1
+    from compress.quantize.base import artifact_evaluator
+    from compress.run.measure import artifact_mb, cannot_run, measure_engine, skipped
+    from runtimes import get_runtime
+
+    config = ctx.config
+    q = config.quantize
+    max_drop = q.max_drop if inp.budget_left is None else max(0.0, inp.budget_left)
+    workdir = ctx.run_dir / "artifacts" / f"quantize-{inp.key}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    calib = calibration_set(q, ctx.calib_data, ctx.preprocess)
+    evaluate = artifact_evaluator(ctx.eval_data, threads=ctx.threads, batch_size=config.measure.eval_batch_size)
+
+    def evaluate_torch(module) -> float:
+        torch.set_num_threads(ctx.threads)
+        with torch.no_grad():
+            return evaluate_top1(lambda x: module(torch.from_numpy(x)).numpy(), ctx.eval_data,
+                                 batch_size=config.measure.eval_batch_size).top1
+
+    float_top1 = next((r.top1 for r in inp.records if r.stage == inp.previous and r.runtime == "onnxruntime"
+                       and r.precision == "fp32" and r.status == "ok"), None)
+    if float_top1 is None:
+        float_top1 = evaluate(inp.onnx, "onnx", "fp32")
+    qctx = QuantizeContext(
+        model=inp.model, float_onnx=inp.onnx, calib=calib, evaluate=evaluate, reference_top1=float_top1,
+        max_drop=max_drop, workdir=workdir, max_float_fraction=q.max_float_fraction, op_types=tuple(q.op_types),
+        exclude=tuple(q.exclude), attention_matmul=q.attention_matmul, activations=q.activations,
+        calibration_method=q.calibration_method, sensitivity_samples=q.sensitivity_samples,
+        inc_max_trials=q.inc_max_trials, smoothquant_alpha=q.smoothquant_alpha,
+        nncf_smooth_quant=q.nncf_smooth_quant, threads=ctx.threads, log=log.info,
+    )
+    log.info("stage quantize: %s on %d calibration images, budget %.2f pt against top-1 %.2f of %s",
+             ", ".join(q.quantizers), calib.size, max_drop, float_top1 * 100, inp.previous)
+    openvino_bf16 = "openvino" in config.measure.runtimes and "bf16" in get_runtime("openvino").precisions()
+    candidates, missed = build_candidates(
+        qctx, list(q.quantizers), evaluate_torch=evaluate_torch,
+        eval_batches=lambda: ctx.eval_data.batches(config.measure.eval_batch_size), eval_count=len(ctx.eval_data),
+        bf16_available=openvino_bf16, fp16_keep_float32=list(q.fp16_keep_float32),
+    )
+    for line in missed:
+        log.warning("quantize: %s", line)
+
+    records = []
+    for candidate in candidates:
+        fields = {"candidate": candidate.name, "quantizer": candidate.quantizer, "precision": candidate.precision,
+                  "calibration": candidate.calibration, "float_layers": list(candidate.float_layers),
+                  "artifact": str(candidate.path.relative_to(ctx.run_dir)), "size_mb": artifact_mb(candidate.path)}
+        for name in config.measure.runtimes:
+            runtime = get_runtime(name)
+            reason = cannot_run(runtime, candidate.format, candidate.precision)
+            engine = None
+            if reason is None:
+                try:
+                    engine = runtime.build(candidate.path, precision=candidate.precision, threads=ctx.threads)
+                except (TypeError, AttributeError, NameError):
+                    raise  # our bug, not the runtime's verdict on the model
+                except Exception as e:  # a runtime rejecting an op of this candidate: recorded, not fatal
+                    reason = f"{name} could not load {candidate.name}: {str(e).strip().splitlines()[0][:200]}"
+            if engine is None:
+                records += skipped(inp.new_record, ctx, runtime=name, reason=reason, **fields)
+                continue
+            rows, _ = measure_engine(engine, f"quantize · {candidate.name} · {name}", inp.new_record, ctx,
+                                     runtime=name, reference_top1=float_top1, **fields)
+            records += rows
+    selected = fastest_within(records, float_top1, max_drop, min(config.measure.batch_sizes))
+    if selected is None:
+        log.warning("quantize: no candidate meets the %.2f pt budget; the float model of stage %s is carried "
+                    "forward", max_drop, inp.previous)
+    notes = {
+        "reference_top1": float_top1, "max_drop": max_drop, "selected": selected, "missed": missed,
+        "candidates": [{"name": c.name, "quantizer": c.quantizer, "precision": c.precision,
+                        "artifact": str(c.path.relative_to(ctx.run_dir)), "top1_while_fitting": c.top1,
+                        "calibration": c.calibration, "float_layers": list(c.float_layers),
+                        "sensitivity": [[n, v] for n, v in (c.extra.get("sensitivity") or {}).items()]}
+                       for c in candidates],
+    }
+    return StageResult(notes=notes, records=records)
+
+
+def fastest_within(records, float_top1: float, max_drop: float, batch: int) -> dict | None:
+    """The fastest (candidate, runtime) at ``batch`` whose top-1 on that runtime is within the budget."""
+    fits = [r for r in records if r.status == "ok" and r.batch_size == batch and r.top1 is not None
+            and (float_top1 - r.top1) * 100 <= max_drop + 1e-9]
+    if not fits:
+        return None
+    best = min(fits, key=lambda r: r.latency_ms_p50)
+    return {"candidate": best.candidate, "runtime": best.runtime, "precision": best.precision, "top1": best.top1,
+            "latency_ms_p50": best.latency_ms_p50, "batch_size": batch, "artifact": best.artifact}

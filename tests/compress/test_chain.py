@@ -4,12 +4,11 @@ import json
 
 import pytest
 
-from compress.bundle_runner import verify
+from compress.deploy.runner import verify
 from compress.config import load_config
 from compress.errors import ConfigError
-from compress.pipeline import run_pipeline
+from compress.run.pipeline import run_pipeline
 from compress.recipes import BUILTIN_RECIPES
-from compress.stages import stage_plan
 
 FAST = ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_size=64", "measure.iterations=3",
         "measure.max_seconds=0.3", "measure.warmup=1", "measure.batch_sizes=[1]", "data.eval_limit=128",
@@ -20,29 +19,28 @@ FAST = ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_siz
 def test_builtin_recipes_load_and_chain_every_stage():
     for name, recipe in BUILTIN_RECIPES.items():
         config = load_config(name)
-        assert stage_plan(config) == ["prune", "recover", "tokens", "quantize", "deploy"]
+        assert config.stage_order() == ["prune", "recover", "tokens", "quantize", "deploy"]
         assert config.pipeline.max_drop == 1.0 and config.pipeline.target == recipe["pipeline"]["target"]
     assert load_config("jetson-latency").quantize.activations == "int8"  # TensorRT reads symmetric INT8 only
 
 
 @pytest.mark.parametrize("stages, message", [
-    (["prune", "distill"], r"unknown stage 'distill' in pipeline.stages; valid stages are \['prune', 'recover', "
-                           r"'tokens', 'quantize', 'deploy'\]"),
-    (["prune", "prune"], "listed twice"),
+    (["prune", "distill"], r"config pipeline.stages: unknown value 'distill'; choose from 'prune', 'recover', "
+                           r"'tokens', 'quantize' or 'deploy'"),
+    (["prune", "prune"], "config: pipeline.stages lists 'prune' twice; list each stage once"),
     (["recover", "prune"], "puts 'recover' before 'prune'"),
     (["tokens", "recover"], "puts 'recover' before 'prune' \\(or has no 'prune'\\)"),
     (["quantize", "tokens"], "puts 'tokens' after 'quantize'"),
     (["deploy", "quantize"], "puts 'quantize' after 'deploy'"),
 ])
 def test_impossible_orders_and_unknown_stages_are_one_clear_error(stages, message):
-    config = load_config(None, [f"pipeline.stages={json.dumps(stages)}", "recover.epochs=1"])
-    with pytest.raises(ConfigError, match=message):
-        stage_plan(config)
+    with pytest.raises(ConfigError, match=message):  # when the config is read, before anything runs
+        load_config(None, [f"pipeline.stages={json.dumps(stages)}", "recover.epochs=1"])
 
 
 def test_recover_listed_without_epochs_is_refused():
     with pytest.raises(ConfigError, match="lists 'recover' but recover.epochs is 0"):
-        stage_plan(load_config(None, ['pipeline.stages=["prune", "recover"]']))
+        load_config(None, ['pipeline.stages=["prune", "recover"]'])
 
 
 @pytest.mark.slow
@@ -77,7 +75,7 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     assert manifest["selected"]["top1"] == chain["selected"]["top1"]
     report = (run / "report.md").read_text()
     assert "## The chain" in report and "Pareto set" in report and "## Token reduction" in report
-    from compress.report_html import write_report
+    from compress.report.html import write_report
 
     html = write_report([run], out=tmp_path / "report").html.read_text()
     assert "The chain" in html and f"Chosen for cpu-x86: <b>{chain['selected']['candidate']}</b>" in html
@@ -102,4 +100,4 @@ def test_a_budget_no_chain_meets_names_the_stage_that_broke_it(tmp_path, digits_
 
 def test_quantize_enabled_false_still_takes_quantization_out_of_a_listed_chain():
     config = load_config("cpu-latency", ["quantize.enabled=false"])
-    assert stage_plan(config) == ["prune", "recover", "tokens", "deploy"]
+    assert config.stage_order() == ["prune", "recover", "tokens", "deploy"]

@@ -10,12 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from calibration.datasets import digits_source, make_splits
-from compress.bundle_runner import BundleError, bench, verify
+from compress.deploy.runner import BundleError, bench, verify
 from compress.cli import app
 from compress.config import load_config
-from compress.deploy import deploy
+from compress.deploy.bundle import deploy
 from compress.errors import InputError
-from compress.pipeline import run_pipeline
+from compress.run.pipeline import run_pipeline
 from compress.records import read_records
 
 pytestmark = pytest.mark.slow  # its run (pruning, INT8, two runtimes) takes 15-40 s; test_hostile covers bundles fast

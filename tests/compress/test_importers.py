@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from compress.checkpoint import Checkpoint, save_checkpoint
+from compress.model.checkpoint import Checkpoint, save_checkpoint
 from compress.errors import CheckpointError, ConfigError
-from compress.importers import load_checkpoint
+from compress.model.importers import load_checkpoint
 from calibration.preprocess import Preprocess
 from tests.compress.reference_models import EncoderViT, OldVitPytorchViT, VitPytorchViT
 
@@ -223,7 +223,7 @@ def test_per_layer_values_may_be_given_as_one_int(tmp_path, tiny_vit):
 
 def test_recipe_preprocess_overrides_the_checkpoints(tmp_path, tiny_vit):
     from compress.config import load_config
-    from compress.importers import load_configured
+    from compress.model.importers import load_configured
 
     pre = Preprocess(crop_size=32, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5))
     path = save_checkpoint(Checkpoint(tiny_vit, pre, [str(i) for i in range(10)]), tmp_path / "m.safetensors")

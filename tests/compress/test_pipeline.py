@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from compress.checkpoint import Checkpoint
+from compress.model.checkpoint import Checkpoint
 from compress.config import load_config
 from compress.errors import ConfigError, InputError
-from compress.pipeline import run_pipeline
+from compress.run.pipeline import run_pipeline
 from compress.records import read_records
 from calibration.preprocess import Preprocess
 
@@ -187,7 +187,7 @@ def test_iterative_pruning_and_mac_target(tmp_path, digits_model):
 
 @pytest.mark.slow
 def test_unreachable_latency_target_says_how_close_it_got(tmp_path, digits_model):
-    from compress.prune import PruneError
+    from compress.prune.structured import PruneError
 
     config = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.target_latency_ms=0.0001",
                               "prune.importance=l2")

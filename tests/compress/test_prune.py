@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from calibration.datasets import Subset, digits_source, make_splits
-from compress.macs import count_macs, count_params
-from compress.prune import (
+from compress.model.macs import count_macs, count_params
+from compress.prune.structured import (
     PruneError, check_layout, l2_importance, prune_by_ratio, prune_to_target, remove, select, structure,
     taylor_importance,
 )

@@ -97,7 +97,7 @@ def test_uint8_activations_are_flagged_for_tensorrt(setup):
 def _with_outlier(model: torch.nn.Module) -> torch.nn.Module:
     """The same function with one residual-stream channel 300x larger going into blocks.0.mlp.fc1.
 
-    Real ViTs have such outlier channels (FIELD-NOTES: |x| ~ 1400); per-tensor INT8 on fc1's input then
+    Real ViTs have such outlier channels (|x| ~ 1400: NVIDIA/TensorRT#4084); per-tensor INT8 on fc1's input then
     rounds every other channel to zero, so this layer becomes by far the most sensitive.
     """
     import copy

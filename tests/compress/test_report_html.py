@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 from compress.cli import app
 from compress.config import load_config
 from compress.errors import InputError
-from compress.pipeline import run_pipeline
+from compress.run.pipeline import run_pipeline
 from compress.records import StageRecord, read_records
-from compress.report_html import GENERATOR, dataset_note, load_run, pareto_front, pareto_marks, write_report
+from compress.report.html import GENERATOR, dataset_note, load_run, pareto_front, pareto_marks, write_report
 from tests.conftest import write_digit_folder
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,8 +4,8 @@ import torch
 
 from calibration.datasets import Subset, digits_source, make_splits
 from calibration.preprocess import Preprocess
-from compress.train import augment, cosine_lr, train
-from compress.vit import ViTConfig, VisionTransformer
+from compress.train.loop import augment, cosine_lr, train
+from compress.model.vit import ViTConfig, VisionTransformer
 
 DIGITS = dict(image_size=8, in_chans=1, patch_size=2, embed_dim=64, depth=2, num_heads=4, mlp_dim=128, num_classes=10)
 
@@ -83,7 +83,7 @@ def test_resume_with_other_options_is_refused(tmp_path, digits_train):
 
 
 def test_micro_batches_give_the_same_update_with_less_memory(digits_train):
-    from compress.train import auto_micro_batch
+    from compress.train.loop import auto_micro_batch
 
     models = []
     for micro in (None, 8):

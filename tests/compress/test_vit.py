@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from compress.errors import ConfigError
-from compress.macs import count_macs, count_params
-from compress.vit import ViTConfig, VisionTransformer
+from compress.model.macs import count_macs, count_params
+from compress.model.vit import ViTConfig, VisionTransformer
 from tests.conftest import TINY
 
 

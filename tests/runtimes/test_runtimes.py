@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from export.onnx_export import export_onnx
-from compress.vit import ViTConfig, VisionTransformer
+from compress.model.vit import ViTConfig, VisionTransformer
 from runtimes import RUNTIME_NAMES, RuntimeUnavailableError, get_runtime, measure_latency
 from tests.conftest import TINY
 

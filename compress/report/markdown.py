@@ -9,38 +9,11 @@ from pathlib import Path
 
 from compress.io import atomic_write_text, read_json
 from compress.records import StageRecord
-
-COLUMNS = ("stage", "candidate", "runtime", "precision", "batch", "top-1", "drop (pt)", "agree", "p50 ms", "p90 ms",
-           "p99 ms", "img/s", "params", "MMACs", "MB")
-# The console shows what fits 80 columns, with short headings: {column in COLUMNS: heading}. The stage column
-# shows a quantized candidate's name (up to 17 characters).
-CONSOLE_COLUMNS = {"stage": "stage", "runtime": "runtime", "precision": "prec", "batch": "batch", "top-1": "top-1",
-                   "drop (pt)": "drop", "agree": "agree", "p50 ms": "p50 ms", "img/s": "img/s"}
-
-
-def _fmt(value: float | int | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def table_rows(records: list[StageRecord]) -> list[tuple[str, ...]]:
-    rows = []
-    for r in records:
-        if r.status != "ok":
-            rows.append((r.stage, r.candidate or "", r.runtime, r.precision, str(r.batch_size), "skipped", "", "", "",
-                         "", "", "", "", "", ""))
-            continue
-        rows.append((
-            r.stage, r.candidate or "", r.runtime, r.precision, str(r.batch_size), _fmt(r.top1 and r.top1 * 100, ".2f"),
-            _fmt(r.top1_drop, "+.2f"), _fmt(r.agreement, ".3f"), _fmt(r.latency_ms_p50, ".3f"),
-            _fmt(r.latency_ms_p90, ".3f"), _fmt(r.latency_ms_p99, ".3f"), _fmt(r.throughput_ips, ".0f"),
-            _fmt(r.params, ","), _fmt(r.macs and r.macs / 1e6, ",.1f"), _fmt(r.size_mb, ".2f"),
-        ))
-    return rows
-
+from compress.report.columns import MARKDOWN, fmt, rows
 
 def markdown_table(records: list[StageRecord]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(records)]
+    lines = ["| " + " | ".join(c.heading for c in MARKDOWN) + " |", "|" + "---|" * len(MARKDOWN)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(records, MARKDOWN)]
     return "\n".join(lines)
 
 
@@ -134,7 +107,7 @@ def _tokens_section(run_dir: Path) -> list[str]:
             continue
         parts.append(f"| {t['candidate']} | {t['top1'] * 100:.2f} | {t['top1_drop']:+.2f} | {t['latency_ms_p50']:.3f} | "
                      f"{base['latency_ms_p50'] / t['latency_ms_p50']:.2f}x | {t['macs'] / base['macs']:.2f}x | "
-                     f"{_fmt(t.get('openvino_parity_max_abs_diff'), '.1e')} |")
+                     f"{fmt(t.get('openvino_parity_max_abs_diff'), '.1e')} |")
     return parts + [""]
 
 
@@ -150,7 +123,7 @@ def _chain_section(run_dir: Path) -> list[str]:
              f"{chain['budget_pt']:.2f} pt of top-1 against the baseline; target {chain['target']}.", ""]
     for s in chain["per_stage"]:
         verdict = ("within budget" if s["within_budget"] else "over budget") if s["judged"] else "judged after recovery"
-        parts.append(f"- {s['stage']}: {_fmt(s['drop_pt'], '+.2f')} pt, {verdict}")
+        parts.append(f"- {s['stage']}: {fmt(s['drop_pt'], '+.2f')} pt, {verdict}")
     broke = chain.get("broke_at")
     parts += ["", f"**The budget broke at stage {broke['stage']}**" + (
         f" ({broke['drop_pt']:+.2f} pt)." if broke.get("drop_pt") is not None else

@@ -7,7 +7,7 @@ writes ``BUNDLE/`` and ``BUNDLE.tar.gz``:
 - the model: the ONNX file, and for OpenVINO the IR (``openvino/model.xml`` + ``.bin``) converted here;
 - ``manifest.json``: input spec, preprocessing, class names, accuracy and latency measured in the run, the
   library versions they were measured with, the selection and why, and the SHA-256 of every file;
-- ``runner.py`` (``compress/bundle_runner.py``) with ``preprocess.py``, ``env.py`` and the ``runtimes/``
+- ``runner.py`` (``compress/deploy/runner.py``) with ``preprocess.py``, ``env.py`` and the ``runtimes/``
   package, the same code the run measured with; ``requirements.txt`` naming only the runtime, numpy and Pillow.
 
 A Jetson bundle carries the ONNX file only: TensorRT engines are tied to the GPU and TensorRT version, so the
@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.bundle_runner import (FORMAT, MANIFEST, RUNTIME_PRECISIONS, SIGNATURE, BundleError, append_records,
+from compress.deploy.runner import (FORMAT, MANIFEST, RUNTIME_PRECISIONS, SIGNATURE, BundleError, append_records,
                                     canonical_manifest, manifest_digest, sha256)
 from compress.config import TARGETS as CONFIG_TARGETS
 from compress.env import versions as installed_versions
 from compress.errors import InputError
-from compress.io import read_json
+from compress.io import atomic_path, atomic_write_text, read_json
 from compress.records import StageRecord, pareto_front, read_records
 
 
@@ -153,7 +153,7 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
     log(f"deploying {chosen.candidate or chosen.stage} ({chosen.runtime} {chosen.precision}): top-1 "
         f"{chosen.top1 * 100:.2f}% ({chosen.top1_drop:+.2f} pt), p50 {chosen.latency_ms_p50:.3f} ms at batch "
         f"{chosen.batch_size} here")
-    from compress.checkpoint import read_metadata
+    from compress.model.checkpoint import read_metadata
 
     stage_ckpt = _stage_checkpoint(Path(run_dir), chosen)
     metadata = read_metadata(stage_ckpt) if stage_ckpt else None
@@ -248,11 +248,11 @@ def _write_models(artifact: Path, record: StageRecord, target: Target, root: Pat
 
 def _write_runner(root: Path, target: Target, models: list[dict[str, Any]]) -> None:
     import calibration.preprocess
-    import compress.bundle_runner
+    import compress.deploy.runner
     import compress.env
     import runtimes
 
-    shutil.copy2(compress.bundle_runner.__file__, root / "runner.py")
+    shutil.copy2(compress.deploy.runner.__file__, root / "runner.py")
     shutil.copy2(calibration.preprocess.__file__, root / "preprocess.py")
     shutil.copy2(compress.env.__file__, root / "env.py")
     package = Path(runtimes.__file__).parent
@@ -318,11 +318,9 @@ def _manifest(name: str, target: Target, chosen: StageRecord, records: list[Stag
 
 
 def _write_tarball(bundle: Path, tarball: Path) -> None:
-    tmp = tarball.with_name(f".{tarball.name}.tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with atomic_path(tarball) as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(bundle, arcname=bundle.name)
-    os.replace(tmp, tarball)
-    (tarball.with_name(tarball.name + ".sha256")).write_text(f"{sha256(tarball)}  {tarball.name}\n")
+    atomic_write_text(tarball.with_name(tarball.name + ".sha256"), f"{sha256(tarball)}  {tarball.name}\n")
 
 
 __all__ = ["TARGETS", "BundleError", "choose", "deploy"]

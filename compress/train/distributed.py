@@ -57,28 +57,6 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def serve() -> None:
-    """Ranks other than 0 in ``compress run``: train each job rank 0 broadcasts, until it sends None."""
-    from compress.train import train
-
-    while True:
-        job = broadcast(None)
-        if job is None:
-            return
-        model, data, options = job
-        train(model, data, **options)
-
-
-def train_together(model, data, **options):
-    """``compress.train.train`` on every rank: rank 0 sends the job (without its callbacks) to the others first."""
-    from compress.train import train
-
-    if active() and is_main():
-        shared = {k: v for k, v in options.items() if k not in ("eval_fn", "progress")}
-        broadcast((model, data, shared))
-    return train(model, data, **options)
-
-
 def release() -> None:
     """Rank 0, at the end of ``compress run``: tell the serving ranks there is no more work."""
     if active() and is_main():

@@ -22,7 +22,7 @@ from calibration.preprocess import Preprocess
 from compress.config import RunConfig
 from compress.errors import CheckpointError, ConfigError, DatasetError
 from compress.io import atomic_write
-from compress.vit import ViTConfig, VisionTransformer
+from compress.model.vit import ViTConfig, VisionTransformer
 
 FORMAT = "vit-compress/1"
 log = logging.getLogger(__name__)

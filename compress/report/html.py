@@ -1011,7 +1011,7 @@ def render_html(runs: Sequence[Run], figures: dict[str, list[Figure]], notes: Se
 
 def render_markdown(runs: Sequence[Run], figures: dict[str, list[Figure]], notes: Sequence[str]) -> str:
     """The Markdown twin: the per-run tables of ``report.md`` plus the plots, linked as PNG files beside it."""
-    from compress.report import markdown_report
+    from compress.report.markdown import markdown_report
 
     def images(figs: Sequence[Figure]) -> list[str]:
         return [line for f in figs for line in (f"![{f.title}]({FIGURE_DIR}/{f.name})", "", f"*{f.caption}*", "")]

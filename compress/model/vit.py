@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,6 @@ from torch import nn
 
 from compress.errors import ConfigError
 
-if TYPE_CHECKING:
-    from compress.tokens import TokenReduction
 
 Pool = Literal["cls", "mean", "mean_all"]
 FinalNorm = Literal["token", "pooled", "none"]
@@ -255,8 +253,8 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm == "pooled" else nn.Identity()
         self.head = nn.Linear(d, cfg.num_classes)
         self.head_dist = nn.Linear(d, cfg.num_classes) if cfg.dist_head else None
-        # Token merging or pruning at inference (compress.tokens): a plan, not weights; None runs every token.
-        self.token_reduction: TokenReduction | None = None
+        # Token merging or pruning at inference (compress.tokens.plan): a plan, not weights; None runs every token.
+        self.token_reduction: Any = None  # a compress.tokens.TokenReduction
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -306,10 +304,7 @@ class VisionTransformer(nn.Module):
         return self.head(self.fc_norm(x))  # (B, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.token_reduction is not None:
-            from compress.tokens import forward_reduced
-
-            return forward_reduced(self, x, self.token_reduction)  # (B, K)
+        assert self.token_reduction is None, "token reduction is set with compress.tokens.apply, which patches forward"
         return self.forward_head(self.forward_features(x))  # (B, K)
 
     def set_image_size(self, image_size: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.vit import Attention
+from compress.model.vit import Attention
 
 
 def count_params(model: nn.Module) -> int:

@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from calibration.datasets import Subset, make_splits, open_source
-from calibration.evaluate import evaluate_top1
-from compress.checkpoint import Checkpoint, check_dataset_fits, new_checkpoint, save_checkpoint
-from compress.config import RunConfig
+from calibration.datasets import Subset
 from compress.errors import InputError
-from compress.io import atomic_torch_save, atomic_write_json
-from compress.vit import VisionTransformer
+from compress.io import atomic_torch_save
+from compress.model.vit import VisionTransformer
+from compress.train import distributed
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +145,6 @@ def train(
     pieces whose gradients accumulate (the update is the same; memory holds one piece); None picks it so one
     piece's activations stay near ``ACTIVATION_BUDGET_BYTES``.
     """
-    from compress import distributed
-
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     together = distributed.active()  # under torchrun: every rank takes its slice of each global batch
@@ -279,57 +275,19 @@ def train(
     return TrainResult(steps=step, seconds=elapsed_before + time.perf_counter() - start, history=history)
 
 
-def train_job(
-    config: RunConfig,
-    out_dir: Path,
-    *,
-    init: Checkpoint | None = None,
-    progress: Callable[[TrainProgress], None] | None = None,
-) -> tuple[Checkpoint, dict]:
-    """``compress train``: build or load the model, train it, save ``model.safetensors`` and ``train.json``.
+def serve() -> None:
+    """Ranks other than 0 in ``compress run``: train each job rank 0 broadcasts, until it sends None."""
+    while True:
+        job = distributed.broadcast(None)
+        if job is None:
+            return
+        model, data, options = job
+        train(model, data, **options)
 
-    Resumes from ``out_dir/train_state.pt`` when an earlier run of the same job was interrupted.
-    """
-    from compress import distributed
 
-    main = not distributed.init() or distributed.is_main()  # under torchrun, rank 0 alone writes
-    source = open_source(config.data.path)
-    splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
-                         seed=config.data.seed)
-    torch.manual_seed(config.train.seed)  # the initial weights, too, follow the recipe's seed
-    ckpt = init if init is not None else new_checkpoint(config, source)
-    check_dataset_fits(ckpt, source)
-    if main:
-        if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train_state.pt").exists():
-            raise InputError(f"{out_dir} exists and is not an interrupted training run; choose a new --out")
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.active():
-        torch.distributed.barrier()  # the others read the resumable state only once rank 0 has looked at out_dir
-    train_data = Subset(source, splits.train, ckpt.preprocess)
-    eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
-
-    def eval_fn(model: VisionTransformer) -> float:
-        with torch.inference_mode():
-            return evaluate_top1(lambda x: model(torch.from_numpy(x)).numpy(), eval_data,
-                                 batch_size=config.measure.eval_batch_size).top1
-
-    options = config.train.model_dump(exclude={"checkpoint_minutes", "eval_every_epochs"})
-    result = train(ckpt.model, train_data, **options, checkpoint_path=out_dir / "train_state.pt",
-                   checkpoint_minutes=config.train.checkpoint_minutes,
-                   eval_every_epochs=config.train.eval_every_epochs, eval_fn=eval_fn, progress=progress)
-    if not main:
-        return ckpt, {}
-    save_checkpoint(ckpt, out_dir / "model.safetensors")
-    summary = {
-        "dataset": source.name,
-        "train_images": len(train_data),
-        "eval_images": len(eval_data),
-        "steps": result.steps,
-        "seconds": round(result.seconds, 1),
-        "eval_top1": result.history[-1]["eval_top1"] if result.history else None,
-        "history": result.history,
-        "config": config.dump(),
-        "threads": torch.get_num_threads(),
-    }
-    atomic_write_json(out_dir / "train.json", summary)
-    return ckpt, summary
+def train_together(model, data, **options):
+    """``compress.train.loop.train`` on every rank: rank 0 sends the job (without its callbacks) to the others first."""
+    if distributed.active() and distributed.is_main():
+        shared = {k: v for k, v in options.items() if k not in ("eval_fn", "progress")}
+        distributed.broadcast((model, data, shared))
+    return train(model, data, **options)

@@ -1,7 +1,7 @@
 """Import ViT checkpoints of other projects into the canonical ``VisionTransformer``.
 
 Each layout has one converter ``state dict (+ user overrides) -> (ViTConfig values, canonical state dict)``:
-- our own safetensors format (``compress.checkpoint``), which carries every hyper-parameter;
+- our own safetensors format (``compress.model.checkpoint``), which carries every hyper-parameter;
 - timm ViT / DeiT state dicts (already in our names);
 - Hugging Face ViT / DeiT directories (``config.json`` with safetensors or bin weights), in the transformers
   4.x layout (``vit.encoder.layer.N.attention.attention.query``) and the 5.x one (``vit.layers.N.attention.q_proj``);
@@ -33,12 +33,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from calibration.preprocess import Preprocess
-from compress.checkpoint import (
+from compress.model.checkpoint import (
     Checkpoint, load_exact, load_own_checkpoint, read_metadata, resolve_preprocess, same_value,
 )
 from compress.config import RunConfig
 from compress.errors import CheckpointError, ConfigError
-from compress.vit import ViTConfig, VisionTransformer, grid_from_pos_embed
+from compress.model.vit import ViTConfig, VisionTransformer, grid_from_pos_embed
 
 log = logging.getLogger(__name__)
 

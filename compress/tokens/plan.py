@@ -13,8 +13,10 @@ the token count, the MLP linear) does less work:
   the patch tokens the class token attends to most (mean over heads) are kept, a share ``keep`` of them, and
   the rest are fused into one token: their sum weighted by that attention.
 
-The export constraints shape the code (FIELD-NOTES): ToMe's reference merge uses ``scatter_reduce(mean)``,
-which exports without error to a ``ScatterElements`` that silently drops the reduction. Here nothing is
+This module holds the plans (what to reduce where, and the token counts that follow); the tensor math is
+``merge``, the model surgery ``patch``. The export constraints shape the code: ToMe's reference merge
+(facebookresearch/ToMe, ``tome/merge.py``) uses ``scatter_reduce(mean)``, which the ONNX exporter turns without
+error into a ``ScatterElements`` that drops the reduction (pytorch/pytorch#101535, onnx/onnx#5100). Here nothing is
 scattered: the merge is a product with a one-hot (destination x source) matrix, and every selection is
 ``TopK`` + ``GatherElements``; these, ``Equal``, ``MatMul`` and ``Slice`` with a step run in ONNX Runtime,
 OpenVINO and TensorRT's ONNX parser. Token counts depend only on the plan, never on the data, so every shape
@@ -28,13 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
-
 from compress.errors import ConfigError
 
 if TYPE_CHECKING:
-    from compress.vit import Block, ViTConfig, VisionTransformer
+    from compress.model.vit import ViTConfig
 
 Method = Literal["tome", "evit"]
 METHODS = ("tome", "evit")
@@ -189,121 +188,3 @@ def _too_large(plan: TokenReduction, cfg: ViTConfig, layer: int, patches: int) -
     if len(set(plan.r)) == 1:
         msg += f"; the largest constant r for this model is {max_constant_r(cfg)}"
     return msg
-
-
-# ---------------------------------------------------------------------------------------------- forward
-def forward_reduced(
-    model: VisionTransformer, x: torch.Tensor, plan: TokenReduction, trace: list[dict[str, Any]] | None = None
-) -> torch.Tensor:
-    """Logits (B, K) of ``model`` on images ``x`` (B, C, H, W) with tokens reduced by ``plan``.
-
-    ``trace``, when given, receives per block the token count and the sizes (B, T, 1) of the tokens after it.
-    """
-    prefix = model.config.num_prefix_tokens
-    x = model.embed(x)  # (B, T, D)
-    size = None  # (B, T, 1): how many original tokens each token stands for; None while every size is 1
-    for layer, block in enumerate(model.blocks):
-        r = plan.r[layer] if plan.method == "tome" else 0
-        keep = plan.keep[layer] if plan.method == "evit" else 1.0
-        if size is None and r == 0 and keep >= 1:
-            x = block(x)  # untouched layer: exactly the original computation
-        else:
-            x, size = _reduced_block(block, x, size, r=r, keep=keep, prefix=prefix)
-        if trace is not None:
-            trace.append({"tokens": x.shape[1], "size": size if size is not None else x.new_ones(*x.shape[:2], 1)})
-    return model.forward_head(model.norm(x), size)  # (B, K)
-
-
-def _reduced_block(
-    block: Block, x: torch.Tensor, size: torch.Tensor | None, *, r: int, keep: float, prefix: int
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One encoder block with proportional attention, then a merge (ToMe) or prune (EViT) before the MLP."""
-    attn = block.attn
-    q, k, v = attn.split_heads(block.norm1(x) if block.pre_norm else x)  # (B, H, T, hd) each
-    bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, T)
-    out = attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale))  # (B, T, D)
-    x = x + block.ls1(out) if block.pre_norm else block.norm1(x + block.ls1(out))
-    if r > 0:
-        x, size = merge_tokens(x, size, k.mean(dim=1), r, prefix)  # (B, T-r, D)
-    elif keep < 1:
-        x = prune_tokens(x, class_attention(q, k, attn.scale, bias), keep, prefix)  # (B, P+kept+1, D)
-    if block.pre_norm:
-        x = x + block.ls2(block.mlp(block.norm2(x)))
-    else:
-        x = block.norm2(x + block.ls2(block.mlp(x)))
-    return x, size
-
-
-def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` (B, n) of ``t`` (B, T, C) -> (B, n, C), as one GatherElements."""
-    return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-
-def merge_tokens(
-    x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, prefix: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe's bipartite soft matching: merge ``r`` patch tokens of ``x`` (B, T, D) into their best partners.
-
-    ``metric`` (B, T, C) is what similarity is measured on (the keys, averaged over heads). Returns the tokens
-    (B, T-r, D) and their sizes (B, T-r, 1): prefix tokens, then the unmerged A tokens in their original order,
-    then the B tokens, each B token the size-weighted average of itself and the A tokens merged into it.
-    """
-    B, T, _ = x.shape
-    size = x.new_ones(B, T, 1) if size is None else size
-    head_x, head_size = x[:, :prefix], size[:, :prefix]  # prefix tokens pass through
-    x, size, metric = x[:, prefix:], size[:, prefix:], metric[:, prefix:]
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, ::2], metric[:, 1::2]  # (B, Na, C), (B, Nb, C): alternate tokens
-    num_a, num_b = a.shape[1], b.shape[1]
-    best, partner = (a @ b.transpose(1, 2)).max(dim=-1)  # (B, Na): best cosine similarity, and with which B token
-    src = best.topk(r, dim=-1).indices  # (B, r): the A tokens that merge
-    # The A tokens that stay, in their original order: sort positions with the merged ones pushed past the end
-    # (TopK on floats; sorting an integer tensor is not something every runtime's TopK accepts).
-    position = torch.arange(num_a, device=x.device, dtype=x.dtype)  # (Na,)
-    merged = (src.unsqueeze(-1) == torch.arange(num_a, device=x.device)).to(x.dtype).amax(dim=1)  # (B, Na)
-    stay = (position + merged * num_a).topk(num_a - r, dim=-1, largest=False).indices  # (B, Na-r), ascending
-    # into[b, j, i] = 1 when merging source i goes into B token j: the merge is a matrix product, not a scatter.
-    dst = partner.gather(1, src)  # (B, r)
-    into = (dst.unsqueeze(1) == torch.arange(num_b, device=x.device).view(1, num_b, 1)).to(x.dtype)  # (B, Nb, r)
-    xa, sa = x[:, ::2], size[:, ::2]
-    xb, sb = x[:, 1::2], size[:, 1::2]
-    src_size = _take(sa, src)  # (B, r, 1)
-    new_sb = sb + into @ src_size  # (B, Nb, 1)
-    new_xb = (xb * sb + into @ (_take(xa, src) * src_size)) / new_sb  # (B, Nb, D): weighted sum, then divide
-    x = torch.cat([head_x, _take(xa, stay), new_xb], dim=1)
-    size = torch.cat([head_size, _take(sa, stay), new_sb], dim=1)
-    return x, size
-
-
-def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
-    """The class token's attention over all tokens, averaged over heads: (B, H, T, hd) x2 -> (B, T)."""
-    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, T)
-    if bias is not None:
-        logits = logits + bias
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]  # (B, T)
-
-
-def prune_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep: float, prefix: int) -> torch.Tensor:
-    """EViT: keep the ``ceil(keep * patches)`` most attended patch tokens of ``x`` (B, T, D), fuse the rest.
-
-    The fused token is the inattentive tokens' sum weighted by their class attention (EViT, eq. 4) and goes last.
-    """
-    patches = x.shape[1] - prefix
-    kept = math.ceil(keep * patches)
-    if kept >= patches:
-        return x
-    attn = cls_attn[:, prefix:]  # (B, N)
-    order = attn.topk(patches, dim=-1).indices  # (B, N): most attended first
-    top, rest = order[:, :kept], order[:, kept:]
-    tokens = x[:, prefix:]
-    fused = (_take(tokens, rest) * attn.gather(1, rest).unsqueeze(-1)).sum(dim=1, keepdim=True)  # (B, 1, D)
-    return torch.cat([x[:, :prefix], _take(tokens, top), fused], dim=1)  # (B, P+kept+1, D)
-
-
-def apply(model: VisionTransformer, plan: TokenReduction | None) -> VisionTransformer:
-    """Set ``plan`` on ``model`` (in place) after checking the model can follow it; None removes reduction."""
-    if plan is not None:
-        token_counts(plan, model.config)  # raises TokenError with the largest valid value
-        plan = plan if plan.active else None
-    model.token_reduction = plan
-    return model

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.errors import CompressError
-from compress.vit import VisionTransformer
+from compress.model.vit import VisionTransformer
 
 Scope = Literal["global", "layer"]
 SCOPES = ("global", "layer")

@@ -1,0 +1,180 @@
+"""Measuring a model the same way for every stage: top-1 on the evaluation split, then latency at every batch size.
+
+Every row becomes a ``StageRecord``; the fields every row of one stage shares (its key, the model's parameters,
+MACs and structure, the environment) come from one ``Recorder``, so a stage never spells a record field by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from calibration.evaluate import EvalResult, evaluate_top1
+from compress.env import environment
+from compress.records import StageRecord
+from compress.run.context import RunContext, now
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")  # what every float stage is measured in, where the runtime offers it
+
+
+@dataclass(frozen=True)
+class Recorder:
+    """Makes the records of one stage: its common fields, and each top-1 drop against the baseline."""
+
+    common: dict[str, Any]
+    reference: EvalResult | None
+
+    @classmethod
+    def for_stage(cls, ctx: RunContext, stage: str, key: str, model, reference: EvalResult | None) -> Recorder:
+        from compress.model.macs import count_macs, count_params
+
+        fields = {"stage": stage, "stage_key": key, "dataset": ctx.dataset, "run_id": ctx.run_dir.name,
+                  "env": environment() | {"threads": ctx.threads}}
+        if model is not None:
+            fields |= {"params": count_params(model), "structure": model_structure(model),
+                       "macs": count_macs(model, (1, *ctx.input_shape))}
+        return cls(fields, reference)
+
+    def __call__(self, *, runtime: str, **fields: Any) -> StageRecord:
+        """A record of this stage on ``runtime``; unknown field names raise ``TypeError``.
+
+        ``structure``, ``macs`` and ``params`` given here describe the measured model when it is not the stage's
+        output (a setting the stage tried); ``top1_drop`` is recomputed against the baseline when top-1 is known.
+        """
+        row = self.common | {"timestamp": now()} | fields | {"runtime": runtime, "env": runtime_env(self.common["env"],
+                                                                                                    runtime)}
+        if self.reference is not None and row.get("top1") is not None and "top1_drop" not in fields:
+            row["top1_drop"] = round((self.reference.top1 - row["top1"]) * 100, 4)
+        return StageRecord(**row)
+
+
+def runtime_env(env: dict[str, Any], runtime: str) -> dict[str, Any]:
+    from runtimes import get_runtime
+
+    return env | {"versions": env.get("versions", {}) | get_runtime(runtime).versions()}
+
+
+def artifact_mb(path: Path) -> float:
+    size = path.stat().st_size
+    if path.suffix == ".xml" and path.with_suffix(".bin").exists():
+        size += path.with_suffix(".bin").stat().st_size
+    return size / 2**20
+
+
+def cannot_run(runtime, fmt: str, precision: str) -> str | None:
+    """Why ``runtime`` cannot run a ``fmt`` model at ``precision``; None when it can."""
+    if fmt not in runtime.formats:
+        return f"{runtime.name} does not load {fmt} models"
+    if precision == "bf16":
+        offered = runtime.precisions()
+        return None if "bf16" in offered else f"{runtime.name} offers {offered} here, not bf16"
+    if precision not in runtime.artifact_precisions:
+        return f"{runtime.name} does not run {precision} models"
+    return None
+
+
+def measure_engine(engine, label: str, record: Recorder, ctx: RunContext, *, runtime: str,
+                   reference_top1: float | None = None, **fields: Any) -> tuple[list[StageRecord], EvalResult]:
+    """Top-1 on the evaluation split, then latency at every batch size: one record per batch size.
+
+    ``top1_drop`` and ``agreement`` are against the recorder's reference (the baseline's first runtime) when
+    there is one, else the drop is against ``reference_top1`` and agreement is unknown.
+    """
+    m = ctx.config.measure
+    result = evaluate_top1(engine.run, ctx.eval_data, batch_size=m.eval_batch_size,
+                           progress=(lambda d, t: ctx.say(label, d, t)) if ctx.progress else None)
+    reference = record.reference
+    against = reference.top1 if reference is not None else reference_top1
+    against = result.top1 if against is None else against
+    accuracy = {"top1": result.top1, "eval_samples": result.num_samples,
+                "top1_drop": round((against - result.top1) * 100, 4),
+                "agreement": result.agreement(reference) if reference is not None else None}
+    records = []
+    for batch in m.batch_sizes:
+        stats = ctx.time(engine, ctx.latency_input[:batch])
+        records.append(record(runtime=runtime, **fields, **accuracy, **timing_fields(stats)))
+    log.info("%s: top-1 %.4f, p50 %.2f ms at batch %d", label, result.top1, records[0].latency_ms_p50,
+             m.batch_sizes[0])
+    return records, result
+
+
+def timing_fields(stats) -> dict[str, Any]:
+    """The latency statistics a record keeps (``LatencyStats`` has more, e.g. the minimum, than a record holds)."""
+    return {k: v for k, v in stats.to_dict().items() if k in StageRecord.__dataclass_fields__}
+
+
+def skipped(record: Recorder, ctx: RunContext, *, runtime: str, reason: str, **fields: Any) -> list[StageRecord]:
+    """One ``status="skipped"`` record per batch size, with the reason."""
+    return [record(runtime=runtime, **fields, batch_size=b, status="skipped", reason=reason)
+            for b in ctx.config.measure.batch_sizes]
+
+
+def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, record: Recorder, ctx: RunContext
+                  ) -> tuple[list[StageRecord], EvalResult | None]:
+    """A float stage's model on every runtime and precision; returns its records and the reference predictions
+    (the first runtime's, when there was no reference yet)."""
+    from runtimes import get_runtime
+
+    records, reference = [], record.reference
+    for name in ctx.config.measure.runtimes:
+        runtime = get_runtime(name)
+        torch_side = runtime.input_kind == "torch"
+        artifact = ckpt_path if torch_side else onnx_path
+        if torch_side and (model is None or artifact is None):
+            records += skipped(record, ctx, runtime=name, precision="fp32",
+                               reason="the run has an ONNX model only; there is no PyTorch module to run")
+            continue
+        for precision in PRECISIONS:
+            fields = {"precision": precision, "artifact": str(artifact.relative_to(ctx.run_dir)),
+                      "size_mb": artifact_mb(artifact)}
+            if precision not in runtime.precisions():
+                records += skipped(record, ctx, runtime=name, reason=f"the {name} runtime offers "
+                                   f"{runtime.precisions()} here, not {precision}", **fields)
+                continue
+            engine = runtime.build(model if torch_side else onnx_path, precision=precision, threads=ctx.threads)
+            rows, result = measure_engine(engine, f"{stage} · {name} {precision}", record, ctx, runtime=name,
+                                          **fields)
+            if reference is None:
+                reference = result  # the first runtime of the baseline stage (torch fp32 by default)
+                record = replace(record, reference=result)
+                rows = [replace(r, top1_drop=0.0, agreement=1.0) for r in rows]
+            records += rows
+    return records, reference
+
+
+def model_structure(model) -> dict[str, list[int]]:
+    """Heads and MLP units per layer, and with token reduction the tokens leaving each layer."""
+    from compress.prune.structured import structure
+    from compress.tokens import token_counts
+
+    plan = model.token_reduction
+    return structure(model) | ({"tokens": token_counts(plan, model.config)} if plan is not None else {})
+
+
+def openvino_parity(path: Path, model, x: np.ndarray, *, atol: float, threads: int) -> float | None:
+    """Max |logit difference| of ONNX file ``path`` in OpenVINO (FP32) against PyTorch on ``x``.
+
+    Raises ``ParityError`` beyond ``atol``; None when OpenVINO is not installed.
+    """
+    from export.errors import ParityError
+    from runtimes import RuntimeUnavailableError, get_runtime
+
+    try:
+        engine = get_runtime("openvino").build(path, precision="fp32", threads=threads)
+    except RuntimeUnavailableError:
+        return None
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    diff = float(np.abs(engine.run(x) - expected).max())
+    if diff > atol:
+        plan = model.token_reduction.describe() if model.token_reduction is not None else "no token reduction"
+        raise ParityError(f"OpenVINO's logits differ from PyTorch's by {diff:.2e} (more than export.atol={atol}) "
+                          f"with {plan}")
+    return diff

@@ -1,0 +1,77 @@
+"""A run's plan: the baseline, then the stages of ``RunConfig.stage_order()``, each a ``Stage`` entry.
+
+The config has already checked the order (``RunConfig._stages_can_run``); here each name becomes the entry that
+runs it, with the options that go into its content hash. ``check_feasible`` refuses, before any work, what the
+loaded model cannot follow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compress.config import RunConfig
+from compress.run.context import RunContext, Stage, StageInput, StageResult
+
+
+def baseline(inp: StageInput, ctx: RunContext) -> StageResult:
+    """The model as loaded: the reference every later stage is measured against."""
+    return StageResult(model=inp.model)
+
+
+def build_plan(config: RunConfig) -> list[Stage]:
+    """Every stage of the run, in order, baseline first."""
+    from compress.deploy.stage import deploy_stage
+    from compress.prune.stage import prune_stage, recover_stage
+    from compress.quantize.stage import quantize_stage
+    from compress.tokens.stage import tokens_stage
+
+    export = config.export.model_dump()
+
+    def model_stage(name, run, options) -> Stage:  # exported by the orchestrator: the export settings are inputs too
+        return Stage(name, "torch", run, {"options": options, "export": export})
+
+    recover = config.recover.model_dump()
+    plan = [model_stage("baseline", baseline, {})]
+    for name in config.stage_order():
+        if name == "prune":
+            plan.append(model_stage("prune", prune_stage, {"prune": config.prune.model_dump(), "recover": recover}))
+        elif name == "recover":
+            plan.append(model_stage("recover", recover_stage, {"recover": recover}))
+        elif name == "tokens":
+            t = config.tokens
+            plan.append(model_stage("tokens", tokens_stage,
+                                    {"tokens": t.model_dump()} | ({"recover": recover} if t.finetune_epochs else {})))
+        elif name == "quantize":
+            plan.append(Stage("quantize", "onnx", quantize_stage, {"options": config.quantize.model_dump(),
+                                                                   "budget": config.pipeline.max_drop}))
+        elif name == "deploy":
+            plan.append(Stage("deploy", "records", deploy_stage, {"options": {"target": config.pipeline.target,
+                                                                             "budget": config.pipeline.max_drop}}))
+        else:  # RunConfig types pipeline.stages with the names above
+            raise AssertionError(f"no stage entry for {name!r}")
+    return plan
+
+
+def check_feasible(model, config: RunConfig) -> None:
+    """Refuse, before any work, a model pruning cannot handle, ratios that would empty a layer, or a token
+    reduction setting the model cannot follow."""
+    from compress.prune.structured import check_layout, select
+
+    order = config.stage_order()
+    if "tokens" in order:
+        from compress.tokens import token_counts
+        from compress.tokens.stage import evit_plan, requested_plan
+
+        requested = requested_plan(config, model)
+        if requested is not None:
+            token_counts(requested, model.config)  # raises TokenError naming the largest valid value
+        elif config.tokens.method == "evit" and not model.config.class_token:
+            token_counts(evit_plan(config, model, 1.0), model.config)  # the no-class-token error
+    p = config.prune
+    if "prune" not in order:
+        return
+    check_layout(model)
+    heads = [np.ones(b.attn.num_heads) for b in model.blocks]
+    units = [np.ones(b.mlp.fc1.out_features) for b in model.blocks]
+    select(heads, p.heads, minimum=p.min_heads_per_layer, what="heads", scope=p.scope)  # raises when impossible
+    select(units, p.mlp, minimum=1, what="MLP units", scope=p.scope)

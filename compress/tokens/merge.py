@@ -1,0 +1,79 @@
+"""The tensor math of token reduction, apart from any model: ToMe's bipartite merge and EViT's token pruning.
+
+Pure functions on token tensors (B, T, D), in the spirit of ToMe's ``merge.py`` (facebookresearch/ToMe); how a
+ViT calls them is ``compress.tokens.patch``. Written to export: no scatter (ToMe's reference
+``scatter_reduce(mean)`` exports to a ``ScatterElements`` that drops the reduction), only ``TopK``,
+``GatherElements``, ``Equal`` and ``MatMul``, with shapes that depend on the plan alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (B, n) of ``t`` (B, T, C) -> (B, n, C), as one GatherElements."""
+    return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def merge_tokens(
+    x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, prefix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's bipartite soft matching: merge ``r`` patch tokens of ``x`` (B, T, D) into their best partners.
+
+    ``metric`` (B, T, C) is what similarity is measured on (the keys, averaged over heads). Returns the tokens
+    (B, T-r, D) and their sizes (B, T-r, 1): prefix tokens, then the unmerged A tokens in their original order,
+    then the B tokens, each B token the size-weighted average of itself and the A tokens merged into it.
+    """
+    B, T, _ = x.shape
+    size = x.new_ones(B, T, 1) if size is None else size
+    head_x, head_size = x[:, :prefix], size[:, :prefix]  # prefix tokens pass through
+    x, size, metric = x[:, prefix:], size[:, prefix:], metric[:, prefix:]
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]  # (B, Na, C), (B, Nb, C): alternate tokens
+    num_a, num_b = a.shape[1], b.shape[1]
+    best, partner = (a @ b.transpose(1, 2)).max(dim=-1)  # (B, Na): best cosine similarity, and with which B token
+    src = best.topk(r, dim=-1).indices  # (B, r): the A tokens that merge
+    # The A tokens that stay, in their original order: sort positions with the merged ones pushed past the end
+    # (TopK on floats; sorting an integer tensor is not something every runtime's TopK accepts).
+    position = torch.arange(num_a, device=x.device, dtype=x.dtype)  # (Na,)
+    merged = (src.unsqueeze(-1) == torch.arange(num_a, device=x.device)).to(x.dtype).amax(dim=1)  # (B, Na)
+    stay = (position + merged * num_a).topk(num_a - r, dim=-1, largest=False).indices  # (B, Na-r), ascending
+    # into[b, j, i] = 1 when merging source i goes into B token j: the merge is a matrix product, not a scatter.
+    dst = partner.gather(1, src)  # (B, r)
+    into = (dst.unsqueeze(1) == torch.arange(num_b, device=x.device).view(1, num_b, 1)).to(x.dtype)  # (B, Nb, r)
+    xa, sa = x[:, ::2], size[:, ::2]
+    xb, sb = x[:, 1::2], size[:, 1::2]
+    src_size = _take(sa, src)  # (B, r, 1)
+    new_sb = sb + into @ src_size  # (B, Nb, 1)
+    new_xb = (xb * sb + into @ (_take(xa, src) * src_size)) / new_sb  # (B, Nb, D): weighted sum, then divide
+    x = torch.cat([head_x, _take(xa, stay), new_xb], dim=1)
+    size = torch.cat([head_size, _take(sa, stay), new_sb], dim=1)
+    return x, size
+
+
+def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None) -> torch.Tensor:
+    """The class token's attention over all tokens, averaged over heads: (B, H, T, hd) x2 -> (B, T)."""
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, H, 1, T)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]  # (B, T)
+
+
+def prune_tokens(x: torch.Tensor, cls_attn: torch.Tensor, keep: float, prefix: int) -> torch.Tensor:
+    """EViT: keep the ``ceil(keep * patches)`` most attended patch tokens of ``x`` (B, T, D), fuse the rest.
+
+    The fused token is the inattentive tokens' sum weighted by their class attention (EViT, eq. 4) and goes last.
+    """
+    patches = x.shape[1] - prefix
+    kept = math.ceil(keep * patches)
+    if kept >= patches:
+        return x
+    attn = cls_attn[:, prefix:]  # (B, N)
+    order = attn.topk(patches, dim=-1).indices  # (B, N): most attended first
+    top, rest = order[:, :kept], order[:, kept:]
+    tokens = x[:, prefix:]
+    fused = (_take(tokens, rest) * attn.gather(1, rest).unsqueeze(-1)).sum(dim=1, keepdim=True)  # (B, 1, D)
+    return torch.cat([x[:, :prefix], _take(tokens, top), fused], dim=1)  # (B, P+kept+1, D)

@@ -1,0 +1,82 @@
+"""Token reduction applied to a ``VisionTransformer``: the model surgery, apart from the math (``merge``).
+
+``apply(model, plan)`` checks the plan against the model and swaps the model's class for
+``ReducedVisionTransformer``, whose forward runs each block with proportional attention and reduces tokens
+between attention and MLP where the plan says so (as ToMe's ``patch/timm.py`` swaps timm's classes). Layers the
+plan leaves alone run the block unchanged. The plan is a model attribute (``token_reduction``), not weights: it
+travels in checkpoints' metadata and is re-applied on load.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from compress.model.vit import Block, VisionTransformer
+from compress.tokens.merge import class_attention, merge_tokens, prune_tokens
+from compress.tokens.plan import TokenReduction, token_counts
+
+
+class ReducedVisionTransformer(VisionTransformer):
+    """A ``VisionTransformer`` that follows its ``token_reduction`` plan (set by ``apply``; None runs every token)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_reduction is None:
+            return super().forward(x)
+        return forward_reduced(self, x, self.token_reduction)  # (B, K)
+
+
+def forward_reduced(
+    model: VisionTransformer, x: torch.Tensor, plan: TokenReduction, trace: list[dict[str, Any]] | None = None
+) -> torch.Tensor:
+    """Logits (B, K) of ``model`` on images ``x`` (B, C, H, W) with tokens reduced by ``plan``.
+
+    ``trace``, when given, receives per block the token count and the sizes (B, T, 1) of the tokens after it.
+    """
+    prefix = model.config.num_prefix_tokens
+    x = model.embed(x)  # (B, T, D)
+    size = None  # (B, T, 1): how many original tokens each token stands for; None while every size is 1
+    for layer, block in enumerate(model.blocks):
+        r = plan.r[layer] if plan.method == "tome" else 0
+        keep = plan.keep[layer] if plan.method == "evit" else 1.0
+        if size is None and r == 0 and keep >= 1:
+            x = block(x)  # untouched layer: exactly the original computation
+        else:
+            x, size = _reduced_block(block, x, size, r=r, keep=keep, prefix=prefix)
+        if trace is not None:
+            trace.append({"tokens": x.shape[1], "size": size if size is not None else x.new_ones(*x.shape[:2], 1)})
+    return model.forward_head(model.norm(x), size)  # (B, K)
+
+
+def _reduced_block(
+    block: Block, x: torch.Tensor, size: torch.Tensor | None, *, r: int, keep: float, prefix: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One encoder block with proportional attention, then a merge (ToMe) or prune (EViT) before the MLP."""
+    attn = block.attn
+    q, k, v = attn.split_heads(block.norm1(x) if block.pre_norm else x)  # (B, H, T, hd) each
+    bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, T)
+    out = attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale))  # (B, T, D)
+    x = x + block.ls1(out) if block.pre_norm else block.norm1(x + block.ls1(out))
+    if r > 0:
+        x, size = merge_tokens(x, size, k.mean(dim=1), r, prefix)  # (B, T-r, D)
+    elif keep < 1:
+        x = prune_tokens(x, class_attention(q, k, attn.scale, bias), keep, prefix)  # (B, P+kept+1, D)
+    if block.pre_norm:
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    else:
+        x = block.norm2(x + block.ls2(block.mlp(x)))
+    return x, size
+
+
+def apply(model: VisionTransformer, plan: TokenReduction | None) -> VisionTransformer:
+    """Set ``plan`` on ``model`` (in place) after checking the model can follow it; None removes reduction."""
+    if plan is not None:
+        token_counts(plan, model.config)  # raises TokenError with the largest valid value
+        plan = plan if plan.active else None
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"token reduction applies to a VisionTransformer, not {type(model).__name__}")
+    model.__class__ = VisionTransformer if plan is None else ReducedVisionTransformer
+    model.token_reduction = plan
+    return model

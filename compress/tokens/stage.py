@@ -1,0 +1,174 @@
+"""The tokens stage of a run: try token reduction settings on the target runtime, keep the fastest within budget.
+
+The settings come from the config (``tokens.r`` / ``tokens.keep_rate``) or are searched: for each MAC fraction in
+``tokens.macs``, the mildest setting that reaches it (``token_settings``). The plans are ``compress.tokens.plan``,
+the math ``merge``, the model patch ``patch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+
+from compress.config import RunConfig
+from compress.run.context import RunContext, StageInput, StageResult
+from compress.train.distill import distill
+
+log = logging.getLogger(__name__)
+
+
+def requested_plan(config: RunConfig, model):
+    """The one setting the config names (``tokens.r`` or ``tokens.keep_rate``), or None to search."""
+    t = config.tokens
+    if t.method == "tome" and t.r is not None:
+        from compress.tokens import tome
+
+        return tome(t.r, model.config.depth, t.schedule)
+    if t.method == "evit" and t.keep_rate is not None:
+        return evit_plan(config, model, t.keep_rate)
+    return None
+
+
+def evit_plan(config: RunConfig, model, keep):
+    from compress.tokens import evit, layers_at
+
+    t, depth = config.tokens, model.config.depth  # not both layers and depths: TokensConfig checked that
+    return evit(keep, depth, layers_at(t.depths, depth) if t.depths is not None else t.layers)
+
+
+def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> list:
+    """The settings to try: the requested one, or for each ``tokens.macs`` fraction the mildest that reaches it.
+
+    ToMe: the smallest ``r`` (under ``tokens.schedule``) whose MACs are at most the fraction; EViT: the largest
+    keep rate on a 0.05 grid. A fraction no valid setting reaches gets the strongest valid one, once.
+    """
+    from compress.model.macs import count_macs
+    from compress.tokens import TokenError, tome
+
+    plan = requested_plan(config, model)
+    if plan is not None:
+        return [plan]
+    t = config.tokens
+    probe = copy.copy(model)  # shares the weights; only the plan differs
+    probe.token_reduction = None
+    full = count_macs(probe, (1, *shape))
+    ladder = []  # (plan, MAC fraction), mildest first
+    if t.method == "tome":
+        r = 1
+        while True:
+            try:
+                candidate = tome(r, model.config.depth, t.schedule)
+                ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
+            except TokenError:
+                break
+            r += 1
+    else:
+        for keep in np.arange(0.95, 0.0, -0.05):
+            candidate = evit_plan(config, model, round(float(keep), 2))
+            ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
+    settings = []
+    for fraction in t.macs:
+        reaching = [plan for plan, f in ladder if f <= fraction + 1e-9]
+        chosen = reaching[0] if reaching else (ladder[-1][0] if ladder else None)
+        if chosen is not None and chosen not in settings:
+            settings.append(chosen)
+    return settings
+
+
+def _macs_with(model, plan, shape: tuple[int, int, int]) -> int:
+    from compress.model.macs import count_macs
+    from compress.tokens import apply
+
+    return count_macs(apply(model, plan), (1, *shape))
+
+
+def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
+    """Try token reduction settings on the target runtime; keep the fastest within the budget.
+
+    Each setting (and the unreduced model, the reference) is exported, checked against PyTorch in ONNX Runtime
+    and OpenVINO (the export is refused beyond ``export.atol``), scored on the evaluation split and timed; every
+    one becomes a record. A setting the config names (``tokens.r`` / ``tokens.keep_rate``) is kept whenever it is
+    within the budget, faster or not, and with ``tokens.finetune_epochs`` it is fine-tuned *before* it is judged;
+    searched settings are judged training-free and the chosen one is fine-tuned afterwards.
+    """
+    from calibration.evaluate import evaluate_top1
+    from compress.model.macs import count_macs
+    from compress.run.measure import model_structure, openvino_parity, timing_fields
+    from compress.tokens import apply, token_counts
+    from export.errors import ParityError
+
+    t = ctx.config.tokens
+    # The stage sets plans on, and may fine-tune, its model: work on a copy, since the model it is given can be the
+    # one loaded, which is also the teacher (a run without pruning) and the caller's.
+    model = copy.deepcopy(inp.model)
+    shape = ctx.input_shape
+    recovery = []
+    settings = token_settings(model, ctx.config, shape)
+    fixed = requested_plan(ctx.config, model) is not None
+    original = {k: v.clone() for k, v in model.state_dict().items()} if fixed and t.finetune_epochs > 0 else None
+    x = next(ctx.eval_data.batches(max(t.target_batch, 1)))[0]
+    x = np.concatenate([x] * -(-t.target_batch // len(x)))[: t.target_batch]  # (B, C, H, W) real images
+    probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
+    trials, base_top1 = [], None
+    for plan in [None, *settings]:
+        name = plan.describe() if plan is not None else "unreduced"
+        apply(model, plan)
+        if plan is not None and original is not None:
+            recovery.append(distill(model, ctx, epochs=t.finetune_epochs, tag="tokens", state_dir=inp.state_dir,
+                                    switch="tokens.finetune_epochs"))
+            name += f" fine-tuned {t.finetune_epochs:g} ep"
+        fields = {"candidate": name, "runtime": t.target_runtime, "precision": "fp32", "batch_size": t.target_batch,
+                  "macs": count_macs(model, (1, *shape)), "structure": model_structure(model)}
+        try:
+            with ctx.exported(model, probe) as path:
+                ov_diff = openvino_parity(path, model, probe, atol=ctx.config.export.atol, threads=ctx.threads)
+                engine = ctx.engine(path, t.target_runtime)
+                result = evaluate_top1(engine.run, ctx.eval_data, batch_size=ctx.config.measure.eval_batch_size,
+                                       progress=(lambda d, n: ctx.say(f"tokens · {name}", d, n))
+                                       if ctx.progress else None)
+                stats = ctx.time(engine, x, warmup=3)
+        except ParityError as e:
+            if plan is None:
+                raise
+            log.warning("tokens: %s not kept: %s", name, e)
+            trials.append(fields | {"status": "skipped", "reason": f"export parity: {e}"})
+            continue
+        base_top1 = result.top1 if base_top1 is None else base_top1
+        drop = round((base_top1 - result.top1) * 100, 4)
+        trials.append(fields | {"top1": result.top1, "top1_drop": drop, "eval_samples": result.num_samples,
+                                "openvino_parity_max_abs_diff": ov_diff, "plan": plan} |
+                      timing_fields(stats))
+        log.info("tokens: %s top-1 %.4f (drop %.2f pt), p50 %.2f ms on %s at batch %d, %.2fx the MACs", name,
+                 result.top1, drop, stats.latency_ms_p50, t.target_runtime, t.target_batch,
+                 fields["macs"] / trials[0]["macs"])
+    max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left)  # the chain's budget rules
+    fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= max_drop + 1e-9]
+    if fixed:  # the setting asked for, when within budget
+        best = fits[-1] if fits[-1]["plan"] is not None else fits[0]
+    else:
+        best = min(fits, key=lambda r: r["latency_ms_p50"])
+    if best["plan"] is None and len(trials) > 1:
+        log.warning("tokens: %s; the model goes on unreduced", "no setting within budget is faster than the "
+                    f"unreduced model on {t.target_runtime}" if len(fits) > 1 else
+                    f"no setting stays within {max_drop:.2f} pt of top-1 {base_top1:.4f}")
+        if original is not None:
+            model.load_state_dict(original)  # the fine-tuned weights were for the rejected setting
+    apply(model, best["plan"])
+    if best["plan"] is not None and t.finetune_epochs > 0 and original is None:
+        recovery.append(distill(model, ctx, epochs=t.finetune_epochs, tag="tokens", state_dir=inp.state_dir,
+                                switch="tokens.finetune_epochs"))
+    # In the records, as in every other row, top1_drop is against the baseline (the recorder computes it).
+    records = [inp.new_record(**{k: v for k, v in r.items() if k not in ("plan", "openvino_parity_max_abs_diff",
+                                                                        "top1_drop")}) for r in trials]
+    notes = {
+        "method": t.method, "selected": best["candidate"], "budget_pt": max_drop, "reference_top1": base_top1,
+        "plan": best["plan"].to_dict() if best["plan"] is not None else None,
+        "token_counts": token_counts(best["plan"], model.config) if best["plan"] is not None else None,
+        "trials": [{k: r.get(k) for k in ("candidate", "top1", "top1_drop", "latency_ms_p50", "macs", "status",
+                                          "reason", "openvino_parity_max_abs_diff")} for r in trials],
+    }
+    if recovery:
+        notes["recovery"] = recovery
+    return StageResult(model=model, notes=notes, records=records)

@@ -1,0 +1,71 @@
+"""``compress train``: build or load a model, train it on a dataset, save it with its training summary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from calibration.datasets import Subset, make_splits, open_source
+from calibration.evaluate import evaluate_top1
+from compress.config import RunConfig
+from compress.errors import InputError
+from compress.io import atomic_write_json
+from compress.model.checkpoint import Checkpoint, check_dataset_fits, new_checkpoint, save_checkpoint
+from compress.model.vit import VisionTransformer
+from compress.train import distributed
+from compress.train.loop import TrainProgress, train
+
+def train_job(
+    config: RunConfig,
+    out_dir: Path,
+    *,
+    init: Checkpoint | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
+) -> tuple[Checkpoint, dict]:
+    """``compress train``: build or load the model, train it, save ``model.safetensors`` and ``train.json``.
+
+    Resumes from ``out_dir/train_state.pt`` when an earlier run of the same job was interrupted.
+    """
+    main = not distributed.init() or distributed.is_main()  # under torchrun, rank 0 alone writes
+    source = open_source(config.data.path)
+    splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
+                         seed=config.data.seed)
+    torch.manual_seed(config.train.seed)  # the initial weights, too, follow the recipe's seed
+    ckpt = init if init is not None else new_checkpoint(config, source)
+    check_dataset_fits(ckpt, source)
+    if main:
+        if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train_state.pt").exists():
+            raise InputError(f"{out_dir} exists and is not an interrupted training run; choose a new --out")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.active():
+        torch.distributed.barrier()  # the others read the resumable state only once rank 0 has looked at out_dir
+    train_data = Subset(source, splits.train, ckpt.preprocess)
+    eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
+
+    def eval_fn(model: VisionTransformer) -> float:
+        with torch.inference_mode():
+            return evaluate_top1(lambda x: model(torch.from_numpy(x)).numpy(), eval_data,
+                                 batch_size=config.measure.eval_batch_size).top1
+
+    options = config.train.model_dump(exclude={"checkpoint_minutes", "eval_every_epochs"})
+    result = train(ckpt.model, train_data, **options, checkpoint_path=out_dir / "train_state.pt",
+                   checkpoint_minutes=config.train.checkpoint_minutes,
+                   eval_every_epochs=config.train.eval_every_epochs, eval_fn=eval_fn, progress=progress)
+    if not main:
+        return ckpt, {}
+    save_checkpoint(ckpt, out_dir / "model.safetensors")
+    summary = {
+        "dataset": source.name,
+        "train_images": len(train_data),
+        "eval_images": len(eval_data),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "eval_top1": result.history[-1]["eval_top1"] if result.history else None,
+        "history": result.history,
+        "config": config.dump(),
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_json(out_dir / "train.json", summary)
+    return ckpt, summary
