@@ -1,7 +1,10 @@
 """TensorRT on an NVIDIA GPU or a Jetson (GPU, optionally DLA): ONNX -> serialized engine -> logits and latency.
 
-Written against TensorRT's Python builder and runtime API (10.x and 11.x; 8.6 where it costs nothing), as trtexec
-and Polygraphy use it. The traps it is built around:
+Engines are built, loaded and run through NVIDIA's Polygraphy (``NetworkFromOnnxPath``, ``CreateConfig``,
+``EngineBytesFromNetwork``, ``TrtRunner``), which owns device memory, streams and copies; the GPU's name, compute
+capability and CUDA version come from ``cuda-python``. What is ours is the policy around them, tested without a
+GPU: which precision a file can build at (``plan_network``), the batch profile (``batch_profile``), and the
+metadata that ties an engine to the device that built it (``check_engine_metadata``). The traps it is built around:
 - an engine is tied to the GPU model and the TensorRT version that built it: ``build_engine`` writes
   ``<engine>.json`` with both, ``load_engine`` refuses an engine built elsewhere. Build on the target, from ONNX.
 - precision comes from the ONNX file. Networks are strongly typed where TensorRT has it (always in 11): FP16 from
@@ -10,13 +13,12 @@ and Polygraphy use it. The traps it is built around:
   from a float32 ONNX with ``BuilderFlag.FP16`` on a weakly typed network (the flag is refused on strongly typed
   ones); 11 removed the flag.
 - TF32 is switched off so an fp32 engine computes in FP32 and matches ONNX Runtime (NVIDIA/TensorRT#4492).
-Memory, copies and timing go through ctypes on libcudart (``runtimes.cuda_ctypes``). Latency is reported as
-trtexec does: GPU compute (CUDA events around ``execute_async_v3``) apart from end to end with H2D/D2H copies.
+Latency is reported as trtexec does: end to end with the host-device copies, and the GPU compute apart (the
+input already on the device, outputs left there: execute and synchronize).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -32,9 +34,8 @@ from typing import Any
 import numpy as np
 
 from runtimes.base import default_threads, measure_latency
-from runtimes.files import sha256_file, write_bytes_atomic
-from runtimes.cuda_ctypes import CudaUnavailableError, DeviceBuffer, PinnedBuffer, cudart, gpu_info
 from runtimes.errors import RuntimeNotInstalledError, RuntimeUnavailableError
+from runtimes.files import sha256_file, write_bytes_atomic
 
 _log = logging.getLogger(__name__)
 
@@ -57,6 +58,16 @@ class EngineMismatchError(RuntimeUnavailableError):
     """An engine built with another TensorRT version or on another GPU, or one whose metadata is missing."""
 
 
+class CudaUnavailableError(RuntimeUnavailableError):
+    """No CUDA runtime bindings (cuda-python), or no CUDA GPU visible to this process."""
+
+
+POLYGRAPHY_HINT = ("TensorRT engines are built and run through NVIDIA's Polygraphy, which is not installed: "
+                   "pip install polygraphy")
+CUDA_PYTHON_HINT = ("no CUDA runtime bindings: pip install cuda-python (the major version of the CUDA that "
+                    "TensorRT uses; on a Jetson, JetPack 6's CUDA 12: pip install 'cuda-python<13')")
+
+
 # --- TensorRT and the device -----------------------------------------------------------------------------------
 def _tensorrt():
     try:
@@ -64,6 +75,45 @@ def _tensorrt():
     except (ImportError, OSError) as e:  # OSError: the bindings are there but libnvinfer is not
         raise RuntimeNotInstalledError(INSTALL_HINT) from e
     return trt
+
+
+def _polygraphy():
+    try:
+        import polygraphy
+    except ImportError as e:
+        raise RuntimeNotInstalledError(POLYGRAPHY_HINT) from e
+    return polygraphy
+
+
+def _cudart():
+    """cuda-python's runtime module (``cuda.bindings.runtime`` since 12.8, ``cuda.cudart`` before)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError as e:
+            raise CudaUnavailableError(CUDA_PYTHON_HINT) from e
+    return runtime
+
+
+def gpu_info(device: int = 0) -> dict[str, str]:
+    """{"gpu": name, "compute_capability": "8.7", "cuda_runtime": "12.6"} of ``device``; raises
+    ``CudaUnavailableError`` in one line when there are no CUDA bindings or no GPU."""
+    cudart = _cudart()
+    ok = cudart.cudaError_t.cudaSuccess
+    err, count = cudart.cudaGetDeviceCount()
+    if err != ok or count == 0:
+        reason = getattr(err, "name", str(err)) if err != ok else "0 devices"
+        raise CudaUnavailableError(f"no CUDA GPU is visible to this process (cudaGetDeviceCount: {reason}); "
+                                   "check the driver and CUDA_VISIBLE_DEVICES")
+    err, prop = cudart.cudaGetDeviceProperties(device)
+    if err != ok:
+        raise CudaUnavailableError(f"cannot read the properties of CUDA device {device} ({getattr(err, 'name', err)})")
+    _, version = cudart.cudaRuntimeGetVersion()
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return {"gpu": name.split("\x00")[0].strip(), "compute_capability": f"{prop.major}.{prop.minor}",
+            "cuda_runtime": f"{version // 1000}.{version % 1000 // 10}"}
 
 
 def tensorrt_version() -> str | None:
@@ -81,6 +131,7 @@ def current_environment() -> dict[str, str]:
     """{"tensorrt", "gpu", "compute_capability", "cuda_runtime"} here; one line of RuntimeUnavailableError when
     TensorRT does not import or no CUDA GPU is visible."""
     trt = _tensorrt()
+    _polygraphy()
     try:
         info = gpu_info()
     except CudaUnavailableError as e:
@@ -104,27 +155,12 @@ def check_engine_metadata(metadata: Mapping[str, Any], current: Mapping[str, Any
         )
 
 
-@functools.cache
-def _logger():
-    """One TensorRT logger per process (TensorRT keeps the first it is given): messages go to ``logging``, and
-    errors are kept so that a failed parse, build or load can say what TensorRT said."""
-    trt = _tensorrt()
+def _trt_logger():
+    """Polygraphy's TensorRT logger: TensorRT keeps the first logger a process gives it, and Polygraphy's builder
+    gives it first, so the runtime that loads engines shares it (messages go to Polygraphy's log)."""
+    from polygraphy.backend.trt import util as trt_util
 
-    class TrtLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-
-        def log(self, severity, msg: str) -> None:
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                self.errors.append(_one_line(msg))
-                _log.error("TensorRT: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING:
-                _log.warning("TensorRT: %s", msg)
-            else:
-                _log.debug("TensorRT: %s", msg)
-
-    return TrtLogger()
+    return trt_util.get_trt_logger()
 
 
 def _one_line(text: str) -> str:
@@ -212,16 +248,6 @@ def _strong_typing(trt) -> bool:
     return _major(trt) >= 11 or hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
 
 
-def _network_flags(trt, strongly_typed: bool) -> int:
-    flags = 0
-    kinds = trt.NetworkDefinitionCreationFlag
-    if strongly_typed and _major(trt) < 11 and hasattr(kinds, "STRONGLY_TYPED"):  # 11: always on, flag ignored
-        flags |= 1 << int(kinds.STRONGLY_TYPED)
-    if _major(trt) < 10 and hasattr(kinds, "EXPLICIT_BATCH"):  # 10: always explicit; 11: the flag is gone
-        flags |= 1 << int(kinds.EXPLICIT_BATCH)
-    return flags
-
-
 # --- building --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EngineBuild:
@@ -263,44 +289,38 @@ def build_engine(
     plan = plan_network(precision, inspect_onnx(onnx_path), strong_typing=_strong_typing(trt),
                         builder_flags=flags_here, version=version, dla=dla_core is not None)
 
-    logger = _logger()
-    logger.errors.clear()
-    builder = trt.Builder(logger)
-    network = builder.create_network(_network_flags(trt, plan.strongly_typed))
-    parser = trt.OnnxParser(network, logger)
-    parsed = parser.parse_from_file(str(onnx_path))  # a path, so external data next to the file is found
-    errors = [_one_line(str(parser.get_error(i))) for i in range(parser.num_errors)]
-    if not parsed or errors:
-        reasons = errors or logger.errors or ["no reason given"]
-        raise EngineBuildError(f"TensorRT {version} could not parse {onnx_path.name}: {len(reasons)} error(s): "
-                               + " | ".join(reasons))
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+    from polygraphy.exception import PolygraphyException
+
+    try:  # a path, so that external data next to the file is found
+        builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=plan.strongly_typed)()
+    except PolygraphyException as e:
+        raise EngineBuildError(f"TensorRT {version} could not parse {onnx_path.name}: {_one_line(e)}") from None
     if network.num_inputs != 1:
         raise EngineBuildError(f"{onnx_path.name} has {network.num_inputs} inputs; a ViT takes one image batch")
     image = network.get_input(0)
     shapes = batch_profile(tuple(image.shape), min_batch, opt_batch, max_batch)
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
-    for flag in plan.flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # FP32 means FP32 (TF32 is on by default)
-    if shapes is not None:
-        profile = builder.create_optimization_profile()
-        profile.set_shape(image.name, *shapes)
-        config.add_optimization_profile(profile)
+    cache = Path(timing_cache) if timing_cache is not None else None
+    config = CreateConfig(
+        tf32=False,  # FP32 means FP32 (TF32 is on by default)
+        fp16="FP16" in plan.flags, int8="INT8" in plan.flags,
+        profiles=[Profile().add(image.name, min=shapes[0], opt=shapes[1], max=shapes[2])] if shapes else None,
+        memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mb << 20},
+        load_timing_cache=str(cache) if cache is not None and cache.is_file() else None,
+    )(builder, network)
     if dla_core is not None:
         _use_dla(trt, builder, config, dla_core, precision, say)
-    _set_timing_cache(config, timing_cache)
 
     say(f"TensorRT {version}: building a {precision} engine of {onnx_path.name} for batch {min_batch}-{max_batch} "
         f"on {env['gpu']}" + (f", DLA core {dla_core}" if dla_core is not None else ""))
     start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    try:
+        serialized = EngineBytesFromNetwork((builder, network, parser), config=config,
+                                            save_timing_cache=str(cache) if cache is not None else None)()
+    except PolygraphyException as e:
+        raise EngineBuildError(f"TensorRT {version} could not build {onnx_path.name} at {precision}: "
+                               f"{_one_line(e)}") from None
     seconds = time.perf_counter() - start
-    if serialized is None:
-        reasons = " | ".join(logger.errors[-3:]) or "see the log"
-        raise EngineBuildError(f"TensorRT {version} could not build {onnx_path.name} at {precision}: {reasons}")
 
     batch = (shapes[0][0], shapes[1][0], shapes[2][0]) if shapes else (int(image.shape[0]),) * 3
     metadata = {
@@ -314,8 +334,6 @@ def build_engine(
     metadata_path(engine_path).unlink(missing_ok=True)
     write_bytes_atomic(engine_path, serialized)
     write_bytes_atomic(metadata_path(engine_path), (json.dumps(metadata, indent=2) + "\n").encode())
-    if timing_cache is not None:
-        write_bytes_atomic(Path(timing_cache), config.get_timing_cache().serialize())
     say(f"TensorRT: built {engine_path.name} in {seconds:.1f} s")
     return EngineBuild(engine_path, metadata)
 
@@ -333,137 +351,97 @@ def _use_dla(trt, builder, config, dla_core: int, precision: str, say: Callable[
         say("DLA runs FP16 and INT8 layers only: an fp32 network falls back to the GPU (build fp16 or int8)")
 
 
-def _set_timing_cache(config, path: Path | None) -> None:
-    data = Path(path).read_bytes() if path is not None and Path(path).is_file() else b""
-    cache = config.create_timing_cache(data)
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        _log.warning("timing cache %s is from another device or TensorRT version; starting a new one", path)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-
-
 # --- running ---------------------------------------------------------------------------------------------------
 class TensorRtEngine:
-    """A deserialized engine, its execution context, one CUDA stream and I/O buffers for its largest batch.
+    """A deserialized engine behind Polygraphy's ``TrtRunner`` (its execution context, CUDA stream and buffers).
 
     ``run`` is synchronous like every other runtime's engine (copy in, execute, copy out, wait), so the common
-    ``measure_latency`` times it end to end; ``measure`` adds the GPU compute time from CUDA events.
+    ``measure_latency`` times it end to end; ``measure`` adds the GPU compute time, with the input already on the
+    device and the outputs left there.
     """
 
     def __init__(self, serialized: bytes, metadata: Mapping[str, Any], *, name: str = "engine") -> None:
         trt = _tensorrt()
-        self.metadata, self.name = dict(metadata), name
-        self.cuda = cudart()
-        self._device: dict[str, DeviceBuffer] = {}
-        self._host: dict[str, PinnedBuffer] = {}
-        self.stream = self._start = self._end = 0
-        self._context = self._engine = None
-        logger = _logger()
-        logger.errors.clear()
-        self._runtime = trt.Runtime(logger)
-        if self.metadata.get("dla_core") is not None:
-            self._runtime.DLA_core = int(self.metadata["dla_core"])
-        self._engine = self._runtime.deserialize_cuda_engine(serialized)
-        if self._engine is None:
-            reasons = " | ".join(logger.errors[-2:]) or "no reason given"
-            raise EngineMismatchError(f"TensorRT {trt.__version__} could not load {name}: {reasons}; {REBUILD}")
-        self._context = self._engine.create_execution_context()
+        _polygraphy()
+        from polygraphy.backend.trt import TrtRunner
 
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.metadata, self.name = dict(metadata), name
+        self._runner = None
+        runtime = trt.Runtime(_trt_logger())
+        if self.metadata.get("dla_core") is not None:
+            runtime.DLA_core = int(self.metadata["dla_core"])
+        engine = runtime.deserialize_cuda_engine(serialized)
+        if engine is None:
+            raise EngineMismatchError(f"TensorRT {trt.__version__} could not load {name} (its log above says why); "
+                                      f"{REBUILD}")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if n not in inputs]
         if len(inputs) != 1 or not outputs:
             raise EngineMismatchError(f"{name} has inputs {inputs} and outputs {outputs}; a ViT engine has one image "
                                       "input and a logits output")
         self.input_name = inputs[0]
         self.output_name = "logits" if "logits" in outputs else outputs[0]
-        self.dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
-        shape = tuple(self._engine.get_tensor_shape(self.input_name))  # (B or -1, C, H, W)
+        self.input_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(self.input_name)))
+        shape = tuple(engine.get_tensor_shape(self.input_name))  # (B or -1, C, H, W)
         self.sample_shape = shape[1:]
         if shape[0] < 0:
-            low, _, high = self._engine.get_tensor_profile_shape(self.input_name, 0)
+            low, _, high = engine.get_tensor_profile_shape(self.input_name, 0)
             self.min_batch, self.max_batch = int(low[0]), int(high[0])
         else:
             self.min_batch = self.max_batch = int(shape[0])
+        self._runner = TrtRunner(engine, name=name)
+        self._runner.activate()
 
-        self._set_batch(self.max_batch)  # every buffer sized for the largest batch, bound once
-        for n in names:
-            nbytes = int(np.prod(tuple(self._context.get_tensor_shape(n)))) * self.dtypes[n].itemsize
-            self._device[n] = DeviceBuffer(self.cuda, nbytes)
-            self._host[n] = PinnedBuffer(self.cuda, nbytes)
-            self._context.set_tensor_address(n, self._device[n].ptr)
-        self.stream = self.cuda.stream_create()
-        self._start, self._end = self.cuda.event_create(), self.cuda.event_create()
-
-    def _set_batch(self, batch: int) -> None:
-        if not self._context.set_input_shape(self.input_name, (batch, *self.sample_shape)):
-            raise ValueError(f"{self.name} takes batches {self.min_batch}-{self.max_batch}, not {batch}")
-        self._batch = batch
-
-    def _execute(self, x: np.ndarray) -> tuple[np.ndarray, float]:
-        """Logits of ``x`` (B, C, H, W) with min_batch <= B <= max_batch, and the GPU compute time in ms."""
+    def _feed(self, x: np.ndarray) -> np.ndarray:
+        """``x`` checked against the engine's input and cast to its type (float16 for an FP16 ONNX without float32
+        I/O)."""
         if tuple(x.shape[1:]) != self.sample_shape:
             raise ValueError(f"{self.name} takes (B, {', '.join(map(str, self.sample_shape))}) inputs, not {x.shape}")
-        if len(x) != self._batch:
-            self._set_batch(len(x))
-        cuda, stream, name = self.cuda, self.stream, self.input_name
-        host_in = self._host[name].view(x.shape, self.dtypes[name])
-        host_in[...] = x  # cast to the engine's input type (float16 for an FP16 ONNX without float32 I/O)
-        cuda.memcpy_htod_async(self._device[name].ptr, self._host[name].ptr, host_in.nbytes, stream)
-        cuda.event_record(self._start, stream)
-        if not self._context.execute_async_v3(stream):
-            raise RuntimeError(f"TensorRT failed to execute {self.name}: {' | '.join(_logger().errors[-2:])}")
-        cuda.event_record(self._end, stream)
-        out = self.output_name
-        host_out = self._host[out].view(tuple(self._context.get_tensor_shape(out)), self.dtypes[out])  # (B, classes)
-        cuda.memcpy_dtoh_async(self._host[out].ptr, self._device[out].ptr, host_out.nbytes, stream)
-        cuda.stream_synchronize(stream)
-        return host_out.astype(np.float32, copy=True), cuda.event_elapsed_ms(self._start, self._end)
+        if not self.min_batch <= len(x) <= self.max_batch:
+            raise ValueError(f"{self.name} takes batches {self.min_batch}-{self.max_batch}, not {len(x)}")
+        return np.ascontiguousarray(x, dtype=self.input_dtype)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Float32 logits (B, classes) of ``x`` (B, C, H, W); batches above the profile run in chunks."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.asarray(x)
         if len(x) > self.max_batch:
             return np.concatenate([self.run(x[i:i + self.max_batch]) for i in range(0, len(x), self.max_batch)])
-        return self._execute(x)[0]
+        outputs = self._runner.infer({self.input_name: self._feed(x)})
+        return np.array(outputs[self.output_name], dtype=np.float32)  # a copy: the runner reuses its buffers
 
     def measure(
         self, x: np.ndarray, *, warmup: int = 5, iterations: int = 50, max_seconds: float = 10.0,
         min_iterations: int = 5,
     ) -> dict[str, float | int]:
         """``LatencyStats`` of ``run`` end to end (H2D copy, compute, D2H copy, sync) plus
-        ``gpu_compute_ms_p50/p90/p99/mean`` from CUDA events around ``execute_async_v3`` alone."""
-        if not self.min_batch <= len(x) <= self.max_batch:
-            raise ValueError(f"{self.name} takes batches {self.min_batch}-{self.max_batch}, not {len(x)}")
-        compute_ms: list[float] = []
-        engine = self
+        ``gpu_compute_ms_p50/p90/p99/mean``: execute and synchronize alone, the input already on the device."""
+        from polygraphy import cuda
 
-        class _Timed:  # the one latency protocol, with each call's GPU time kept
-            def run(self, batch: np.ndarray) -> np.ndarray:
-                logits, ms = engine._execute(batch)
-                compute_ms.append(ms)
-                return logits
-
-        stats = measure_latency(_Timed(), x, threads=1, warmup=warmup, iterations=iterations,
-                                max_seconds=max_seconds, min_iterations=min_iterations).to_dict()
-        gpu = np.asarray(compute_ms[warmup:])
+        stats = measure_latency(self, x, threads=1, warmup=warmup, iterations=iterations, max_seconds=max_seconds,
+                                min_iterations=min_iterations).to_dict()
+        feed = self._feed(np.asarray(x))
+        on_device = cuda.DeviceArray(shape=feed.shape, dtype=feed.dtype)
+        try:
+            on_device.copy_from(feed, stream=self._runner.stream)
+            self._runner.stream.synchronize()
+            compute_ms: list[float] = []
+            for i in range(warmup + stats["iterations"]):
+                self._runner.infer({self.input_name: on_device}, copy_outputs_to_host=False)
+                if i >= warmup:
+                    compute_ms.append(self._runner.last_inference_time() * 1000)
+        finally:
+            on_device.free()
+        gpu = np.asarray(compute_ms)
         return stats | {"gpu_compute_ms_p50": float(np.percentile(gpu, 50)),
                         "gpu_compute_ms_p90": float(np.percentile(gpu, 90)),
                         "gpu_compute_ms_p99": float(np.percentile(gpu, 99)), "gpu_compute_ms_mean": float(gpu.mean())}
 
     def close(self) -> None:
-        """Release the context, the engine, the buffers, the events and the stream (also done when collected)."""
-        if self.stream:
-            self.cuda.stream_synchronize(self.stream)
-        self._context = self._engine = None  # before the memory they point at
-        for buffer in (*self._device.values(), *self._host.values()):
-            buffer.free()
-        self._device, self._host = {}, {}
-        for event in (self._start, self._end):
-            if event:
-                self.cuda.event_destroy(event)
-        if self.stream:
-            self.cuda.stream_destroy(self.stream)
-        self.stream = self._start = self._end = 0
+        """Release the runner's context, buffers and stream (also done when collected)."""
+        if self._runner is not None and self._runner.is_active:
+            self._runner.deactivate()
+        self._runner = None
 
     def __del__(self) -> None:
         try:

@@ -54,7 +54,11 @@ TARGETS = {
                           ("tensorrt",), ("numpy", "pillow"), False),
 }
 assert tuple(TARGETS) == CONFIG_TARGETS, "compress.config.TARGETS names the targets the recipes may ask for"
-RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # TensorRT comes with JetPack
+# What each runtime needs from PyPI. TensorRT itself comes with JetPack (python3-libnvinfer); the engine is built and
+# run through Polygraphy, and the GPU is queried through cuda-python (JetPack 6 has CUDA 12).
+RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",),
+                    "tensorrt": ("polygraphy", "cuda-python")}
+PIN = {"cuda-python": "cuda-python<13"}  # where the package here is not the one the device needs
 # What a TensorRT engine can be built from, best first: explicit INT8 (Q/DQ), an FP16 file, FP32.
 TENSORRT_PREFERENCE = ("int8", "fp16", "fp32")
 
@@ -260,9 +264,10 @@ def _write_runner(root: Path, target: Target, models: list[dict[str, Any]]) -> N
     for source in sorted(package.glob("*.py")):
         if source.name != "torch_eager.py":  # the bundle runs without torch
             shutil.copy2(source, root / "runtimes" / source.name)
-    needed = sorted({RUNTIME_PACKAGES[m["runtime"]] for m in models if m["runtime"] in RUNTIME_PACKAGES})
+    needed = sorted({p for m in models for p in RUNTIME_PACKAGES.get(m["runtime"], ())})
     versions = installed_versions(["numpy", "pillow", *needed])
-    lines = [f"{name}>={versions[name]}" if versions.get(name) else name for name in ("numpy", "pillow", *needed)]
+    lines = [PIN.get(name) or (f"{name}>={versions[name]}" if versions.get(name) else name)
+             for name in ("numpy", "pillow", *needed)]
     (root / "requirements.txt").write_text("\n".join(lines) + "\n")
     (root / "README.md").write_text(_readme(root.name, target, models))
 
@@ -272,7 +277,8 @@ def _readme(name: str, target: Target, models: list[dict[str, Any]]) -> str:
              "Needs Python 3.10+, numpy, Pillow and the runtime; never torch.", "", "```bash"]
     if target.name == "jetson-orin":
         lines += ["# TensorRT comes with JetPack 6 (python3-libnvinfer); build the engine here, once per device:",
-                  "pip install numpy pillow", "python runner.py build-engine"]
+                  "python -m venv --system-site-packages .venv && . .venv/bin/activate && pip install -r "
+                  "requirements.txt", "python runner.py build-engine"]
     else:
         lines += ["python -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt"]
     lines += ["python runner.py verify                       # every file against manifest.json's SHA-256",

@@ -80,7 +80,7 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     html = write_report([run], out=tmp_path / "report").html.read_text()
     assert "The chain" in html and f"Chosen for cpu-x86: <b>{chain['selected']['candidate']}</b>" in html
     again = run_pipeline(digits_model, "digits", config, run)  # resumes: every stage done, the bundle kept
-    assert again.resumed_stages == ["baseline", "prune", "recover", "tokens", "quantize"]
+    assert again.resumed_stages == ["baseline", "prune", "recover", "tokens", "quantize", "deploy"]
     assert json.loads((run / "stages" / "pipeline.json").read_text())["selected"] == chain["selected"]
 
 

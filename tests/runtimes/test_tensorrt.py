@@ -12,10 +12,11 @@ from onnx import TensorProto, helper
 
 from export.onnx_export import INPUT_NAME, export_onnx
 from runtimes import RUNTIME_NAMES, RuntimeUnavailableError, get_runtime, measure_latency
-from runtimes.cuda_ctypes import CudaUnavailableError, gpu_info, load_cudart
+from runtimes.errors import RuntimeNotInstalledError
 from runtimes.tensorrt_gpu import (
-    EngineBuildError, EngineMismatchError, OnnxSummary, batch_profile, build_engine, check_engine_metadata,
-    inspect_onnx, load_engine, metadata_path, parity_against_onnxruntime, plan_network,
+    CudaUnavailableError, EngineBuildError, EngineMismatchError, OnnxSummary, _polygraphy, batch_profile,
+    build_engine, check_engine_metadata, gpu_info, inspect_onnx, load_engine, metadata_path,
+    parity_against_onnxruntime, plan_network,
 )
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -163,25 +164,32 @@ def test_inspect_onnx(tmp_path):
     assert inspect_onnx(_linear_onnx(tmp_path / "q.onnx", qdq=True)) == QDQ
 
 
-def test_no_cuda_runtime_is_one_clear_line():
+def test_missing_cuda_bindings_are_one_clear_line():
+    if importlib.util.find_spec("cuda") is not None:
+        pytest.skip("cuda-python is installed here; the message for its absence cannot show")
     with pytest.raises(CudaUnavailableError) as error:
-        load_cudart(names=["libcudart-absent.so.0"], dirs=[])
+        gpu_info()
     text = _one_line(error)
-    assert text.startswith("no CUDA runtime: libcudart was not found (tried libcudart-absent.so.0)")
-    assert "JetPack" in text and isinstance(error.value, RuntimeUnavailableError)  # the CLI prints it as one line
+    assert text.startswith("no CUDA runtime bindings: pip install cuda-python") and "JetPack" in text
+    assert isinstance(error.value, RuntimeUnavailableError)  # the CLI prints it as one line
 
 
-def test_cuda_runtime_without_a_gpu():
+def test_missing_polygraphy_is_one_clear_line():
+    if importlib.util.find_spec("polygraphy") is not None:
+        pytest.skip("Polygraphy is installed here; the message for its absence cannot show")
+    with pytest.raises(RuntimeNotInstalledError) as error:
+        _polygraphy()
+    assert _one_line(error).endswith("pip install polygraphy")
+
+
+def test_cuda_bindings_without_a_gpu():
+    if importlib.util.find_spec("cuda") is None:
+        pytest.skip("cuda-python is absent here; its absence is tested by test_missing_cuda_bindings_are_one_clear_line")
     try:
-        cuda = load_cudart()
-    except CudaUnavailableError:
-        pytest.skip("libcudart is absent here; its absence is tested by test_no_cuda_runtime_is_one_clear_line")
-    assert cuda.runtime_version().replace(".", "").isdigit()
-    if cuda.device_count() > 0:
+        gpu_info()
         pytest.skip("a CUDA GPU is visible here; the message for its absence cannot show")
-    with pytest.raises(CudaUnavailableError) as error:
-        cuda.require_gpu()
-    assert _one_line(error).startswith("no CUDA GPU is visible to this process (cudaGetDeviceCount")
+    except CudaUnavailableError as e:
+        assert str(e).startswith("no CUDA GPU is visible to this process (cudaGetDeviceCount")
 
 
 # --- with TensorRT and a GPU ---------------------------------------------------------------------------------------
