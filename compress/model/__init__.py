@@ -1,0 +1,1 @@
+"""The ViT itself: the canonical model (vit), checkpoints and the importers of other layouts, MAC counting."""

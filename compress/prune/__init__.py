@@ -1,0 +1,1 @@
+"""Structured pruning of attention heads and MLP units (structured), and the prune and recover stages (stage)."""

@@ -9,7 +9,8 @@ What it shows per run: top-1 against p50 latency per runtime and batch size with
 and higher top-1; the usual dominance definition of multi-objective optimisation, as in the accuracy-latency
 plots of Once-for-All and similar NAS papers), per-stage latency bars and top-1 marks, the latency distribution of
 each row (p50/p90/p99 and mean +- std, the statistics the records carry), the table of every record, and the
-environment. With several runs it adds a side-by-side comparison (same stage, runtime, precision and batch) with
+environment. The page is a Jinja2 template (``templates/report.html.j2``) with its CSS and script as package files
+(``static/``), inlined when it is written. With several runs it adds a side-by-side comparison (same stage, runtime, precision and batch) with
 the ratio of latencies, which is how one reads a model's speed across machines.
 """
 
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
+import functools
+import importlib.resources
 import io
 import json
 import logging
@@ -32,6 +34,7 @@ from typing import Any
 from compress.errors import InputError
 from compress.io import atomic_write, atomic_write_text, read_json
 from compress.records import StageRecord, pareto_front, read_records
+from compress.report.columns import COLUMNS, fmt
 
 log = logging.getLogger(__name__)
 
@@ -705,77 +708,55 @@ def fastest_within_budget(run: Run) -> tuple[StageRecord, StageRecord | None] | 
 
 
 # --------------------------------------------------------------------------------------------------------- HTML
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+# The page is ``templates/report.html.j2`` with ``static/report.css`` and ``static/sort.js`` inlined; the code below
+# builds what it shows. Every value reaches the page through Jinja2's autoescaping.
 
 
 def _num(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
+    return fmt(value, spec)
 
 
-TABLE_COLUMNS = ("stage", "candidate", "runtime", "precision", "batch", "front", "top-1 %", "drop pt", "agree",
-                 "p50 ms", "p90 ms", "p99 ms", "mean ± std ms", "img/s", "MB", "params", "MMACs")
-_KEY_COLUMNS = 5  # stage .. batch: a skipped row shows these, then its reason across the other columns
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    value: Any = None  # what the column sorts by; a number sorts as a number
 
-Cell = tuple[str, Any]  # (text, sort value); a number sorts as a number
+    @property
+    def numeric(self) -> bool:
+        return isinstance(self.value, (int, float)) and not isinstance(self.value, bool)
 
 
-def _record_cells(r: StageRecord, mark: str | None) -> list[Cell]:
-    """One row of ``TABLE_COLUMNS``; a skipped row is its key cells and one cell with the reason."""
-    cells: list[Cell] = [(r.stage, r.stage), (r.candidate or "", r.candidate or ""), (r.runtime, r.runtime),
-                         (r.precision, r.precision), (str(r.batch_size), r.batch_size)]
+@dataclass(frozen=True)
+class Row:
+    cells: list[Cell]
+    cls: str = ""  # a row with fewer cells than headings stretches its last cell over the rest
+
+
+FRONT_AFTER = "batch"  # the records table's Pareto-front column (the HTML's own) follows this one of COLUMNS
+RECORD_HEADINGS = [h for c in COLUMNS for h in ([c.heading, "front"] if c.heading == FRONT_AFTER else [c.heading])]
+
+
+def _record_row(r: StageRecord, mark: str | None) -> Row:
+    """One row of the records table (``columns.COLUMNS`` and the front mark); a skipped record is its key cells
+    and one cell with the reason."""
+    cls = "skipped" if r.status != "ok" else f"front-{mark}" if mark else ""
+    keys = [Cell(*c.cell(r)) for c in COLUMNS if c.key]
     if r.status != "ok":
-        return cells + [(f"{r.status}: {r.reason or 'no reason recorded'}", None)]
-    front = {"all": ("★ all", 2), "runtime": ("☆ runtime", 1)}.get(mark or "", ("", 0))
-    mean = f"{r.latency_ms_mean:.3f} ± {r.latency_ms_std or 0:.3f}" if r.latency_ms_mean is not None else "–"
-    return cells + [
-        front, (_num(None if r.top1 is None else r.top1 * 100, ".2f"), r.top1),
-        (_num(r.top1_drop, "+.2f"), r.top1_drop), (_num(r.agreement, ".3f"), r.agreement),
-        (_num(r.latency_ms_p50, ".3f"), r.latency_ms_p50), (_num(r.latency_ms_p90, ".3f"), r.latency_ms_p90),
-        (_num(r.latency_ms_p99, ".3f"), r.latency_ms_p99), (mean, r.latency_ms_mean),
-        (_num(r.throughput_ips, ",.0f"), r.throughput_ips), (_num(r.size_mb, ".2f"), r.size_mb),
-        (_num(r.params, ","), r.params), (_num(None if r.macs is None else r.macs / 1e6, ",.1f"), r.macs),
-    ]
+        return Row(keys + [Cell(f"{r.status}: {r.reason or 'no reason recorded'}")], cls)
+    front = Cell(*{"all": ("★ all", 2), "runtime": ("☆ runtime", 1)}.get(mark or "", ("", 0)))
+    cells = []
+    for c in COLUMNS:
+        cells.append(Cell(*c.cell(r)))
+        if c.heading == FRONT_AFTER:
+            cells.append(front)
+    return Row(cells, cls)
 
 
-def _table(headings: Sequence[str], rows: Sequence[tuple[str, Sequence[Cell]]], cls: str = "",
-           groups: Sequence[tuple[str, int]] = ()) -> str:
-    """A table whose headings sort it when clicked: rows are (row class, cells). A row with fewer cells than
-    headings stretches its last cell over the rest (a skipped record's reason). ``groups`` adds a heading row
-    above, of (text, columns spanned)."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in headings)
-    if groups:
-        spans = "".join(f'<th colspan="{n}" class="group">{_e(text)}</th>' for text, n in groups)
-        head = f"{spans}</tr><tr>{head}"
-    body = []
-    for row_class, cells in rows:
-        tds = []
-        for k, (text, value) in enumerate(cells):
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            attrs = f' data-v="{value!r}" class="num"' if numeric else ' class="num"' if text == "–" else ""
-            if k == len(cells) - 1 and len(cells) < len(headings):
-                attrs += f' colspan="{len(headings) - k}" class="reason"'
-            tds.append(f"<td{attrs}>{_e(text)}</td>")
-        body.append(f'<tr class="{_e(row_class)}">' + "".join(tds) + "</tr>")
-    return (f'<div class="scroll"><table class="sortable {cls}"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></div>')
+def _card(title: str, value: str, detail: str = "") -> dict[str, str]:
+    return {"title": title, "value": value, "detail": detail}
 
 
-def _records_table(run: Run) -> str:
-    marks = pareto_marks(run.records)
-    rows = [("skipped" if r.status != "ok" else f"front-{marks[i]}" if i in marks else "",
-             _record_cells(r, marks.get(i))) for i, r in enumerate(run.records)]
-    return _table(TABLE_COLUMNS, rows, "records")
-
-
-def _card(title: str, value: str, detail: str = "") -> str:
-    return (f'<div class="card"><div class="k">{_e(title)}</div><div class="v">{_e(value)}</div>'
-            f'<div class="d">{_e(detail)}</div></div>')
-
-
-def _run_cards(run: Run) -> str:
+def _run_cards(run: Run) -> list[dict[str, str]]:
     ok = run.ok
     env = run.env
     cards = [_card("dataset", ", ".join(run.datasets) or "unknown",
@@ -798,89 +779,55 @@ def _run_cards(run: Run) -> str:
                            else "none within budget",
                            f"{selected['top1'] * 100:.2f}% top-1, {selected['latency_ms_p50']:.3f} ms at batch "
                            f"{selected['batch_size']}" if selected else "the float model is carried forward"))
-    return '<div class="cards">' + "".join(cards) + "</div>"
+    return cards
 
 
-def _figure_html(fig: Figure) -> str:
-    return (f'<figure><img alt="{_e(fig.title)}" src="{fig.data_uri()}"><figcaption><b>{_e(fig.title)}.</b> '
-            f"{_e(fig.caption)}</figcaption></figure>")
-
-
-def _run_section(run: Run, figures: Sequence[Figure], anchor: str, heading: bool) -> str:
-    skipped = sorted({f"{r.stage} {r.candidate + ' ' if r.candidate else ''}{r.runtime} {r.precision}: {r.reason}"
-                      for r in run.records if r.status != "ok"})
-    parts = [f'<section id="{anchor}">']
-    if heading:
-        parts.append(f"<h2>Run <code>{_e(run.label)}</code> <small>{_e(run.path)}</small></h2>")
-    parts += [_run_cards(run), _chain_html(run.chain), *(_figure_html(f) for f in figures),
-              f"<h3>All records <small>{len(run.records)} rows; click a heading to sort</small></h3>",
-              '<p class="hint">★ on the Pareto front over every runtime at its batch size, ☆ on its runtime\'s '
-              "front only. Top-1 is on the held-out split, <i>drop</i> in points against the baseline's first "
-              "runtime, <i>agree</i> the share of predictions equal to the baseline's; latency is per call at "
-              "the batch size shown; MMACs per image.</p>", _records_table(run)]
-    if skipped:
-        parts.append("<details><summary>Why rows were skipped "
-                     f"({len(skipped)} kinds)</summary><ul>" + "".join(f"<li>{_e(s)}</li>" for s in skipped)
-                     + "</ul></details>")
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def _chain_html(chain: dict[str, Any]) -> str:
+def _chain_view(chain: dict[str, Any]) -> dict[str, Any] | None:
     """The recipe's chain: each stage's drop against the one budget, where it broke, the choice, the Pareto set."""
     if not chain:
-        return ""
-    budget = chain["budget_pt"]
-    stages = [(("over" if not s["within_budget"] and s["judged"] else ""), [
-        (s["stage"], s["stage"]), (_num(s["drop_pt"], "+.2f"), s["drop_pt"]),
-        (("within budget" if s["within_budget"] else "over budget") if s["judged"] else "judged after recovery",
-         None)]) for s in chain["per_stage"]]
-    broke = chain.get("broke_at")
-    verdict = (f"<b>The budget broke at stage {_e(broke['stage'])}</b>" if broke else
-               "Every judged stage stayed within the budget")
-    chosen = chain["selected"]
-    pick = (f"Chosen for {_e(chain['target'])}: <b>{_e(chosen['candidate'])}</b> on {_e(chosen['runtime'])} "
-            f"({_e(chosen['precision'])}), {chosen['top1'] * 100:.2f}% top-1 ({chosen['top1_drop']:+.2f} pt), "
-            f"{chosen['latency_ms_p50']:.3f} ms at batch {chosen['batch_size']}" if "none" not in chosen
-            else f"Chosen: nothing ({_e(chosen['none'])})")
-    front = [("", [(p["candidate"], p["candidate"]), (p["runtime"], p["runtime"]), (p["precision"], p["precision"]),
-                   (_num(p["top1"] * 100, ".2f"), p["top1"]), (_num(p["top1_drop"], "+.2f"), p["top1_drop"]),
-                   (_num(p["latency_ms_p50"], ".3f"), p["latency_ms_p50"])]) for p in chain["pareto"]]
-    return ("<h3>The chain <small>" + _e(" → ".join(["baseline", *chain["stages"]])) + f"; budget {budget:.2f} pt "
-            "of top-1 against the baseline</small></h3>"
-            + _table(["stage", "drop (pt)", "verdict"], stages)
-            + f"<p>{verdict}. {pick}.</p><p class=\"hint\">Pareto set on the target's runtimes: no other candidate "
-            "is both faster and more accurate.</p>"
-            + _table(["candidate", "runtime", "precision", "top-1 %", "drop (pt)", "p50 ms"], front))
+        return None
+    per_stage = [Row([Cell(s["stage"], s["stage"]), Cell(_num(s["drop_pt"], "+.2f"), s["drop_pt"]),
+                      Cell(("within budget" if s["within_budget"] else "over budget") if s["judged"]
+                           else "judged after recovery")],
+                     "over" if not s["within_budget"] and s["judged"] else "") for s in chain["per_stage"]]
+    front = [Row([Cell(p["candidate"], p["candidate"]), Cell(p["runtime"], p["runtime"]),
+                  Cell(p["precision"], p["precision"]), Cell(_num(p["top1"] * 100, ".2f"), p["top1"]),
+                  Cell(_num(p["top1_drop"], "+.2f"), p["top1_drop"]),
+                  Cell(_num(p["latency_ms_p50"], ".3f"), p["latency_ms_p50"])]) for p in chain["pareto"]]
+    selected = chain["selected"]
+    return {"stages": ["baseline", *chain["stages"]], "budget": chain["budget_pt"], "per_stage": per_stage,
+            "broke": (chain.get("broke_at") or {}).get("stage"), "target": chain["target"],
+            "chosen": None if "none" in selected else selected, "nothing": selected.get("none"), "front": front}
+
+
+def _run_view(run: Run, figures: Sequence[Figure], anchor: str) -> dict[str, Any]:
+    marks = pareto_marks(run.records)
+    skipped = sorted({f"{r.stage} {r.candidate + ' ' if r.candidate else ''}{r.runtime} {r.precision}: {r.reason}"
+                      for r in run.records if r.status != "ok"})
+    return {"anchor": anchor, "label": run.label, "path": str(run.path), "cards": _run_cards(run),
+            "chain": _chain_view(run.chain), "figures": list(figures),
+            "records": [_record_row(r, marks.get(i)) for i, r in enumerate(run.records)], "skipped": skipped}
 
 
 ENV_FIELDS = (("CPU", "cpu"), ("machine", "machine"), ("logical cores", "cpu_count"), ("threads", "threads"),
               ("system", "system"), ("Python", "python"))
 
 
-def _environment_section(runs: Sequence[Run]) -> str:
-    """One row per environment field and library, one column per run; cells that differ are highlighted."""
+def _environment_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per environment field and library, one column per run; rows that differ are marked."""
     envs = [run.env for run in runs]
     libraries = sorted({name for env in envs for name in env.get("versions", {})})
     rows = [(label, [env.get(key) for env in envs]) for label, key in ENV_FIELDS]
     rows += [(name, [env.get("versions", {}).get(name) for env in envs]) for name in libraries]
-    body = []
-    for label, values in rows:
-        differs = len(runs) > 1 and len({str(v) for v in values}) > 1
-        cells = "".join(f"<td>{_e(v if v is not None else '–')}</td>" for v in values)
-        body.append(f'<tr class="{"diff" if differs else ""}"><th>{_e(label)}</th>{cells}</tr>')
-    head = "".join(f"<th>{_e(run.label)}</th>" for run in runs)
-    note = '<p class="hint">Highlighted rows differ between runs.</p>' if len(runs) > 1 else ""
-    return (f'<section id="environment"><h2>Environment</h2>{note}<div class="scroll"><table class="env">'
-            f"<thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div></section>")
+    return [{"label": label, "cells": [v if v is not None else "–" for v in values],
+             "differs": len(runs) > 1 and len({str(v) for v in values}) > 1} for label, values in rows]
 
 
-def _comparison_section(runs: Sequence[Run], figures: Sequence[Figure]) -> str:
+def _comparison_view(runs: Sequence[Run], figures: Sequence[Figure]) -> dict[str, Any]:
     base = runs[0]
-    overview = _table(["run", "dataset", "device", "threads", "measured rows", "folder"], [
-        ("", [(run.label, run.label), (", ".join(run.datasets), ""), (run.device, ""),
-              (str(run.env.get("threads", "–")), run.env.get("threads")), (str(len(run.ok)), len(run.ok)),
-              (str(run.path), "")]) for run in runs])
+    overview = [Row([Cell(run.label, run.label), Cell(", ".join(run.datasets), ""), Cell(run.device, ""),
+                     Cell(str(run.env.get("threads", "–")), run.env.get("threads")),
+                     Cell(str(len(run.ok)), len(run.ok)), Cell(str(run.path), "")]) for run in runs]
     cards = []
     matched = matched_rows(runs)
     for j, run in enumerate(runs[1:], start=1):
@@ -896,87 +843,30 @@ def _comparison_section(runs: Sequence[Run], figures: Sequence[Figure]) -> str:
     groups = [("", 4), *((run.label, 2) for run in runs), ("p50 ratio", len(runs) - 1)]
     rows = []
     for (name, runtime, precision, batch), recs in matched:
-        cells: list[tuple[str, Any]] = [(name, name), (runtime, runtime), (precision, precision), (str(batch), batch)]
+        cells = [Cell(name, name), Cell(runtime, runtime), Cell(precision, precision), Cell(str(batch), batch)]
         for r in recs:
             top1 = None if r is None or r.top1 is None else r.top1 * 100
             p50 = None if r is None else r.latency_ms_p50
-            cells += [(_num(top1, ".2f"), top1), (_num(p50, ".3f"), p50)]
+            cells += [Cell(_num(top1, ".2f"), top1), Cell(_num(p50, ".3f"), p50)]
         for other in recs[1:]:
             ratio = latency_ratio(recs[0], other)
-            cells.append((f"×{ratio:.2f}" if ratio is not None else "–", ratio))
-        rows.append(("" if all(recs) else "partial", cells))
-    return "\n".join([
-        '<section id="comparison"><h2>Comparison across runs</h2>', overview,
-        '<div class="cards">' + "".join(cards) + "</div>", *(_figure_html(f) for f in figures),
-        "<h3>Side by side <small>same stage, runtime, precision and batch; – where a run has no such row</small>"
-        "</h3>", _table(headings, rows, "compare", groups), "</section>"])
+            cells.append(Cell(f"×{ratio:.2f}" if ratio is not None else "–", ratio))
+        rows.append(Row(cells, "" if all(recs) else "partial"))
+    return {"overview": overview, "cards": cards, "figures": list(figures), "headings": headings, "groups": groups,
+            "rows": rows}
 
 
-CSS = """
-:root { --ink:#111827; --muted:#6b7280; --line:#e5e7eb; --bg:#f8fafc; --accent:#1a73e8; }
-* { box-sizing: border-box; }
-body { margin:0; background:var(--bg); color:var(--ink);
-  font:14px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
-main { max-width:1320px; margin:0 auto; padding:24px 28px 48px; }
-header h1 { margin:0 0 4px; font-size:26px; }
-header p { margin:0; color:var(--muted); }
-nav { margin:14px 0 6px; display:flex; flex-wrap:wrap; gap:6px; }
-nav a { color:var(--accent); text-decoration:none; padding:3px 10px; border:1px solid var(--line);
-  border-radius:999px; background:#fff; font-size:13px; }
-h2 { margin:34px 0 12px; font-size:20px; border-bottom:2px solid var(--line); padding-bottom:4px; }
-h2 small, h3 small { color:var(--muted); font-weight:normal; font-size:13px; margin-left:8px; }
-h3 { margin:24px 0 8px; font-size:16px; }
-code { background:#eef2f7; padding:1px 5px; border-radius:4px; }
-.note { background:#fff7e6; border:1px solid #f5c26b; border-left:5px solid #e8a317; padding:10px 14px;
-  border-radius:6px; margin:16px 0; }
-.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(210px,1fr)); gap:10px; margin:12px 0 18px; }
-.card { background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px 12px; }
-.card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
-.card .v { font-size:17px; font-weight:600; margin:2px 0; overflow-wrap:anywhere; }
-.card .d { color:var(--muted); font-size:12.5px; }
-figure { margin:14px 0 22px; background:#fff; border:1px solid var(--line); border-radius:8px; padding:10px; }
-figure img { display:block; max-width:100%; height:auto; margin:0 auto; }
-figcaption { color:#374151; font-size:13px; margin-top:6px; }
-.scroll { overflow-x:auto; background:#fff; border:1px solid var(--line); border-radius:8px; }
-table { border-collapse:collapse; width:100%; font-size:12.5px; font-variant-numeric:tabular-nums; }
-th, td { padding:4px 7px; border-bottom:1px solid var(--line); text-align:left; white-space:nowrap; }
-thead th { background:#f1f5f9; cursor:pointer; user-select:none; }
-thead th.group { cursor:default; text-align:center; border-left:2px solid #fff; }
-table.env th, table.env td { white-space:normal; }
-table.env tbody th { background:#f8fafc; width:160px; }
-td.num { text-align:right; }
-tbody tr:nth-child(even) { background:#fafbfc; }
-tr.front-all td { background:#ecfdf3; }
-tr.front-all td:nth-child(6) { color:#047857; font-weight:600; }
-tr.front-runtime td:nth-child(6) { color:#2563eb; }
-tr.skipped td { color:#9ca3af; font-style:italic; }
-td.reason { white-space:normal; }
-tr.partial td { color:#6b7280; }
-tr.diff td, tr.diff th { background:#fff7e6; }
-.hint { color:var(--muted); font-size:12.5px; margin:4px 0 8px; }
-details { margin:10px 0; } summary { cursor:pointer; color:var(--accent); }
-footer { margin-top:40px; color:var(--muted); font-size:12px; }
-"""
+@functools.cache
+def _templates():
+    """The Jinja2 environment of the package's templates, autoescaping everything."""
+    import jinja2
 
-# Click a heading to sort by it (again to reverse); cells with data-v sort as numbers, others as text.
-SORT_JS = """
-document.querySelectorAll('table.sortable').forEach(function (table) {
-  table.querySelectorAll('thead tr:last-child th').forEach(function (th, col) {
-    th.addEventListener('click', function () {
-      var body = table.tBodies[0], rows = Array.from(body.rows), up = th.dataset.dir !== 'up';
-      th.dataset.dir = up ? 'up' : 'down';
-      function key(row) { var c = row.cells[col];
-        if (!c || c.colSpan > 1) return up ? Infinity : -Infinity;  // a skipped row's reason: always last
-        return c.dataset.v !== undefined ? parseFloat(c.dataset.v) : c.textContent; }
-      rows.sort(function (a, b) { var x = key(a), y = key(b);
-        if (typeof x === 'number' && typeof y === 'number') return x === y ? 0 : (up ? x - y : y - x);
-        if (typeof x === 'number') return 1; if (typeof y === 'number') return -1;
-        return up ? String(x).localeCompare(String(y)) : String(y).localeCompare(String(x)); });
-      rows.forEach(function (row) { body.appendChild(row); });
-    });
-  });
-});
-"""
+    return jinja2.Environment(loader=jinja2.PackageLoader("compress.report", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False)
+
+
+def _static(name: str) -> str:
+    return importlib.resources.files("compress.report").joinpath("static", name).read_text(encoding="utf-8")
 
 
 def render_html(runs: Sequence[Run], figures: dict[str, list[Figure]], notes: Sequence[str]) -> str:
@@ -987,23 +877,15 @@ def render_html(runs: Sequence[Run], figures: dict[str, list[Figure]], notes: Se
     nav = ([("comparison", "Comparison")] if several else []) + (
         [(anchors[run.label], run.label) for run in runs] if several else [(anchors[runs[0].label], "Results")])
     nav.append(("environment", "Environment"))
-    sections = [_comparison_section(runs, figures.get("", []))] if several else []
-    sections += [_run_section(run, figures[run.label], anchors[run.label], several) for run in runs]
-    sections.append(_environment_section(runs))
-    generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return "\n".join([
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta name="generator" content="{GENERATOR}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{CSS}</style></head><body><main>",
-        f"<header><h1>{_e(title)}</h1><p>Accuracy and latency of every stage, from the records of "
-        f"{len(runs)} run{'s' if several else ''} ({sum(len(r.records) for r in runs)} rows); nothing here was "
-        f"measured anew. Written {generated}.</p></header>",
-        "<nav>" + "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in nav) + "</nav>",
-        *(f'<div class="note"><b>Note:</b> {_e(n)}</div>' for n in notes),
-        *sections,
-        f"<footer>Written by <code>compress report</code> from {', '.join(_e(run.path) for run in runs)}."
-        "</footer>", f"</main><script>{SORT_JS}</script></body></html>", ""])
+    return _templates().get_template("report.html.j2").render(
+        generator=GENERATOR, title=title, several=several, nav=nav, notes=list(notes),
+        total_rows=sum(len(r.records) for r in runs),
+        generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        comparison=_comparison_view(runs, figures.get("", [])) if several else None,
+        runs=[_run_view(run, figures[run.label], anchors[run.label]) for run in runs],
+        record_headings=RECORD_HEADINGS, environment=_environment_rows(runs),
+        css=_static("report.css"), script=_static("sort.js"),
+    ) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------- Markdown
