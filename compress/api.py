@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from compress.config import RunConfig
     from calibration.preprocess import Preprocess
     from compress.model.checkpoint import Checkpoint
+    from compress.model.onnx_model import OnnxModel
     from compress.model.vit import VisionTransformer
     from compress.quantize.base import Candidate
     from compress.run.pipeline import RunResult
@@ -40,22 +41,28 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def load_model(path: str | Path, *, recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Checkpoint:
-    """Load a ViT checkpoint with its preprocessing and class names.
+def load_model(path: str | Path, *, recipe: str | Path | RunConfig | None = None,
+               overrides: Sequence[str] = ()) -> Checkpoint | OnnxModel:
+    """Load a ViT checkpoint, or an ONNX classifier, with its preprocessing and class names.
 
     Args:
-        path: our ``.safetensors``, a timm / vit-pytorch / ``nn.TransformerEncoder`` state dict, or a Hugging Face
-            model directory (the README's formats table lists each layout).
+        path: our ``.safetensors``, a timm / vit-pytorch / ``nn.TransformerEncoder`` state dict, a Hugging Face
+            model directory (the README's formats table lists each layout), or an ``.onnx`` image classifier
+            (NCHW in, logits out; give its ``preprocess.mean`` and ``preprocess.std``: the file records none).
         recipe: a TOML recipe or a built-in recipe's name, for its ``[model]`` and ``[preprocess]`` sections.
         overrides: ``section.key=value`` settings, as ``--set`` takes them (e.g. ``"model.image_size=224"``).
 
-    Returns a ``Checkpoint`` (``.model``, ``.preprocess``, ``.classes``). Raises ``CheckpointError`` for a file
-    that is not a ViT checkpoint, naming what is wrong.
+    Returns a ``Checkpoint`` (``.model``, ``.preprocess``, ``.classes``), or for an ONNX file an ``OnnxModel``
+    (``.path``, ``.preprocess``, ``.classes``; ``.model`` is None). Raises ``CheckpointError`` for a file that is
+    not a ViT checkpoint or classifier, naming what is wrong.
     """
-    from compress.config import load_config
+    from compress.config import RunConfig, load_config
     from compress.model.importers import load_configured
+    from compress.model.onnx_model import is_onnx, load_onnx
 
-    return load_configured(Path(path), load_config(_recipe(recipe), list(overrides)))
+    config = load_config(None, list(overrides), base=recipe.dump()) if isinstance(recipe, RunConfig) else \
+        load_config(_recipe(recipe), list(overrides))
+    return load_onnx(Path(path), config) if is_onnx(Path(path)) else load_configured(Path(path), config)
 
 
 @dataclass(frozen=True)
@@ -313,7 +320,7 @@ def train_model(data: str | Path, *, out: str | Path = "runs/train", recipe: str
     return train_job(config, Path(out), init=ckpt, progress=progress)
 
 
-def run_recipe(checkpoint: str | Path | Checkpoint, data: str | Path, *, out: str | Path | None = None,
+def run_recipe(checkpoint: str | Path | Checkpoint | OnnxModel, data: str | Path, *, out: str | Path | None = None,
                recipe: str | Path | RunConfig | None = None, overrides: Sequence[str] = (), checkpoint_id: str | None = None,
                progress: Progress | None = None) -> RunResult:
     """The whole staged pipeline, as ``compress run`` runs it: every stage measured on every runtime, the chain
@@ -321,7 +328,7 @@ def run_recipe(checkpoint: str | Path | Checkpoint, data: str | Path, *, out: st
     inputs in ``out``.
 
     Args:
-        checkpoint: a checkpoint path, or a ``Checkpoint`` already loaded.
+        checkpoint: a checkpoint or ONNX file's path, or what ``load_model`` returned.
         checkpoint_id: a stable name of the checkpoint, which a run is resumed by (default: the file's SHA-256;
             required for a ``Checkpoint`` object).
         data: the dataset (``load_data``'s ``path``).
@@ -335,21 +342,24 @@ def run_recipe(checkpoint: str | Path | Checkpoint, data: str | Path, *, out: st
     from compress.io import sha256_file, sha256_json
     from compress.model.checkpoint import Checkpoint
     from compress.model.importers import load_configured
+    from compress.model.onnx_model import OnnxModel, is_onnx, load_onnx
     from compress.run.pipeline import run_pipeline
 
     config = _config(recipe, overrides, data)
-    if isinstance(checkpoint, Checkpoint):
+    if isinstance(checkpoint, OnnxModel) and checkpoint_id is None:
+        checkpoint_id = sha256_file(checkpoint.path)
+    if isinstance(checkpoint, (Checkpoint, OnnxModel)):
         if checkpoint_id is None:
             raise InputError("a Checkpoint object needs checkpoint_id= (any stable name for it): runs resume by it")
         ckpt = checkpoint
     else:
         path = Path(checkpoint)
-        ckpt = load_configured(path, config)
+        ckpt = load_onnx(path, config) if is_onnx(path) else load_configured(path, config)
         if checkpoint_id is None:
             checkpoint_id = sha256_file(path) if path.is_file() else sha256_json(
                 {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()})
-    out = Path(out) if out is not None else Path("runs") / (Path(checkpoint).stem if not isinstance(checkpoint, Checkpoint)
-                                                              else checkpoint_id[:16])
+    named = not isinstance(checkpoint, (Checkpoint, OnnxModel))
+    out = Path(out) if out is not None else Path("runs") / (Path(checkpoint).stem if named else checkpoint_id[:16])
     return run_pipeline(ckpt, checkpoint_id, config, out, progress=progress)
 
 

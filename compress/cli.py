@@ -190,7 +190,7 @@ def train(
 
 @app.command()
 def run(
-    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint: ours, timm, Hugging Face dir, vit-pytorch, nn.TransformerEncoder")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint (ours, timm, Hugging Face dir, vit-pytorch, nn.TransformerEncoder) or an ONNX classifier")] = None,
     data: DataOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (new, or a run of the same inputs to resume)")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Train a small ViT on the built-in digits and run everything")] = False,

@@ -86,6 +86,15 @@ def _write_cnn(ws):
     return ws / "cnn.pt"
 
 
+def _write_onnx(ws):
+    """The tiny ViT as a user's ONNX file: it records no normalisation."""
+    from compress.model.vit import ViTConfig, VisionTransformer
+    from export.onnx_export import export_onnx
+
+    model = VisionTransformer(ViTConfig(**TINY)).eval()
+    return export_onnx(model, ws / "vit.onnx", example=torch.randn(2, 3, 32, 32)).path
+
+
 def _write_no_cls(ws):
     from compress.model.vit import ViTConfig, VisionTransformer
 
@@ -110,6 +119,12 @@ def _one_class(ws):
 
 
 BAD_RUNS = {
+    "ONNX without its normalisation": (lambda ws: ["run", _write_onnx(ws), "--data", ws / "data"],
+                                       "vit.onnx records no normalisation, so preprocess.mean and std must be given"),
+    "ONNX with a stage that needs PyTorch": (lambda ws: ["run", _write_onnx(ws), "--data", ws / "data", "--set",
+                                                         "preprocess.mean=[0.5,0.5,0.5]", "--set",
+                                                         "preprocess.std=[0.5,0.5,0.5]", "--recipe", "cpu-latency"],
+                                             "stage 'prune' works on the PyTorch model, and vit.onnx is an ONNX file"),
     "missing checkpoint": (lambda ws: ["run", ws / "nope.pt", "--data", ws / "data"], "does not exist"),
     "truncated checkpoint": (lambda ws: ["run", _write_truncated(ws), "--data", ws / "data"], "truncated"),
     "not a ViT": (lambda ws: ["run", _write_cnn(ws), "--data", ws / "data"], "no known ViT layout"),

@@ -157,10 +157,7 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
     log(f"deploying {chosen.candidate or chosen.stage} ({chosen.runtime} {chosen.precision}): top-1 "
         f"{chosen.top1 * 100:.2f}% ({chosen.top1_drop:+.2f} pt), p50 {chosen.latency_ms_p50:.3f} ms at batch "
         f"{chosen.batch_size} here")
-    from compress.model.checkpoint import read_metadata
-
-    stage_ckpt = _stage_checkpoint(Path(run_dir), chosen)
-    metadata = read_metadata(stage_ckpt) if stage_ckpt else None
+    metadata = _stage_metadata(Path(run_dir), chosen)
     if not metadata:
         raise InputError(f"the checkpoint of stage {chosen.stage} is missing from {run_dir}/artifacts; the run is "
                          "incomplete: rerun the same `compress run` command to finish it")
@@ -207,16 +204,32 @@ def _signing_key(path: Path):
 
 
 
-def _stage_checkpoint(run_dir: Path, record: StageRecord) -> Path | None:
-    """The checkpoint of the stage a record belongs to (for quantized candidates, the stage they came from)."""
-    stage = record.stage
-    if stage == "quantize":
-        stages = [json.loads(p.read_text()) for p in (run_dir / "stages").glob("*.json") if p.stem != "quantize"]
-        stages = [s for s in stages if "checkpoint" in s]
-        stages.sort(key=lambda s: s.get("finished", ""))
-        return run_dir / "artifacts" / stages[-1]["checkpoint"] if stages else None
-    marker = read_json(run_dir / "stages" / f"{stage}.json")
-    return run_dir / "artifacts" / marker["checkpoint"] if "checkpoint" in marker else None
+def _stage_metadata(run_dir: Path, record: StageRecord) -> dict[str, str] | None:
+    """The model metadata (preprocessing, classes, architecture) of the stage a record belongs to (for quantized
+    candidates, the float stage they came from): its checkpoint's, or for a run of an ONNX file its marker's."""
+    from compress.model.checkpoint import read_metadata
+
+    markers = []
+    for path in (run_dir / "stages").glob("*.json"):
+        try:
+            marker = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(marker, dict) and ("checkpoint" in marker or "metadata" in marker):
+            markers.append((path.stem, marker))
+    if record.stage == "quantize":  # quantize follows the last float stage of the chain
+        order = ("baseline", "prune", "recover", "tokens")
+        chain = sorted((m for m in markers if m[0] in order), key=lambda m: order.index(m[0]))
+        found = chain[-1][1] if chain else None
+    else:
+        found = next((m for name, m in markers if name == record.stage), None)
+    if found is None:
+        return None
+    if isinstance(found.get("checkpoint"), str) and Path(found["checkpoint"]).name == found["checkpoint"]:
+        return read_metadata(run_dir / "artifacts" / found["checkpoint"])
+    meta = found.get("metadata")
+    ok = isinstance(meta, dict) and all(isinstance(meta.get(k), str) for k in ("model", "preprocess", "classes"))
+    return meta if ok else None
 
 
 def _write_models(artifact: Path, record: StageRecord, target: Target, root: Path) -> list[dict[str, Any]]:

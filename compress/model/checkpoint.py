@@ -169,10 +169,11 @@ def new_checkpoint(config: RunConfig, source: ImageSource) -> Checkpoint:
 
 
 def check_dataset_fits(ckpt: Checkpoint, source: ImageSource) -> None:
-    """The model must predict as many classes as the dataset has (names may differ: imported models)."""
-    if ckpt.config.num_classes != len(source.classes):
+    """The model must predict as many classes as the dataset has (names may differ: imported models). ``ckpt`` is
+    a ``Checkpoint`` or an ONNX file's ``OnnxModel``: both name one class per logit."""
+    if len(ckpt.classes) != len(source.classes):
         raise DatasetError(
-            f"the model predicts {ckpt.config.num_classes} classes but dataset {source.name} has "
+            f"the model predicts {len(ckpt.classes)} classes but dataset {source.name} has "
             f"{len(source.classes)}; use a dataset with the model's classes or fine-tune with `compress train`"
         )
 

@@ -50,6 +50,10 @@ def build_candidates(
 
             add(name, quantize_openvino(ctx, eval_batches, eval_count))
         elif name == "neural-compressor":
+            if ctx.model is None:
+                missed.append("neural-compressor: it quantizes the PyTorch module, and this run has an ONNX file "
+                              "only; the ONNX quantizers ran instead")
+                continue
             from compress.quantize.neural_compressor_pt2e import quantize_pt2e
 
             add(name, quantize_pt2e(ctx, evaluate_torch))

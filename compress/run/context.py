@@ -4,7 +4,8 @@ A run is a list of ``Stage`` entries (``compress.run.plan``). The orchestrator (
 each entry's ``run(StageInput, RunContext)`` and gets one ``StageResult``:
 
 - a *model* stage (``takes="torch"``: baseline, prune, recover, tokens) returns the new PyTorch model; the
-  orchestrator saves, exports, checks and measures it on every runtime, as for every other model stage;
+  orchestrator saves, exports, checks and measures it on every runtime, as for every other model stage (a run
+  of an ONNX file starts instead with a baseline that takes and returns the file, measured the same way);
 - an *ONNX* stage (``takes="onnx"``: quantize) works on the previous stage's float ONNX file and returns the
   records of what it made;
 - a *records* stage (``takes="records"``: deploy) works on the records so far and returns an artifact.
@@ -49,7 +50,7 @@ class RunContext:
     train_data: Subset
     calib_data: Subset
     eval_data: Subset
-    teacher: VisionTransformer | None  # the model as loaded: what pruning is measured and distilled against
+    teacher: VisionTransformer | None  # the model as loaded (None for an ONNX file): pruning's reference and teacher
     parity_inputs: np.ndarray  # (<=32, C, H, W) real images: export and runtime parity
     latency_input: np.ndarray  # (B_max, C, H, W) real images: latency at every batch size
     threads: int
@@ -130,6 +131,7 @@ class Stage:
     # What goes into the stage's content hash besides the previous stage's key, the measurement and data settings:
     # the stage's options, and for a model stage the export settings.
     options: dict[str, Any] = field(default_factory=dict)
+    measured: bool = False  # the orchestrator measures what it returns (a float model, or a float ONNX file)
 
 
 def now() -> str:

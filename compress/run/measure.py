@@ -116,10 +116,11 @@ def skipped(record: Recorder, ctx: RunContext, *, runtime: str, reason: str, **f
             for b in ctx.config.measure.batch_sizes]
 
 
-def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, record: Recorder, ctx: RunContext
-                  ) -> tuple[list[StageRecord], EvalResult | None]:
-    """A float stage's model on every runtime and precision; returns its records and the reference predictions
-    (the first runtime's, when there was no reference yet)."""
+def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, record: Recorder, ctx: RunContext, *,
+                  precisions: tuple[str, ...] | None = None) -> tuple[list[StageRecord], EvalResult | None]:
+    """A float stage's model on every runtime and precision (``PRECISIONS``; an already quantized ONNX file is
+    measured as ``("int8",)``); returns its records and the reference predictions (the first runtime's, when there
+    was no reference yet)."""
     from runtimes import get_runtime
 
     records, reference = [], record.reference
@@ -128,13 +129,13 @@ def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, re
         torch_side = runtime.input_kind == "torch"
         artifact = ckpt_path if torch_side else onnx_path
         if torch_side and (model is None or artifact is None):
-            records += skipped(record, ctx, runtime=name, precision="fp32",
+            records += skipped(record, ctx, runtime=name, precision=(precisions or PRECISIONS)[0],
                                reason="the run has an ONNX model only; there is no PyTorch module to run")
             continue
-        for precision in PRECISIONS:
+        for precision in precisions or PRECISIONS:
             fields = {"precision": precision, "artifact": str(artifact.relative_to(ctx.run_dir)),
                       "size_mb": artifact_mb(artifact)}
-            if precision not in runtime.precisions():
+            if precision not in runtime.precisions() and precision not in runtime.artifact_precisions:
                 records += skipped(record, ctx, runtime=name, reason=f"the {name} runtime offers "
                                    f"{runtime.precisions()} here, not {precision}", **fields)
                 continue

@@ -34,6 +34,7 @@ from compress.io import (LOCK_NAME, atomic_write, atomic_write_json, atomic_writ
                          sha256_json)
 from compress.model.checkpoint import (Checkpoint, check_dataset_fits, load_own_checkpoint, match_class_names,
                                        save_checkpoint)
+from compress.model.onnx_model import OnnxModel
 from compress.records import StageRecord, read_records
 from compress.report.markdown import write_markdown_report
 from compress.run.context import Progress, RunContext, Stage, StageInput, StageResult, now
@@ -105,10 +106,11 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 
 def run_pipeline(
-    ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path, *, progress: Progress | None = None
+    ckpt: Checkpoint | OnnxModel, checkpoint_id: str, config: RunConfig, run_dir: Path, *,
+    progress: Progress | None = None,
 ) -> RunResult:
-    """Run every stage of ``config``'s plan on ``ckpt`` and measure it; resume a run of the same inputs in
-    ``run_dir``.
+    """Run every stage of ``config``'s plan on ``ckpt`` (a checkpoint, or an ONNX file's ``OnnxModel``) and measure
+    it; resume a run of the same inputs in ``run_dir``.
 
     Under ``torchrun`` rank 0 runs the pipeline and the other ranks only join its fine-tuning
     (``compress.train.distributed``).
@@ -125,13 +127,15 @@ def run_pipeline(
         distributed.release()
 
 
-def _run(ckpt: Checkpoint, checkpoint_id: str, config: RunConfig, run_dir: Path, progress: Progress | None
-         ) -> RunResult:
+def _run(ckpt: Checkpoint | OnnxModel, checkpoint_id: str, config: RunConfig, run_dir: Path,
+         progress: Progress | None) -> RunResult:
     """Check everything that can be checked without the run directory, then take it and run the plan."""
     from compress.quantize.stage import calibration_set
 
-    plan = build_plan(config)
-    check_feasible(ckpt.model, config)
+    onnx = ckpt if isinstance(ckpt, OnnxModel) else None
+    plan = build_plan(config, onnx=onnx)
+    if onnx is None:
+        check_feasible(ckpt.model, config)
     source = open_source(config.data.path)
     check_dataset_fits(ckpt, source)
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
@@ -182,7 +186,7 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
     done_keys = _done_stage_keys(run_dir)
     kept = [r for r in read_records(records_path) if done_keys.get(r.stage) == r.stage_key]
     atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in kept))
-    state = _State(ckpt.model, None, checkpoint_id, None, None, kept)
+    state = _State(ckpt.model, ckpt.path if isinstance(ckpt, OnnxModel) else None, checkpoint_id, None, None, kept)
     resumed = []
     for stage in plan:
         key = sha256_json({"prev": state.key, "stage": stage.name, **stage.options,
@@ -199,8 +203,10 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
             state_dir=state_dir, new_record=Recorder.for_stage(ctx, stage.name, key, state.model, state.reference),
         )
         result = stage.run(inp, ctx)
-        if stage.takes == "torch":
+        if stage.measured and result.model is not None:
             marker = _finish_model_stage(stage, key, result, ckpt, state, ctx)
+        elif stage.measured:
+            marker = _finish_onnx_stage(stage, key, result, ckpt, state, ctx)
         else:
             state.records += result.records
             marker = {"key": key, "finished": now()} | result.notes
@@ -214,23 +220,25 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
     return RunResult(run_dir, state.records, resumed)
 
 
-def _paths(stage: str, key: str, run_dir: Path) -> tuple[Path, Path, Path]:
-    """A model stage's checkpoint, ONNX file and reference predictions."""
+def _paths(stage: str, key: str, run_dir: Path) -> tuple[Path, Path]:
+    """A model stage's checkpoint and ONNX file."""
     artifacts = run_dir / "artifacts"
-    return (artifacts / f"{stage}-{key}.safetensors", artifacts / f"{stage}-{key}.onnx",
-            run_dir / "stages" / f"{stage}-{key}.reference.npy")
+    return artifacts / f"{stage}-{key}.safetensors", artifacts / f"{stage}-{key}.onnx"
 
 
 def _resume(stage: Stage, key: str, state: _State, ctx: RunContext) -> bool:
     """Take the outputs of ``stage`` done in an earlier run into ``state``; False when they are not all there."""
-    if stage.takes != "torch":
+    if not stage.measured:
         log.info("stage %s: done in an earlier run", stage.name)
     else:
-        ckpt_path, onnx_path, preds_path = _paths(stage.name, key, ctx.run_dir)
-        if not ckpt_path.exists():
+        ckpt_path, onnx_path = _paths(stage.name, key, ctx.run_dir)
+        ckpt_path = ckpt_path if stage.takes == "torch" else None  # an ONNX stage has its file only
+        if not onnx_path.is_file() or (ckpt_path is not None and not ckpt_path.is_file()):
             return False
-        log.info("stage %s: done in an earlier run, reusing %s", stage.name, ckpt_path.name)
-        state.model, state.onnx = load_own_checkpoint(ckpt_path).model, onnx_path
+        log.info("stage %s: done in an earlier run, reusing %s", stage.name, (ckpt_path or onnx_path).name)
+        state.model = load_own_checkpoint(ckpt_path).model if ckpt_path is not None else None
+        state.onnx = onnx_path
+        preds_path = ctx.run_dir / "stages" / f"{stage.name}-{key}.reference.npy"
         if preds_path.exists():
             state.reference = EvalResult(_reference_top1(state.records, stage.name), np.load(preds_path),
                                          len(ctx.eval_data))
@@ -245,7 +253,7 @@ def _finish_model_stage(stage: Stage, key: str, result: StageResult, ckpt: Check
     model = result.model
     if model is None:
         raise AssertionError(f"model stage {stage.name} returned no model")
-    ckpt_path, onnx_path, preds_path = _paths(stage.name, key, run_dir)
+    ckpt_path, onnx_path = _paths(stage.name, key, run_dir)
     save_checkpoint(Checkpoint(model, ckpt.preprocess, ckpt.classes), ckpt_path)
     e = config.export
     export = export_onnx(model, onnx_path, example=torch.from_numpy(ctx.parity_inputs[:2].copy()), opset=e.opset,
@@ -253,20 +261,43 @@ def _finish_model_stage(stage: Stage, key: str, result: StageResult, ckpt: Check
                          parity_inputs=ctx.parity_inputs)
     if model.token_reduction is not None and "openvino" in config.measure.runtimes:
         openvino_parity(onnx_path, model, ctx.parity_inputs, atol=e.atol, threads=ctx.threads)
-    had_reference = state.reference is not None
-    recorder = Recorder.for_stage(ctx, stage.name, key, model, state.reference)
-    measured, state.reference = measure_float(stage.name, model, ckpt_path, onnx_path, recorder, ctx)
-    if state.reference is not None and not had_reference:  # this stage set the reference: keep it for resuming
-        buffer = io.BytesIO()
-        np.save(buffer, state.reference.predictions)
-        atomic_write(preds_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
-    state.records += result.records + measured  # the settings it tried, then what it chose
+    _measure_into(state, stage, key, result, model, ckpt_path, onnx_path, ctx)
     state.model, state.onnx = model, onnx_path
     return {"key": key, "checkpoint": ckpt_path.name, "onnx": onnx_path.name, "finished": now(),
             "export": {"opset": export.opset, "nodes_exported": export.nodes_exported,
                        "nodes_final": export.nodes_final, "parity_max_abs_diff": export.parity.max_abs_diff,
                        "parity_agreement": export.parity.agreement, "parity_samples": export.parity.num_samples},
             "notes": result.notes}
+
+
+def _finish_onnx_stage(stage: Stage, key: str, result: StageResult, source: OnnxModel, state: _State,
+                       ctx: RunContext) -> dict[str, Any]:
+    """Measure the float ONNX file an ONNX stage returned (a run of an ONNX file: its baseline); return its marker.
+    The marker carries the file's preprocessing and classes, which a checkpoint's metadata holds otherwise."""
+    onnx_path = result.artifact
+    if onnx_path is None:
+        raise AssertionError(f"ONNX stage {stage.name} returned no file")
+    precisions = ("int8",) if source.has_qdq else None
+    _measure_into(state, stage, key, result, None, None, onnx_path, ctx, precisions=precisions)
+    state.model, state.onnx = None, onnx_path
+    return {"key": key, "onnx": onnx_path.name, "finished": now(), "metadata": source.metadata(),
+            "notes": result.notes}
+
+
+def _measure_into(state: _State, stage: Stage, key: str, result: StageResult, model, ckpt_path: Path | None,
+                  onnx_path: Path, ctx: RunContext, precisions: tuple[str, ...] | None = None) -> None:
+    """Measure a stage's float output on every runtime and add its records (the settings it tried first) to
+    ``state``; the first measurement of the run becomes the reference, saved for resuming."""
+    had_reference = state.reference is not None
+    recorder = Recorder.for_stage(ctx, stage.name, key, model, state.reference)
+    measured, state.reference = measure_float(stage.name, model, ckpt_path, onnx_path, recorder, ctx,
+                                              precisions=precisions)
+    if state.reference is not None and not had_reference:  # this stage set the reference: keep it for resuming
+        buffer = io.BytesIO()
+        np.save(buffer, state.reference.predictions)
+        preds_path = ctx.run_dir / "stages" / f"{stage.name}-{key}.reference.npy"
+        atomic_write(preds_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    state.records += result.records + measured  # the settings it tried, then what it chose
 
 
 def _stage_drop(records: list[StageRecord], stage: str | None) -> float | None:

@@ -7,10 +7,19 @@ loaded model cannot follow.
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from compress.config import RunConfig
+from compress.errors import ConfigError
 from compress.run.context import RunContext, Stage, StageInput, StageResult
+
+if TYPE_CHECKING:
+    from compress.model.onnx_model import OnnxModel
+
+log = logging.getLogger(__name__)
 
 
 def baseline(inp: StageInput, ctx: RunContext) -> StageResult:
@@ -18,8 +27,24 @@ def baseline(inp: StageInput, ctx: RunContext) -> StageResult:
     return StageResult(model=inp.model)
 
 
-def build_plan(config: RunConfig) -> list[Stage]:
-    """Every stage of the run, in order, baseline first."""
+def onnx_baseline(inp: StageInput, ctx: RunContext) -> StageResult:
+    """The ONNX file as given, copied into the run (``inp.onnx``, already checked when it was loaded)."""
+    import shutil
+
+    from compress.io import atomic_write
+
+    path = ctx.run_dir / "artifacts" / f"baseline-{inp.key}.onnx"
+    atomic_write(path, lambda tmp: shutil.copyfile(inp.onnx, tmp))
+    return StageResult(artifact=path)
+
+
+TORCH_STAGES = ("prune", "recover", "tokens")
+
+
+def build_plan(config: RunConfig, *, onnx: OnnxModel | None = None) -> list[Stage]:
+    """Every stage of the run, in order, baseline first. With ``onnx`` (a run of an ONNX file), the baseline is the
+    file, the stages that need the PyTorch module are refused in one line, and a file that already holds Q/DQ is
+    measured as it is and not quantized again."""
     from compress.deploy.stage import deploy_stage
     from compress.prune.stage import prune_stage, recover_stage
     from compress.quantize.stage import quantize_stage
@@ -28,11 +53,23 @@ def build_plan(config: RunConfig) -> list[Stage]:
     export = config.export.model_dump()
 
     def model_stage(name, run, options) -> Stage:  # exported by the orchestrator: the export settings are inputs too
-        return Stage(name, "torch", run, {"options": options, "export": export})
+        return Stage(name, "torch", run, {"options": options, "export": export}, measured=True)
 
     recover = config.recover.model_dump()
-    plan = [model_stage("baseline", baseline, {})]
-    for name in config.stage_order():
+    order = config.stage_order()
+    if onnx is None:
+        plan = [model_stage("baseline", baseline, {})]
+    else:
+        torch_only = [s for s in order if s in TORCH_STAGES]
+        if torch_only:
+            raise ConfigError(f"stage {torch_only[0]!r} works on the PyTorch model, and {onnx.path.name} is an ONNX "
+                              "file; run the ONNX stages only (--set 'pipeline.stages=[\"quantize\", \"deploy\"]'), "
+                              "or pass the model's checkpoint")
+        plan = [Stage("baseline", "onnx", onnx_baseline, {"options": {"source": "onnx"}}, measured=True)]
+        if onnx.has_qdq and "quantize" in order:
+            log.info("%s already holds Q/DQ nodes: it is measured as it is and not quantized again", onnx.path.name)
+            order = [s for s in order if s != "quantize"]
+    for name in order:
         if name == "prune":
             plan.append(model_stage("prune", prune_stage, {"prune": config.prune.model_dump(), "recover": recover}))
         elif name == "recover":

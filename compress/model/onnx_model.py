@@ -1,0 +1,135 @@
+"""An image classifier that a user has only as an ONNX file: NCHW images in, logits out.
+
+Such a model takes the ONNX-level stages (every quantizer that works on ONNX, measurement on every runtime that
+loads ONNX, the report and the deployment bundle) exactly as a checkpoint's export does. An ONNX file records no
+preprocessing: the input size comes from the graph where it is fixed, and the normalisation must be given
+(``[preprocess]`` or ``--set preprocess.mean=[...]``); nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from calibration.preprocess import Preprocess
+from compress.config import RunConfig
+from compress.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+MEAN_STD_EXAMPLE = "--set 'preprocess.mean=[0.485, 0.456, 0.406]' --set 'preprocess.std=[0.229, 0.224, 0.225]'"
+
+
+@dataclass
+class OnnxModel:
+    """An ONNX classifier with the preprocessing and class names it is run with (the ``Checkpoint`` of a file
+    that has no PyTorch module)."""
+
+    path: Path
+    preprocess: Preprocess
+    classes: list[str]
+    input_name: str
+    has_qdq: bool  # already quantized (Q/DQ nodes): measured as it is, never quantized again
+    model: None = None  # no PyTorch module: the torch-only stages and runtime do not apply
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def metadata(self) -> dict[str, str]:
+        """What a deployment bundle takes from a checkpoint's metadata, in the same form (JSON strings)."""
+        import json
+
+        return {"format": "onnx", "model": json.dumps({"source": "onnx", "file": self.path.name,
+                                                        "num_classes": self.num_classes}),
+                "preprocess": json.dumps(self.preprocess.to_dict()), "classes": json.dumps(self.classes)}
+
+
+def is_onnx(path: Path) -> bool:
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def load_onnx(path: str | Path, config: RunConfig) -> OnnxModel:
+    """Read and check ``path``: one image input (N, C, H, W), one logits output (N, K). Raises ``CheckpointError``
+    for a file that is not such a model and ``ConfigError`` for preprocessing the run must be told."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model {path} does not exist; check the path")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model
+        raise CheckpointError(f"{path} is not an ONNX model ({type(e).__name__}); pass an .onnx file exported "
+                              "with torch.onnx.export or a converter") from None
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise CheckpointError(f"{path.name} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); an image "
+                              "classifier takes one (N, C, H, W) image batch")
+    dims = _dims(inputs[0])
+    if len(dims) != 4:
+        raise CheckpointError(f"{path.name}'s input {inputs[0].name!r} has shape {_shape_text(dims)}; an image "
+                              "classifier takes (N, C, H, W)")
+    if not graph.output:
+        raise CheckpointError(f"{path.name} has no output; an image classifier gives (N, classes) logits")
+    out = _dims(graph.output[0])
+    if len(out) != 2 or not isinstance(out[1], int) or out[1] < 2:
+        raise CheckpointError(f"{path.name}'s first output {graph.output[0].name!r} has shape {_shape_text(out)}; "
+                              "an image classifier gives (N, classes) logits")
+    try:
+        onnx.checker.check_model(str(path))  # the path form follows external data beside the file
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path.name} is not a valid ONNX model: {first}") from None
+    preprocess = _preprocess(path, dims, config)
+    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+    log.debug("%s: ONNX classifier, input %s %s, %d classes%s", path, inputs[0].name, _shape_text(dims), out[1],
+             ", already quantized (Q/DQ)" if has_qdq else "")
+    return OnnxModel(path, preprocess, [str(i) for i in range(out[1])], inputs[0].name, has_qdq)
+
+
+def _dims(value_info) -> list[Any]:
+    """The dimensions of a graph input or output: ints where fixed, names (or None) where not."""
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+
+
+def _shape_text(dims: list[Any]) -> str:
+    return "(" + ", ".join(str(d) if d is not None else "?" for d in dims) + ")"
+
+
+def _preprocess(path: Path, dims: list[Any], config: RunConfig) -> Preprocess:
+    """The input size from the graph where it is fixed (``preprocess.crop_size`` otherwise); mean and std from the
+    config, which must name them: an ONNX file records no normalisation, and a wrong guess costs accuracy silently
+    (an MNIST ViT scored 26% instead of 84% with mean/std 0.5 assumed)."""
+    _, channels, height, width = dims
+    p = config.preprocess
+    if not isinstance(channels, int):
+        raise ConfigError(f"{path.name}'s input has no fixed channel count; export it with a fixed (N, C, H, W) "
+                          "shape after the batch axis")
+    if isinstance(height, int) and isinstance(width, int):
+        if height != width:
+            raise ConfigError(f"{path.name} takes {height}x{width} images; only square inputs are supported")
+        if p.crop_size is not None and p.crop_size != height:
+            raise ConfigError(f"preprocess.crop_size={p.crop_size}, but {path.name} takes {height}x{width} images; "
+                              f"drop the setting or set it to {height}")
+        size = height
+    elif p.crop_size is not None:
+        size = p.crop_size
+    else:
+        raise ConfigError(f"{path.name}'s input size is not fixed ({_shape_text(dims)}); set the size it was trained "
+                          "at: --set preprocess.crop_size=224")
+    if p.mean is None or p.std is None:
+        missing = " and ".join(n for n, v in (("mean", p.mean), ("std", p.std)) if v is None)
+        raise ConfigError(f"{path.name} records no normalisation, so preprocess.{missing} must be given "
+                          f"(for ImageNet-trained models: {MEAN_STD_EXAMPLE})")
+    values = {"crop_size": size, "in_chans": channels, "mean": tuple(p.mean), "std": tuple(p.std)}
+    values |= {k: v for k, v in (("resize_size", p.resize_size), ("interpolation", p.interpolation)) if v is not None}
+    try:
+        return Preprocess.from_dict(values)
+    except ValueError as e:
+        raise ConfigError(f"{e}; set it in [preprocess] or with --set") from None

@@ -1,0 +1,112 @@
+"""A model that exists only as an ONNX file goes through the ONNX-level stages exactly as a checkpoint's export."""
+
+import json
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from compress.config import load_config
+from compress.deploy.runner import verify
+from compress.errors import CheckpointError, ConfigError
+from compress.model.onnx_model import load_onnx
+from compress.run.pipeline import run_pipeline
+
+DIGITS = ["data.path='builtin:digits'", "data.calib_size=64", "measure.iterations=5", "measure.max_seconds=0.5",
+          "measure.warmup=1", "measure.batch_sizes=[1]", 'measure.runtimes=["onnxruntime", "openvino"]',
+          'quantize.quantizers=["onnxruntime-static"]']
+MEAN_STD = ["preprocess.mean=[0.5]", "preprocess.std=[0.5]"]  # the digits model's, which an ONNX file does not record
+
+
+@pytest.fixture(scope="module")
+def checkpoint_run(digits_model, tmp_path_factory):
+    """The digits checkpoint through baseline and quantize: its baseline ONNX is the file a user would have."""
+    run = tmp_path_factory.mktemp("ckpt") / "run"
+    config = load_config(None, [*DIGITS, 'pipeline.stages=["quantize"]'])
+    result = run_pipeline(digits_model, "digits", config, run)
+    return run, result
+
+
+def _top1(records, stage, runtime, candidate=None):
+    return next(r.top1 for r in records if r.stage == stage and r.runtime == runtime and r.candidate == candidate
+                and r.status == "ok")
+
+
+@pytest.mark.slow
+def test_an_onnx_file_gives_the_checkpoints_records_and_a_bundle(checkpoint_run, tmp_path):
+    ckpt_run, ckpt_result = checkpoint_run
+    source = next((ckpt_run / "artifacts").glob("baseline-*.onnx"))
+    config = load_config(None, [*DIGITS, *MEAN_STD, 'pipeline.stages=["quantize", "deploy"]'])
+    model = load_onnx(source, config)
+    assert (model.preprocess.crop_size, model.preprocess.in_chans, model.num_classes) == (8, 1, 10)
+    result = run_pipeline(model, "digits-onnx", config, tmp_path / "run")
+    records = result.records
+    for runtime in ("onnxruntime", "openvino"):  # the same file, the same images: the same top-1
+        assert _top1(records, "baseline", runtime) == _top1(ckpt_result.records, "baseline", runtime)
+    assert _top1(records, "quantize", "onnxruntime", "ort-static-minmax") == \
+        _top1(ckpt_result.records, "quantize", "onnxruntime", "ort-static-minmax")
+    assert all(r.status == "skipped" and "ONNX model only" in r.reason for r in records if r.runtime == "torch")
+    chain = json.loads((tmp_path / "run" / "stages" / "pipeline.json").read_text())
+    manifest = verify(tmp_path / "run" / chain["bundle"])
+    assert manifest["preprocess"]["mean"] == [0.5] and len(manifest["classes"]) == 10
+    assert manifest["selected"]["top1"] == chain["selected"]["top1"]
+    again = run_pipeline(load_onnx(source, config), "digits-onnx", config, tmp_path / "run")
+    assert again.resumed_stages == ["baseline", "quantize", "deploy"]
+
+
+@pytest.mark.slow
+def test_a_quantized_onnx_file_is_measured_as_it_is(checkpoint_run, tmp_path):
+    ckpt_run, ckpt_result = checkpoint_run
+    qdq = next((ckpt_run / "artifacts").glob("quantize-*/ort-static-minmax.onnx"))
+    config = load_config(None, [*DIGITS, *MEAN_STD])
+    model = load_onnx(qdq, config)
+    assert model.has_qdq
+    result = run_pipeline(model, "digits-qdq", config, tmp_path / "run")
+    assert {r.stage for r in result.records} == {"baseline"}  # not quantized again
+    ort = [r for r in result.records if r.runtime == "onnxruntime"]
+    assert [r.precision for r in ort] == ["int8"]
+    assert ort[0].top1 == _top1(ckpt_result.records, "quantize", "onnxruntime", "ort-static-minmax")
+
+
+def test_what_an_onnx_file_cannot_say_must_be_given(tmp_path):
+    path = _classifier(tmp_path / "m.onnx", dims=[1, 3, 16, 16])
+    with pytest.raises(ConfigError, match=r"m.onnx records no normalisation, so preprocess.mean and std must be "
+                                          r"given \(for ImageNet-trained models: --set 'preprocess.mean="):
+        load_onnx(path, load_config(None, []))
+    dynamic = _classifier(tmp_path / "d.onnx", dims=["N", 3, "H", "W"])
+    with pytest.raises(ConfigError, match=r"input size is not fixed \(\(N, 3, H, W\)\); .*preprocess.crop_size=224"):
+        load_onnx(dynamic, load_config(None, ["preprocess.mean=[0.5,0.5,0.5]", "preprocess.std=[0.5,0.5,0.5]"]))
+    model = load_onnx(dynamic, load_config(None, ["preprocess.mean=[0.5,0.5,0.5]", "preprocess.std=[0.5,0.5,0.5]",
+                                                  "preprocess.crop_size=16"]))
+    assert model.preprocess.crop_size == 16 and model.classes == ["0", "1", "2", "3"]
+
+
+def test_files_that_are_not_image_classifiers_are_one_line(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00\x01 not a protobuf \xff" * 10)
+    with pytest.raises(CheckpointError, match="junk.onnx is not an ONNX model"):
+        load_onnx(junk, load_config(None, []))
+    flat = _classifier(tmp_path / "flat.onnx", dims=[1, 48])
+    with pytest.raises(CheckpointError, match=r"input 'x' has shape \(1, 48\); an image classifier takes"):
+        load_onnx(flat, load_config(None, []))
+
+
+def test_stages_that_need_pytorch_are_refused_before_anything_runs(tmp_path):
+    path = _classifier(tmp_path / "m.onnx", dims=[1, 3, 16, 16])
+    config = load_config(None, [*MEAN_STD[:0], "preprocess.mean=[0.5,0.5,0.5]", "preprocess.std=[0.5,0.5,0.5]",
+                                "data.path='builtin:digits'", 'pipeline.stages=["prune", "quantize"]',
+                                "prune.heads=0.25"])
+    with pytest.raises(ConfigError, match="stage 'prune' works on the PyTorch model, and m.onnx is an ONNX file"):
+        run_pipeline(load_onnx(path, config), "m", config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def _classifier(path, *, dims):
+    """A tiny ONNX graph: Flatten then MatMul to 4 logits (or a 2-D input, which no image classifier takes)."""
+    features = 48 if len(dims) == 2 else 3 * 16 * 16
+    w = helper.make_tensor("w", TensorProto.FLOAT, (features, 4), [0.01] * (features * 4))
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1), helper.make_node("MatMul", ["f", "w"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [dims[0], 4])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
