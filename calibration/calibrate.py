@@ -61,6 +61,12 @@ def from_split(subset: Subset, size: int, input_shape: tuple[int, int, int], *, 
     available = len(subset)
     if size <= 0:
         raise CalibrationError("the calibration size is 0; set quantize.calib_size to a positive number of images")
+    if available == 0 and len(subset.source) and subset.source.is_test.all():
+        raise CalibrationError(
+            f"{subset.source.name} holds only its test split, which is evaluated whole; calibration needs other "
+            "images: add the training files beside it (e.g. train-images-idx3-ubyte), pass "
+            "quantize.calibration_data=FILE.npy, or measure without quantizing (--set quantize.enabled=false)"
+        )
     if available == 0:
         raise CalibrationError(
             f"the calibration split of {subset.source.name} is empty; raise data.calib_size (images held out for "

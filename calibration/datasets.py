@@ -121,7 +121,8 @@ def _idx_source(root: Path) -> ArraySource:
             raise DatasetError(f"{image_file.name} holds {len(x)} images but {label_file.name} {len(y)} labels")
         images.append(x)
         labels.append(y)
-        is_test.append(np.full(len(y), image_file.name.startswith(("t10k", "test")) and len(image_files) > 1))
+        # MNIST's t10k files are its test split, evaluated whole, also when they are the only files there
+        is_test.append(np.full(len(y), image_file.name.startswith(("t10k", "test"))))
     y = np.concatenate(labels)
     classes = [str(c) for c in range(int(y.max()) + 1)]
     return ArraySource(f"idx:{root.resolve()}", np.concatenate(images), y, classes, np.concatenate(is_test))

@@ -209,7 +209,7 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
             marker = _finish_onnx_stage(stage, key, result, ckpt, state, ctx)
         else:
             state.records += result.records
-            marker = {"key": key, "finished": now()} | result.notes
+            marker = result.notes | {"key": key, "finished": now()}  # the notes never overwrite the key
         atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in state.records))
         atomic_write_json(run_dir / "stages" / f"{stage.name}.json", marker)  # the stage is done once this exists
         if state_dir.exists():  # resumable training state is only needed until the stage is marked done

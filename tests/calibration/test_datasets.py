@@ -57,6 +57,25 @@ def test_real_mnist_idx_when_present():
     assert len(source) == 10_000 and len(source.classes) == 10 and source.load(0).size == (28, 28)
 
 
+def test_a_test_split_alone_is_evaluated_whole_and_calibration_says_why_it_cannot(tmp_path):
+    """MNIST's t10k files alone are its test set: every image is evaluated, none is split off for training or
+    calibration, and quantization says where calibration images can come from instead."""
+    from calibration.calibrate import CalibrationError, from_split
+    from calibration.datasets import Subset, make_splits
+    from calibration.preprocess import Preprocess
+
+    digits = digits_source()
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", digits.images[:300])
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", digits.labels[:300])
+    source = open_source(tmp_path)
+    splits = make_splits(source, calib_size=64)
+    assert len(splits.eval) == 300 and len(splits.train) == 0 and len(splits.calib) == 0
+    with pytest.raises(CalibrationError, match="holds only its test split, which is evaluated whole; .*"
+                                               "quantize.calibration_data=FILE.npy"):
+        from_split(Subset(source, splits.calib, Preprocess(crop_size=8, in_chans=1, mean=(0.5,), std=(0.5,))), 64,
+                   (1, 8, 8))
+
+
 def test_truncated_idx(tmp_path):
     _write_idx(tmp_path / "x-images-idx3-ubyte.gz", np.zeros((10, 8, 8)))
     raw = gzip.decompress((tmp_path / "x-images-idx3-ubyte.gz").read_bytes())[:100]
