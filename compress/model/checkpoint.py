@@ -35,6 +35,9 @@ class Checkpoint:
     model: VisionTransformer
     preprocess: Preprocess
     classes: list[str]
+    # False where the file records no normalisation (a bare state dict; a Hugging Face directory without
+    # preprocessor_config.json): the run must be told mean and std rather than assume them
+    normalisation_recorded: bool = True
 
     @property
     def config(self) -> ViTConfig:

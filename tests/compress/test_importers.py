@@ -231,3 +231,24 @@ def test_recipe_preprocess_overrides_the_checkpoints(tmp_path, tiny_vit):
     ckpt = load_configured(path, config)
     assert ckpt.preprocess == Preprocess(crop_size=32, mean=(0.1, 0.2, 0.3), std=(0.2, 0.2, 0.2), interpolation="bicubic")
     assert load_configured(path, load_config(None, [])).preprocess == pre  # no override: the checkpoint's own
+
+
+def test_a_file_that_records_no_normalisation_must_be_told(tmp_path, tiny_vit):
+    """A bare state dict, or a Hugging Face directory without preprocessor_config.json, says nothing of the mean
+    and std its model was trained with: the run is told, or refuses in one line, rather than assume them."""
+    from compress.config import load_config
+    from compress.errors import ConfigError
+    from compress.model.importers import load_configured
+
+    bare = tmp_path / "timm.pt"
+    torch.save(tiny_vit.state_dict(), bare)
+    with pytest.raises(ConfigError, match=r"timm.pt records no normalisation, so preprocess.mean and std must be "
+                                          r"given, .*--set 'preprocess.mean=\[0.485, 0.456, 0.406\]'"):
+        load_configured(bare, load_config(None, []))
+    told = load_config(None, ["preprocess.mean=[0.485, 0.456, 0.406]", "preprocess.std=[0.229, 0.224, 0.225]"])
+    assert load_configured(bare, told).preprocess.std == (0.229, 0.224, 0.225)
+    _, hf_dir = _hf_vit(tmp_path)  # save_pretrained writes no preprocessor_config.json
+    with pytest.raises(ConfigError, match="hf records no normalisation"):
+        load_configured(hf_dir, load_config(None, []))
+    (hf_dir / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
+    assert load_configured(hf_dir, load_config(None, [])).preprocess.std == (0.25, 0.25, 0.25)
