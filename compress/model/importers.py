@@ -93,7 +93,7 @@ def _load(path: Path, overrides: dict[str, Any]) -> Checkpoint:
     layout, convert = detect_layout(state, path)
     log.info("%s: %s layout", path, layout)
     try:
-        values, canonical = convert(state, overrides)
+        values, canonical = _converted(convert, state, overrides, layout, path)
     except KeyError as e:  # the layout was recognised by some keys, but one it needs is not there
         raise CheckpointError(f"{path} looks like a {layout} checkpoint but has no {e.args[0]!r}; the file is "
                               "incomplete or damaged, or of another layout: re-save or re-download it") from None
@@ -107,6 +107,39 @@ def _load(path: Path, overrides: dict[str, Any]) -> Checkpoint:
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else ((0.5,), (0.5,))
     preprocess = Preprocess(crop_size=cfg.image_size, in_chans=c, interpolation="bicubic", mean=mean, std=std)
     return Checkpoint(model, preprocess, [str(i) for i in range(cfg.num_classes)], normalisation_recorded=False)
+
+
+class _Tracked(dict):
+    """A state dict that notes which tensors a converter read (``state[key]``), so that none is dropped unseen."""
+
+    def __init__(self, state: State) -> None:
+        super().__init__(state)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def _converted(convert, state: State, overrides: dict, layout: str, source: Path | str) -> tuple[dict, State]:
+    """``convert(state, overrides)``, refusing a checkpoint with tensors the layout did not place.
+
+    A tensor no converter reads would be lost without a word (a final LayerNorm outside the encoder, a head's
+    LayerNorm): the model would load and predict something else. A converter that hands keys on unchanged (timm)
+    leaves the unexpected ones to ``load_exact``, which names them too.
+    """
+    tracked = _Tracked(state)
+    values, canonical = convert(tracked, overrides)
+    unused = sorted(k for k in state if k not in tracked.read and k not in canonical)
+    if unused:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)}" for k in unused[:4]) + (" ..." if len(unused) > 4 else "")
+        raise CheckpointError(
+            f"{source} is a {layout} checkpoint with {len(unused)} tensor(s) the layout does not place: {shown}; "
+            "loading without them would change the model's output, so the load stops: export the model to ONNX "
+            "(torch.onnx.export) and pass the .onnx file, or re-save it without tensors that are not part of the "
+            "classifier"
+        )
+    return values, canonical
 
 
 def _read_state_dict(path: Path, *, is_safetensors: bool) -> State:
@@ -258,7 +291,7 @@ def _load_hf_dir(path: Path, overrides: dict) -> Checkpoint:
     if weights is None:
         raise CheckpointError(f"{path} has no model.safetensors or pytorch_model.bin beside config.json")
     state = _read_state_dict(weights, is_safetensors=weights.suffix == ".safetensors")
-    values, canonical = _convert_hf(state, overrides, hf)
+    values, canonical = _converted(lambda s, o: _convert_hf(s, o, hf), state, overrides, "Hugging Face", path)
     cfg = _build_config(values, overrides, path)
     model = VisionTransformer(cfg)
     load_exact(model, canonical, source=str(path))

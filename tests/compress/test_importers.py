@@ -252,3 +252,29 @@ def test_a_file_that_records_no_normalisation_must_be_told(tmp_path, tiny_vit):
         load_configured(hf_dir, load_config(None, []))
     (hf_dir / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
     assert load_configured(hf_dir, load_config(None, [])).preprocess.std == (0.25, 0.25, 0.25)
+
+
+def _stray(state: dict) -> dict:
+    """A final LayerNorm no layout places, as published checkpoints hold beside their encoders."""
+    return dict(state) | {"extra_norm.weight": torch.ones(64), "extra_norm.bias": torch.zeros(64)}
+
+
+@pytest.mark.parametrize("layout", ["timm", "huggingface", "vit-pytorch", "vit-pytorch-2020", "nn.TransformerEncoder"])
+def test_a_tensor_no_layout_places_stops_the_load_naming_it(tmp_path, tiny_vit, layout):
+    """Every tensor is used, or the load fails: a LayerNorm dropped in silence loads a model that predicts
+    something else (two published checkpoints lost one each, with final_norm 'none' recorded)."""
+    overrides = {"num_heads": 4}
+    if layout == "huggingface":
+        model, path = _hf_vit(tmp_path)
+        state = _stray({f"vit.{k}" if not k.startswith(("vit.", "classifier.")) else k: v
+                        for k, v in model.state_dict().items()})
+        (path / "model.safetensors").unlink()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+    else:
+        module = {"timm": lambda: tiny_vit, "vit-pytorch": VitPytorchViT, "vit-pytorch-2020": OldVitPytorchViT,
+                  "nn.TransformerEncoder": EncoderViT}[layout]()
+        path = tmp_path / "model.pt"
+        torch.save(_stray(module.state_dict()), path)
+    with pytest.raises(CheckpointError, match=r"extra_norm\.bias \(64,\), extra_norm\.weight \(64,\)|unexpected "
+                                              r"\['extra_norm"):
+        load_checkpoint(path, overrides)
