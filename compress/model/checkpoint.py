@@ -166,7 +166,8 @@ def new_checkpoint(config: RunConfig, source: ImageSource) -> Checkpoint:
     """A freshly initialised model for ``source``: its class count, and its channel count unless set."""
     first = source.load(0)
     in_chans = 1 if first.mode in ("L", "1", "I", "I;16") else 3
-    values = {"num_classes": len(source.classes), "in_chans": in_chans} | config.model
+    values = {"num_classes": len(source.classes), "in_chans": in_chans} | {k: v for k, v in config.model.items()
+                                                                          if k != "key_map"}  # a loading option
     model_cfg = ViTConfig.from_dict(values)
     return Checkpoint(VisionTransformer(model_cfg), resolve_preprocess(config, model_cfg), list(source.classes))
 

@@ -50,11 +50,14 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     """Load any supported checkpoint; ``overrides`` are ``[model]`` values from the recipe or ``--set``.
 
     ``image_size`` is applied after loading: the position embedding is interpolated to the new grid (it
-    still exports) and the preprocessing scaled to match.
+    still exports) and the preprocessing scaled to match. ``key_map`` (a list of ``[pattern, replacement]``
+    regular expressions) renames a state dict's keys onto a known layout before it is read, for checkpoints whose
+    modules are named otherwise.
     """
     overrides = dict(overrides or {})
     image_size = overrides.pop("image_size", None)
-    ckpt = _load(Path(path), overrides)
+    key_map = _key_map(overrides.pop("key_map", None))
+    ckpt = _load(Path(path), overrides, key_map)
     if image_size is not None and image_size != ckpt.config.image_size:
         old = ckpt.config.image_size
         ckpt.model.set_image_size(image_size)
@@ -81,7 +84,44 @@ def load_configured(path: str | Path, config: RunConfig) -> Checkpoint:
     return ckpt
 
 
-def _load(path: Path, overrides: dict[str, Any]) -> Checkpoint:
+def _key_map(value: Any) -> list[tuple[re.Pattern, str]]:
+    """``[model] key_map``: ``[[pattern, replacement], ...]``, applied in order to every key (``re.sub``)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str)
+                                                                                         for x in p) for p in value):
+        raise ConfigError("model.key_map must be a list of [pattern, replacement] pairs of strings, e.g. "
+                          "key_map = [['^encoder\\.(\\d+)\\.', 'blocks.\\1.']]")
+    compiled = []
+    for pattern, replacement in value:
+        try:
+            compiled.append((re.compile(pattern), replacement))
+        except re.error as e:
+            raise ConfigError(f"model.key_map pattern {pattern!r} is not a regular expression: {e}") from None
+    return compiled
+
+
+def _renamed(state: State, key_map: list[tuple[re.Pattern, str]], source: Path | str) -> State:
+    """``state`` with ``key_map`` applied to its keys; two keys renamed to one name are an error."""
+    if not key_map:
+        return state
+    out: State = {}
+    for key, tensor in state.items():
+        new = key
+        for pattern, replacement in key_map:
+            try:
+                new = pattern.sub(replacement, new)
+            except (re.error, IndexError) as e:
+                raise ConfigError(f"model.key_map replacement {replacement!r} fails on {key!r}: {e}") from None
+        if new in out:
+            raise CheckpointError(f"model.key_map renames two tensors of {source} to {new!r}; make the patterns "
+                                  "tell them apart")
+        out[new] = tensor
+    log.info("%s: model.key_map renamed %d of %d keys", source, sum(a != b for a, b in zip(state, out)), len(state))
+    return out
+
+
+def _load(path: Path, overrides: dict[str, Any], key_map: list[tuple[re.Pattern, str]] | None = None) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
@@ -89,7 +129,7 @@ def _load(path: Path, overrides: dict[str, Any]) -> Checkpoint:
     metadata = read_metadata(path)
     if metadata is not None and metadata.get("format", "").startswith("vit-compress/"):
         return load_own_checkpoint(path, overrides)
-    state = _read_state_dict(path, is_safetensors=metadata is not None)
+    state = _renamed(_read_state_dict(path, is_safetensors=metadata is not None), key_map or [], path)
     layout, convert = detect_layout(state, path)
     log.info("%s: %s layout", path, layout)
     try:
@@ -199,11 +239,21 @@ def detect_layout(state: State, path: Path | str = "checkpoint") -> tuple[str, C
         return "torch.nn.TransformerEncoder", _convert_torch_encoder
     if any(re.match(r"(vit|deit)\.(encoder\.layer|layers)\.0\.", k) for k in keys):
         return "huggingface", lambda s, o: _convert_hf(s, o, {})
-    first = sorted(keys)[:5]
     raise CheckpointError(
-        f"{path} matches no known ViT layout (timm, Hugging Face, vit-pytorch, nn.TransformerEncoder); "
-        f"its first keys are {first}: is it a ViT checkpoint?"
+        f"{path} matches no known ViT layout (timm, Hugging Face, vit-pytorch, nn.TransformerEncoder); none of its "
+        f"{len(keys)} tensors could be placed, in modules {_modules(keys)}; two ways out: rename its keys onto a "
+        "known layout with [model] key_map (regular expressions, README 'Models it reads'), or export the model to "
+        "ONNX (torch.onnx.export) and pass the .onnx file"
     )
+
+
+def _modules(keys: set[str], shown: int = 6) -> str:
+    """The distinct modules of ``keys`` with layer numbers folded (``blocks.N.attn``), in order of appearance."""
+    seen: dict[str, None] = {}
+    for key in sorted(keys, key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]):
+        seen.setdefault(re.sub(r"\.\d+(?=\.)", ".N", key.rsplit(".", 1)[0]), None)
+    names = list(seen)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _build_config(values: dict[str, Any], overrides: dict[str, Any], source: Path | str) -> ViTConfig:

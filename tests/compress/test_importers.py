@@ -180,7 +180,8 @@ def test_truncated_safetensors(tmp_path, tiny_vit):
 def test_not_a_vit(tmp_path):
     path = tmp_path / "cnn.pt"
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 2)).state_dict(), path)
-    with pytest.raises(CheckpointError, match="matches no known ViT layout.*'0.bias'"):
+    with pytest.raises(CheckpointError, match=r"matches no known ViT layout .* none of its 4 tensors could be placed, "
+                                              r"in modules 0, 1; two ways out: .* key_map .* export the model to ONNX"):
         load_checkpoint(path)
 
 
@@ -278,3 +279,84 @@ def test_a_tensor_no_layout_places_stops_the_load_naming_it(tmp_path, tiny_vit, 
     with pytest.raises(CheckpointError, match=r"extra_norm\.bias \(64,\), extra_norm\.weight \(64,\)|unexpected "
                                               r"\['extra_norm"):
         load_checkpoint(path, overrides)
+
+
+class _HomeBlock(torch.nn.Module):
+    """A pre-norm block written by hand around nn.MultiheadAttention, as people write them."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Dropout(0.0),
+                                       torch.nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class _PosEmbed(torch.nn.Module):
+    def __init__(self, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.pos_embedding = torch.nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+
+
+class HomeViT(torch.nn.Module):
+    """transformer.N.attn.in_proj_weight, norm1/norm2, mlp.0/mlp.3, pos_embed.pos_embedding: no known layout."""
+
+    def __init__(self, dim: int = 64, depth: int = 2, heads: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = _PosEmbed(17, dim)
+        self.transformer = torch.nn.ModuleList(_HomeBlock(dim, heads, 128) for _ in range(depth))
+        self.norm, self.head = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, 16, D)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed.pos_embedding
+        for block in self.transformer:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+HOME_KEY_MAP = [[r"^transformer\.(\d+)\.attn\.", r"encoder.layers.\1.self_attn."],
+                [r"^transformer\.(\d+)\.mlp\.0\.", r"encoder.layers.\1.linear1."],
+                [r"^transformer\.(\d+)\.mlp\.3\.", r"encoder.layers.\1.linear2."],
+                [r"^transformer\.(\d+)\.", r"encoder.layers.\1."], [r"^norm\.", "encoder.norm."]]
+
+
+def test_a_key_map_brings_a_home_written_vit_onto_a_known_layout(tmp_path):
+    reference = HomeViT().eval()
+    path = tmp_path / "home.pt"
+    torch.save(reference.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"none of its 32 tensors could be placed, in modules cls_token, "
+                                              r"head, norm, patch, pos_embed, transformer.N.attn and 5 more; .*key_map"):
+        load_checkpoint(path)
+    model = load_checkpoint(path, {"key_map": HOME_KEY_MAP, "num_heads": 4, "pre_norm": True, "act": "gelu"}).model
+    _same_logits(reference, model)
+
+
+@pytest.mark.parametrize("key_map, message", [
+    ("blocks", "must be a list of \\[pattern, replacement\\] pairs"),
+    ([["(", "x"]], "pattern '\\(' is not a regular expression"),
+    ([["^transformer\\.\\d+\\.", "same."]], "renames two tensors of .* to 'same\\.norm1\\.weight'"),
+])
+def test_a_bad_key_map_is_one_line(tmp_path, key_map, message):
+    path = tmp_path / "home.pt"
+    torch.save(HomeViT().state_dict(), path)
+    with pytest.raises((ConfigError, CheckpointError), match=message):
+        load_checkpoint(path, {"key_map": key_map})
+
+
+def test_the_readmes_key_map_is_the_one_tested():
+    """The README's [model] example loads the home-written ViT above: it is parsed from there, not copied."""
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text[text.index("[model]  # transformer.N.attn"):]
+    model = tomllib.loads(block[: block.index("```")])["model"]
+    assert model["key_map"] == HOME_KEY_MAP and (model["num_heads"], model["pre_norm"], model["act"]) == (4, True, "gelu")
