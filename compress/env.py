@@ -21,6 +21,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``); None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86, Arm
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether the CPU computes in BF16 natively (AVX-512 BF16 or AMX on x86, BF16 on Arm); None when unknown."""
+    flags = cpu_flags()
+    return None if flags is None else bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def versions(names=PACKAGES) -> dict[str, str | None]:
     """Installed version of each distribution in ``names``; None for one that is not installed."""
     found = {}

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from calibration.datasets import Subset
+from compress.env import cpu_has_bf16
 from compress.errors import InputError
 from compress.io import atomic_torch_save
 from compress.model.vit import VisionTransformer
@@ -145,6 +146,10 @@ def train(
     pieces whose gradients accumulate (the update is the same; memory holds one piece); None picks it so one
     piece's activations stay near ``ACTIVATION_BUDGET_BYTES``.
     """
+    if bf16 and cpu_has_bf16() is False:
+        log.warning("BF16 autocast was asked for, but this CPU has no BF16 units (avx512_bf16, amx_bf16): it would "
+                    "be emulated, usually slower than FP32; training in FP32")
+        bf16 = False
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     together = distributed.active()  # under torchrun: every rank takes its slice of each global batch

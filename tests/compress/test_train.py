@@ -97,3 +97,20 @@ def test_micro_batches_give_the_same_update_with_less_memory(digits_train):
     vit_b = ViTConfig(image_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_dim=3072)
     assert auto_micro_batch(VisionTransformer(vit_b), 128) == 16  # ~2 GB of activations per piece
     assert auto_micro_batch(VisionTransformer(ViTConfig(**DIGITS)), 128) == 128  # small models: the whole batch
+
+
+def test_bf16_on_a_cpu_without_bf16_units_trains_in_fp32_and_says_so(digits_train, caplog):
+    """Emulated BF16 is slower than FP32: a recipe's bf16 switch must not cost a machine without the units."""
+    from compress.env import cpu_has_bf16
+
+    if cpu_has_bf16() is not False:
+        pytest.skip("this CPU has BF16 units (or its flags cannot be read): BF16 autocast runs natively here")
+    torch.manual_seed(0)
+    asked, plain = VisionTransformer(ViTConfig(**DIGITS)), VisionTransformer(ViTConfig(**DIGITS))
+    plain.load_state_dict(asked.state_dict())
+    options = dict(epochs=0.25, batch_size=64, crop_padding=0, flip=False)
+    with caplog.at_level("WARNING", logger="compress.train.loop"):
+        train(asked, digits_train, **options, bf16=True)
+    assert "no BF16 units" in caplog.text and "training in FP32" in caplog.text
+    train(plain, digits_train, **options, bf16=False)
+    assert all(torch.equal(a, b) for a, b in zip(asked.state_dict().values(), plain.state_dict().values()))
