@@ -57,7 +57,7 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     overrides = dict(overrides or {})
     image_size = overrides.pop("image_size", None)
     key_map = _key_map(overrides.pop("key_map", None))
-    ckpt = _load(Path(path), overrides, key_map)
+    ckpt = _load(Path(path), overrides, key_map, image_size)
     if image_size is not None and image_size != ckpt.config.image_size:
         old = ckpt.config.image_size
         ckpt.model.set_image_size(image_size)
@@ -121,11 +121,12 @@ def _renamed(state: State, key_map: list[tuple[re.Pattern, str]], source: Path |
     return out
 
 
-def _load(path: Path, overrides: dict[str, Any], key_map: list[tuple[re.Pattern, str]] | None = None) -> Checkpoint:
+def _load(path: Path, overrides: dict[str, Any], key_map: list[tuple[re.Pattern, str]] | None = None,
+          image_size: int | None = None) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
     if path.is_dir():
-        return _load_hf_dir(path, overrides)
+        return _load_hf_dir(path, overrides, image_size)
     metadata = read_metadata(path)
     if metadata is not None and metadata.get("format", "").startswith("vit-compress/"):
         return load_own_checkpoint(path, overrides)
@@ -327,7 +328,7 @@ def _require(state: State, key: str, layout: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- Hugging Face
-def _load_hf_dir(path: Path, overrides: dict) -> Checkpoint:
+def _load_hf_dir(path: Path, overrides: dict, image_size: int | None = None) -> Checkpoint:
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} is a directory without config.json; pass a Hugging Face model directory or a file")
@@ -335,20 +336,33 @@ def _load_hf_dir(path: Path, overrides: dict) -> Checkpoint:
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
-    if hf.get("model_type") not in ("vit", "deit"):
-        raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model; only Hugging Face 'vit' and 'deit' models import")
+    if hf.get("model_type") not in ("vit", "deit", "dinov2"):
+        raise CheckpointError(f"{path} holds a {hf.get('model_type')!r} model; Hugging Face 'vit', 'deit' and "
+                              "'dinov2' models import")
     weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).exists()), None)
     if weights is None:
         raise CheckpointError(f"{path} has no model.safetensors or pytorch_model.bin beside config.json")
     state = _read_state_dict(weights, is_safetensors=weights.suffix == ".safetensors")
-    values, canonical = _converted(lambda s, o: _convert_hf(s, o, hf), state, overrides, "Hugging Face", path)
+    dinov2 = hf["model_type"] == "dinov2"
+    convert = (lambda s, o: _convert_dinov2(s, o, hf)) if dinov2 else (lambda s, o: _convert_hf(s, o, hf))
+    values, canonical = _converted(convert, state, overrides, "Hugging Face " + hf["model_type"], path)
     cfg = _build_config(values, overrides, path)
     model = VisionTransformer(cfg)
+    if "head.weight" not in canonical:  # a backbone: the new head stays as initialised, for `compress train`
+        canonical |= {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+        log.warning("%s is a backbone without a classifier: its %d-class head is new; train it with `compress train "
+                    "--init` before measuring accuracy", path, cfg.num_classes)
     load_exact(model, canonical, source=str(path))
     id2label = hf.get("id2label") or {}
     classes = [str(id2label.get(str(i), i)) for i in range(cfg.num_classes)]
     preprocess, recorded = _hf_preprocess(path, cfg)
-    return Checkpoint(model, preprocess, classes, normalisation_recorded=recorded)
+    ckpt = Checkpoint(model, preprocess, classes, normalisation_recorded=recorded)
+    if dinov2:  # DINOv2 resamples its position grid to each input; here once, to the size the model will run at
+        size = image_size or preprocess.crop_size
+        if size != cfg.image_size:
+            model.set_image_size(size, antialias=False)  # as Dinov2Embeddings.interpolate_pos_encoding does
+            ckpt.preprocess = dataclasses.replace(preprocess, crop_size=size)
+    return ckpt
 
 
 def _hf_preprocess(path: Path, cfg: ViTConfig) -> tuple[Preprocess, bool]:
@@ -367,6 +381,59 @@ def _hf_preprocess(path: Path, cfg: ViTConfig) -> tuple[Preprocess, bool]:
         interpolation={2: "bilinear", 3: "bicubic", 0: "nearest"}.get(pp.get("resample", 2), "bilinear"),
         mean=tuple(pp.get("image_mean", (0.5,) * c)), std=tuple(pp.get("image_std", (0.5,) * c)),
     ), "image_mean" in pp and "image_std" in pp
+
+
+def _convert_dinov2(state: State, overrides: dict, hf: dict) -> tuple[dict, State]:
+    """Hugging Face ``Dinov2Model`` / ``Dinov2ForImageClassification`` (transformers 4.x and 5.x key names):
+    pre-norm blocks with LayerScale, and a classifier on the class token beside the mean patch token."""
+    if hf.get("use_swiglu_ffn"):
+        raise CheckpointError("this DINOv2 uses a SwiGLU MLP (the giant models), which the canonical ViT does not "
+                              "have; export it to ONNX and pass the .onnx file instead")
+    p = "dinov2." if any(k.startswith("dinov2.") for k in state) else ""
+    depth = _depth(state, rf"{re.escape(p)}encoder\.layer\.(\d+)\.")
+    w = state[f"{p}embeddings.patch_embeddings.projection.weight"]  # (D, C, p, p)
+    D, patch = w.shape[0], w.shape[-1]
+    if f"{p}embeddings.mask_token" in state:
+        state[f"{p}embeddings.mask_token"]  # read on purpose: DINOv2's masked-image training token, unused here
+    out: State = {
+        "patch_embed.proj.weight": w, "patch_embed.proj.bias": state[f"{p}embeddings.patch_embeddings.projection.bias"],
+        "cls_token": state[f"{p}embeddings.cls_token"], "pos_embed": state[f"{p}embeddings.position_embeddings"],
+        "norm.weight": state[f"{p}layernorm.weight"], "norm.bias": state[f"{p}layernorm.bias"],
+    }
+    new = f"{p}encoder.layer.0.attention.q_proj.weight" in state  # transformers 5.x names
+    names = (("q_proj", "k_proj", "v_proj"), "o_proj") if new else \
+        (("attention.query", "attention.key", "attention.value"), "output.dense")
+    for i in range(depth):
+        src, dst = f"{p}encoder.layer.{i}", f"blocks.{i}"
+        qkv = [f"{src}.attention.{n}" for n in names[0]]
+        out[f"{dst}.attn.qkv.weight"] = torch.cat([state[f"{n}.weight"] for n in qkv])
+        out[f"{dst}.attn.qkv.bias"] = torch.cat([state[f"{n}.bias"] for n in qkv])
+        for ours, theirs in (("attn.proj", f"attention.{names[1]}"), ("norm1", "norm1"), ("norm2", "norm2"),
+                             ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            out[f"{dst}.{ours}.weight"], out[f"{dst}.{ours}.bias"] = state[f"{src}.{theirs}.weight"], \
+                state[f"{src}.{theirs}.bias"]
+        out[f"{dst}.ls1.gamma"] = state[f"{src}.layer_scale1.lambda1"]
+        out[f"{dst}.ls2.gamma"] = state[f"{src}.layer_scale2.lambda1"]
+    if "classifier.weight" in state:
+        out["head.weight"], out["head.bias"] = state["classifier.weight"], state["classifier.bias"]
+        num_classes = out["head.weight"].shape[0]
+    elif "num_classes" in overrides:
+        num_classes = overrides["num_classes"]
+    else:
+        raise CheckpointError("this DINOv2 checkpoint is a backbone without a classifier; give the classes it will "
+                              "learn (--set model.num_classes=N) and train the new head with `compress train --init`")
+    values: dict[str, Any] = {
+        "embed_dim": D, "in_chans": w.shape[1], "patch_size": patch, "depth": depth,
+        "image_size": grid_from_pos_embed(out["pos_embed"].shape[1], 1) * patch,
+        "mlp_dim": tuple(out[f"blocks.{j}.mlp.fc1.weight"].shape[0] for j in range(depth)),
+        "num_classes": num_classes, "qkv_bias": True, "class_token": True, "pool": "cls_mean",
+        "final_norm": "token", "layer_scale_init": 1.0, "norm_eps": hf.get("layer_norm_eps", 1e-6),
+        "act": "gelu", "num_heads": hf.get("num_attention_heads", D // 64),
+    }
+    if D % values["num_heads"]:
+        raise CheckpointError(f"DINOv2 config.json gives {values['num_heads']} heads for width {D}")
+    values["head_dim"] = D // values["num_heads"]
+    return values, out
 
 
 def _convert_hf(state: State, overrides: dict, hf: dict) -> tuple[dict, State]:

@@ -27,7 +27,7 @@ from torch import nn
 from compress.errors import ConfigError
 
 
-Pool = Literal["cls", "mean", "mean_all"]
+Pool = Literal["cls", "mean", "mean_all", "cls_mean"]
 FinalNorm = Literal["token", "pooled", "none"]
 Activation = Literal["gelu", "relu"]
 
@@ -49,7 +49,9 @@ class ViTConfig:
     class_token: bool = True
     dist_token: bool = False  # DeiT's distillation token, a second prefix token
     dist_head: bool = False  # DeiT's second head on the distillation token; logits are the mean of both
-    pool: Pool = "cls"  # "mean" averages patch tokens (timm), "mean_all" every token (vit-pytorch)
+    # "mean" averages patch tokens (timm), "mean_all" every token (vit-pytorch), "cls_mean" gives the head the class
+    # token beside the mean patch token (DINOv2's classifier: a head twice as wide)
+    pool: Pool = "cls"
     final_norm: FinalNorm = "token"  # "token": `norm` on every token; "pooled": `fc_norm` after pooling
     pre_norm: bool = True  # False: post-norm blocks as in the original Transformer
     act: Activation = "gelu"
@@ -85,8 +87,11 @@ class ViTConfig:
             raise ConfigError(f"every layer needs at least one MLP unit, got mlp_dim={self.mlp_dim}")
         if self.head_dim < 1:
             raise ConfigError(f"model.head_dim must be positive, got {self.head_dim}")
-        if self.pool == "cls" and not self.class_token:
-            raise ConfigError("model.pool='cls' needs model.class_token=true; set pool='mean' for a model without one")
+        if self.pool in ("cls", "cls_mean") and not self.class_token:
+            raise ConfigError(f"model.pool={self.pool!r} needs model.class_token=true; set pool='mean' for a model "
+                              "without one")
+        if self.pool == "cls_mean" and (self.final_norm == "pooled" or self.dist_head):
+            raise ConfigError("model.pool='cls_mean' takes final_norm='token' or 'none', and no distillation head")
         if self.dist_token and not self.class_token:
             raise ConfigError("model.dist_token needs model.class_token=true")
         if self.dist_head and not self.dist_token:
@@ -251,7 +256,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm == "token" else nn.Identity()
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm == "pooled" else nn.Identity()
-        self.head = nn.Linear(d, cfg.num_classes)
+        self.head = nn.Linear(2 * d if cfg.pool == "cls_mean" else d, cfg.num_classes)
         self.head_dist = nn.Linear(d, cfg.num_classes) if cfg.dist_head else None
         # Token merging or pruning at inference (compress.tokens.plan): a plan, not weights; None runs every token.
         self.token_reduction: Any = None  # a compress.tokens.TokenReduction
@@ -295,6 +300,11 @@ class VisionTransformer(nn.Module):
             return (self.head(cls) + self.head_dist(dist)) / 2  # (B, K)
         if cfg.pool == "cls":
             x = x[:, 0]  # (B, D)
+        elif cfg.pool == "cls_mean":
+            patches = x[:, cfg.num_prefix_tokens :]  # (B, N', D)
+            weights = None if size is None else size[:, cfg.num_prefix_tokens :]
+            mean = patches.mean(dim=1) if weights is None else (patches * weights).sum(dim=1) / weights.sum(dim=1)
+            x = torch.cat([x[:, 0], mean], dim=-1)  # (B, 2D)
         else:
             if cfg.pool == "mean":
                 x = x[:, cfg.num_prefix_tokens :]  # (B, N', D)
@@ -307,23 +317,26 @@ class VisionTransformer(nn.Module):
         assert self.token_reduction is None, "token reduction is set with compress.tokens.apply, which patches forward"
         return self.forward_head(self.forward_features(x))  # (B, K)
 
-    def set_image_size(self, image_size: int) -> None:
-        """Resize the position embedding for another input size (bicubic, as timm); the result exports."""
+    def set_image_size(self, image_size: int, *, antialias: bool = True) -> None:
+        """Resize the position embedding for another input size (bicubic; antialiased as timm does, or not, as
+        DINOv2 does); done once, so the exported graph holds no interpolation."""
         cfg = dataclasses.replace(self.config, image_size=image_size)  # validates divisibility
         self.pos_embed = nn.Parameter(
-            resize_pos_embed(self.pos_embed.data, self.config.grid_size, cfg.grid_size, cfg.num_prefix_tokens)
+            resize_pos_embed(self.pos_embed.data, self.config.grid_size, cfg.grid_size, cfg.num_prefix_tokens,
+                             antialias=antialias)
         )
         self.config = cfg
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, old_grid: int, new_grid: int, num_prefix: int) -> torch.Tensor:
+def resize_pos_embed(pos_embed: torch.Tensor, old_grid: int, new_grid: int, num_prefix: int, *,
+                     antialias: bool = True) -> torch.Tensor:
     """Interpolate the grid part of a (1, P + g*g, D) position embedding to a new grid size."""
     if old_grid == new_grid:
         return pos_embed.clone()
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]  # (1, P, D), (1, g*g, D)
     D = grid.shape[-1]
     grid = grid.reshape(1, old_grid, old_grid, D).permute(0, 3, 1, 2)  # (1, D, g, g)
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=True)
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=antialias)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, D)  # (1, g'*g', D)
     return torch.cat([prefix, grid], dim=1)
 

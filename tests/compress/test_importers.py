@@ -86,7 +86,7 @@ def test_hugging_face_4x_layout_with_bin_weights(tmp_path):
 
 def test_hugging_face_non_vit_model_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "resnet"}))
-    with pytest.raises(CheckpointError, match="only Hugging Face 'vit' and 'deit'"):
+    with pytest.raises(CheckpointError, match="Hugging Face 'vit', 'deit' and 'dinov2' models import"):
         load_checkpoint(tmp_path)
 
 
@@ -360,3 +360,42 @@ def test_the_readmes_key_map_is_the_one_tested():
     block = text[text.index("[model]  # transformer.N.attn"):]
     model = tomllib.loads(block[: block.index("```")])["model"]
     assert model["key_map"] == HOME_KEY_MAP and (model["num_heads"], model["pre_norm"], model["act"]) == (4, True, "gelu")
+
+
+# ------------------------------------------------------------------------------------------- Hugging Face DINOv2
+def _hf_dinov2(tmp_path, *, classifier: bool = True):
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency: pip install -e .[test]")
+    config = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                                       patch_size=8, num_labels=10, layerscale_value=0.5)
+    torch.manual_seed(0)
+    model = (transformers.Dinov2ForImageClassification if classifier else transformers.Dinov2Model)(config).eval()
+    with torch.no_grad():  # LayerScale and the tokens away from their initial values, so that a lost one shows
+        for name, param in model.named_parameters():
+            if name.endswith(("lambda1", "cls_token", "position_embeddings")):
+                param.add_(torch.randn_like(param) * 0.3)
+    path = tmp_path / ("dinov2" if classifier else "dinov2-backbone")
+    model.save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 36},
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225], "resample": 3}))
+    return model, path
+
+
+def test_hugging_face_dinov2_matches_transformers_at_its_size_and_another(tmp_path):
+    model, path = _hf_dinov2(tmp_path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.config.pool == "cls_mean" and ckpt.config.layer_scale_init == 1.0 and ckpt.preprocess.crop_size == 32
+    _same_logits(HFLogits(model), ckpt.model)
+    # resampled once at import to the size asked for, as DINOv2 resamples its grid for every input of that size
+    small = load_checkpoint(path, {"image_size": 16})
+    assert small.config.image_size == 16 and small.preprocess.crop_size == 16
+    _same_logits(HFLogits(model), small.model, size=16)
+
+
+def test_a_dinov2_backbone_needs_its_classes_and_gets_a_new_head(tmp_path):
+    _, path = _hf_dinov2(tmp_path, classifier=False)
+    with pytest.raises(CheckpointError, match=r"backbone without a classifier; give the classes it will learn "
+                                              r"\(--set model.num_classes=N\)"):
+        load_checkpoint(path)
+    ckpt = load_checkpoint(path, {"num_classes": 7})
+    assert ckpt.model.head.weight.shape == (7, 128)  # the class token beside the mean patch token
