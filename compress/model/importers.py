@@ -301,11 +301,17 @@ def _depth(state: State, pattern: str) -> int:
 def _convert_timm(state: State, overrides: dict) -> tuple[dict, State]:
     w = state["patch_embed.proj.weight"]  # (D, C, p, p)
     depth = _depth(state, r"blocks\.(\d+)\.")
-    prefix = int("cls_token" in state) + int("dist_token" in state)
+    regs = state["reg_token"].shape[1] if "reg_token" in state else 0
+    prefix = int("cls_token" in state) + int("dist_token" in state) + regs
+    positions = state["pos_embed"].shape[1]
+    # timm's no_embed_class: the position embedding covers the patches alone, and the prefix tokens none
+    on_prefix = not (prefix and _is_square(positions) and not _is_square(positions - prefix))
     patch = w.shape[-1]
     values: dict[str, Any] = {
         "embed_dim": w.shape[0], "in_chans": w.shape[1], "patch_size": patch, "depth": depth,
-        "image_size": grid_from_pos_embed(state["pos_embed"].shape[1], prefix) * patch,
+        "image_size": grid_from_pos_embed(positions, prefix if on_prefix else 0) * patch,
+        "reg_tokens": regs, "pos_embed_prefix": on_prefix, "patch_bias": "patch_embed.proj.bias" in state,
+        "blocks_pre_norm": "norm_pre.weight" in state,
         "mlp_dim": tuple(state[f"blocks.{i}.mlp.fc1.weight"].shape[0] for i in range(depth)),
         "num_classes": _require(state, "head.weight", "timm").shape[0],
         "qkv_bias": "blocks.0.attn.qkv.bias" in state,

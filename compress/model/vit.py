@@ -59,6 +59,11 @@ class ViTConfig:
     norm_eps: float = 1e-6
     patch_pre_norm: bool = False  # LayerNorm over flattened patch pixels before the projection
     patch_post_norm: bool = False  # LayerNorm after the patch projection (timm `patch_embed.norm`)
+    patch_bias: bool = True  # False: a bias-free patch projection (timm's CLIP ViTs)
+    reg_tokens: int = 0  # register tokens after the class token (Darcet et al. 2024, "Vision Transformers Need
+    # Registers"; timm `reg_token`): prefix tokens that no head reads
+    pos_embed_prefix: bool = True  # False: the position embedding covers the patches only (timm `no_embed_class`)
+    blocks_pre_norm: bool = False  # a LayerNorm before the first block (timm `norm_pre`, CLIP)
 
     def __post_init__(self) -> None:
         heads = _per_layer(self.num_heads, self.depth, "num_heads")
@@ -96,6 +101,9 @@ class ViTConfig:
             raise ConfigError("model.dist_token needs model.class_token=true")
         if self.dist_head and not self.dist_token:
             raise ConfigError("model.dist_head needs model.dist_token=true")
+        if self.reg_tokens < 0 or (self.reg_tokens and self.dist_token):
+            raise ConfigError(f"model.reg_tokens={self.reg_tokens}: give 0 or more register tokens, and not beside a "
+                              "distillation token")
         for name, allowed in (("pool", Pool), ("final_norm", FinalNorm), ("act", Activation)):
             if getattr(self, name) not in allowed.__args__:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {list(allowed.__args__)}")
@@ -110,7 +118,12 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + int(self.dist_token)
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
+
+    @property
+    def num_pos_prefix(self) -> int:
+        """The prefix tokens the position embedding covers (all of them, or none with ``pos_embed_prefix=False``)."""
+        return self.num_prefix_tokens if self.pos_embed_prefix else 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -153,7 +166,8 @@ class PatchEmbed(nn.Module):
         self.patch_size = cfg.patch_size
         patch_dim = cfg.in_chans * cfg.patch_size**2
         self.norm_pre = nn.LayerNorm(patch_dim, eps=cfg.norm_eps) if cfg.patch_pre_norm else None
-        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                              bias=cfg.patch_bias)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.patch_post_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +266,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
         self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.dist_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_prefix_tokens + cfg.num_patches, d))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.reg_tokens, d)) if cfg.reg_tokens else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_pos_prefix + cfg.num_patches, d))
+        self.norm_pre = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.blocks_pre_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm == "token" else nn.Identity()
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm == "pooled" else nn.Identity()
@@ -265,7 +281,7 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         """timm's initialisation: truncated normal (std 0.02) for linears and embeddings, zero biases."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for token in (self.cls_token, self.dist_token):
+        for token in (self.cls_token, self.dist_token, self.reg_token):
             if token is not None:
                 nn.init.trunc_normal_(token, std=0.02)
         for m in self.modules():
@@ -275,16 +291,21 @@ class VisionTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Conv2d):
                 nn.init.trunc_normal_(m.weight.view(m.weight.shape[0], -1), std=0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, C, H, W) -> prefix and patch tokens with position embedding (B, P+N, D)."""
         x = self.patch_embed(x)  # (B, N, D)
         B = x.shape[0]
-        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if not self.config.pos_embed_prefix:
+            x = x + self.pos_embed  # (B, N, D): the prefix tokens carry no position
         if prefix:
             x = torch.cat([*prefix, x], dim=1)  # (B, P+N, D)
-        return x + self.pos_embed  # (B, P+N, D)
+        if self.config.pos_embed_prefix:
+            x = x + self.pos_embed
+        return self.norm_pre(x)  # (B, P+N, D)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)  # (B, P+N, D)
@@ -322,7 +343,7 @@ class VisionTransformer(nn.Module):
         DINOv2 does); done once, so the exported graph holds no interpolation."""
         cfg = dataclasses.replace(self.config, image_size=image_size)  # validates divisibility
         self.pos_embed = nn.Parameter(
-            resize_pos_embed(self.pos_embed.data, self.config.grid_size, cfg.grid_size, cfg.num_prefix_tokens,
+            resize_pos_embed(self.pos_embed.data, self.config.grid_size, cfg.grid_size, cfg.num_pos_prefix,
                              antialias=antialias)
         )
         self.config = cfg

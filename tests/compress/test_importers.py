@@ -399,3 +399,33 @@ def test_a_dinov2_backbone_needs_its_classes_and_gets_a_new_head(tmp_path):
         load_checkpoint(path)
     ckpt = load_checkpoint(path, {"num_classes": 7})
     assert ckpt.model.head.weight.shape == (7, 128)  # the class token beside the mean patch token
+
+
+@pytest.mark.parametrize("switches", [
+    {"pos_embed_prefix": False},  # timm no_embed_class (DeiT III)
+    {"reg_tokens": 4, "pos_embed_prefix": False, "layer_scale_init": 1e-5},  # timm's DINOv2 with registers
+    {"blocks_pre_norm": True, "patch_bias": False},  # timm's CLIP ViTs: norm_pre, a bias-free patch projection
+    {"class_token": False, "pool": "mean", "pos_embed_prefix": False},
+])
+def test_timm_switches_are_read_from_the_state_dict(tmp_path, switches):
+    """Each switch of timm's VisionTransformer that the canonical ViT has is found in a state dict by its keys
+    and shapes alone; the real timm models are checked in tests/interop (a second environment in CI)."""
+    from compress.model.vit import ViTConfig, VisionTransformer
+
+    from tests.conftest import TINY
+
+    torch.manual_seed(0)
+    reference = VisionTransformer(ViTConfig(**(TINY | switches))).eval()
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if name.endswith(("_token", "pos_embed", "gamma")) or "norm_pre" in name:
+                param.add_(torch.randn_like(param) * 0.3)
+    path = tmp_path / "timm.pth"
+    torch.save(reference.state_dict(), path)
+    loaded = load_checkpoint(path, {"num_heads": 4})
+    for key, value in switches.items():
+        if key == "layer_scale_init":  # an initial value only: the weights hold LayerScale itself
+            assert loaded.config.layer_scale_init is not None
+        elif key != "pos_embed_prefix" or loaded.config.num_prefix_tokens:  # without a prefix, the two are one
+            assert getattr(loaded.config, key) == value, key
+    _same_logits(reference, loaded.model)
