@@ -48,7 +48,8 @@ def test_run_writes_records_and_report_then_resumes(workspace):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    result = invoke("run", "--demo", "--out", tmp_path / "demo", "--set", "train.epochs=1", "--runtime", "onnxruntime", *FAST)
+    result = invoke("run", "--demo", "--out", tmp_path / "demo", "--set", "train.epochs=1", "--set", "recover.epochs=1",
+                    "--runtime", "onnxruntime", *FAST)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo-train" / "model.safetensors").exists()
     assert "onnxruntime" in (tmp_path / "demo" / "report.md").read_text()

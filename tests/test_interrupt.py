@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow  # every test here starts `compress run` subproces
 SETTINGS = ["--set", "data.calib_size=128", "--set", "quantize.enabled=false", "--set", "measure.iterations=3",
             "--set", "measure.max_seconds=0.3", "--set", "measure.warmup=1", "--set", "measure.batch_sizes=[1]",
             "--set", 'measure.runtimes=["onnxruntime"]', "--set", "data.eval_limit=64", "--set", "prune.enabled=true",
-            "--set", "prune.heads=0.25", "--set", "prune.importance=l2", "--set", "recover.epochs=30",
+            "--set", "prune.heads=0.25", "--set", "prune.importance=l2", "--set", "recover.epochs=6",
             "--set", "recover.batch_size=32"]
 
 
