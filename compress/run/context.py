@@ -108,7 +108,7 @@ class StageInput:
     reference: EvalResult | None  # the baseline's predictions on the evaluation split (its first runtime)
     budget_left: float | None  # top-1 points the chain's budget (pipeline.max_drop) still allows; None: no chain budget
     state_dir: Path  # where the stage may keep resumable state (recovery's training state)
-    new_record: Callable[..., StageRecord]  # a record with this stage's common fields filled in (``measure.Recorder``)
+    new_record: Callable[..., StageRecord]  # a record with this stage's common fields (``measure.LazyRecorder``)
 
 
 @dataclass

@@ -7,6 +7,7 @@ MACs and structure, the environment) come from one ``Recorder``, so a stage neve
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,12 @@ class Recorder:
                        "macs": count_macs(model, (1, *ctx.input_shape))}
         return cls(fields, reference)
 
+    @classmethod
+    def lazy(cls, ctx: RunContext, stage: str, key: str, model, reference: EvalResult | None) -> LazyRecorder:
+        """``for_stage``'s recorder, built on its first record: most stages never make one themselves, and its
+        common fields cost a forward pass (MACs) of the stage's input model."""
+        return LazyRecorder(lambda: cls.for_stage(ctx, stage, key, model, reference), reference)
+
     def __call__(self, *, runtime: str, **fields: Any) -> StageRecord:
         """A record of this stage on ``runtime``; unknown field names raise ``TypeError``.
 
@@ -53,6 +60,18 @@ class Recorder:
         if self.reference is not None and row.get("top1") is not None and "top1_drop" not in fields:
             row["top1_drop"] = round((self.reference.top1 - row["top1"]) * 100, 4)
         return StageRecord(**row)
+
+
+class LazyRecorder:
+    """A ``Recorder`` made when the first record is (``Recorder.lazy``); used wherever a recorder is."""
+
+    def __init__(self, build: Callable[[], Recorder], reference: EvalResult | None) -> None:
+        self._build, self._made, self.reference = build, None, reference
+
+    def __call__(self, **fields: Any) -> StageRecord:
+        if self._made is None:
+            self._made = self._build()
+        return self._made(**fields)
 
 
 def runtime_env(env: dict[str, Any], runtime: str) -> dict[str, Any]:
@@ -80,7 +99,7 @@ def cannot_run(runtime, fmt: str, precision: str) -> str | None:
     return None
 
 
-def measure_engine(engine, label: str, record: Recorder, ctx: RunContext, *, runtime: str,
+def measure_engine(engine, label: str, record: Recorder | LazyRecorder, ctx: RunContext, *, runtime: str,
                    reference_top1: float | None = None, **fields: Any) -> tuple[list[StageRecord], EvalResult]:
     """Top-1 on the evaluation split, then latency at every batch size: one record per batch size.
 
@@ -110,7 +129,7 @@ def timing_fields(stats) -> dict[str, Any]:
     return {k: v for k, v in stats.to_dict().items() if k in StageRecord.__dataclass_fields__}
 
 
-def skipped(record: Recorder, ctx: RunContext, *, runtime: str, reason: str, **fields: Any) -> list[StageRecord]:
+def skipped(record: Recorder | LazyRecorder, ctx: RunContext, *, runtime: str, reason: str, **fields: Any) -> list[StageRecord]:
     """One ``status="skipped"`` record per batch size, with the reason."""
     return [record(runtime=runtime, **fields, batch_size=b, status="skipped", reason=reason)
             for b in ctx.config.measure.batch_sizes]

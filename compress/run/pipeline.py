@@ -200,7 +200,7 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
         inp = StageInput(
             key=key, previous=state.stage, model=state.model, onnx=state.onnx, records=tuple(state.records),
             reference=state.reference, budget_left=_budget_left(config, state.records, state.stage),
-            state_dir=state_dir, new_record=Recorder.for_stage(ctx, stage.name, key, state.model, state.reference),
+            state_dir=state_dir, new_record=Recorder.lazy(ctx, stage.name, key, state.model, state.reference),
         )
         result = stage.run(inp, ctx)
         if stage.measured and result.model is not None:
