@@ -56,13 +56,7 @@ def load_model(path: str | Path, *, recipe: str | Path | RunConfig | None = None
     (``.path``, ``.preprocess``, ``.classes``; ``.model`` is None). Raises ``CheckpointError`` for a file that is
     not a ViT checkpoint or classifier, naming what is wrong.
     """
-    from compress.config import RunConfig, load_config
-    from compress.model.importers import load_configured
-    from compress.model.onnx_model import is_onnx, load_onnx
-
-    config = load_config(None, list(overrides), base=recipe.dump()) if isinstance(recipe, RunConfig) else \
-        load_config(_recipe(recipe), list(overrides))
-    return load_onnx(Path(path), config) if is_onnx(Path(path)) else load_configured(Path(path), config)
+    return _load(Path(path), _config(recipe, overrides))
 
 
 @dataclass(frozen=True)
@@ -341,8 +335,7 @@ def run_recipe(checkpoint: str | Path | Checkpoint | OnnxModel, data: str | Path
     from compress.errors import InputError
     from compress.io import sha256_file, sha256_json
     from compress.model.checkpoint import Checkpoint
-    from compress.model.importers import load_configured
-    from compress.model.onnx_model import OnnxModel, is_onnx, load_onnx
+    from compress.model.onnx_model import OnnxModel
     from compress.run.pipeline import run_pipeline
 
     config = _config(recipe, overrides, data)
@@ -354,7 +347,7 @@ def run_recipe(checkpoint: str | Path | Checkpoint | OnnxModel, data: str | Path
         ckpt = checkpoint
     else:
         path = Path(checkpoint)
-        ckpt = load_onnx(path, config) if is_onnx(path) else load_configured(path, config)
+        ckpt = _load(path, config)
         if checkpoint_id is None:
             checkpoint_id = sha256_file(path) if path.is_file() else sha256_json(
                 {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()})
@@ -368,14 +361,23 @@ def _recipe(recipe: str | Path | None) -> Path | None:
     return None if recipe is None else Path(recipe)
 
 
-def _config(recipe: str | Path | RunConfig | None, overrides: Sequence[str], data: str | Path) -> RunConfig:
+def _config(recipe: str | Path | RunConfig | None, overrides: Sequence[str], data: str | Path | None = None
+            ) -> RunConfig:
     """defaults < recipe (a name, a TOML file, or a resolved ``RunConfig``) < overrides < ``data``."""
     from compress.config import RunConfig, load_config
 
-    settings = [*overrides, f"data.path={_toml_string(data)}"]
+    settings = [*overrides, *([f"data.path={_toml_string(data)}"] if data is not None else [])]
     if isinstance(recipe, RunConfig):
         return load_config(None, settings, base=recipe.dump())
     return load_config(_recipe(recipe), settings)
+
+
+def _load(path: Path, config: RunConfig) -> Checkpoint | OnnxModel:
+    """An ONNX classifier or a checkpoint, by the file's kind, with the config's [model] and [preprocess]."""
+    from compress.model.importers import load_configured
+    from compress.model.onnx_model import is_onnx, load_onnx
+
+    return load_onnx(path, config) if is_onnx(path) else load_configured(path, config)
 
 
 def _toml_string(value: str | Path) -> str:

@@ -712,10 +712,6 @@ def fastest_within_budget(run: Run) -> tuple[StageRecord, StageRecord | None] | 
 # builds what it shows. Every value reaches the page through Jinja2's autoescaping.
 
 
-def _num(value: float | None, spec: str) -> str:
-    return fmt(value, spec)
-
-
 @dataclass(frozen=True)
 class Cell:
     text: str
@@ -786,14 +782,14 @@ def _chain_view(chain: dict[str, Any]) -> dict[str, Any] | None:
     """The recipe's chain: each stage's drop against the one budget, where it broke, the choice, the Pareto set."""
     if not chain:
         return None
-    per_stage = [Row([Cell(s["stage"], s["stage"]), Cell(_num(s["drop_pt"], "+.2f"), s["drop_pt"]),
+    per_stage = [Row([Cell(s["stage"], s["stage"]), Cell(fmt(s["drop_pt"], "+.2f"), s["drop_pt"]),
                       Cell(("within budget" if s["within_budget"] else "over budget") if s["judged"]
                            else "judged after recovery")],
                      "over" if not s["within_budget"] and s["judged"] else "") for s in chain["per_stage"]]
     front = [Row([Cell(p["candidate"], p["candidate"]), Cell(p["runtime"], p["runtime"]),
-                  Cell(p["precision"], p["precision"]), Cell(_num(p["top1"] * 100, ".2f"), p["top1"]),
-                  Cell(_num(p["top1_drop"], "+.2f"), p["top1_drop"]),
-                  Cell(_num(p["latency_ms_p50"], ".3f"), p["latency_ms_p50"])]) for p in chain["pareto"]]
+                  Cell(p["precision"], p["precision"]), Cell(fmt(p["top1"] * 100, ".2f"), p["top1"]),
+                  Cell(fmt(p["top1_drop"], "+.2f"), p["top1_drop"]),
+                  Cell(fmt(p["latency_ms_p50"], ".3f"), p["latency_ms_p50"])]) for p in chain["pareto"]]
     selected = chain["selected"]
     return {"stages": ["baseline", *chain["stages"]], "budget": chain["budget_pt"], "per_stage": per_stage,
             "broke": (chain.get("broke_at") or {}).get("stage"), "target": chain["target"],
@@ -847,7 +843,7 @@ def _comparison_view(runs: Sequence[Run], figures: Sequence[Figure]) -> dict[str
         for r in recs:
             top1 = None if r is None or r.top1 is None else r.top1 * 100
             p50 = None if r is None else r.latency_ms_p50
-            cells += [Cell(_num(top1, ".2f"), top1), Cell(_num(p50, ".3f"), p50)]
+            cells += [Cell(fmt(top1, ".2f"), top1), Cell(fmt(p50, ".3f"), p50)]
         for other in recs[1:]:
             ratio = latency_ratio(recs[0], other)
             cells.append(Cell(f"×{ratio:.2f}" if ratio is not None else "–", ratio))
@@ -939,9 +935,9 @@ def _comparison_markdown(runs: Sequence[Run]) -> str:
     for (name, runtime, precision, batch), recs in matched_rows(runs):
         cells = [name, runtime, precision, str(batch)]
         for r in recs:
-            cells += [_num(None if r is None or r.top1 is None else r.top1 * 100, ".2f"),
-                      _num(None if r is None else r.latency_ms_p50, ".3f")]
-        cells += [_num(latency_ratio(recs[0], other), ".2f") for other in recs[1:]]
+            cells += [fmt(None if r is None or r.top1 is None else r.top1 * 100, ".2f"),
+                      fmt(None if r is None else r.latency_ms_p50, ".3f")]
+        cells += [fmt(latency_ratio(recs[0], other), ".2f") for other in recs[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
