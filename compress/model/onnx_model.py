@@ -85,11 +85,41 @@ def load_onnx(path: str | Path, config: RunConfig) -> OnnxModel:
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path.name} is not a valid ONNX model: {first}") from None
+    if inputs[0].type.tensor_type.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+        kind = onnx.TensorProto.DataType.Name(inputs[0].type.tensor_type.elem_type).lower()
+        raise CheckpointError(f"{path.name} takes {kind} images; the stages feed normalised float images, so export "
+                              "it with a float32 input (the normalisation inside the model, or in [preprocess])")
     preprocess = _preprocess(path, dims, config)
+    if isinstance(dims[0], int):
+        raise CheckpointError(f"{path.name} takes batches of exactly {dims[0]} image(s), and a run evaluates and times "
+                              "batches of several: export it with a dynamic batch axis (torch.onnx.export(..., "
+                              "dynamic_axes={'x': {0: 'batch'}}) or dynamic_shapes)")
+    _check_it_runs(path, inputs[0].name, preprocess, out[1])
     has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
     log.debug("%s: ONNX classifier, input %s %s, %d classes%s", path, inputs[0].name, _shape_text(dims), out[1],
              ", already quantized (Q/DQ)" if has_qdq else "")
     return OnnxModel(path, preprocess, [str(i) for i in range(out[1])], inputs[0].name, has_qdq)
+
+
+def _check_it_runs(path: Path, input_name: str, preprocess: Preprocess, classes: int) -> None:
+    """One image through ONNX Runtime: a graph it cannot load or run (an op it lacks, a shape that does not fit)
+    is one line here, not a traceback in the middle of the run."""
+    import numpy as np
+    import onnxruntime as ort
+
+    p = preprocess
+    x = np.zeros((1, p.in_chans, p.crop_size, p.crop_size), np.float32)
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        if session.get_inputs()[0].type == "tensor(float16)":
+            x = x.astype(np.float16)
+        logits = session.run(None, {input_name: x})[0]
+    except Exception as e:  # ONNX Runtime raises its own types (Fail, InvalidGraph, NotImplemented, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"ONNX Runtime cannot run {path.name}: {first}") from None
+    if tuple(logits.shape) != (1, classes):
+        raise CheckpointError(f"{path.name} gave logits of shape {tuple(logits.shape)} for one image, not (1, "
+                              f"{classes}); an image classifier gives (N, classes)")
 
 
 def _dims(value_info) -> list[Any]:

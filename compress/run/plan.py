@@ -28,13 +28,14 @@ def baseline(inp: StageInput, ctx: RunContext) -> StageResult:
 
 
 def onnx_baseline(inp: StageInput, ctx: RunContext) -> StageResult:
-    """The ONNX file as given, copied into the run (``inp.onnx``, already checked when it was loaded)."""
-    import shutil
+    """The ONNX file as given (``inp.onnx``, checked when it was loaded), copied into the run as one file: weights
+    kept in external data files beside it are taken in, so the run's copy stands alone."""
+    import onnx
 
     from compress.io import atomic_write
 
     path = ctx.run_dir / "artifacts" / f"baseline-{inp.key}.onnx"
-    atomic_write(path, lambda tmp: shutil.copyfile(inp.onnx, tmp))
+    atomic_write(path, lambda tmp: onnx.save(onnx.load(str(inp.onnx)), str(tmp)))
     return StageResult(artifact=path)
 
 
