@@ -271,7 +271,7 @@ def _build_config(values: dict[str, Any], overrides: dict[str, Any], source: Pat
 
 
 # Values a converter only guesses (head count, pooling, norm placement); the user may override them freely.
-_SOFT_KEYS = {"num_heads", "head_dim", "pool", "pre_norm", "act", "norm_eps", "layer_scale_init"}
+_SOFT_KEYS = {"num_heads", "head_dim", "pool", "pre_norm", "act", "norm_eps", "layer_scale_init", "head_act"}
 
 
 def _heads(inner: int, overrides: dict, layout: str, head_dim_default: int | None = 64) -> dict[str, Any]:
@@ -500,11 +500,24 @@ def _convert_hf(state: State, overrides: dict, hf: dict) -> tuple[dict, State]:
 
 # -------------------------------------------------------------------------------------------- vit-pytorch
 def _convert_vit_pytorch(state: State, overrides: dict) -> tuple[dict, State]:
-    """Both vit-pytorch layouts. Linear patch embeddings see patches flattened as (p1 p2 c) (einops)."""
+    """Every vit-pytorch ``ViT`` layout since its first release. Linear patch embeddings see patches flattened as
+    (p1 p2 c) (einops).
+
+    - current: ``to_patch_embedding`` = Rearrange, LayerNorm, Linear, LayerNorm; a final ``transformer.norm``; a
+      Linear ``mlp_head``;
+    - 2021: ``to_patch_embedding`` = Rearrange, Linear; ``Residual(PreNorm(...))`` blocks; ``mlp_head`` = LayerNorm,
+      Linear;
+    - 2020 (before 2021-02-19): ``patch_to_embedding``, and until 2020-12-07 an MLP head (LayerNorm, Linear, GELU,
+      Linear; at first without the LayerNorm). Until 2021-01-21 attention scaled its logits by the model width,
+      ``dim ** -0.5``, not the head width (vit-pytorch commit 85314cf): that factor is folded into the query
+      weights, so the canonical attention computes the same numbers.
+    """
     depth = _depth(state, r"transformer\.layers\.(\d+)\.")
     if "to_patch_embedding.2.weight" in state:  # current: Rearrange, LayerNorm, Linear, LayerNorm
         lin, pre, post = "to_patch_embedding.2", "to_patch_embedding.1", "to_patch_embedding.3"
-    else:  # older: Rearrange, Linear
+    elif "patch_to_embedding.weight" in state:  # 2020: a Linear beside a rearrange in forward()
+        lin, pre, post = "patch_to_embedding", None, None
+    else:  # 2021: Rearrange, Linear
         lin, pre, post = "to_patch_embedding.1", None, None
     w = _require(state, f"{lin}.weight", "vit-pytorch")  # (D, p*p*c)
     D, patch_dim = w.shape
@@ -535,28 +548,37 @@ def _convert_vit_pytorch(state: State, overrides: dict) -> tuple[dict, State]:
         out[f"{dst}.attn.qkv.weight"] = state[qkv_key]
         inner = state[qkv_key].shape[0] // 3
         heads_inner = heads_inner or inner
-        if f"{attn}.to_out.0.weight" in state:
-            out[f"{dst}.attn.proj.weight"] = state[f"{attn}.to_out.0.weight"]
-            out[f"{dst}.attn.proj.bias"] = state[f"{attn}.to_out.0.bias"]
+        to_out = next((f"{attn}.{m}" for m in ("to_out.0", "to_out") if f"{attn}.{m}.weight" in state), None)
+        if to_out is not None:
+            out[f"{dst}.attn.proj.weight"], out[f"{dst}.attn.proj.bias"] = state[f"{to_out}.weight"], state[f"{to_out}.bias"]
         else:  # vit-pytorch uses no output projection for a single head as wide as the model
             out[f"{dst}.attn.proj.weight"], out[f"{dst}.attn.proj.bias"] = torch.eye(D), torch.zeros(D)
         norm1 = f"{a}.norm" if f"{a}.norm.weight" in state else f"{a}.fn.norm"
         if f"{f}.net.0.weight" in state and state[f"{f}.net.0.weight"].ndim == 1:  # current: LayerNorm inside net
             norm2, fc1, fc2 = f"{f}.net.0", f"{f}.net.1", f"{f}.net.4"
-        else:
+        else:  # net = Linear, GELU, [Dropout,] Linear[, Dropout]: the second Linear is net.2 or net.3
             ff = next(k for k in state if re.fullmatch(rf"{re.escape(f)}\.(fn\.)*net\.0\.weight", k)).removesuffix(".net.0.weight")
             norm2 = f"{f}.norm" if f"{f}.norm.weight" in state else f"{f}.fn.norm"
-            fc1, fc2 = f"{ff}.net.0", f"{ff}.net.3"
+            fc1, fc2 = f"{ff}.net.0", _sequential_linears(state, f"{ff}.net")[-1]
         for ours, theirs in (("norm1", norm1), ("norm2", norm2), ("mlp.fc1", fc1), ("mlp.fc2", fc2)):
             out[f"{dst}.{ours}.weight"], out[f"{dst}.{ours}.bias"] = state[f"{theirs}.weight"], state[f"{theirs}.bias"]
+    final_norm, head_hidden = "none", ()
     if "transformer.norm.weight" in state:  # current: a final norm over every token, then a Linear head
         out["norm.weight"], out["norm.bias"] = state["transformer.norm.weight"], state["transformer.norm.bias"]
-        out["head.weight"], out["head.bias"] = state["mlp_head.weight"], state["mlp_head.bias"]
         final_norm = "token"
-    else:  # older: mlp_head = LayerNorm, Linear after pooling
-        out["fc_norm.weight"], out["fc_norm.bias"] = state["mlp_head.0.weight"], state["mlp_head.0.bias"]
-        out["head.weight"], out["head.bias"] = state["mlp_head.1.weight"], state["mlp_head.1.bias"]
-        final_norm = "pooled"
+    if "mlp_head.weight" in state:
+        out["head.weight"], out["head.bias"] = state["mlp_head.weight"], state["mlp_head.bias"]
+    else:  # older: mlp_head = [LayerNorm,] Linear[, GELU, [Dropout,] Linear] after pooling
+        if "mlp_head.0.weight" in state and state["mlp_head.0.weight"].ndim == 1:
+            out["fc_norm.weight"], out["fc_norm.bias"] = state["mlp_head.0.weight"], state["mlp_head.0.bias"]
+            final_norm = "pooled"
+        linears = _sequential_linears(state, "mlp_head")
+        if not linears:
+            raise KeyError("mlp_head.1.weight")
+        for j, name in enumerate(linears[:-1]):
+            out[f"head_hidden.{2 * j}.weight"], out[f"head_hidden.{2 * j}.bias"] = state[f"{name}.weight"], state[f"{name}.bias"]
+        out["head.weight"], out["head.bias"] = state[f"{linears[-1]}.weight"], state[f"{linears[-1]}.bias"]
+        head_hidden = tuple(state[f"{name}.weight"].shape[0] for name in linears[:-1])
     pool = overrides.pop("pool", "cls" if has_cls else "mean")
     if has_cls and pool == "mean":
         pool = "mean_all"  # vit-pytorch averages over every token, the class token included
@@ -565,11 +587,29 @@ def _convert_vit_pytorch(state: State, overrides: dict) -> tuple[dict, State]:
         "image_size": grid_from_pos_embed(out["pos_embed"].shape[1], int(has_cls)) * p,
         "mlp_dim": tuple(out[f"blocks.{i}.mlp.fc1.weight"].shape[0] for i in range(depth)),
         "num_classes": out["head.weight"].shape[0], "qkv_bias": False, "class_token": has_cls,
-        "pool": pool, "final_norm": final_norm, "norm_eps": 1e-5,
+        "pool": pool, "final_norm": final_norm, "norm_eps": 1e-5, "head_hidden": head_hidden,
         "patch_pre_norm": pre is not None, "patch_post_norm": pre is not None,
     }
     values |= _heads(heads_inner, overrides, "vit-pytorch")
+    scale = overrides.pop("attention_scale", "width" if lin == "patch_to_embedding" else "head")
+    if scale not in ("width", "head"):
+        raise ConfigError(f"model.attention_scale={scale!r} is not 'width' (dim ** -0.5, vit-pytorch before "
+                          "2021-01-21) or 'head' (dim_head ** -0.5)")
+    if scale == "width":
+        log.info("vit-pytorch 2020 layout: attention scaled by the model width (dim ** -0.5), as vit-pytorch did "
+                 "before 2021-01-21; set model.attention_scale='head' for a checkpoint from 2021-01-21 to 2021-02-19")
+        factor = (values["head_dim"] / D) ** 0.5  # D**-0.5 over the canonical head_dim**-0.5
+        for i in range(depth):
+            q, k, v = out[f"blocks.{i}.attn.qkv.weight"].chunk(3, dim=0)
+            out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q * factor, k, v])
     return values, out
+
+
+def _sequential_linears(state: State, prefix: str) -> list[str]:
+    """The Linear layers (2-D weights) of an ``nn.Sequential`` at ``prefix``, in order: ``[prefix.0, prefix.3]``."""
+    found = {int(m.group(1)) for k, t in state.items() for m in [re.fullmatch(rf"{re.escape(prefix)}\.(\d+)\.weight", k)]
+             if m and t.ndim == 2}
+    return [f"{prefix}.{n}" for n in sorted(found)]
 
 
 def _is_square(n: int) -> bool:

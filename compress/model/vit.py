@@ -64,11 +64,14 @@ class ViTConfig:
     # Registers"; timm `reg_token`): prefix tokens that no head reads
     pos_embed_prefix: bool = True  # False: the position embedding covers the patches only (timm `no_embed_class`)
     blocks_pre_norm: bool = False  # a LayerNorm before the first block (timm `norm_pre`, CLIP)
+    head_hidden: tuple[int, ...] = ()  # widths of hidden layers in an MLP head (vit-pytorch 2020: one, GELU)
+    head_act: Activation = "gelu"  # the activation after each hidden head layer
 
     def __post_init__(self) -> None:
         heads = _per_layer(self.num_heads, self.depth, "num_heads")
         mlp = _per_layer(self.mlp_dim if self.mlp_dim is not None else 4 * self.embed_dim, self.depth, "mlp_dim")
         head_dim = self.head_dim if self.head_dim is not None else self.embed_dim // max(1, heads[0])
+        object.__setattr__(self, "head_hidden", tuple(int(w) for w in self.head_hidden))
         object.__setattr__(self, "num_heads", heads)
         object.__setattr__(self, "mlp_dim", mlp)
         object.__setattr__(self, "head_dim", head_dim)
@@ -104,7 +107,10 @@ class ViTConfig:
         if self.reg_tokens < 0 or (self.reg_tokens and self.dist_token):
             raise ConfigError(f"model.reg_tokens={self.reg_tokens}: give 0 or more register tokens, and not beside a "
                               "distillation token")
-        for name, allowed in (("pool", Pool), ("final_norm", FinalNorm), ("act", Activation)):
+        if any(w < 1 for w in self.head_hidden) or (self.head_hidden and self.dist_head):
+            raise ConfigError(f"model.head_hidden={list(self.head_hidden)}: give positive widths, and no distillation "
+                              "head beside an MLP head")
+        for name, allowed in (("pool", Pool), ("final_norm", FinalNorm), ("act", Activation), ("head_act", Activation)):
             if getattr(self, name) not in allowed.__args__:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is not one of {list(allowed.__args__)}")
 
@@ -129,6 +135,7 @@ class ViTConfig:
         d = dataclasses.asdict(self)
         d["num_heads"] = list(self.num_heads)
         d["mlp_dim"] = list(self.mlp_dim)
+        d["head_hidden"] = list(self.head_hidden)
         return d
 
     @classmethod
@@ -139,7 +146,7 @@ class ViTConfig:
         if unknown:
             raise ConfigError(f"unknown model key(s) {unknown}; valid keys are {sorted(valid)}")
         values = dict(d)
-        for key in ("num_heads", "mlp_dim"):
+        for key in ("num_heads", "mlp_dim", "head_hidden"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(values[key])
         return cls(**values)
@@ -216,11 +223,26 @@ class Attention(nn.Module):
         return self.merge_heads(F.scaled_dot_product_attention(q, k, v, scale=self.scale))  # (B, N, D)
 
 
+def activation(act: Activation) -> nn.Module:
+    return nn.GELU() if act == "gelu" else nn.ReLU()
+
+
+def mlp_head_layers(in_features: int, hidden: tuple[int, ...], act: Activation) -> nn.Sequential | None:
+    """The hidden layers of an MLP head (Linear, activation, ...) before the final ``head``; None for a linear head."""
+    if not hidden:
+        return None
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), activation(act)]
+        in_features = width
+    return nn.Sequential(*layers)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, act: Activation) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU() if act == "gelu" else nn.ReLU()
+        self.act = activation(act)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,7 +294,9 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm == "token" else nn.Identity()
         self.fc_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.final_norm == "pooled" else nn.Identity()
-        self.head = nn.Linear(2 * d if cfg.pool == "cls_mean" else d, cfg.num_classes)
+        pooled = 2 * d if cfg.pool == "cls_mean" else d
+        self.head_hidden = mlp_head_layers(pooled, cfg.head_hidden, cfg.head_act)  # (B, pooled) -> (B, hidden[-1])
+        self.head = nn.Linear(cfg.head_hidden[-1] if cfg.head_hidden else pooled, cfg.num_classes)
         self.head_dist = nn.Linear(d, cfg.num_classes) if cfg.dist_head else None
         # Token merging or pruning at inference (compress.tokens.plan): a plan, not weights; None runs every token.
         self.token_reduction: Any = None  # a compress.tokens.TokenReduction
@@ -332,7 +356,10 @@ class VisionTransformer(nn.Module):
                 size = None if size is None else size[:, cfg.num_prefix_tokens :]
             # A merged token stands for `size` original tokens: weight it so the mean is over the originals.
             x = x.mean(dim=1) if size is None else (x * size).sum(dim=1) / size.sum(dim=1)  # (B, D)
-        return self.head(self.fc_norm(x))  # (B, K)
+        x = self.fc_norm(x)
+        if self.head_hidden is not None:
+            x = self.head_hidden(x)  # (B, hidden[-1])
+        return self.head(x)  # (B, K)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.token_reduction is None, "token reduction is set with compress.tokens.apply, which patches forward"

@@ -155,6 +155,65 @@ class OldVitPytorchViT(nn.Module):
         return self.mlp_head(x.mean(dim=1) if self.pool == "mean" else x[:, 0])
 
 
+class Attention2020(nn.Module):
+    """vit-pytorch's first attention (2020-10-04 to 2021-01-21): logits scaled by the model width, ``dim ** -0.5``."""
+
+    def __init__(self, dim, heads, dropout_wrapped):
+        super().__init__()
+        self.heads, self.scale = heads, dim**-0.5
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0)) if dropout_wrapped else nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.to_out(_attend(self.to_qkv(x), self.heads, self.scale))
+
+
+class VitPytorch2020ViT(nn.Module):
+    """vit-pytorch as released in October-December 2020 (its git history): ``patch_to_embedding`` beside an einops
+    rearrange in ``forward``, Residual(PreNorm(...)) blocks, and an MLP head. ``head`` picks the release:
+    ``"mlp"`` (2020-10-04: Linear, GELU, Linear; FeedForward without dropout), ``"norm-mlp"`` (2020-10-16:
+    LayerNorm, Linear, GELU, Dropout, Linear; dropout everywhere), ``"norm-linear"`` (2020-12-07)."""
+
+    def __init__(self, *, image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=4, mlp_dim=96,
+                 channels=3, head="norm-mlp"):
+        super().__init__()
+        self.p = patch_size
+        n, patch_dim = (image_size // patch_size) ** 2, channels * patch_size**2
+        dropout = head != "mlp"
+        self.pos_embedding = nn.Parameter(torch.randn(1, n + 1, dim))
+        self.patch_to_embedding = nn.Linear(patch_dim, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        ff = (lambda: nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(mlp_dim, dim),
+                                    nn.Dropout(0.0))) if dropout else (
+              lambda: nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim)))
+        self.transformer = nn.Module()
+        self.transformer.layers = nn.ModuleList(
+            nn.ModuleList([Residual(PreNorm(dim, Attention2020(dim, heads, dropout))),
+                           Residual(PreNorm(dim, _Net(ff())))]) for _ in range(depth))
+        self.mlp_head = {
+            "mlp": lambda: nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, num_classes)),
+            "norm-mlp": lambda: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(0.0),
+                                              nn.Linear(mlp_dim, num_classes)),
+            "norm-linear": lambda: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes)),
+        }[head]()
+
+    def forward(self, img):
+        x = self.patch_to_embedding(Patchify(self.p)(img))
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
+        for attn, ff in self.transformer.layers:
+            x = ff(attn(x))
+        return self.mlp_head(x[:, 0])
+
+
+class _Net(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
 class EncoderViT(nn.Module):
     """A ViT a user might build around ``nn.TransformerEncoder``: conv or linear patches, cls token, head."""
 

@@ -11,7 +11,7 @@ from compress.model.checkpoint import Checkpoint, save_checkpoint
 from compress.errors import CheckpointError, ConfigError
 from compress.model.importers import load_checkpoint
 from calibration.preprocess import Preprocess
-from tests.compress.reference_models import EncoderViT, OldVitPytorchViT, VitPytorchViT
+from tests.compress.reference_models import EncoderViT, OldVitPytorchViT, VitPytorch2020ViT, VitPytorchViT
 
 ATOL = 1e-4
 
@@ -121,6 +121,31 @@ def test_vit_pytorch_layouts(tmp_path, cls, pool):
 def test_old_vit_pytorch_keys_are_the_documented_ones():
     keys = OldVitPytorchViT().state_dict()
     assert "transformer.layers.1.0.fn.fn.to_qkv.weight" in keys and "mlp_head.1.weight" in keys
+
+
+@pytest.mark.parametrize("head", ["mlp", "norm-mlp", "norm-linear"])
+def test_vit_pytorch_2020_releases_with_mlp_heads(tmp_path, head):
+    """patch_to_embedding, a head of any depth, and attention scaled by the model width: identical logits."""
+    reference = VitPytorch2020ViT(head=head).eval()
+    path = tmp_path / "vp2020.pt"
+    torch.save(reference.state_dict(), path)
+    ckpt = load_checkpoint(path, {"num_heads": 4})
+    assert ckpt.config.head_hidden == (() if head == "norm-linear" else (96,))
+    assert ckpt.config.final_norm == ("none" if head == "mlp" else "pooled")
+    _same_logits(reference, ckpt.model)
+
+
+def test_vit_pytorch_2020_head_scale_may_be_set(tmp_path):
+    reference = VitPytorch2020ViT(head="norm-linear").eval()
+    path = tmp_path / "vp2020.pt"
+    torch.save(reference.state_dict(), path)
+    width = load_checkpoint(path, {"num_heads": 4}).model
+    head = load_checkpoint(path, {"num_heads": 4, "attention_scale": "head"}).model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert not torch.allclose(width(x), head(x), atol=1e-4)  # the setting reaches the weights
+    with pytest.raises(ConfigError, match="attention_scale"):
+        load_checkpoint(path, {"num_heads": 4, "attention_scale": "model"})
 
 
 def test_vit_pytorch_defaults_to_64_wide_heads(tmp_path):
