@@ -306,11 +306,10 @@ def train_model(data: str | Path, *, out: str | Path = "runs/train", recipe: str
 
     Returns the trained checkpoint and the training summary (also written to ``out/train.json``).
     """
-    from compress.model.importers import load_configured
     from compress.train.job import train_job
 
     config = _config(recipe, overrides, data)
-    ckpt = load_configured(Path(init), config) if init is not None else None
+    ckpt = _load(Path(init), config, torch_module=True) if init is not None else None
     return train_job(config, Path(out), init=ckpt, progress=progress)
 
 
@@ -372,12 +371,19 @@ def _config(recipe: str | Path | RunConfig | None, overrides: Sequence[str], dat
     return load_config(_recipe(recipe), settings)
 
 
-def _load(path: Path, config: RunConfig) -> Checkpoint | OnnxModel:
-    """An ONNX classifier or a checkpoint, by the file's kind, with the config's [model] and [preprocess]."""
+def _load(path: Path, config: RunConfig, *, torch_module: bool = False) -> Checkpoint | OnnxModel:
+    """An ONNX classifier or a checkpoint, by the file's kind, with the config's [model] and [preprocess]. An ONNX
+    file's ViT is lifted into a ``Checkpoint`` where the PyTorch module is needed (``torch_module``: training) or
+    asked for (``model.onnx_output``: an encoder inside a larger graph); a run lifts it itself when a stage needs
+    it."""
     from compress.model.importers import load_configured
-    from compress.model.onnx_model import is_onnx, load_onnx
+    from compress.model.onnx_model import is_onnx, lift_checkpoint, load_onnx
 
-    return load_onnx(path, config) if is_onnx(path) else load_configured(path, config)
+    if not is_onnx(path):
+        return load_configured(path, config)
+    if torch_module or "onnx_output" in config.model:
+        return lift_checkpoint(path, config)
+    return load_onnx(path, config)
 
 
 def _toml_string(value: str | Path) -> str:

@@ -122,10 +122,10 @@ def _one_class(ws):
 BAD_RUNS = {
     "ONNX without its normalisation": (lambda ws: ["run", _write_onnx(ws), "--data", ws / "data"],
                                        "vit.onnx records no normalisation, so preprocess.mean and std must be given"),
-    "ONNX with a stage that needs PyTorch": (lambda ws: ["run", _write_onnx(ws), "--data", ws / "data", "--set",
-                                                         "preprocess.mean=[0.5,0.5,0.5]", "--set",
-                                                         "preprocess.std=[0.5,0.5,0.5]", "--recipe", "cpu-latency"],
-                                             "stage 'prune' works on the PyTorch model, and vit.onnx is an ONNX file"),
+    "ONNX with a [model] setting its graph gives": (
+        lambda ws: ["train", "--data", ws / "data", "--out", ws / "t", "--init", _write_onnx(ws), "--set",
+                    "preprocess.mean=[0.5,0.5,0.5]", "--set", "preprocess.std=[0.5,0.5,0.5]", "--set",
+                    "model.num_heads=2"], "model.num_heads does not apply to an ONNX file"),
     "missing checkpoint": (lambda ws: ["run", ws / "nope.pt", "--data", ws / "data"], "does not exist"),
     "truncated checkpoint": (lambda ws: ["run", _write_truncated(ws), "--data", ws / "data"], "truncated"),
     "not a ViT": (lambda ws: ["run", _write_cnn(ws), "--data", ws / "data"], "no known ViT layout"),

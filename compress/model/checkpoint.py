@@ -25,6 +25,8 @@ from compress.io import atomic_write
 from compress.model.vit import ViTConfig, VisionTransformer
 
 FORMAT = "vit-compress/1"
+# [model] settings that say how to read a file, not what the model is: a new model ignores them
+LOADING_OPTIONS = ("key_map", "attention_scale", "onnx_output")
 log = logging.getLogger(__name__)
 
 
@@ -167,7 +169,7 @@ def new_checkpoint(config: RunConfig, source: ImageSource) -> Checkpoint:
     first = source.load(0)
     in_chans = 1 if first.mode in ("L", "1", "I", "I;16") else 3
     values = {"num_classes": len(source.classes), "in_chans": in_chans} | {k: v for k, v in config.model.items()
-                                                                          if k != "key_map"}  # a loading option
+                                                                          if k not in LOADING_OPTIONS}
     model_cfg = ViTConfig.from_dict(values)
     return Checkpoint(VisionTransformer(model_cfg), resolve_preprocess(config, model_cfg), list(source.classes))
 

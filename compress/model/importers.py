@@ -57,6 +57,9 @@ def load_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None) -
     overrides = dict(overrides or {})
     image_size = overrides.pop("image_size", None)
     key_map = _key_map(overrides.pop("key_map", None))
+    if "onnx_output" in overrides:
+        raise ConfigError(f"model.onnx_output names a tensor of an ONNX file, and {Path(path).name} is a checkpoint; "
+                          "drop the setting")
     ckpt = _load(Path(path), overrides, key_map, image_size)
     if image_size is not None and image_size != ckpt.config.image_size:
         old = ckpt.config.image_size

@@ -1,7 +1,9 @@
 """An image classifier that a user has only as an ONNX file: NCHW images in, logits out.
 
 Such a model takes the ONNX-level stages (every quantizer that works on ONNX, measurement on every runtime that
-loads ONNX, the report and the deployment bundle) exactly as a checkpoint's export does. An ONNX file records no
+loads ONNX, the report and the deployment bundle) exactly as a checkpoint's export does. Where a run needs the
+PyTorch module too (pruning, token reduction, training), the ViT in it is lifted out (``lift_checkpoint``,
+``compress.model.onnx_lift``); a graph that cannot be lifted still takes the ONNX-level stages. An ONNX file records no
 preprocessing: the input size comes from the graph where it is fixed, and the normalisation must be given
 (``[preprocess]`` or ``--set preprocess.mean=[...]``); nothing is guessed.
 """
@@ -11,11 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from calibration.preprocess import Preprocess
 from compress.config import RunConfig
 from compress.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from compress.model.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,7 @@ class OnnxModel:
     input_name: str
     has_qdq: bool  # already quantized (Q/DQ nodes): measured as it is, never quantized again
     model: None = None  # no PyTorch module: the torch-only stages and runtime do not apply
+    lift_error: str | None = None  # why no ViT could be lifted out of it, once that was tried
 
     @property
     def num_classes(self) -> int:
@@ -54,9 +60,59 @@ def is_onnx(path: Path) -> bool:
 def load_onnx(path: str | Path, config: RunConfig) -> OnnxModel:
     """Read and check ``path``: one image input (N, C, H, W), one logits output (N, K). Raises ``CheckpointError``
     for a file that is not such a model and ``ConfigError`` for preprocessing the run must be told."""
-    import onnx
+    path = Path(path)
+    graph, image, dims = _read_image_model(path)
+    out = _dims(graph.output[0])
+    if len(out) != 2 or not isinstance(out[1], int) or out[1] < 2:
+        raise CheckpointError(f"{path.name}'s first output {graph.output[0].name!r} has shape {_shape_text(out)}; "
+                              "an image classifier gives (N, classes) logits (for a ViT encoder inside a larger "
+                              "graph, set model.num_classes and model.onnx_output and train its new head with "
+                              "`compress train --init`)")
+    preprocess = _preprocess(path, dims, config)
+    if isinstance(dims[0], int):
+        raise CheckpointError(f"{path.name} takes batches of exactly {dims[0]} image(s), and a run evaluates and times "
+                              "batches of several: export it with a dynamic batch axis (torch.onnx.export(..., "
+                              "dynamic_axes={'x': {0: 'batch'}}) or dynamic_shapes)")
+    _check_it_runs(path, image.name, preprocess, out[1])
+    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
+    log.debug("%s: ONNX classifier, input %s %s, %d classes%s", path, image.name, _shape_text(dims), out[1],
+             ", already quantized (Q/DQ)" if has_qdq else "")
+    return OnnxModel(path, preprocess, [str(i) for i in range(out[1])], image.name, has_qdq)
+
+
+# [model] settings an ONNX file's lift reads; every other hyper-parameter comes from the graph
+LIFT_SETTINGS = ("onnx_output", "num_classes", "pool")
+
+
+def lift_checkpoint(path: str | Path, config: RunConfig, inputs=None) -> Checkpoint:
+    """The ViT in ONNX file ``path`` as a ``Checkpoint`` (``compress.model.onnx_lift``), with the preprocessing
+    the config gives; ``inputs`` are the real images its parity with ONNX Runtime is checked on. A graph it cannot
+    lift raises ``LiftError`` naming the first part it did not recognise."""
+    from compress.model.checkpoint import Checkpoint
+    from compress.model.onnx_lift import lift_onnx
 
     path = Path(path)
+    _, _, dims = _read_image_model(path)
+    model_settings = dict(config.model)
+    other = sorted(set(model_settings) - set(LIFT_SETTINGS))
+    if other:
+        raise ConfigError(f"model.{other[0]} does not apply to an ONNX file, whose graph gives every "
+                          f"hyper-parameter; drop it (an ONNX file takes {', '.join(LIFT_SETTINGS)})")
+    preprocess = _preprocess(path, dims, config)
+    model, lifted = lift_onnx(path, output=model_settings.get("onnx_output"),
+                              num_classes=model_settings.get("num_classes"), pool=model_settings.get("pool"),
+                              inputs=inputs, atol=config.export.atol)
+    if lifted.backbone:
+        log.warning("%s: the encoder's %d-class head is new; train it with `compress train --init` before measuring "
+                    "accuracy", path.name, model.config.num_classes)
+    return Checkpoint(model, preprocess, [str(i) for i in range(model.config.num_classes)])
+
+
+def _read_image_model(path: Path):
+    """The graph of ONNX file ``path``, its image input and that input's dimensions, checked: one (N, C, H, W)
+    float input, a valid model. Raises ``CheckpointError`` naming what is wrong."""
+    import onnx
+
     if not path.is_file():
         raise CheckpointError(f"model {path} does not exist; check the path")
     try:
@@ -76,10 +132,6 @@ def load_onnx(path: str | Path, config: RunConfig) -> OnnxModel:
                               "classifier takes (N, C, H, W)")
     if not graph.output:
         raise CheckpointError(f"{path.name} has no output; an image classifier gives (N, classes) logits")
-    out = _dims(graph.output[0])
-    if len(out) != 2 or not isinstance(out[1], int) or out[1] < 2:
-        raise CheckpointError(f"{path.name}'s first output {graph.output[0].name!r} has shape {_shape_text(out)}; "
-                              "an image classifier gives (N, classes) logits")
     try:
         onnx.checker.check_model(str(path))  # the path form follows external data beside the file
     except Exception as e:
@@ -89,16 +141,7 @@ def load_onnx(path: str | Path, config: RunConfig) -> OnnxModel:
         kind = onnx.TensorProto.DataType.Name(inputs[0].type.tensor_type.elem_type).lower()
         raise CheckpointError(f"{path.name} takes {kind} images; the stages feed normalised float images, so export "
                               "it with a float32 input (the normalisation inside the model, or in [preprocess])")
-    preprocess = _preprocess(path, dims, config)
-    if isinstance(dims[0], int):
-        raise CheckpointError(f"{path.name} takes batches of exactly {dims[0]} image(s), and a run evaluates and times "
-                              "batches of several: export it with a dynamic batch axis (torch.onnx.export(..., "
-                              "dynamic_axes={'x': {0: 'batch'}}) or dynamic_shapes)")
-    _check_it_runs(path, inputs[0].name, preprocess, out[1])
-    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
-    log.debug("%s: ONNX classifier, input %s %s, %d classes%s", path, inputs[0].name, _shape_text(dims), out[1],
-             ", already quantized (Q/DQ)" if has_qdq else "")
-    return OnnxModel(path, preprocess, [str(i) for i in range(out[1])], inputs[0].name, has_qdq)
+    return graph, inputs[0], dims
 
 
 def _check_it_runs(path: Path, input_name: str, preprocess: Preprocess, classes: int) -> None:

@@ -132,14 +132,17 @@ def _run(ckpt: Checkpoint | OnnxModel, checkpoint_id: str, config: RunConfig, ru
     """Check everything that can be checked without the run directory, then take it and run the plan."""
     from compress.quantize.stage import calibration_set
 
-    onnx = ckpt if isinstance(ckpt, OnnxModel) else None
-    plan = build_plan(config, onnx=onnx)
-    if onnx is None:
-        check_feasible(ckpt.model, config)
     source = open_source(config.data.path)
     check_dataset_fits(ckpt, source)
     splits = make_splits(source, calib_size=config.data.calib_size, eval_fraction=config.data.eval_fraction,
                          seed=config.data.seed)
+    if isinstance(ckpt, OnnxModel):
+        ckpt = _lift_if_needed(ckpt, config, Subset(source, splits.calib if len(splits.calib) else splits.eval,
+                                                    ckpt.preprocess))
+    onnx = ckpt if isinstance(ckpt, OnnxModel) else None
+    plan = build_plan(config, onnx=onnx)
+    if onnx is None:
+        check_feasible(ckpt.model, config)
     eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
     calib_data = Subset(source, splits.calib, ckpt.preprocess)
     if len(eval_data) == 0:
@@ -165,6 +168,27 @@ def _run(ckpt: Checkpoint | OnnxModel, checkpoint_id: str, config: RunConfig, ru
         match_class_names(ckpt, source)  # labels are read per batch, so the splits drawn above still hold
         atomic_write_json(run_dir / "config.json", config.dump())
         return run_plan(plan, ckpt, checkpoint_id, ctx)
+
+
+def _lift_if_needed(onnx: OnnxModel, config: RunConfig, images: Subset) -> Checkpoint | OnnxModel:
+    """The ViT lifted out of ``onnx`` where a stage needs the PyTorch module (checked on 16 real images), else the
+    file as it is. A graph that cannot be lifted stays a file: ``lift_error`` says why, and the plan then runs the
+    ONNX-level stages only."""
+    from compress.model.onnx_lift import LiftError
+    from compress.model.onnx_model import lift_checkpoint
+    from compress.run.plan import TORCH_STAGES
+
+    needs = [s for s in config.stage_order() if s in TORCH_STAGES]
+    if not needs or onnx.has_qdq:
+        return onnx
+    try:
+        ckpt = lift_checkpoint(onnx.path, config, inputs=next(images.batches(16))[0])
+    except LiftError as e:
+        onnx.lift_error = str(e)
+        return onnx
+    log.info("%s: the ViT in it is lifted, so every stage runs on it (%s need the PyTorch module)", onnx.path.name,
+             ", ".join(needs))
+    return ckpt
 
 
 @dataclass

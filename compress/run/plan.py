@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compress.config import RunConfig
-from compress.errors import ConfigError
 from compress.run.context import RunContext, Stage, StageInput, StageResult
 
 if TYPE_CHECKING:
@@ -43,9 +42,9 @@ TORCH_STAGES = ("prune", "recover", "tokens")
 
 
 def build_plan(config: RunConfig, *, onnx: OnnxModel | None = None) -> list[Stage]:
-    """Every stage of the run, in order, baseline first. With ``onnx`` (a run of an ONNX file), the baseline is the
-    file, the stages that need the PyTorch module are refused in one line, and a file that already holds Q/DQ is
-    measured as it is and not quantized again."""
+    """Every stage of the run, in order, baseline first. With ``onnx`` (a run of an ONNX file no ViT was lifted
+    out of), the baseline is the file, the stages that need the PyTorch module are skipped with one line saying
+    why, and a file that already holds Q/DQ is measured as it is and not quantized again."""
     from compress.deploy.stage import deploy_stage
     from compress.prune.stage import prune_stage, recover_stage
     from compress.quantize.stage import quantize_stage
@@ -62,10 +61,12 @@ def build_plan(config: RunConfig, *, onnx: OnnxModel | None = None) -> list[Stag
         plan = [model_stage("baseline", baseline, {})]
     else:
         torch_only = [s for s in order if s in TORCH_STAGES]
-        if torch_only:
-            raise ConfigError(f"stage {torch_only[0]!r} works on the PyTorch model, and {onnx.path.name} is an ONNX "
-                              "file; run the ONNX stages only (--set 'pipeline.stages=[\"quantize\", \"deploy\"]'), "
-                              "or pass the model's checkpoint")
+        if torch_only:  # the run tried to lift a ViT out of the file and could not (run.pipeline._lift_if_needed)
+            why = onnx.lift_error or ("it already holds Q/DQ nodes" if onnx.has_qdq else "it was not tried")
+            log.warning("%s: no ViT could be lifted out of it (%s); the stages that need the PyTorch module (%s) "
+                        "are skipped, the ONNX-level stages run on the file as it is", onnx.path.name, why,
+                        ", ".join(torch_only))
+            order = [s for s in order if s not in TORCH_STAGES]
         plan = [Stage("baseline", "onnx", onnx_baseline, {"options": {"source": "onnx"}}, measured=True)]
         if onnx.has_qdq and "quantize" in order:
             log.info("%s already holds Q/DQ nodes: it is measured as it is and not quantized again", onnx.path.name)

@@ -91,23 +91,40 @@ def test_files_that_are_not_image_classifiers_are_one_line(tmp_path):
         load_onnx(flat, load_config(None, []))
 
 
-def test_stages_that_need_pytorch_are_refused_before_anything_runs(tmp_path):
-    path = _classifier(tmp_path / "m.onnx", dims=["N", 3, 16, 16])
-    config = load_config(None, [*MEAN_STD[:0], "preprocess.mean=[0.5,0.5,0.5]", "preprocess.std=[0.5,0.5,0.5]",
-                                "data.path='builtin:digits'", 'pipeline.stages=["prune", "quantize"]',
-                                "prune.heads=0.25"])
-    with pytest.raises(ConfigError, match="stage 'prune' works on the PyTorch model, and m.onnx is an ONNX file"):
-        run_pipeline(load_onnx(path, config), "m", config, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
+@pytest.mark.slow
+def test_an_onnx_export_is_lifted_for_the_stages_that_need_pytorch(checkpoint_run, tmp_path):
+    """The digits ViT's ONNX export, run with a pruning stage: the ViT is lifted out of it and every stage runs,
+    with the baseline's top-1 the checkpoint's on every runtime."""
+    ckpt_run, ckpt_result = checkpoint_run
+    source = next((ckpt_run / "artifacts").glob("baseline-*.onnx"))
+    config = load_config(None, [*DIGITS, *MEAN_STD, 'pipeline.stages=["prune"]', "prune.heads=0.25"])
+    result = run_pipeline(load_onnx(source, config), "digits-onnx", config, tmp_path / "run")
+    assert {r.stage for r in result.records} == {"baseline", "prune"}
+    for runtime in ("onnxruntime", "openvino"):
+        assert _top1(result.records, "baseline", runtime) == _top1(ckpt_result.records, "baseline", runtime)
+    assert not any("ONNX model only" in (r.reason or "") for r in result.records)  # a PyTorch module, lifted
 
 
-def _classifier(path, *, dims):
-    """A tiny ONNX graph: Flatten then MatMul to 4 logits (or a 2-D input, which no image classifier takes)."""
-    features = 48 if len(dims) == 2 else 3 * 16 * 16
-    w = helper.make_tensor("w", TensorProto.FLOAT, (features, 4), [0.01] * (features * 4))
+def test_a_graph_no_vit_can_be_lifted_from_takes_the_onnx_stages(tmp_path, caplog):
+    """A pruning stage on a graph that is no ViT: skipped with one line naming why, and the quantizer still runs."""
+    path = _classifier(tmp_path / "m.onnx", dims=["N", 1, 8, 8], classes=10)
+    config = load_config(None, [*DIGITS, *MEAN_STD, 'pipeline.stages=["prune", "quantize"]', "prune.heads=0.25"])
+    with caplog.at_level("WARNING"):
+        result = run_pipeline(load_onnx(path, config), "m", config, tmp_path / "run")
+    assert {r.stage for r in result.records} == {"baseline", "quantize"}
+    line = next(r.getMessage() for r in caplog.records if "no ViT could be lifted" in r.getMessage())
+    assert "(patch embedding: the image is reshaped to (1, 64), not cut into" in line
+    assert "the stages that need the PyTorch module (prune) are skipped" in line
+
+
+def _classifier(path, *, dims, classes=4):
+    """A tiny ONNX graph: Flatten then MatMul to logits (or a 2-D input, which no image classifier takes)."""
+    fixed = all(isinstance(d, int) for d in dims[1:])
+    features = 48 if len(dims) == 2 else dims[1] * dims[2] * dims[3] if fixed else 3 * 16 * 16
+    w = helper.make_tensor("w", TensorProto.FLOAT, (features, classes), [0.01] * (features * classes))
     nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=1), helper.make_node("MatMul", ["f", "w"], ["logits"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [dims[0], 4])], [w])
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [dims[0], classes])], [w])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     return path
 

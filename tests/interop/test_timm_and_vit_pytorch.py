@@ -1,5 +1,5 @@
-"""The real timm and vit-pytorch, not imitations of them: their randomly initialised models' state dicts go
-through our import and give their logits.
+"""The real timm and vit-pytorch, not imitations of them: their randomly initialised models' state dicts, and
+their ONNX exports, go through our import and give their logits.
 
 They need torchvision, which does not import beside the main environment's torch 2.13.0, so ``.ci/run`` builds a
 second environment (torch 2.14.1, torchvision 0.29.1, timm, vit-pytorch) and runs this folder there; elsewhere the
@@ -75,3 +75,45 @@ def test_vit_pytorch_imports_to_its_logits(tmp_path, pool):
     path = tmp_path / "vp.pt"
     torch.save(model.state_dict(), path)
     _same(model, load_checkpoint(path, {"num_heads": 4} | ({"pool": "mean"} if pool == "mean" else {})).model, 32)
+
+
+# ------------------------------------------------------------------------------------------ their ONNX exports
+# timm's switches, each in a two-block model small enough to export in a second: the ViT is lifted out of the
+# graph (compress.model.onnx_lift) and gives timm's logits
+TIMM_ONNX = ["vit_small_patch16_224", "deit_small_distilled_patch16_224", "vit_medium_patch16_gap_256",
+             "deit3_small_patch16_224", "vit_base_patch16_clip_224", "vit_small_patch14_reg4_dinov2"]
+
+
+def _export(model: torch.nn.Module, path, size: int, opset: int = 17):
+    import contextlib
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(path), dynamo=False, opset_version=opset,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    return path
+
+
+@pytest.mark.parametrize("name", TIMM_ONNX)
+def test_timm_onnx_exports_lift_to_timms_logits(tmp_path, name):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed here")
+    from compress.model.onnx_lift import lift_onnx
+
+    patch = 14 if "patch14" in name else 16
+    size = 4 * patch
+    model = _perturbed(timm.create_model(name, pretrained=False, num_classes=10, depth=2, img_size=size))
+    lifted, _ = lift_onnx(_export(model, tmp_path / "m.onnx", size), atol=1e-5)
+    _same(model, lifted, size)
+
+
+def test_vit_pytorch_onnx_export_lifts_to_its_logits(tmp_path):
+    vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not installed here")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed here")
+    from compress.model.onnx_lift import lift_onnx
+
+    model = _perturbed(vit_pytorch.ViT(image_size=32, patch_size=8, num_classes=10, dim=64, depth=2, heads=4,
+                                       mlp_dim=128))
+    lifted, _ = lift_onnx(_export(model, tmp_path / "vp.onnx", 32, opset=14), atol=1e-5)
+    _same(model, lifted, 32)
