@@ -1,8 +1,10 @@
 """The measurement record: one JSON line per (stage, runtime, precision, batch size) in ``records.jsonl``.
 
 Units are in the field names; accuracy is a fraction in [0, 1], ``top1_drop`` is in points (percent) against
-the baseline stage's PyTorch FP32 accuracy, and ``agreement`` is the share of evaluation images on which the
-prediction equals the baseline's. A runtime that cannot run a precision is recorded with ``status="skipped"``
+the baseline stage's PyTorch FP32 accuracy, with ``top1_drop_ci95`` its paired 95% interval on the same images;
+``agreement`` is the share of evaluation images on which the prediction equals the baseline's. A candidate whose
+drop is over the run's budget with confidence is scored on part of the split only (``eval_samples`` says how
+much; ``calibration.evaluate``). A runtime that cannot run a precision is recorded with ``status="skipped"``
 and the reason, rather than left out. The report reads these records and never measures anything itself.
 """
 
@@ -30,8 +32,10 @@ class StageRecord:
     reason: str | None = None
     top1: float | None = None
     top1_drop: float | None = None
+    top1_drop_ci95: list[float] | None = None  # [low, high] points: the paired 95% interval of the drop
     agreement: float | None = None
     eval_samples: int | None = None
+    eval_total: int | None = None  # the evaluation split's size: more than eval_samples where scoring stopped early
     latency_ms_p50: float | None = None
     latency_ms_p90: float | None = None
     latency_ms_p99: float | None = None
@@ -83,6 +87,10 @@ class StageRecord:
         values = {k: v for k, v in d.items() if k in _FIELD_TYPES}
         for name, value in values.items():
             _check_type(name, value, _FIELD_TYPES[name])
+        ci = values.get("top1_drop_ci95")
+        if ci is not None and (len(ci) != 2 or not all(isinstance(v, _NUMBER) and not isinstance(v, bool)
+                                                      for v in ci)):
+            raise ValueError("field 'top1_drop_ci95' must be [low, high], two numbers")
         return cls(**values)
 
 
@@ -91,8 +99,8 @@ _NUMBER = (int, float)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "stage": (str,), "runtime": (str,), "precision": (str,), "batch_size": (int,), "status": (str,),
     "reason": (str, type(None)), "env": (dict,), "schema": (str,), "structure": (dict, type(None)),
-    "calibration": (dict, type(None)), "float_layers": (list, type(None)),
-    **{name: (int, type(None)) for name in ("eval_samples", "iterations", "threads", "params", "macs")},
+    "calibration": (dict, type(None)), "float_layers": (list, type(None)), "top1_drop_ci95": (list, type(None)),
+    **{name: (int, type(None)) for name in ("eval_samples", "eval_total", "iterations", "threads", "params", "macs")},
     **{name: (str, type(None)) for name in ("artifact", "stage_key", "dataset", "run_id", "timestamp", "candidate",
                                             "quantizer")},
 }

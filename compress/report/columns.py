@@ -45,6 +45,14 @@ def _num(attr: str, spec: str, scale: float = 1.0) -> tuple[Callable[[StageRecor
     return text, value
 
 
+def _drop_ci(r: StageRecord) -> str:
+    if r.top1_drop_ci95 is None:
+        return "–"
+    low, high = r.top1_drop_ci95
+    stopped = r.eval_total is not None and r.eval_samples is not None and r.eval_samples < r.eval_total
+    return f"{low:+.2f} to {high:+.2f}" + (f" (stopped at {r.eval_samples:,} of {r.eval_total:,})" if stopped else "")
+
+
 def _mean_std(r: StageRecord) -> str:
     return "–" if r.latency_ms_mean is None else f"{r.latency_ms_mean:.3f} ± {r.latency_ms_std or 0:.3f}"
 
@@ -57,6 +65,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("batch", lambda r: str(r.batch_size), lambda r: r.batch_size, console="batch", key=True),
     Column("top-1 %", *_num("top1", ".2f", 100), console="top-1"),
     Column("drop pt", *_num("top1_drop", "+.2f"), console="drop"),
+    Column("drop 95% CI", _drop_ci, lambda r: None if r.top1_drop_ci95 is None else r.top1_drop_ci95[0]),
     Column("agree", *_num("agreement", ".3f"), console="agree"),
     Column("p50 ms", *_num("latency_ms_p50", ".3f"), console="p50 ms"),
     Column("p90 ms", *_num("latency_ms_p90", ".3f")),

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibration.evaluate import EvalResult, evaluate_top1
+from calibration.evaluate import EvalResult, evaluate_top1, paired_drop
 from compress.env import environment
 from compress.records import StageRecord
 from compress.run.context import RunContext, now
@@ -107,14 +107,23 @@ def measure_engine(engine, label: str, record: Recorder | LazyRecorder, ctx: Run
     there is one, else the drop is against ``reference_top1`` and agreement is unknown.
     """
     m = ctx.config.measure
-    result = evaluate_top1(engine.run, ctx.eval_data, batch_size=m.eval_batch_size,
-                           progress=(lambda d, t: ctx.say(label, d, t)) if ctx.progress else None)
     reference = record.reference
+    result = evaluate_top1(engine.run, ctx.eval_data, batch_size=m.eval_batch_size,
+                           progress=(lambda d, t: ctx.say(label, d, t)) if ctx.progress else None,
+                           reference=reference, stop_above=ctx.config.pipeline.max_drop)
     against = reference.top1 if reference is not None else reference_top1
     against = result.top1 if against is None else against
-    accuracy = {"top1": result.top1, "eval_samples": result.num_samples,
+    accuracy = {"top1": result.top1, "eval_samples": result.num_samples, "eval_total": result.total,
                 "top1_drop": round((against - result.top1) * 100, 4),
                 "agreement": result.agreement(reference) if reference is not None else None}
+    paired = paired_drop(reference, result) if reference is not None else None
+    if paired is not None:
+        # the drop on the images both scored, with its paired interval: equal to the drop above on a whole split
+        accuracy |= {"top1_drop": round(paired[0], 4), "top1_drop_ci95": [round(paired[1], 4), round(paired[2], 4)]}
+    if result.stopped_early:
+        log.info("%s: scoring stopped after %d of %d images: top-1 drop %+.2f pt, above the %.2f pt budget with 95%% "
+                 "confidence", label, result.num_samples, result.total, accuracy["top1_drop"],
+                 ctx.config.pipeline.max_drop)
     records = []
     for batch in m.batch_sizes:
         stats = ctx.time(engine, ctx.latency_input[:batch])

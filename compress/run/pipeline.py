@@ -264,8 +264,10 @@ def _resume(stage: Stage, key: str, state: _State, ctx: RunContext) -> bool:
         state.onnx = onnx_path
         preds_path = ctx.run_dir / "stages" / f"{stage.name}-{key}.reference.npy"
         if preds_path.exists():
-            state.reference = EvalResult(_reference_top1(state.records, stage.name), np.load(preds_path),
-                                         len(ctx.eval_data))
+            saved = np.load(preds_path)
+            predictions, correct = (saved[0], saved[1].astype(bool)) if saved.ndim == 2 else (saved, None)
+            state.reference = EvalResult(_reference_top1(state.records, stage.name), predictions,
+                                         len(ctx.eval_data), correct)
     state.key, state.stage = key, stage.name
     return True
 
@@ -318,7 +320,9 @@ def _measure_into(state: _State, stage: Stage, key: str, result: StageResult, mo
                                               precisions=precisions)
     if state.reference is not None and not had_reference:  # this stage set the reference: keep it for resuming
         buffer = io.BytesIO()
-        np.save(buffer, state.reference.predictions)
+        ref = state.reference  # (2, N): predictions, and whether each was right (for paired drop intervals)
+        np.save(buffer, np.stack([ref.predictions, ref.correct.astype(np.int64)]) if ref.correct is not None
+                else ref.predictions)
         preds_path = ctx.run_dir / "stages" / f"{stage.name}-{key}.reference.npy"
         atomic_write(preds_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     state.records += result.records + measured  # the settings it tried, then what it chose

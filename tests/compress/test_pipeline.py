@@ -38,6 +38,7 @@ def test_records_for_every_runtime_precision_and_batch(tmp_path, tiny_vit, digit
     assert torch_fp32.top1_drop == 0 and torch_fp32.agreement == 1.0 and torch_fp32.eval_samples == 40
     ort = next(r for r in ok if r.runtime == "onnxruntime")
     assert ort.agreement == 1.0 and ort.top1 == torch_fp32.top1
+    assert ort.top1_drop_ci95 == [0.0, 0.0] and ort.eval_total == ort.eval_samples == 40  # same answers, paired
     assert all(0 <= r.top1 <= 1 and r.macs > 0 and r.params > 0 and r.size_mb > 0 for r in ok)
     assert all((tmp_path / "run" / r.artifact).exists() for r in ok)
     skipped = [r for r in records if r.status == "skipped"]
