@@ -42,6 +42,7 @@ class StageRecord:
     latency_ms_mean: float | None = None
     latency_ms_std: float | None = None
     throughput_ips: float | None = None
+    latency_verdict: str | None = None  # "stable", or "noisy: <why>" (runtimes.noise): how far to trust the timing
     gpu_compute_ms_p50: float | None = None  # TensorRT: CUDA-event time of the network alone, without copies
     gpu_compute_ms_p90: float | None = None
     gpu_compute_ms_p99: float | None = None
@@ -102,6 +103,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "calibration": (dict, type(None)), "float_layers": (list, type(None)), "top1_drop_ci95": (list, type(None)),
     **{name: (int, type(None)) for name in ("eval_samples", "eval_total", "iterations", "threads", "params", "macs")},
     **{name: (str, type(None)) for name in ("artifact", "stage_key", "dataset", "run_id", "timestamp", "candidate",
+                                            "latency_verdict",
                                             "quantizer")},
 }
 for _f in fields(StageRecord):

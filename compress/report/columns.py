@@ -71,6 +71,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("p90 ms", *_num("latency_ms_p90", ".3f")),
     Column("p99 ms", *_num("latency_ms_p99", ".3f")),
     Column("mean ± std ms", _mean_std, lambda r: r.latency_ms_mean, markdown=False),
+    Column("timing", lambda r: r.latency_verdict or "–"),  # "stable", or "noisy: <why>" (runtimes.noise)
     Column("img/s", *_num("throughput_ips", ",.0f"), console="img/s"),
     Column("params", *_num("params", ",")),
     Column("MMACs", *_num("macs", ",.1f", 1e-6)),

@@ -134,8 +134,33 @@ def measure_engine(engine, label: str, record: Recorder | LazyRecorder, ctx: Run
 
 
 def timing_fields(stats) -> dict[str, Any]:
-    """The latency statistics a record keeps (``LatencyStats`` has more, e.g. the minimum, than a record holds)."""
-    return {k: v for k, v in stats.to_dict().items() if k in StageRecord.__dataclass_fields__}
+    """The latency statistics a record keeps (``LatencyStats`` has more, e.g. the minimum, than a record holds),
+    with the verdict on how far to trust them."""
+    from runtimes.noise import spread_verdict
+
+    fields = {k: v for k, v in stats.to_dict().items() if k in StageRecord.__dataclass_fields__}
+    return fields | {"latency_verdict": spread_verdict(stats.latency_ms_p50, stats.latency_ms_p90,
+                                                       stats.latency_ms_mean)}
+
+
+def mark_repeats(records: list[StageRecord]) -> list[StageRecord]:
+    """Records of one artifact timed more than once in the run (same runtime, precision and batch) whose medians
+    disagree, marked noisy with both figures: the machine was busy during one of them."""
+    import dataclasses
+
+    from runtimes.noise import repeat_verdict
+
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(records):
+        if r.status == "ok" and r.artifact and r.latency_ms_p50:
+            groups.setdefault((r.artifact, r.runtime, r.precision, r.batch_size), []).append(i)
+    out = list(records)
+    for members in groups.values():
+        verdict = repeat_verdict([records[i].latency_ms_p50 for i in members])
+        if verdict is not None:
+            for i in members:
+                out[i] = dataclasses.replace(records[i], latency_verdict=verdict)
+    return out
 
 
 def skipped(record: Recorder | LazyRecorder, ctx: RunContext, *, runtime: str, reason: str, **fields: Any) -> list[StageRecord]:

@@ -38,7 +38,7 @@ from compress.model.onnx_model import OnnxModel
 from compress.records import StageRecord, read_records
 from compress.report.markdown import write_markdown_report
 from compress.run.context import Progress, RunContext, Stage, StageInput, StageResult, now
-from compress.run.measure import Recorder, measure_float, openvino_parity
+from compress.run.measure import Recorder, mark_repeats, measure_float, openvino_parity
 from compress.run.plan import build_plan, check_feasible
 from export.onnx_export import export_onnx
 from runtimes import default_threads
@@ -234,6 +234,7 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
         else:
             state.records += result.records
             marker = result.notes | {"key": key, "finished": now()}  # the notes never overwrite the key
+        state.records = mark_repeats(state.records)  # an artifact timed twice with different results: noisy
         atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in state.records))
         atomic_write_json(run_dir / "stages" / f"{stage.name}.json", marker)  # the stage is done once this exists
         if state_dir.exists():  # resumable training state is only needed until the stage is marked done

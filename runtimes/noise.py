@@ -1,0 +1,53 @@
+"""How far to trust a latency figure, and ranking engines whose figures are too close to call.
+
+This machine is shared: a figure taken while something else ran can be twice the true one, and a choice made
+from it flips between runs (a demo's tokens stage picked ToMe over EViT by 0.04 ms of noise). So every timing
+gets a verdict, and a choice between engines whose medians are close is re-timed **interleaved**: each round
+times every engine once, in turn, so that a slow spell hits all of them, and the ranking is by the median over
+rounds (the same idea as timing paired A/B runs in alternation rather than in two blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from runtimes.base import Engine, measure_latency
+
+SPREAD = 0.25  # p90 more than 25% above p50: the timings scatter too much to rank by
+TAIL = 1.5  # a mean more than 1.5x the median: outliers (another process ran in between)
+REPEAT_DISAGREE = 1.3  # the same artifact timed twice in one run, medians more than 1.3x apart
+CLOSE = 0.10  # engines within 10% of the fastest are re-timed before one is chosen
+
+
+def spread_verdict(p50: float | None, p90: float | None, mean: float | None) -> str:
+    """``"stable"``, or ``"noisy: <why>"`` from one measurement's own spread."""
+    if not p50 or p90 is None or mean is None:
+        return "stable"
+    if (p90 - p50) / p50 > SPREAD:
+        return f"noisy: p90 {(p90 - p50) / p50:.0%} above p50"
+    if mean / p50 > TAIL:
+        return f"noisy: mean {mean / p50:.1f}x p50 (outliers)"
+    return "stable"
+
+
+def repeat_verdict(p50s: list[float]) -> str | None:
+    """``"noisy: ..."`` when the same artifact, timed several times, gave medians too far apart; else None."""
+    if len(p50s) < 2 or min(p50s) <= 0 or max(p50s) / min(p50s) <= REPEAT_DISAGREE:
+        return None
+    return f"noisy: the same artifact timed {len(p50s)} times in this run, p50 {min(p50s):.3f} to {max(p50s):.3f} ms"
+
+
+def interleaved(engines: Mapping[str, Engine], x: np.ndarray, *, threads: int, rounds: int = 7,
+                iterations: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Each engine's median latency (ms) over ``rounds`` rounds, every round timing every engine once in turn
+    (``iterations`` calls each, their median kept)."""
+    per_round: dict[str, list[float]] = {name: [] for name in engines}
+    for r in range(rounds):
+        order = list(engines) if r % 2 == 0 else list(engines)[::-1]  # neither is always first after a pause
+        for name in order:
+            stats = measure_latency(engines[name], x, threads=threads, warmup=warmup if r == 0 else 1,
+                                    iterations=iterations, max_seconds=5.0, min_iterations=3)
+            per_round[name].append(stats.latency_ms_p50)
+    return {name: float(np.median(v)) for name, v in per_round.items()}
