@@ -75,6 +75,7 @@ class MeasureConfig(Section):
     iterations: int = Field(50, ge=1)
     max_seconds: float = Field(10.0, gt=0)  # per (runtime, precision, batch); stops earlier iterations
     eval_batch_size: int = Field(64, ge=1)
+    profile: bool = True  # per-layer profile (runtimes.profile) of every engine at the first batch size
 
 
 class PruneConfig(Section):

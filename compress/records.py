@@ -62,6 +62,8 @@ class StageRecord:
     quantizer: str | None = None  # the library call that made the candidate
     calibration: dict[str, Any] | None = None  # {"method", "size", "source"}; None when none was used
     float_layers: list[dict[str, str]] | None = None  # [{"name", "reason"}] layers kept out of INT8
+    # where the time goes (runtimes.profile.summarize): total, per op class, per layer with the executed precision
+    profile: dict[str, Any] | None = None
     env: dict[str, Any] = field(default_factory=dict)
     schema: str = SCHEMA
 
@@ -100,6 +102,7 @@ _NUMBER = (int, float)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "stage": (str,), "runtime": (str,), "precision": (str,), "batch_size": (int,), "status": (str,),
     "reason": (str, type(None)), "env": (dict,), "schema": (str,), "structure": (dict, type(None)),
+    "profile": (dict, type(None)),
     "calibration": (dict, type(None)), "float_layers": (list, type(None)), "top1_drop_ci95": (list, type(None)),
     **{name: (int, type(None)) for name in ("eval_samples", "eval_total", "iterations", "threads", "params", "macs")},
     **{name: (str, type(None)) for name in ("artifact", "stage_key", "dataset", "run_id", "timestamp", "candidate",

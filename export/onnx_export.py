@@ -137,6 +137,10 @@ def name_weighted_nodes(proto: onnx.ModelProto, model: nn.Module) -> int:
         used.add(module)
         node.name = module
         count += 1
+        consumers = [n for n in graph.node if node.output[0] in n.input]
+        if len(consumers) == 1 and consumers[0].op_type == "Add" and f"{module}.bias" not in used:
+            consumers[0].name = f"{module}.bias"  # runtimes fuse the bias into the product and keep this name
+            used.add(consumers[0].name)
         if weight not in renamed and f"{module}.weight" not in initializers:
             renamed[weight] = f"{module}.weight"
     for old, new in renamed.items():

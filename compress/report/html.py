@@ -35,6 +35,7 @@ from compress.errors import InputError
 from compress.io import atomic_write, atomic_write_text, read_json
 from compress.records import StageRecord, pareto_front, read_records
 from compress.report.columns import COLUMNS, fmt
+from compress.report.profiles import profile_views
 
 log = logging.getLogger(__name__)
 
@@ -802,6 +803,7 @@ def _run_view(run: Run, figures: Sequence[Figure], anchor: str) -> dict[str, Any
                       for r in run.records if r.status != "ok"})
     return {"anchor": anchor, "label": run.label, "path": str(run.path), "cards": _run_cards(run),
             "chain": _chain_view(run.chain), "figures": list(figures),
+            "profiles": profile_views(list(run.records), (run.chain.get("selected") or {}).get("record")),
             "records": [_record_row(r, marks.get(i)) for i, r in enumerate(run.records)], "skipped": skipped}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from compress.io import atomic_write_text, read_json
 from compress.records import StageRecord
 from compress.report.columns import MARKDOWN, fmt, rows
+from compress.report.profiles import markdown_section, profile_views
 
 def markdown_table(records: list[StageRecord]) -> str:
     lines = ["| " + " | ".join(c.heading for c in MARKDOWN) + " |", "|" + "---|" * len(MARKDOWN)]
@@ -163,6 +164,8 @@ def markdown_report(run_dir: Path, records: list[StageRecord]) -> str:
         "",
     ]
     parts += _chain_section(run_dir)
+    chain = read_json(run_dir / "stages" / "pipeline.json") or {}
+    parts += markdown_section(profile_views(records, (chain.get("selected") or {}).get("record")))
     parts += _pruning_section([r for r in ok if r.stage != "tokens"])
     parts += _tokens_section(run_dir)
     parts += _quantization_section(run_dir, [r for r in records if r.stage == "quantize"])

@@ -127,10 +127,36 @@ def measure_engine(engine, label: str, record: Recorder | LazyRecorder, ctx: Run
     records = []
     for batch in m.batch_sizes:
         stats = ctx.time(engine, ctx.latency_input[:batch])
-        records.append(record(runtime=runtime, **fields, **accuracy, **timing_fields(stats)))
+        kept_float = {d.get("name") for d in fields.get("float_layers") or []}  # the quantizer's choice, not a loss
+        profile = layer_profile(engine, ctx.latency_input[:batch], label, int8=fields.get("precision") == "int8",
+                                kept_float=kept_float) if m.profile and batch == m.batch_sizes[0] else None
+        records.append(record(runtime=runtime, **fields, **accuracy, **timing_fields(stats),
+                              **({"profile": profile} if profile else {})))
     log.info("%s: top-1 %.4f, p50 %.2f ms at batch %d", label, result.top1, records[0].latency_ms_p50,
              m.batch_sizes[0])
     return records, result
+
+
+def layer_profile(engine, x: np.ndarray, label: str, *, int8: bool, kept_float: set[str] = frozenset()
+                  ) -> dict[str, Any] | None:
+    """Where ``engine``'s time goes at the batch of ``x`` (``runtimes.profile``), for the runtimes that say; the
+    linear layers of an INT8 model that did not execute in INT8 (and that its quantizer did not keep in float on
+    purpose, ``kept_float``) are named in the log too."""
+    from runtimes.profile import summarize
+
+    if not hasattr(engine, "profile"):
+        return None
+    try:
+        profile = summarize(engine.profile(x), int8_expected=int8)
+    except Exception as e:  # a profiler that fails costs the profile, never the measurement
+        log.warning("%s: no per-layer profile (%s)", label, str(e).splitlines()[0][:160] if str(e) else type(e).__name__)
+        return None
+    if "not_int8" in profile:
+        profile["not_int8"] = [n for n in profile["not_int8"] if n not in kept_float]
+    if profile.get("not_int8"):
+        log.warning("%s: %d linear layer(s) meant for INT8 ran in another precision: %s", label,
+                    len(profile["not_int8"]), ", ".join(profile["not_int8"][:6]))
+    return profile
 
 
 def timing_fields(stats) -> dict[str, Any]:
