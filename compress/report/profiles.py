@@ -38,7 +38,8 @@ def _view(r: StageRecord, base: StageRecord | None) -> dict[str, Any]:
         total = layer["ms"] or 1.0
         precisions = sorted(layer["precision_ms"].items(), key=lambda kv: -kv[1])
         layers.append({"layer": layer["layer"], "ms": layer["ms"],
-                       "executed": ", ".join(f"{name} {ms / total:.0%}" for name, ms in precisions if ms > 0)})
+                       "executed": ", ".join(f"{'unreported' if name == '?' else name} {ms / total:.0%}"
+                                             for name, ms in precisions if ms > 0)})
     title = f"{r.candidate or r.stage} on {r.runtime} ({r.precision}, batch {r.batch_size})"
     return {"title": title, "record": r, "total_ms": p["total_ms"], "p50": r.latency_ms_p50,
             "int8_share": p.get("linear_int8_share"), "not_int8": p.get("not_int8") or [],

@@ -179,7 +179,7 @@ def test_single_run_page_is_self_contained_with_every_record(tmp_path, digits_ru
     for row, r in zip(rows, records):
         assert row[:5] == [r.stage, r.candidate or "", r.runtime, r.precision, str(r.batch_size)]
         if r.status == "ok":
-            assert row[6] == f"{r.top1 * 100:.2f}" and row[9:12] == [
+            assert row[6] == f"{r.top1 * 100:.2f}" and row[10:13] == [
                 f"{r.latency_ms_p50:.3f}", f"{r.latency_ms_p90:.3f}", f"{r.latency_ms_p99:.3f}"]
         else:
             assert row[5] == f"skipped: {r.reason}" and len(row) == 6
@@ -198,6 +198,8 @@ def test_single_run_page_is_self_contained_with_every_record(tmp_path, digits_ru
     linked = re.findall(r"!\[[^\]]*\]\((report-figures/[^)]+\.png)\)", markdown)
     assert len(linked) == 3 and all((run_dir / link).is_file() for link in linked)
     assert "| baseline |  | onnxruntime | fp32 | 1 |" in markdown  # the run's full table is still there
+    assert "## Where the time goes" in markdown and "Where the time goes: " in text  # the chosen engine's profile
+    assert "| block 0 attention |" in markdown
     after = _snapshot(run_dir)
     assert {k: v for k, v in after.items() if k in before and k != "report.md"} == {
         k: v for k, v in before.items() if k != "report.md"}  # only the report's own files changed
