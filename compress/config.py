@@ -84,10 +84,13 @@ class PruneConfig(Section):
     enabled: bool = False
     heads: float = Field(0.0, ge=0, lt=1)  # share of all attention heads removed
     mlp: float = Field(0.0, ge=0, lt=1)  # share of all MLP hidden units removed
-    importance: Literal["taylor", "l2"] = "taylor"
+    importance: Literal["taylor", "fisher", "l2"] = "taylor"  # fisher: squared per-image gradients (Kwon et al.)
     # Taylor loss against: the labels, the unpruned model's top-1 predictions, or its soft predictions
     targets: Literal["labels", "predictions", "soft"] = "labels"
     importance_samples: int = Field(256, ge=1)  # images of the calibration split scored for Taylor importance
+    # after each pruning, scale the kept heads and units (and refit their biases) by per-layer least squares on
+    # calibration images, no training (compress.prune.reconstruct; Kwon et al. 2022's mask tuning)
+    reconstruct: bool = False
     min_heads_per_layer: int = Field(1, ge=1)
     mlp_round_to: int = Field(1, ge=1)  # keep a multiple of this many MLP units per layer (aligned GEMM widths)
     scope: Literal["global", "layer"] = "global"  # rank all layers together, or remove the same share from each

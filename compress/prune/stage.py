@@ -36,11 +36,13 @@ def prune_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             result = prune_to_target(model, importance, lambda m: _latency_ms(m, ctx), p.target_latency_ms,
                                      what="latency", unit=f"ms ({p.target_runtime}, batch {p.target_batch})",
                                      min_heads=p.min_heads_per_layer, mlp_round_to=p.mlp_round_to, scope=p.scope)
+        repaired = _reconstructed(result.model, model, ctx)
         return StageResult(model=result.model, notes={"importance": importance.method, "ratio": result.ratio,
-                                                      "trail": result.trail, "structure": structure(result.model)})
+                                                      "trail": result.trail, "structure": structure(result.model)}
+                           | ({"reconstruct": repaired} if repaired else {}))
     original = structure(model)
     total_heads, total_units = sum(original["heads"]), sum(original["mlp"])
-    recovery = []
+    recovery, repairs, unpruned = [], [], model
     for i in range(1, p.iterations + 1):
         importance = _importance(model, ctx)  # re-scored on the current (partly pruned, recovered) model
         now = structure(model)
@@ -50,11 +52,15 @@ def prune_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                                mlp_round_to=p.mlp_round_to, scope=p.scope)
         log.info("prune %d/%d: heads %s, MLP units %s", i, p.iterations, structure(model)["heads"],
                  structure(model)["mlp"])
+        repaired = _reconstructed(model, unpruned, ctx)
+        if repaired:
+            repairs.append(repaired)
         if i < p.iterations and ctx.config.recover.epochs > 0:
             recovery.append(distill(model, ctx, epochs=ctx.config.recover.epochs / p.iterations,
                                     tag=f"iteration{i}", state_dir=inp.state_dir))
     notes = {"importance": importance.method, "structure": structure(model)} | ({"recovery": recovery} if recovery
-                                                                                else {})
+                                                                                else {}) | (
+        {"reconstruct": repairs} if repairs else {})
     return StageResult(model=model, notes=notes)
 
 
@@ -80,11 +86,24 @@ def _importance(model, ctx: RunContext):
     if len(rows) == 0:
         rows = ctx.train_data.indices[: p.importance_samples]
     data = Subset(ctx.calib_data.source, rows, ctx.calib_data.preprocess)
-    log.info("prune: Taylor importance on %d images (%s)", len(data), p.targets)
+    log.info("prune: %s importance on %d images (%s)", p.importance.capitalize(), len(data), p.targets)
     # Scores are summed per image, so the batch size changes only memory: a ViT-B at 224 keeps ~190 MB of
     # activations per image for the backward pass, so large models go 8 at a time.
     batch = 8 if sum(q.numel() for q in model.parameters()) > 50e6 else 32
-    return taylor_importance(model, data.batches(batch), targets=p.targets, teacher=ctx.teacher)
+    return taylor_importance(model, data.batches(batch), targets=p.targets, teacher=ctx.teacher,
+                             fisher=p.importance == "fisher")
+
+
+def _reconstructed(pruned, original, ctx: RunContext) -> dict | None:
+    """``pruned`` repaired by least squares against ``original`` (``prune.reconstruct``), on up to 256 calibration
+    images; the notes say how far the stream error fell."""
+    from compress.prune.reconstruct import reconstruct
+
+    if not ctx.config.prune.reconstruct:
+        return None
+    data = ctx.calib_data if len(ctx.calib_data) else ctx.train_data
+    rows = data.indices[:256]
+    return reconstruct(pruned, original, (x for x, _ in Subset(data.source, rows, data.preprocess).batches(32)))
 
 
 def _latency_ms(model, ctx: RunContext) -> float:

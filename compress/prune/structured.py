@@ -91,9 +91,11 @@ def l2_importance(model: VisionTransformer) -> Importance:
 
 def taylor_importance(
     model: VisionTransformer, batches: Iterable[tuple[np.ndarray, np.ndarray]], *, targets: str = "labels",
-    teacher: VisionTransformer | None = None,
+    teacher: VisionTransformer | None = None, fisher: bool = False,
 ) -> Importance:
-    """Michel et al.'s head importance (and the same for MLP units) accumulated over ``batches``."""
+    """Michel et al.'s head importance (and the same for MLP units) accumulated over ``batches``; with ``fisher``,
+    the squares of the per-image gradients instead of their magnitudes: the diagonal of the Fisher information of
+    the masks, Kwon et al.'s (NeurIPS 2022) score for post-training pruning."""
     check_layout(model)
     if targets not in ("labels", "predictions", "soft"):
         raise PruneError(f"unknown importance targets {targets!r}; use 'labels', 'predictions' or 'soft'")
@@ -142,9 +144,11 @@ def taylor_importance(
                 for i, block in enumerate(model.blocks):
                     act = captured[("head", i)]  # (B, N, H*hd)
                     per_image = (act.grad * act).reshape(act.shape[0], act.shape[1], block.attn.num_heads, -1)
-                    heads[i] += per_image.sum((1, 3)).abs().sum(0).double()  # sum over images of |dL/dxi_h|
+                    g_heads = per_image.sum((1, 3))  # (B, H): dL/dxi_h per image
                     hidden = captured[("unit", i)]  # (B, N, M)
-                    units[i] += (hidden.grad * hidden).sum(1).abs().sum(0).double()
+                    g_units = (hidden.grad * hidden).sum(1)  # (B, M)
+                    heads[i] += (g_heads.square() if fisher else g_heads.abs()).sum(0).double()
+                    units[i] += (g_units.square() if fisher else g_units.abs()).sum(0).double()
             captured.clear()
     finally:
         for handle in handles:
@@ -152,7 +156,8 @@ def taylor_importance(
         for p, flag in zip(model.parameters(), params):
             p.requires_grad_(flag)
         model.train(was_training)
-    return Importance([h.numpy() for h in heads], [u.numpy() for u in units], f"taylor-{targets}")
+    return Importance([h.numpy() for h in heads], [u.numpy() for u in units],
+                      f"{'fisher' if fisher else 'taylor'}-{targets}")
 
 
 # -------------------------------------------------------------------------------------------- selection

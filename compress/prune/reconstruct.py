@@ -1,0 +1,153 @@
+"""Repair a pruned ViT from calibration images alone: per-layer least squares on the kept heads and units.
+
+After heads and MLP units are removed, each block's branch output is a sum over what is left: the attention
+branch is ``sum_h W_o[:, h] o_h`` over the kept heads, the MLP branch ``sum_k W2[:, k] h_k`` over the kept units.
+Kwon et al. (NeurIPS 2022, "A Fast Post-Training Pruning Framework for Transformers", their *mask tuning*) give
+each kept head and unit a scale ``m`` and choose the scales that best reconstruct the unpruned model's outputs,
+layer by layer, by linear least squares; the scales fold into ``W_o`` and ``W2``, so the model keeps its shape
+and nothing is trained.
+
+Here the target of each branch is the **unpruned model's residual stream** after that branch, and the input is
+the **pruned model's** stream so far: each layer also undoes the drift the layers before it left. The normal
+equations need only Gram matrices, accumulated batch by batch: for the MLP,
+``G = (H^T H) * (W2^T W2)`` (elementwise) and ``b_k = sum_d W2[d, k] (T^T H)[d, k]``, with ``H`` the kept units'
+activations over every token and ``T`` the target less what does not depend on ``m``. A small ridge towards
+``m = 1`` keeps scales of rarely active units where they were. Pre-norm blocks only (every checkpoint layout this
+tool reads but the post-norm ``nn.TransformerEncoder`` ones).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from compress.model.vit import Block, VisionTransformer
+from compress.prune.structured import PruneError
+
+log = logging.getLogger(__name__)
+
+RIDGE = 1e-3  # relative to the Gram matrix's mean diagonal
+
+
+def reconstruct(pruned: VisionTransformer, original: VisionTransformer, images: Iterable[np.ndarray]) -> dict:
+    """Scale ``pruned``'s kept heads and MLP units in place so that, block by block, its residual stream follows
+    ``original``'s on ``images`` (batches of (B, C, H, W) float32). Returns the mean squared stream error after the
+    last block, before and after, for the log and the stage's notes."""
+    if not pruned.config.pre_norm or not original.config.pre_norm:
+        raise PruneError("least-squares reconstruction (prune.reconstruct) works on pre-norm blocks; this model "
+                         "has post-norm ones: recover with distillation instead (recover.epochs)")
+    if pruned.token_reduction is not None or original.token_reduction is not None:
+        raise PruneError("prune.reconstruct runs before token reduction; put the prune stage first")
+    batches = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in images]
+    if not batches:
+        raise PruneError("prune.reconstruct needs calibration images; set data.calib_size above 0")
+    with torch.no_grad():
+        ours = [pruned.embed(x) for x in batches]  # (B, T, D): the pruning left the embedding as it was
+        theirs = [original.embed(x) for x in batches]
+        before = _stream_error(pruned, original, batches)
+        for block, reference in zip(pruned.blocks, original.blocks):
+            # the unpruned block's branch on the pruned model's own stream: what this layer should add to it
+            targets = [x + reference.ls1(reference.attn(reference.norm1(x))) for x in ours]
+            _tune_heads(block, ours, targets)
+            ours = [x + block.ls1(block.attn(block.norm1(x))) for x in ours]
+            targets = [x + reference.ls2(reference.mlp(reference.norm2(x))) for x in ours]
+            _tune_units(block, ours, targets)
+            ours = [x + block.ls2(block.mlp(block.norm2(x))) for x in ours]
+            theirs = [t + reference.ls1(reference.attn(reference.norm1(t))) for t in theirs]
+            theirs = [t + reference.ls2(reference.mlp(reference.norm2(t))) for t in theirs]
+        after = float(np.mean([((pruned.norm(o) - original.norm(t)) ** 2).mean().item() for o, t in zip(ours, theirs)]))
+    log.info("prune: least-squares reconstruction on %d images: final-stream error %.4g -> %.4g",
+             sum(len(x) for x in batches), before, after)
+    return {"images": sum(len(x) for x in batches), "stream_mse_before": before, "stream_mse_after": after}
+
+
+def _stream_error(pruned: VisionTransformer, original: VisionTransformer, batches: list[torch.Tensor]) -> float:
+    return float(np.mean([((pruned.forward_features(x) - original.forward_features(x)) ** 2).mean().item()
+                          for x in batches]))
+
+
+def _gamma(ls: torch.nn.Module, dim: int) -> torch.Tensor:
+    return ls.gamma if hasattr(ls, "gamma") else torch.ones(dim)
+
+
+def _channel_weights(targets: list[torch.Tensor]) -> torch.Tensor:
+    """1 / the standard deviation of each channel of the target stream: an error is judged relative to how much
+    its channel varies (a ViT's residual stream carries a few channels hundreds of times larger than the rest,
+    which would otherwise decide the fit alone)."""
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]).double()
+    return 1.0 / x.std(0).clamp_min(1e-6)
+
+
+def _tune_heads(block: Block, streams: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    """Per-head scales of ``attn.proj``'s input columns: its output, over every token, against the target."""
+    attn = block.attn
+    H, hd, D = attn.num_heads, attn.head_dim, attn.proj.out_features
+    gamma = _gamma(block.ls1, D).double()
+    s = _channel_weights(targets)
+    W = attn.proj.weight.double() * (gamma * s)[:, None]  # (D, H*hd): LayerScale and channel weights folded in
+    gram = torch.zeros(H, H, dtype=torch.float64)
+    rhs = torch.zeros(H, dtype=torch.float64)
+    f_sum = torch.zeros(H, D, dtype=torch.float64)
+    r_sum = torch.zeros(D, dtype=torch.float64)
+    n = 0
+    for x, target in zip(streams, targets):
+        q, k, v = attn.split_heads(block.norm1(x))  # (B, H, T, hd) each
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, H, T, hd)
+        o = o.transpose(1, 2).reshape(-1, H, hd).double()  # (tokens, H, hd)
+        features = torch.einsum("thc,dhc->thd", o, W.view(D, H, hd))  # (tokens, H, D): each head's contribution
+        rest = ((target - x).reshape(-1, D).double() - gamma * attn.proj.bias.double()) * s  # what the heads make
+        gram += torch.einsum("thd,tjd->hj", features, features)
+        rhs += torch.einsum("thd,td->h", features, rest)
+        f_sum += features.sum(0)
+        r_sum += rest.sum(0)
+        n += len(rest)
+    f_mean, r_mean = f_sum / n, r_sum / n  # centred: the bias is fitted beside the scales
+    gram -= n * f_mean @ f_mean.T
+    rhs -= n * f_mean @ r_mean
+    scales = _solve(gram, rhs)
+    shift = (r_mean - scales @ f_mean) / (gamma * s)  # the bias change, back in the layer's own units
+    with torch.no_grad():
+        attn.proj.weight.mul_(scales.repeat_interleave(hd).to(attn.proj.weight.dtype)[None, :])
+        attn.proj.bias.add_(shift.to(attn.proj.bias.dtype))
+
+
+def _tune_units(block: Block, streams: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    """Per-unit scales of ``mlp.fc2``'s input columns, from Gram matrices: ``(H^T H) * (W2^T W2)``."""
+    mlp = block.mlp
+    D, K = mlp.fc2.out_features, mlp.fc2.in_features
+    gamma = _gamma(block.ls2, D).double()
+    s = _channel_weights(targets)
+    W = mlp.fc2.weight.double() * (gamma * s)[:, None]  # (D, K)
+    hth = torch.zeros(K, K, dtype=torch.float64)
+    tth = torch.zeros(D, K, dtype=torch.float64)
+    h_sum = torch.zeros(K, dtype=torch.float64)
+    r_sum = torch.zeros(D, dtype=torch.float64)
+    n = 0
+    for x, target in zip(streams, targets):
+        h = mlp.act(mlp.fc1(block.norm2(x))).reshape(-1, K).double()  # (tokens, K)
+        rest = ((target - x).reshape(-1, D).double() - gamma * mlp.fc2.bias.double()) * s  # (tokens, D)
+        hth += h.T @ h
+        tth += rest.T @ h
+        h_sum += h.sum(0)
+        r_sum += rest.sum(0)
+        n += len(h)
+    h_mean, r_mean = h_sum / n, r_sum / n  # centred: the bias is fitted beside the scales
+    hth -= n * torch.outer(h_mean, h_mean)
+    tth -= n * torch.outer(r_mean, h_mean)
+    gram = hth * (W.T @ W)
+    rhs = (tth * W).sum(0)
+    scales = _solve(gram, rhs)
+    shift = (r_mean - W @ (scales * h_mean)) / (gamma * s)
+    with torch.no_grad():
+        mlp.fc2.weight.mul_(scales.to(mlp.fc2.weight.dtype)[None, :])
+        mlp.fc2.bias.add_(shift.to(mlp.fc2.bias.dtype))
+
+
+def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``argmin |T - F m|^2 + lam |m - 1|^2`` from the normal equations, ``lam`` a small share of the mean diagonal."""
+    n = len(rhs)
+    lam = RIDGE * float(torch.diagonal(gram).mean()) + 1e-12
+    return torch.linalg.solve(gram + lam * torch.eye(n, dtype=gram.dtype), rhs + lam * torch.ones(n, dtype=gram.dtype))

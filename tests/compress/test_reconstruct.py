@@ -1,0 +1,45 @@
+"""Least-squares repair of a pruned ViT from calibration images (Kwon et al.'s mask tuning)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from compress.model.vit import ViTConfig, VisionTransformer
+from compress.prune.reconstruct import reconstruct
+from compress.prune.structured import PruneError, l2_importance, prune_by_ratio
+
+
+def _model(**switches) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(ViTConfig(image_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                                       num_classes=10, **switches)).eval()
+
+
+def _images(n: int = 64) -> list[np.ndarray]:
+    x = np.random.default_rng(0).standard_normal((n, 3, 32, 32)).astype(np.float32)
+    return [x[i : i + 16] for i in range(0, n, 16)]
+
+
+def test_an_unpruned_model_is_left_as_it_was():
+    model = _model(layer_scale_init=0.5)
+    same = copy.deepcopy(model)
+    reconstruct(same, model, _images())
+    for a, b in zip(same.state_dict().values(), model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_a_pruned_model_follows_the_unpruned_stream_more_closely():
+    model = _model()
+    pruned = prune_by_ratio(model, l2_importance(model), heads=0.5, mlp=0.5)
+    shape = {k: v.shape for k, v in pruned.state_dict().items()}
+    info = reconstruct(pruned, model, _images())
+    assert info["stream_mse_after"] < info["stream_mse_before"] and info["images"] == 64
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == shape  # scales fold in: the same shapes
+
+
+def test_post_norm_blocks_are_refused_in_one_line():
+    model = _model(pre_norm=False)
+    with pytest.raises(PruneError, match="pre-norm blocks"):
+        reconstruct(copy.deepcopy(model), model, _images(16))
