@@ -54,7 +54,8 @@ class OrtEngine:
             inputs = args.get("input_type_shape") or [{}]
             element = next(iter(inputs[0]), "") if isinstance(inputs[0], dict) else ""
             ms = sum(c.get("dur", 0) for c in calls[-runs:]) / 1e3 / min(runs, len(calls))
-            nodes.append(NodeTime(name, args.get("op_name", "?"), element_precision(element), ms))
+            op = args.get("op_name", "?")
+            nodes.append(NodeTime(name, op, element_precision(element, op), ms))
         return nodes
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 
 OP_CLASSES = ("linear", "attention", "softmax", "layernorm", "gelu", "quantize", "layout", "tokens", "elementwise",
               "other")
-_MODULE = re.compile(r"(patch_embed|blocks\.(\d+)\.(attn|mlp)|head_dist|head)(\.(?!bias|weight)\w+)?(?=[./_]|$)")
+_MODULE = re.compile(r"(patch_embed|blocks\.(\d+)\.(attn|mlp)|head_dist|head)(\.(?!bias|weight)[A-Za-z0-9]+)?(?=[./_]|$)")
+# ONNX Runtime kernels that compute in 8-bit integers whatever type their first input has (dynamic quantization
+# takes float activations and quantizes them inside the kernel)
+ORT_INT8_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm",
+                "QLinearConv", "ConvInteger", "QAttention", "DynamicQuantizeLSTM", "QLinearAdd", "QLinearMul"}
 
 
 @dataclass(frozen=True)
@@ -39,8 +43,11 @@ def exec_precision(exec_type: str) -> str:
     return {"i8": "int8", "u8": "int8", "f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(tail, "?")
 
 
-def element_precision(element: str) -> str:
-    """An ONNX Runtime profile's input element type (``float``, ``uint8``) as a precision."""
+def element_precision(element: str, op_type: str = "") -> str:
+    """An ONNX Runtime profile's input element type (``float``, ``uint8``) as a precision; an integer kernel is
+    INT8 whatever it is fed."""
+    if op_type in ORT_INT8_OPS:
+        return "int8"
     return {"float": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "int8", "uint8": "int8"}.get(element, "?")
 
 
