@@ -53,8 +53,10 @@ def load_model(path: str | Path, *, recipe: str | Path | RunConfig | None = None
         overrides: ``section.key=value`` settings, as ``--set`` takes them (e.g. ``"model.image_size=224"``).
 
     Returns a ``Checkpoint`` (``.model``, ``.preprocess``, ``.classes``), or for an ONNX file an ``OnnxModel``
-    (``.path``, ``.preprocess``, ``.classes``; ``.model`` is None). Raises ``CheckpointError`` for a file that is
-    not a ViT checkpoint or classifier, naming what is wrong.
+    (``.path``, ``.preprocess``, ``.classes``; ``.model`` is None; ``run_recipe`` lifts the ViT out of it when a
+    stage needs the module). With ``model.onnx_output`` (an encoder inside a larger graph) the ONNX file's ViT is
+    lifted here, into a ``Checkpoint`` with a new head of ``model.num_classes``. Raises ``CheckpointError`` for a
+    file that is not a ViT checkpoint or classifier, naming what is wrong.
     """
     return _load(Path(path), _config(recipe, overrides))
 

@@ -245,8 +245,11 @@ def test_tokens_stage_tries_settings_records_them_and_keeps_one_within_budget(tm
     assert tried[1].macs <= 0.8 * tried[0].macs and tried[2].macs <= 0.7 * tried[0].macs
     assert sum(tried[1].structure["heads"]) == 12  # measured after head pruning
     marker = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
-    fastest = min(tried, key=lambda r: r.latency_ms_p50)  # the budget admits all here: the fastest is kept
-    assert marker["selected"] == fastest.candidate
+    # the budget admits all here: the fastest is kept, by the interleaved re-timing where settings were too close
+    retimed = [t for t in marker["trials"] if t.get("latency_ms_p50_interleaved") is not None]
+    fastest = min(retimed, key=lambda t: t["latency_ms_p50_interleaved"])["candidate"] if retimed else \
+        min(tried, key=lambda r: r.latency_ms_p50).candidate
+    assert marker["selected"] == fastest
     assert all(t["openvino_parity_max_abs_diff"] <= 1e-4 for t in marker["trials"])
     final = [r for r in result.records if r.stage == "tokens" and r.candidate is None and r.status == "ok"]
     assert {r.runtime for r in final} == {"torch", "onnxruntime", "openvino"}

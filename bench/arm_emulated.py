@@ -1,0 +1,165 @@
+"""The cpu-arm bundle on an aarch64 Debian system under QEMU: verify, classify, and top-1 against x86.
+
+    sudo python bench/arm_emulated.py --run runs/demo [--root /var/tmp/arm64-bookworm] [--out bench/results/...]
+
+``--run`` is a finished run directory (``compress run --demo --out runs/demo`` makes one in about two minutes).
+The script, which needs root (debootstrap, chroot) and Debian's ``debootstrap``, ``qemu-user-static`` and
+``binfmt-support``:
+
+1. packs the run's choice for ``cpu-arm`` (``compress deploy --target cpu-arm``);
+2. builds an arm64 Debian bookworm root file system once (``debootstrap --arch=arm64 --foreign``, then its second
+   stage inside a chroot, every arm64 binary run by ``qemu-aarch64`` through binfmt_misc);
+3. creates a virtual environment there and installs the bundle's ``requirements.txt`` from PyPI's aarch64 wheels;
+4. runs the bundle's own runner there: ``verify``, ``classify`` on one image, and ``bench --data`` on an
+   ImageFolder of the digits (all 1,797 of scikit-learn's, 8x8 grey), and the same ``bench --data`` on x86;
+5. compares the two top-1 figures and writes ``bench/results/arm_emulated.json``.
+
+Latency under emulation says nothing about an Arm CPU, so none is reported; the runner's latency records from the
+chroot are kept only as proof that it ran. Takes about 15 minutes the first time on 2 cores (most of it the second
+stage and pip under emulation), a few minutes once the root file system exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import write_result  # noqa: E402
+
+MIRROR = "http://deb.debian.org/debian"
+BINFMT = Path("/proc/sys/fs/binfmt_misc")
+
+
+def sh(*cmd: str | Path, timeout: int = 3600, **kw) -> subprocess.CompletedProcess:
+    print("$", " ".join(str(c) for c in cmd), flush=True)
+    done = subprocess.run([str(c) for c in cmd], text=True, capture_output=True, timeout=timeout, **kw)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(str(c) for c in cmd)}\n{(done.stderr or done.stdout)[-2000:]}")
+    return done
+
+
+def check_host() -> None:
+    if os.geteuid() != 0:
+        sys.exit("run as root: debootstrap and chroot need it")
+    for tool in ("debootstrap", "qemu-aarch64-static", "update-binfmts"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is missing: apt-get install -y debootstrap qemu-user-static binfmt-support")
+    if not (BINFMT / "register").exists():
+        sh("mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT)
+    if not (BINFMT / "qemu-aarch64").exists():
+        sh("update-binfmts", "--enable", "qemu-aarch64")
+
+
+def build_root(root: Path) -> None:
+    """An arm64 bookworm with Python 3.11 and venv, made once (the marker says it finished)."""
+    marker = root / ".compress-arm64-ready"
+    if marker.exists():
+        return
+    if root.exists():
+        shutil.rmtree(root)
+    sh("debootstrap", "--arch=arm64", "--foreign", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
+       "bookworm", root, MIRROR)
+    shutil.copy("/usr/bin/qemu-aarch64-static", root / "usr/bin/")
+    sh("chroot", root, "/debootstrap/debootstrap", "--second-stage")
+    marker.write_text("ok\n")
+
+
+def chroot(root: Path, *cmd: str, timeout: int = 3600) -> subprocess.CompletedProcess:
+    return sh("chroot", root, *cmd, timeout=timeout, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"})
+
+
+def digits_folder(out: Path) -> Path:
+    """All of scikit-learn's digits as an ImageFolder of 8x8 grey PNGs (the demo model's classes)."""
+    import numpy as np
+    from PIL import Image
+
+    from calibration.datasets import digits_source
+
+    source = digits_source()
+    for i, label in enumerate(source.labels):
+        folder = out / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(source.load(i))).save(folder / f"{i:04d}.png")
+    return out
+
+
+def top1(records: Path) -> tuple[float, int]:
+    rows = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
+    scored = [r for r in rows if r.get("top1") is not None]
+    return scored[-1]["top1"], scored[-1].get("eval_samples") or 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="a finished run directory")
+    ap.add_argument("--root", type=Path, default=Path("/var/tmp/arm64-bookworm"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/arm-emulated"))
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "arm_emulated.json")
+    args = ap.parse_args()
+    check_host()
+    start = time.perf_counter()
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True)
+    bundle = args.work / "bundle-cpu-arm"
+    sh(sys.executable, "-m", "compress.cli", "deploy", args.run, "--target", "cpu-arm", "--out", bundle, cwd=REPO)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    data = digits_folder(args.work / "digits")
+    x86 = args.work / "x86.jsonl"
+    sh(sys.executable, bundle / "runner.py", "bench", "--data", data, "--batch", "1", "--iterations", "5",
+       "--out", x86)
+
+    t = time.perf_counter()
+    build_root(args.root)
+    root_s = time.perf_counter() - t
+    shutil.copy("/etc/resolv.conf", args.root / "etc/resolv.conf")
+    inside = args.root / "work"
+    if inside.exists():
+        shutil.rmtree(inside)
+    shutil.copytree(bundle, inside / "bundle")
+    shutil.copytree(data, inside / "digits")
+    arch = chroot(args.root, "uname", "-m").stdout.strip()
+    python = chroot(args.root, "python3", "--version").stdout.strip()
+    t = time.perf_counter()
+    if not (args.root / "opt/venv/bin/python").exists():
+        chroot(args.root, "python3", "-m", "venv", "/opt/venv")
+    install = chroot(args.root, "/opt/venv/bin/pip", "install", "--quiet", "-r", "/work/bundle/requirements.txt")
+    install_s = time.perf_counter() - t
+    versions = chroot(args.root, "/opt/venv/bin/pip", "list", "--format=json").stdout
+    runner = ["/opt/venv/bin/python", "/work/bundle/runner.py"]
+    verified = chroot(args.root, *runner, "verify").stdout.strip()
+    first = sorted((inside / "digits" / "3").iterdir())[0].name
+    classified = chroot(args.root, *runner, "classify", f"/work/digits/3/{first}").stdout.strip()
+    per_runtime = {}
+    for runtime in [m["runtime"] for m in manifest["models"]]:
+        out = f"/work/arm-{runtime}.jsonl"
+        chroot(args.root, *runner, "bench", "--runtime", runtime, "--data", "/work/digits", "--batch", "1",
+               "--iterations", "3", "--out", out)
+        arm_top1, n = top1(args.root / out.lstrip("/"))
+        per_runtime[runtime] = {"top1": arm_top1, "images": n}
+    x86_top1, x86_n = top1(x86)
+    result = {
+        "benchmark": "arm_emulated", "bundle": str(bundle), "bundle_models": manifest["models"],
+        "arm": {"uname_m": arch, "python": python, "per_runtime": per_runtime,
+                "packages": {p["name"]: p["version"] for p in json.loads(versions)}},
+        "x86": {"top1": x86_top1, "images": x86_n},
+        "same_top1": all(abs(v["top1"] - x86_top1) < 1e-12 for v in per_runtime.values()),
+        "verify": verified, "classify": classified, "pip_output_tail": install.stdout[-500:],
+        "seconds": {"root_file_system": round(root_s), "pip_install": round(install_s),
+                    "total": round(time.perf_counter() - start)},
+    }
+    print(json.dumps({k: v for k, v in result.items() if k not in ("bundle_models", "pip_output_tail")}, indent=1))
+    write_result(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
