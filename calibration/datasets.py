@@ -172,7 +172,13 @@ class Splits:
 def make_splits(
     source: ImageSource, *, calib_size: int = 512, eval_fraction: float = 0.2, seed: int = 0
 ) -> Splits:
-    """Stratified, seeded, disjoint splits. A dataset's own test part becomes the evaluation split whole."""
+    """Stratified, seeded, disjoint splits. A dataset's own test part becomes the evaluation split whole.
+
+    The evaluation split is in a seeded random order, not the files' (class folders one after another): any
+    prefix of it is then a simple random sample, which is what ``data.eval_limit`` takes and where scoring that
+    stops early (``calibration.evaluate``) stops. In file order the first 2,000 of CIFAR-10's test images are two
+    classes, and a pruned model's drop on them was 5 pt where the whole split gave 13.
+    """
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(~source.is_test)
     has_test = bool(source.is_test.any())
@@ -187,7 +193,8 @@ def make_splits(
         evals.append(members[:n_eval])
         calib.append(members[n_eval : n_eval + n_calib])
         train.append(members[n_eval + n_calib :])
-    splits = Splits(*(np.sort(np.concatenate(p)).astype(np.int64) for p in (train, calib, evals)))
+    train_idx, calib_idx, eval_idx = (np.sort(np.concatenate(p)).astype(np.int64) for p in (train, calib, evals))
+    splits = Splits(train_idx, calib_idx, rng.permutation(eval_idx).astype(np.int64))
     splits.check_disjoint()
     return splits
 

@@ -84,7 +84,7 @@ def load_data(path: str | Path, preprocess: Preprocess, *, calib_size: int = 512
         preprocess: the model's preprocessing (``load_model(...).preprocess``).
         calib_size: images set aside for calibration (at most a tenth of the pool).
         eval_fraction: the share held out for evaluation when the dataset has no test part.
-        eval_limit: evaluate on at most this many images (the first of the split).
+        eval_limit: evaluate on at most this many images (a seeded random sample of the split).
         seed: the seed of the split.
     """
     from calibration.datasets import Subset, make_splits, open_source

@@ -39,7 +39,7 @@ class DataConfig(Section):
     path: str | None = None  # ImageFolder or idx directory, or "builtin:digits"
     calib_size: int = Field(512, ge=0)
     eval_fraction: float = Field(0.2, gt=0, lt=1)  # used when the dataset has no test split of its own
-    eval_limit: int | None = Field(None, ge=1)  # evaluate on the first N of the evaluation split
+    eval_limit: int | None = Field(None, ge=1)  # evaluate on N images of the evaluation split (a random sample)
     seed: int = 0
 
 
