@@ -43,15 +43,19 @@ class Target:
     runtimes: tuple[str, ...]  # in order of preference when latencies tie
     requirements: tuple[str, ...]
     measured_here: bool  # whether this machine's records measure the target's runtime
+    tested: str = ""  # where a bundle for this target has been run end to end, for its README
 
 
 TARGETS = {
     "cpu-x86": Target("cpu-x86", "x86-64 CPU (OpenVINO or ONNX Runtime)", ("openvino", "onnxruntime"),
-                      ("numpy", "pillow"), True),
+                      ("numpy", "pillow"), True,
+                      "x86-64 Debian 12, Python 3.11, in a fresh virtual environment (this project's tests)"),
     "cpu-arm": Target("cpu-arm", "64-bit Arm CPU, e.g. Graviton or Raspberry Pi 5 (ONNX Runtime or OpenVINO)",
-                      ("onnxruntime", "openvino"), ("numpy", "pillow"), True),
+                      ("onnxruntime", "openvino"), ("numpy", "pillow"), True,
+                      "aarch64 Debian 12, Python 3.11, under QEMU user emulation (bench/arm_emulated.py): verify, "
+                      "classify, and the same top-1 as on x86; not yet on Arm hardware"),
     "jetson-orin": Target("jetson-orin", "NVIDIA Jetson Orin, JetPack 6 (TensorRT 10, engine built on the device)",
-                          ("tensorrt",), ("numpy", "pillow"), False),
+                          ("tensorrt",), ("numpy", "pillow"), False, "not yet run on a Jetson"),
 }
 assert tuple(TARGETS) == CONFIG_TARGETS, "compress.config.TARGETS names the targets the recipes may ask for"
 # What each runtime needs from PyPI. TensorRT itself comes with JetPack (python3-libnvinfer); the engine is built and
@@ -300,6 +304,8 @@ def _readme(name: str, target: Target, models: list[dict[str, Any]]) -> str:
               "```", "", "Models: " + ", ".join(f"{m['runtime']} ({m['precision']}, {m['path']})" for m in models),
               "", "`manifest.json` holds the input spec, preprocessing, classes, and the accuracy and latency measured "
               "when the bundle was made."]
+    if target.tested:
+        lines += ["", f"Tested platforms: {target.tested}."]
     return "\n".join(lines) + "\n"
 
 
