@@ -241,10 +241,13 @@ def detect_layout(state: State, path: Path | str = "checkpoint") -> tuple[str, C
         return "vit-pytorch", _convert_vit_pytorch
     if any(re.search(r"layers\.0\.self_attn\.in_proj_weight$", k) for k in keys):
         return "torch.nn.TransformerEncoder", _convert_torch_encoder
+    if any(re.search(r"\.0\.\w+\.in_proj_weight$", k) for k in keys):  # blocks around nn.MultiheadAttention
+        return "nn.MultiheadAttention blocks", _convert_torch_encoder
     if any(re.match(r"(vit|deit)\.(encoder\.layer|layers)\.0\.", k) for k in keys):
         return "huggingface", lambda s, o: _convert_hf(s, o, {})
     raise CheckpointError(
-        f"{path} matches no known ViT layout (timm, Hugging Face, vit-pytorch, nn.TransformerEncoder); none of its "
+        f"{path} matches no known ViT layout (timm, Hugging Face, vit-pytorch, nn.TransformerEncoder or other "
+        "nn.MultiheadAttention blocks); none of its "
         f"{len(keys)} tensors could be placed, in modules {_modules(keys)}; two ways out: rename its keys onto a "
         "known layout with [model] key_map (regular expressions, README 'Models it reads'), or export the model to "
         "ONNX (torch.onnx.export) and pass the .onnx file"
@@ -620,13 +623,42 @@ def _is_square(n: int) -> bool:
 
 
 # ------------------------------------------------------------------------------- torch.nn.TransformerEncoder
+def _mha_blocks(state: State) -> tuple[str, str, int]:
+    """(prefix of the block list, the attention module's name, depth) of blocks built around
+    ``nn.MultiheadAttention``: ``encoder.layers.N.self_attn`` in ``nn.TransformerEncoder``, ``transformer.N.attn`` in
+    a home-written ViT."""
+    first = next(k for k in state if re.search(r"\.0\.\w+\.in_proj_weight$", k))
+    m = re.search(r"^(.*?)0\.(\w+)\.in_proj_weight$", first)
+    blocks, attn = m.group(1), m.group(2)
+    return blocks, attn, _depth(state, rf"{re.escape(blocks)}(\d+)\.{re.escape(attn)}\.in_proj_weight$")
+
+
+def _block_parts(state: State, src: str, attn: str, D: int) -> dict[str, str]:
+    """A block's modules by shape: its two LayerNorms in module order, the Linear into the hidden width and the one
+    out of it (nn.TransformerEncoderLayer's names, or any others)."""
+    names = sorted({k.removeprefix(src).rsplit(".", 1)[0] for k in state if k.startswith(src)
+                    and not k.removeprefix(src).startswith(f"{attn}.")},
+                   key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+    norms = [n for n in names if state[f"{src}{n}.weight"].ndim == 1 and state[f"{src}{n}.weight"].shape[0] == D]
+    linears = [n for n in names if state[f"{src}{n}.weight"].ndim == 2]
+    into = [n for n in linears if state[f"{src}{n}.weight"].shape[1] == D]
+    out_of = [n for n in linears if state[f"{src}{n}.weight"].shape[0] == D and n not in into[:1]]
+    if len(norms) != 2 or len(linears) != 2 or not into or not out_of:
+        raise CheckpointError(f"block {src.rstrip('.')} holds {len(norms)} LayerNorm(s) and {len(linears)} Linear(s) "
+                              f"beside its attention ({', '.join(names)}); a ViT block has two of each: rename its "
+                              "keys with [model] key_map, or export it to ONNX and pass the .onnx file")
+    return {"norm1": norms[0], "norm2": norms[1], "mlp.fc1": into[0], "mlp.fc2": out_of[0]}
+
+
 def _convert_torch_encoder(state: State, overrides: dict) -> tuple[dict, State]:
-    """A wrapper around ``nn.TransformerEncoder``: encoder layers by name, the rest by shape."""
-    first = next(k for k in state if re.search(r"layers\.0\.self_attn\.in_proj_weight$", k))
-    enc = first.removesuffix("layers.0.self_attn.in_proj_weight")
-    depth = _depth(state, rf"{re.escape(enc)}layers\.(\d+)\.")
-    D = state[first].shape[1]
-    outside = {k: v for k, v in state.items() if not k.startswith(f"{enc}layers.")}
+    """A ViT around ``nn.TransformerEncoder``, or around blocks of the user's own built on
+    ``nn.MultiheadAttention``: the packed attention by its names (``in_proj_weight``, ``out_proj``), everything
+    else by shape (a block's LayerNorms in module order, its Linear into and out of the hidden width; outside the
+    blocks, class token, position embedding, patch embedding, final LayerNorm and head)."""
+    blocks, attn, depth = _mha_blocks(state)
+    D = state[f"{blocks}0.{attn}.in_proj_weight"].shape[1]
+    inside = re.compile(rf"^{re.escape(blocks)}\d+\.")
+    outside = {k: v for k, v in state.items() if not inside.match(k)}
     tokens = [k for k, v in outside.items() if v.ndim == 3 and v.shape[0] == 1 and v.shape[-1] == D]
     cls = [k for k in tokens if state[k].shape[1] == 1]
     pos = [k for k in tokens if state[k].shape[1] > 1]
@@ -657,17 +689,25 @@ def _convert_torch_encoder(state: State, overrides: dict) -> tuple[dict, State]:
     head = heads[0].removesuffix(".weight")
     out["head.weight"], out["head.bias"] = state[heads[0]], state[f"{head}.bias"]
     final_norm = "none"
-    if f"{enc}norm.weight" in state:
-        out["norm.weight"], out["norm.bias"] = state[f"{enc}norm.weight"], state[f"{enc}norm.bias"]
+    norms = [k.removesuffix(".weight") for k, v in outside.items() if k.endswith(".weight") and v.ndim == 1
+             and v.shape[0] == D and f"{k.removesuffix('.weight')}.bias" in outside]
+    own = f"{blocks.removesuffix('layers.')}norm"  # nn.TransformerEncoder's own final norm, beside its layers
+    if len(norms) > 1 and own in norms:
+        norms = [own]  # any other is left unplaced, and the load names it
+    if len(norms) > 1:
+        raise CheckpointError(f"{len(norms)} LayerNorms outside the blocks ({', '.join(norms)}), where a ViT has at "
+                              "most a final one: rename its keys with [model] key_map, or export it to ONNX")
+    if norms:  # the encoder's final norm (nn.TransformerEncoder's `norm`, or a top-level one)
+        out["norm.weight"], out["norm.bias"] = state[f"{norms[0]}.weight"], state[f"{norms[0]}.bias"]
         final_norm = "token"
     for i in range(depth):
-        src, dst = f"{enc}layers.{i}", f"blocks.{i}"
-        out[f"{dst}.attn.qkv.weight"] = state[f"{src}.self_attn.in_proj_weight"]
-        if f"{src}.self_attn.in_proj_bias" in state:
-            out[f"{dst}.attn.qkv.bias"] = state[f"{src}.self_attn.in_proj_bias"]
-        for ours, theirs in (("attn.proj", "self_attn.out_proj"), ("mlp.fc1", "linear1"), ("mlp.fc2", "linear2"),
-                             ("norm1", "norm1"), ("norm2", "norm2")):
-            out[f"{dst}.{ours}.weight"], out[f"{dst}.{ours}.bias"] = state[f"{src}.{theirs}.weight"], state[f"{src}.{theirs}.bias"]
+        src, dst = f"{blocks}{i}.", f"blocks.{i}"
+        out[f"{dst}.attn.qkv.weight"] = state[f"{src}{attn}.in_proj_weight"]
+        if f"{src}{attn}.in_proj_bias" in state:
+            out[f"{dst}.attn.qkv.bias"] = state[f"{src}{attn}.in_proj_bias"]
+        parts = {"attn.proj": f"{attn}.out_proj"} | _block_parts(state, src, attn, D)
+        for ours, theirs in parts.items():
+            out[f"{dst}.{ours}.weight"], out[f"{dst}.{ours}.bias"] = state[f"{src}{theirs}.weight"], state[f"{src}{theirs}.bias"]
     values: dict[str, Any] = {
         "embed_dim": D, "in_chans": c, "patch_size": p, "depth": depth,
         "image_size": grid_from_pos_embed(out["pos_embed"].shape[1], int(bool(cls))) * p,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,6 @@ class Lifted:
     output: str  # logits, or the encoder's tokens for a backbone
     backbone: bool  # the graph's own head was not taken: a new one must be trained
     input_name: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------- folding
@@ -398,7 +397,7 @@ class _Walk:
         if h != w:
             raise self.fail("input", f"{h}x{w} images; only square inputs are supported")
         self.values |= {"in_chans": c, "image_size": h}
-        x, views = _through_views(g, g.input)
+        x, _ = _through_views(g, g.input)
         users = g.users(x)
         if len(users) == 1 and users[0].op_type == "Conv":
             t = self._conv_patches(users[0])

@@ -357,8 +357,7 @@ def test_a_key_map_brings_a_home_written_vit_onto_a_known_layout(tmp_path):
     reference = HomeViT().eval()
     path = tmp_path / "home.pt"
     torch.save(reference.state_dict(), path)
-    with pytest.raises(CheckpointError, match=r"none of its 32 tensors could be placed, in modules cls_token, "
-                                              r"head, norm, patch, pos_embed, transformer.N.attn and 5 more; .*key_map"):
+    with pytest.raises(ConfigError, match="model.num_heads"):  # found by its shapes, all but the head count
         load_checkpoint(path)
     model = load_checkpoint(path, {"key_map": HOME_KEY_MAP, "num_heads": 4, "pre_norm": True, "act": "gelu"}).model
     _same_logits(reference, model)
@@ -374,6 +373,17 @@ def test_a_bad_key_map_is_one_line(tmp_path, key_map, message):
     torch.save(HomeViT().state_dict(), path)
     with pytest.raises((ConfigError, CheckpointError), match=message):
         load_checkpoint(path, {"key_map": key_map})
+
+
+def test_a_home_written_vit_on_nn_multiheadattention_is_found_by_its_shapes(tmp_path):
+    """transformer.N.attn.in_proj_weight, norm1/norm2, mlp.0/mlp.3, pos_embed.pos_embedding: no key map needed."""
+    torch.manual_seed(0)
+    reference = HomeViT().eval()
+    path = tmp_path / "home.pt"
+    torch.save(reference.state_dict(), path)
+    ckpt = load_checkpoint(path, {"num_heads": 4, "pre_norm": True, "act": "gelu"})
+    assert ckpt.config.final_norm == "token" and ckpt.config.mlp_dim == (128, 128)
+    _same_logits(reference, ckpt.model)
 
 
 def test_the_readmes_key_map_is_the_one_tested():

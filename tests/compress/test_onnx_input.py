@@ -115,6 +115,8 @@ def test_a_graph_no_vit_can_be_lifted_from_takes_the_onnx_stages(tmp_path, caplo
     line = next(r.getMessage() for r in caplog.records if "no ViT could be lifted" in r.getMessage())
     assert "(patch embedding: the image is reshaped to (1, 64), not cut into" in line
     assert "the stages that need the PyTorch module (prune) are skipped" in line
+    chain = json.loads((tmp_path / "run" / "stages" / "pipeline.json").read_text())
+    assert chain["stages"] == ["quantize"]  # the chain judges what ran, not a skipped prune as over budget
 
 
 def _classifier(path, *, dims, classes=4):

@@ -152,7 +152,8 @@ def test_prune_and_recover_stages_record_structure_and_resume(tmp_path, digits_m
     assert sum(pruned.structure["heads"]) == 12 and sum(pruned.structure["mlp"]) == 256
     assert recovered.structure == pruned.structure
     assert pruned.macs < base.macs and pruned.params < base.params
-    assert recovered.top1 >= pruned.top1 - 0.02  # distillation does not make it worse
+    # distillation does not make it worse, beyond the noise of 128 images (one image is 0.8 pt; a random sample)
+    assert recovered.top1 >= pruned.top1 - 0.05
     marker = json.loads((tmp_path / "run" / "stages" / "recover.json").read_text())
     assert marker["notes"]["recovery"][0]["steps"] > 0
     assert not list((tmp_path / "run" / "stages").glob("recover-*/"))  # no training state left once done
