@@ -561,9 +561,7 @@ class _Walk:
             self._attention(i, branch_in, _other(r1, x))
             mid = r1.output[0]
             if not pre:
-                norm1 = _norm_at(g, mid)
-                if norm1 is None:
-                    raise self.fail(where, "a post-norm block without a LayerNorm after its attention")
+                norm1 = self._post_norm(mid, where, "attention")
                 mid = norm1.output
             self._put_norm(f"blocks.{i}.norm1", norm1)
             r2 = self._residual(mid)
@@ -575,9 +573,7 @@ class _Walk:
             self._mlp(i, norm2.output if pre else mid, _other(r2, mid))
             x = r2.output[0]
             if not pre:
-                norm2 = _norm_at(g, x)
-                if norm2 is None:
-                    raise self.fail(where, "a post-norm block without a LayerNorm after its MLP")
+                norm2 = self._post_norm(x, where, "MLP")
                 x = norm2.output
             self._put_norm(f"blocks.{i}.norm2", norm2)
             i += 1
@@ -585,6 +581,13 @@ class _Walk:
             raise self.fail("encoder", "no residual block after the embedding")
         self.values["depth"] = i
         return x
+
+    def _post_norm(self, x: str, where: str, after: str) -> Norm:
+        """The LayerNorm a post-norm block applies to ``x``, its residual sum after the ``after`` branch."""
+        norm = _norm_at(self.g, x)
+        if norm is None:
+            raise self.fail(where, f"a post-norm block without a LayerNorm after its {after}")
+        return norm
 
     def _layer_scale(self, where: str, out: str, end: str, key: str) -> None:
         """A LayerScale (Mul by a constant vector) between a projection's output and the residual Add."""
