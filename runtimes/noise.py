@@ -39,6 +39,13 @@ def repeat_verdict(p50s: list[float]) -> str | None:
     return f"noisy: the same artifact timed {len(p50s)} times in this run, p50 {min(p50s):.3f} to {max(p50s):.3f} ms"
 
 
+def too_close_to_call(items: list, p50) -> list:
+    """The items whose median ``p50(item)`` is within ``CLOSE`` of the fastest's, fastest first among equals: the
+    ones to time again, interleaved, before one is chosen."""
+    best = min(p50(item) for item in items)
+    return [item for item in items if p50(item) <= best * (1 + CLOSE)]
+
+
 def interleaved(engines: Mapping[str, Engine], x: np.ndarray, *, threads: int, rounds: int = 7,
                 iterations: int = 10, warmup: int = 2) -> dict[str, float]:
     """Each engine's median latency (ms) over ``rounds`` rounds, every round timing every engine once in turn

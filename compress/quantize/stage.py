@@ -196,14 +196,14 @@ def fastest_within(records, float_top1: float, max_drop: float, batch: int, *, r
     ``retime(rows) -> medians`` times again, interleaved, the ones within ``runtimes.noise.CLOSE`` of the fastest:
     their single measurements, minutes apart on a shared machine, cannot tell them apart.
     """
-    from runtimes.noise import CLOSE
+    from runtimes.noise import too_close_to_call
 
     fits = [r for r in records if r.status == "ok" and r.batch_size == batch and r.top1 is not None
             and (float_top1 - r.top1) * 100 <= max_drop + 1e-9]
     if not fits:
         return None
     best = min(fits, key=lambda r: r.latency_ms_p50)
-    close = [r for r in fits if r.latency_ms_p50 <= best.latency_ms_p50 * (1 + CLOSE) and r.artifact]
+    close = [r for r in too_close_to_call(fits, lambda r: r.latency_ms_p50) if r.artifact]
     interleaved = None
     if retime is not None and len(close) > 1:
         medians = retime(close)

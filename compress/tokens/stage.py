@@ -181,11 +181,10 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
 def _fastest(fits: list[dict], engines: dict, x: np.ndarray, ctx: RunContext) -> dict:
     """The fastest of ``fits``. Settings timed within ``runtimes.noise.CLOSE`` of the fastest are timed again,
     interleaved, and ranked by that: one pass each, minutes apart, is not enough to tell them apart."""
-    from runtimes.noise import CLOSE, interleaved
+    from runtimes.noise import interleaved, too_close_to_call
 
     best = min(fits, key=lambda r: r["latency_ms_p50"])
-    close = [r for r in fits if r["latency_ms_p50"] <= best["latency_ms_p50"] * (1 + CLOSE)
-             and r["candidate"] in engines]
+    close = [r for r in too_close_to_call(fits, lambda r: r["latency_ms_p50"]) if r["candidate"] in engines]
     if len(close) < 2:
         return best
     medians = interleaved({r["candidate"]: engines[r["candidate"]] for r in close}, x, threads=ctx.threads)
