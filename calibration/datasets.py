@@ -199,6 +199,21 @@ def make_splits(
     return splits
 
 
+def stratified_sample(source: ImageSource, indices: np.ndarray, limit: int | None, *, seed: int = 0) -> np.ndarray:
+    """At most ``limit`` of ``indices`` (all when None or fewer), each class keeping its share, drawn by ``seed``;
+    sorted like ``indices``. What ``data.train_limit`` takes: 5,000 of CIFAR-10's 49,488 training images are 500
+    per class, not the first five classes."""
+    if limit is None or limit >= len(indices):
+        return indices
+    rng = np.random.default_rng(seed)
+    labels = source.labels[indices]
+    keep = []
+    for label in np.unique(labels):
+        members = indices[labels == label]
+        keep.append(rng.permutation(members)[: int(round(limit * len(members) / len(indices)))])
+    return np.sort(np.concatenate(keep))[:limit]
+
+
 @dataclass
 class Subset:
     """Indices into a source plus the preprocessing the model expects."""

@@ -154,7 +154,7 @@ class _ProgressBars:
 
 def _train_progress(bars: _ProgressBars):
     def report(p) -> None:
-        bars("train", p.step, p.total_steps)
+        bars(p.phase, p.step, p.total_steps)
         if p.eval_top1 is not None:
             console.print(f"epoch {p.epoch}: loss {p.loss:.3f}, held-out top-1 {p.eval_top1:.4f}")
 

@@ -40,6 +40,7 @@ class DataConfig(Section):
     calib_size: int = Field(512, ge=0)
     eval_fraction: float = Field(0.2, gt=0, lt=1)  # used when the dataset has no test split of its own
     eval_limit: int | None = Field(None, ge=1)  # evaluate on N images of the evaluation split (a random sample)
+    train_limit: int | None = Field(None, ge=1)  # train on N images of the training split (stratified sample)
     seed: int = 0
 
 
@@ -58,10 +59,15 @@ class TrainConfig(Section):
     checkpoint_minutes: float = Field(5.0, gt=0)
     eval_every_epochs: int = Field(0, ge=0)  # 0: evaluate only at the end
     micro_batch_size: int | None = Field(None, ge=1)  # gradient accumulation pieces; None: sized to ~2 GB
+    # freeze the embedding and the first N blocks, computing their outputs once per image (compress.train.frozen);
+    # N = the model's depth trains the head alone on cached features: a linear probe
+    frozen_blocks: int = Field(0, ge=0)
 
 
 class ExportConfig(Section):
     opset: int = Field(18, ge=17)
+    # PyTorch's TorchScript-based exporter (several times faster here), falling back to the dynamo exporter
+    exporter: Literal["torchscript", "dynamo"] = "torchscript"
     simplify: Literal["onnxslim", "none"] = "onnxslim"
     atol: float = Field(1e-4, gt=0)  # parity tolerance on logits, FP32 against PyTorch
     min_agreement: float = Field(0.99, ge=0, le=1)
@@ -127,6 +133,9 @@ class RecoverConfig(Section):
     bf16: bool = False
     seed: int = 0
     micro_batch_size: int | None = Field(None, ge=1)  # gradient accumulation pieces; None: sized to ~2 GB
+    # freeze the embedding and the first N blocks, computing their outputs once per image (compress.train.frozen);
+    # N = the model's depth trains the head alone on cached features: a linear probe
+    frozen_blocks: int = Field(0, ge=0)
 
 
 class TokensConfig(Section):

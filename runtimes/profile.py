@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 OP_CLASSES = ("linear", "attention", "softmax", "layernorm", "gelu", "quantize", "layout", "tokens", "elementwise",
               "other")
-_MODULE = re.compile(r"(patch_embed|blocks\.(\d+)\.(attn|mlp)|head_dist|head)(\.(?!bias|weight)[A-Za-z0-9]+)?(?=[./_]|$)")
+_MODULE = re.compile(r"^(patch_embed|blocks\.(\d+)\.(attn|mlp)|head_dist|head)(\.(?!bias|weight)[A-Za-z0-9]+)?(?=[./_]|$)")
 # ONNX Runtime kernels that compute in 8-bit integers whatever type their first input has (dynamic quantization
 # takes float activations and quantizes them inside the kernel)
 ORT_INT8_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm",

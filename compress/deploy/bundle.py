@@ -77,9 +77,13 @@ def chain_budget(config: dict[str, Any]) -> float:
 
 
 def choose(records: list[StageRecord], target: Target, *, max_drop: float, candidate: str | None = None,
-           runtime: str | None = None) -> StageRecord:
+           runtime: str | None = None, retimed: dict[str, float] | None = None) -> StageRecord:
     """The record to deploy: at the smallest batch size, on the target's runtimes, within ``max_drop`` points of
-    the baseline; the fastest, or for TensorRT targets (not measured here) the best TensorRT-buildable file."""
+    the baseline; the fastest, or for TensorRT targets (not measured here) the best TensorRT-buildable file.
+
+    ``retimed`` ({``timing_key``: median ms}) ranks the contenders too close to call by their single medians
+    (``contenders``): the deploy stage of a run times them again, interleaved, and keeps the figures in its marker.
+    """
     ok = [r for r in records if r.status == "ok" and r.top1_drop is not None and r.artifact]
     if not ok:
         raise InputError("the run has no measured records; run `compress run` to the end first")
@@ -108,9 +112,41 @@ def choose(records: list[StageRecord], target: Target, *, max_drop: float, candi
         raise InputError(f"no candidate of the run is within the {max_drop:g} pt budget on {target.name}'s "
                          f"runtimes; the closest is {best.candidate or best.stage} on {best.runtime} "
                          f"({best.top1_drop:+.2f} pt): raise --max-drop or rerun with a milder recipe")
-    if target.measured_here:
-        return min(fits, key=lambda r: (r.latency_ms_p50, target.runtimes.index(r.runtime)))
-    return min(fits, key=lambda r: (TENSORRT_PREFERENCE.index(r.precision), r.latency_ms_p50))
+    if not target.measured_here:
+        return min(fits, key=lambda r: (TENSORRT_PREFERENCE.index(r.precision), r.latency_ms_p50))
+    close = _too_close(fits)
+    if retimed and len(close) > 1 and all(timing_key(r) in retimed for r in close):
+        return min(close, key=lambda r: (retimed[timing_key(r)], target.runtimes.index(r.runtime)))
+    return min(fits, key=lambda r: (r.latency_ms_p50, target.runtimes.index(r.runtime)))
+
+
+def timing_key(record: StageRecord) -> str:
+    """What names an engine across a run's files: its artifact, runtime and precision."""
+    return f"{record.artifact}|{record.runtime}|{record.precision}"
+
+
+def _too_close(fits: list[StageRecord]) -> list[StageRecord]:
+    from runtimes.noise import too_close_to_call
+
+    return [r for r in too_close_to_call(fits, lambda r: r.latency_ms_p50) if r.artifact]
+
+
+def contenders(records: list[StageRecord], target: Target, *, max_drop: float) -> list[StageRecord]:
+    """The records ``choose`` picks among by single medians too close to call (``runtimes.noise.CLOSE``): the ones
+    to time again, interleaved, before a bundle is packed. Empty when one stands out or nothing fits."""
+    if not target.measured_here:
+        return []
+    try:
+        choose(records, target, max_drop=max_drop)
+    except InputError:
+        return []
+    ok = [r for r in records if r.status == "ok" and r.top1_drop is not None and r.artifact
+          and r.latency_ms_p50 is not None]
+    batch = min(r.batch_size for r in ok)
+    fits = [r for r in ok if r.batch_size == batch and r.runtime in target.runtimes
+            and r.top1_drop <= max_drop + 1e-9]
+    close = _too_close(fits)
+    return close if len(close) > 1 else []
 
 
 def _pool(records: list[StageRecord], target: Target) -> list[StageRecord]:
@@ -133,12 +169,30 @@ def pareto_set(records: list[StageRecord], target: Target) -> list[dict[str, Any
             for r, keep in zip(pool, on) if keep]
 
 
+def retimed_in_run(run_dir: Path, target: Target, budget: float) -> dict[str, float] | None:
+    """The interleaved medians the run's deploy stage took for ``target`` under ``budget`` (``deploy_stage``), so
+    that ``compress deploy`` later packs what the run chose; None when it took none."""
+    try:
+        marker = read_json(Path(run_dir) / "stages" / "deploy.json")
+    except (ValueError, OSError):  # a damaged marker: rank by the records alone
+        return None
+    timing = marker.get("retimed") if isinstance(marker, dict) else None
+    if not isinstance(timing, dict) or timing.get("target") != target.name or timing.get("budget_pt") != budget:
+        return None
+    medians = timing.get("p50_ms")
+    if not isinstance(medians, dict) or not all(isinstance(v, (int, float)) for v in medians.values()):
+        return None
+    return {str(k): float(v) for k, v in medians.items()}
+
+
 def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None = None, runtime: str | None = None,
-           max_drop: float | None = None, sign: Path | None = None, log=print) -> Path:
+           max_drop: float | None = None, sign: Path | None = None, log=print,
+           retimed: dict[str, float] | None = None) -> Path:
     """Write the bundle ``out`` (and ``out.tar.gz``) for ``target_name`` from the run in ``run_dir``.
 
-    The bundle's identity (``manifest_digest``) is logged and appended to ``RUN_DIR/bundles.jsonl``; with
-    ``sign`` (an Ed25519 private key in PEM), ``manifest.sig`` signs the manifest.
+    Contenders too close to call are ranked by ``retimed``, or by the medians the run's deploy stage took
+    (``retimed_in_run``). The bundle's identity (``manifest_digest``) is logged and appended to
+    ``RUN_DIR/bundles.jsonl``; with ``sign`` (an Ed25519 private key in PEM), ``manifest.sig`` signs the manifest.
     """
     if target_name not in TARGETS:
         raise InputError(f"unknown target {target_name!r}; choose from {list(TARGETS)}")
@@ -157,7 +211,12 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
     config = read_json(Path(run_dir) / "config.json")
     budget = max_drop if max_drop is not None else chain_budget(config)
     records = read_records(records_path)
-    chosen = choose(records, target, max_drop=budget, candidate=candidate, runtime=runtime)
+    if retimed is None:
+        retimed = retimed_in_run(Path(run_dir), target, budget)
+    chosen = choose(records, target, max_drop=budget, candidate=candidate, runtime=runtime, retimed=retimed)
+    if target.name == "cpu-arm" and chosen.runtime == "openvino":
+        log("note: OpenVINO on aarch64 is not yet scored by this project (bench/arm_emulated.py scores ONNX Runtime); "
+            "check top-1 on the device with `python runner.py bench --data DIR`, or pass --runtime onnxruntime")
     private_key = _signing_key(sign) if sign is not None else None
     log(f"deploying {chosen.candidate or chosen.stage} ({chosen.runtime} {chosen.precision}): top-1 "
         f"{chosen.top1 * 100:.2f}% ({chosen.top1_drop:+.2f} pt), p50 {chosen.latency_ms_p50:.3f} ms at batch "

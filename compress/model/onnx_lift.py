@@ -885,6 +885,22 @@ def _config_values(w: _Walk) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- entry point
+def _walk(g, **options):
+    """``walk``, with a graph shaped in a way no check of the walk foresaw (an index past a list, a missing input,
+    an array of another shape) reported as a ``LiftError`` too: the file is the user's, and a run then goes on
+    with the ONNX-level stages instead of stopping on a traceback."""
+    try:
+        return walk(g, **options)
+    except LiftError:
+        raise
+    except (IndexError, KeyError, ValueError, TypeError, AttributeError) as e:
+        where = e.__traceback__
+        while where.tb_next is not None:
+            where = where.tb_next
+        raise LiftError(f"the graph has a structure the ViT reader does not follow ({type(e).__name__}: "
+                        f"{str(e)[:120]} in {where.tb_frame.f_code.co_name})") from None
+
+
 def lift_onnx(path: str | Path, *, output: str | None = None, num_classes: int | None = None,
               pool: str | None = None, inputs: np.ndarray | None = None, atol: float = 1e-4):
     """The ``VisionTransformer`` in ONNX file ``path``, checked against ONNX Runtime.
@@ -910,7 +926,7 @@ def lift_onnx(path: str | Path, *, output: str | None = None, num_classes: int |
     path = Path(path)
     g = fold(path)
     try:
-        lifted = walk(g, output=output)
+        lifted = _walk(g, output=output)
     except LiftError as e:
         if output is not None or not str(e).startswith("head:"):
             raise
@@ -918,7 +934,7 @@ def lift_onnx(path: str | Path, *, output: str | None = None, num_classes: int |
             raise LiftError(f"{e}; to take the encoder with a new head, set model.num_classes=N (and "
                             "model.onnx_output=TENSOR to choose where it ends)") from None
         log.info("%s: %s; taking the encoder with a new %d-class head", path.name, e, num_classes)
-        lifted = walk(g, backbone=True)
+        lifted = _walk(g, backbone=True)
     values = dict(lifted.values)
     if lifted.backbone:
         if num_classes is None:

@@ -339,10 +339,22 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
         """Pool and classify tokens (B, T, D); ``size`` (B, T, 1) weights mean pooling after token merging."""
+        return self.classify(self.pool(x, size))  # (B, K)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head alone: ``pool``'s features (B, F) -> logits (B, K). A linear probe trains just this."""
+        if self.config.dist_head:
+            cls, dist = pooled.chunk(2, dim=-1)  # (B, D) each
+            return (self.head(cls) + self.head_dist(dist)) / 2  # (B, K)
+        if self.head_hidden is not None:
+            pooled = self.head_hidden(pooled)  # (B, hidden[-1])
+        return self.head(pooled)  # (B, K)
+
+    def pool(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens (B, T, D) -> the features the head reads (B, F), after the pooled norm (``fc_norm``)."""
         cfg = self.config
         if cfg.dist_head:
-            cls, dist = self.fc_norm(x[:, 0]), self.fc_norm(x[:, 1])  # (B, D) each
-            return (self.head(cls) + self.head_dist(dist)) / 2  # (B, K)
+            return torch.cat([self.fc_norm(x[:, 0]), self.fc_norm(x[:, 1])], dim=-1)  # (B, 2D)
         if cfg.pool == "cls":
             x = x[:, 0]  # (B, D)
         elif cfg.pool == "cls_mean":
@@ -356,10 +368,7 @@ class VisionTransformer(nn.Module):
                 size = None if size is None else size[:, cfg.num_prefix_tokens :]
             # A merged token stands for `size` original tokens: weight it so the mean is over the originals.
             x = x.mean(dim=1) if size is None else (x * size).sum(dim=1) / size.sum(dim=1)  # (B, D)
-        x = self.fc_norm(x)
-        if self.head_hidden is not None:
-            x = self.head_hidden(x)  # (B, hidden[-1])
-        return self.head(x)  # (B, K)
+        return self.fc_norm(x)  # (B, F)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.token_reduction is None, "token reduction is set with compress.tokens.apply, which patches forward"

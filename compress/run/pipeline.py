@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from calibration.datasets import Subset, make_splits, open_source
+from calibration.datasets import Subset, make_splits, open_source, stratified_sample
 from calibration.evaluate import EvalResult
 from compress.config import RunConfig
 from compress.errors import InputError
@@ -155,7 +155,8 @@ def _run(ckpt: Checkpoint | OnnxModel, checkpoint_id: str, config: RunConfig, ru
     largest = max(config.measure.batch_sizes)
     first = next(eval_data.batches(largest))[0]
     ctx = RunContext(
-        config=config, run_dir=run_dir, dataset=source.name, train_data=Subset(source, splits.train, ckpt.preprocess),
+        config=config, run_dir=run_dir, dataset=source.name, train_data=Subset(source, stratified_sample(
+            source, splits.train, config.data.train_limit, seed=config.data.seed), ckpt.preprocess),
         calib_data=calib_data, eval_data=eval_data, teacher=ckpt.model,
         parity_inputs=next(probe.batches(32))[0],  # (<=32, C, H, W) real images
         latency_input=np.concatenate([first] * -(-largest // len(first)))[:largest],  # (B_max, C, H, W)
@@ -285,7 +286,7 @@ def _finish_model_stage(stage: Stage, key: str, result: StageResult, ckpt: Check
     save_checkpoint(Checkpoint(model, ckpt.preprocess, ckpt.classes), ckpt_path)
     e = config.export
     export = export_onnx(model, onnx_path, example=torch.from_numpy(ctx.parity_inputs[:2].copy()), opset=e.opset,
-                         simplify=e.simplify, atol=e.atol, min_agreement=e.min_agreement,
+                         exporter=e.exporter, simplify=e.simplify, atol=e.atol, min_agreement=e.min_agreement,
                          parity_inputs=ctx.parity_inputs)
     if model.token_reduction is not None and "openvino" in config.measure.runtimes:
         openvino_parity(onnx_path, model, ctx.parity_inputs, atol=e.atol, threads=ctx.threads)
@@ -357,7 +358,7 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
     ``pipeline.target`` (the fastest within budget on its runtimes), the accuracy-latency Pareto set, and the
     bundle the deploy stage packed.
     """
-    from compress.deploy.bundle import TARGETS, chain_budget, choose, pareto_set
+    from compress.deploy.bundle import TARGETS, chain_budget, choose, pareto_set, retimed_in_run, timing_key
 
     budget = chain_budget(config.dump())
     target = TARGETS[config.pipeline.target]
@@ -373,13 +374,16 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
         marker = read_json(run_dir / "stages" / "quantize.json")
         if broke is None and marker and marker.get("selected") is None:
             broke = {"stage": "quantize", "drop_pt": None}
+    retimed = retimed_in_run(run_dir, target, budget) if "deploy" in plan else None  # near-ties, timed again
     try:
-        chosen = choose(records, target, max_drop=budget)
+        chosen = choose(records, target, max_drop=budget, retimed=retimed)
         selected = {"record": chosen.record_id, "stage": chosen.stage, "candidate": chosen.candidate or chosen.stage,
                     "runtime": chosen.runtime,
                     "precision": chosen.precision, "top1": chosen.top1, "top1_drop": chosen.top1_drop,
                     "latency_ms_p50": chosen.latency_ms_p50, "batch_size": chosen.batch_size,
                     "artifact": chosen.artifact}
+        if retimed and timing_key(chosen) in retimed:
+            selected["latency_ms_p50_interleaved"] = retimed[timing_key(chosen)]
     except InputError as e:
         selected = {"none": str(e)}
     front = pareto_set(records, target)

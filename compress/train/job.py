@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from calibration.datasets import Subset, make_splits, open_source
+from calibration.datasets import Subset, make_splits, open_source, stratified_sample
 from calibration.evaluate import evaluate_top1
 from compress.config import RunConfig
 from compress.errors import InputError
 from compress.io import atomic_write_json
-from compress.model.checkpoint import Checkpoint, check_dataset_fits, new_checkpoint, save_checkpoint
+from compress.model.checkpoint import (Checkpoint, check_dataset_fits, match_class_names, new_checkpoint,
+                                       save_checkpoint)
 from compress.model.vit import VisionTransformer
 from compress.train import distributed
+from compress.train.frozen import FrozenPrefix
 from compress.train.loop import TrainProgress, train
+
+def _phase_progress(progress: Callable[[TrainProgress], None] | None):
+    """The progress callback of a one-off pass (what, done, total), as ``TrainProgress`` with its phase."""
+    if progress is None:
+        return None
+    return lambda what, done, total: progress(TrainProgress(0, done, total, math.nan, 0.0, phase=what))
+
 
 def train_job(
     config: RunConfig,
@@ -35,23 +45,33 @@ def train_job(
     torch.manual_seed(config.train.seed)  # the initial weights, too, follow the recipe's seed
     ckpt = init if init is not None else new_checkpoint(config, source)
     check_dataset_fits(ckpt, source)
+    match_class_names(ckpt, source)  # a new head (a lifted backbone's) gets the dataset's class names
     if main:
         if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train_state.pt").exists():
             raise InputError(f"{out_dir} exists and is not an interrupted training run; choose a new --out")
         out_dir.mkdir(parents=True, exist_ok=True)
     if distributed.active():
         torch.distributed.barrier()  # the others read the resumable state only once rank 0 has looked at out_dir
-    train_data = Subset(source, splits.train, ckpt.preprocess)
+    train_data = Subset(source, stratified_sample(source, splits.train, config.data.train_limit,
+                                                  seed=config.data.seed), ckpt.preprocess)
     eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
+    frozen = FrozenPrefix(ckpt.model, config.train.frozen_blocks) if config.train.frozen_blocks else None
+    eval_cache: list[torch.Tensor] = []  # the frozen blocks' outputs on the evaluation images, computed once
 
     def eval_fn(model: VisionTransformer) -> float:
+        if frozen is None:
+            with torch.inference_mode():
+                return evaluate_top1(lambda x: model(torch.from_numpy(x)).numpy(), eval_data,
+                                     batch_size=config.measure.eval_batch_size).top1
+        if not eval_cache:
+            eval_cache.append(frozen.cache(eval_data, what="evaluation", progress=_phase_progress(progress)))
         with torch.inference_mode():
-            return evaluate_top1(lambda x: model(torch.from_numpy(x)).numpy(), eval_data,
-                                 batch_size=config.measure.eval_batch_size).top1
+            predictions = torch.cat([frozen.tail(z).argmax(-1) for z in eval_cache[0].split(256)])
+        return float((predictions.numpy() == eval_data.labels).mean())
 
     options = config.train.model_dump(exclude={"checkpoint_minutes", "eval_every_epochs"})
     result = train(ckpt.model, train_data, **options, checkpoint_path=out_dir / "train_state.pt",
-                   checkpoint_minutes=config.train.checkpoint_minutes,
+                   checkpoint_minutes=config.train.checkpoint_minutes, frozen=frozen,
                    eval_every_epochs=config.train.eval_every_epochs, eval_fn=eval_fn, progress=progress)
     if not main:
         return ckpt, {}

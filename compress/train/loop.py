@@ -26,6 +26,7 @@ from compress.errors import InputError
 from compress.io import atomic_torch_save
 from compress.model.vit import VisionTransformer
 from compress.train import distributed
+from compress.train.frozen import FrozenPrefix
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class TrainProgress:
     loss: float
     lr: float
     eval_top1: float | None = None
+    phase: str = "train"  # or the one-off pass that caches a frozen prefix's outputs ("frozen features (...)")
 
 
 @dataclass
@@ -136,6 +138,8 @@ def train(
     kd_temperature: float = 2.0,
     max_steps: int | None = None,
     micro_batch_size: int | None = None,
+    frozen_blocks: int = 0,
+    frozen: FrozenPrefix | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_data``; resume from ``checkpoint_path`` when it exists.
 
@@ -145,6 +149,10 @@ def train(
     ``max_steps`` caps the run below ``epochs`` (a step budget). ``micro_batch_size`` splits each batch into
     pieces whose gradients accumulate (the update is the same; memory holds one piece); None picks it so one
     piece's activations stay near ``ACTIVATION_BUDGET_BYTES``.
+
+    ``frozen_blocks`` (or a ``frozen`` prefix already made, whose evaluation cache the caller shares) freezes the
+    embedding and the first N blocks and trains the rest on their outputs, computed once per image
+    (``compress.train.frozen``); N equal to the depth is a linear probe.
     """
     if bf16 and cpu_has_bf16() is False:
         log.warning("BF16 autocast was asked for, but this CPU has no BF16 units (avx512_bf16, amx_bf16): it would "
@@ -158,10 +166,28 @@ def train(
         raise InputError(f"batch size {batch_size} does not split evenly over {world} processes; use a multiple "
                          f"of {world} so the update equals one process's")
     local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-    micro = micro_batch_size or auto_micro_batch(model, batch_size // world)
+    if frozen is None and frozen_blocks:
+        frozen = FrozenPrefix(model, frozen_blocks)
+    if frozen is not None:
+        if together or teacher is not None:
+            raise InputError("train.frozen_blocks runs in one process without a teacher: its cost is the one pass "
+                             "that caches the frozen blocks; drop torchrun (or the distillation) for it")
+        frozen_blocks = frozen.blocks
+        if crop_padding or flip:
+            log.info("the frozen blocks' outputs are cached from fixed views: crop and flip do not apply")
+        crop_padding, flip = 0, False
+
+        def cache_progress(what: str, done: int, total: int) -> None:
+            if progress is not None and rank == 0:
+                progress(TrainProgress(0, done, total, math.nan, 0.0, phase=what))
+
+        images = frozen.cache(train_data, progress=cache_progress)  # images[rows] -> cached (B, ...) features
+    micro = micro_batch_size or (batch_size // world if frozen is not None else
+                                 auto_micro_batch(model, batch_size // world))
     if micro < batch_size // world:
         log.info("batches of %d go through in pieces of %d (gradients accumulate)", batch_size // world, micro)
-    images = _training_images(train_data)  # images[rows] -> (B, H, W, C) uint8
+    if frozen is None:
+        images = _training_images(train_data)  # images[rows] -> (B, H, W, C) uint8
     labels = torch.from_numpy(train_data.labels)
     mean = torch.tensor(train_data.preprocess.mean).view(1, -1, 1, 1)
     std = torch.tensor(train_data.preprocess.std).view(1, -1, 1, 1)
@@ -173,6 +199,8 @@ def train(
     warmup_steps = round(warmup_epochs * steps_per_epoch)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # frozen
         (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "dist_token")) else decay).append(p)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, fused=True
@@ -181,10 +209,11 @@ def train(
     options = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "weight_decay": weight_decay,
                "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing, "crop_padding": crop_padding,
                "flip": flip, "bf16": bf16, "seed": seed, "train_images": len(labels), "max_steps": max_steps,
-               "kd": [kd_alpha, kd_temperature] if teacher is not None else None}
+               "kd": [kd_alpha, kd_temperature] if teacher is not None else None, "frozen_blocks": frozen_blocks}
     if teacher is not None:
         teacher.eval()
-    net = torch.nn.parallel.DistributedDataParallel(model) if together else model
+    net = frozen.tail if frozen is not None else \
+        torch.nn.parallel.DistributedDataParallel(model) if together else model
     step, history, elapsed_before = 0, [], 0.0
     if checkpoint_path is not None and checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=True)
@@ -224,9 +253,12 @@ def train(
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
             order_epoch = epoch
         rows = order[pos * batch_size : (pos + 1) * batch_size]
-        x = images[rows].permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
-        x = augment(x, padding=crop_padding, flip=flip, generator=generator)  # the whole batch on every rank
-        x = ((x - mean) / std)[local]  # (B / world, C, H, W): this rank's slice
+        if frozen is not None:
+            x = images[rows]  # (B, ...): the frozen blocks' cached outputs
+        else:
+            x = images[rows].permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
+            x = augment(x, padding=crop_padding, flip=flip, generator=generator)  # the whole batch on every rank
+            x = ((x - mean) / std)[local]  # (B / world, C, H, W): this rank's slice
         y = labels[rows][local]
         current_lr = cosine_lr(step, total_steps, warmup_steps, lr, min_lr)
         for group in optimizer.param_groups:
@@ -250,7 +282,7 @@ def train(
                 part = part * (len(xp) / len(x))  # each piece's share of the batch mean
                 part.backward()
             loss = loss + part.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         step += 1
         if together:  # the loss of the whole batch, for the log
@@ -277,6 +309,9 @@ def train(
         if progress is not None and rank == 0:
             progress(TrainProgress(epoch + 1, step, total_steps, loss_value, current_lr, eval_top1))
     model.eval()
+    if frozen is not None:
+        for p in frozen.frozen_parameters():
+            p.requires_grad_(True)  # the model goes on as a whole (a later stage may train all of it)
     return TrainResult(steps=step, seconds=elapsed_before + time.perf_counter() - start, history=history)
 
 

@@ -114,3 +114,35 @@ def test_bf16_on_a_cpu_without_bf16_units_trains_in_fp32_and_says_so(digits_trai
     assert "no BF16 units" in caplog.text and "training in FP32" in caplog.text
     train(plain, digits_train, **options, bf16=False)
     assert all(torch.equal(a, b) for a, b in zip(asked.state_dict().values(), plain.state_dict().values()))
+
+
+@pytest.mark.parametrize("frozen_blocks", [1, 2])  # 2 = the depth: a linear probe on cached pooled features
+def test_a_frozen_prefix_is_cached_once_and_left_untouched(digits_train, frozen_blocks):
+    from compress.train.frozen import FrozenPrefix
+
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(**DIGITS | {"layer_scale_init": 0.5, "pool": "cls_mean"}))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prefix = FrozenPrefix(model, frozen_blocks)
+    x = torch.from_numpy(next(digits_train.batches(16))[0])
+    with torch.inference_mode():  # the tail on the cached outputs is the whole model (float16 storage aside)
+        cached = prefix.encode(x) if prefix.probe else prefix.encode(x).half()
+        assert (prefix.tail(cached) - model(x)).abs().max() < 2e-2
+    phases, seen = set(), []
+    train(model, digits_train, epochs=4, batch_size=32, lr=5e-3, warmup_epochs=0, frozen=prefix,
+          progress=lambda p: (phases.add(p.phase), p.phase == "train" and seen.append(p.loss)))
+    assert phases == {"frozen features (training)", "train"} and np.mean(seen[-4:]) < np.mean(seen[:4])
+    after = model.state_dict()
+    frozen = ["patch_embed.", "cls_token", "pos_embed", *[f"blocks.{i}." for i in range(frozen_blocks)],
+              *(["norm."] if frozen_blocks == 2 else [])]
+    for name, value in after.items():
+        changed = not torch.equal(value, before[name])
+        assert changed != name.startswith(tuple(frozen)), name  # the frozen part kept, all the rest trained
+    assert all(p.requires_grad for p in model.parameters())  # the model goes on whole
+
+
+def test_freezing_more_blocks_than_the_model_has_is_one_line(digits_train):
+    from compress.errors import InputError
+
+    with pytest.raises(InputError, match=r"train.frozen_blocks=3, but the model has 2 blocks; give 1 to 2"):
+        train(VisionTransformer(ViTConfig(**DIGITS)), digits_train, epochs=1, frozen_blocks=3)

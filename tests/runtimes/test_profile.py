@@ -1,6 +1,5 @@
 """Per-layer profiles: the demo model's INT8 candidate on OpenVINO and ONNX Runtime, grouped back to its layers."""
 
-import numpy as np
 import pytest
 
 import compress

@@ -1,0 +1,125 @@
+"""Training with a frozen prefix: what does not change is computed once per image and kept.
+
+``train.frozen_blocks = N`` freezes the patch embedding, the prefix tokens, the position embedding and the first
+N blocks. Their output does not depend on the step, so it is computed once for every training image (and every
+evaluation image) and cached; each step then runs only the blocks after N and the head. With N equal to the
+depth the whole backbone is frozen and the cache holds the pooled features the head reads: a linear probe, which
+on a ViT-S at 224x224 costs one forward pass per image instead of one forward and backward pass per image per
+epoch. This is how DINOv2's and CLIP's linear-probe evaluations are run (features extracted once, a linear
+classifier fitted on them), and the partial form is the cheapest fine-tune that still moves the last blocks.
+
+The cached inputs are fixed views: crop and flip augmentation do not apply (the images were seen once).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from calibration.datasets import Subset
+from compress.errors import InputError
+from compress.model.vit import VisionTransformer
+
+log = logging.getLogger(__name__)
+
+CACHE_BUDGET_BYTES = 8 << 30  # the largest cache kept in memory (10,000 ViT-S tokens after a block take 2 GB)
+
+
+class FrozenPrefix:
+    """The frozen front of ``model`` (``encode``) and the trainable rest (``tail``, a module for the optimizer)."""
+
+    def __init__(self, model: VisionTransformer, blocks: int) -> None:
+        depth = model.config.depth
+        if not 0 < blocks <= depth:
+            raise InputError(f"train.frozen_blocks={blocks}, but the model has {depth} blocks; give 1 to {depth} "
+                             f"({depth}: a linear probe on frozen features), or 0 to train everything")
+        if model.token_reduction is not None:
+            raise InputError("train.frozen_blocks does not combine with token reduction (the tokens a block sees "
+                             "depend on the blocks before it); fine-tune without freezing")
+        self.model, self.blocks = model, blocks
+        self.probe = blocks == depth
+        for p in self.frozen_parameters():
+            p.requires_grad_(False)
+        self.tail = _Tail(self)
+        cfg = model.config
+        self.tokens = cfg.num_prefix_tokens + cfg.num_patches
+        with torch.no_grad():
+            self.feature_width = model.pool(torch.zeros(1, self.tokens, cfg.embed_dim)).shape[-1]  # what the head reads
+
+    def frozen_parameters(self) -> Iterator[torch.nn.Parameter]:
+        m = self.model
+        front = [m.patch_embed, m.norm_pre, *m.blocks[: self.blocks], *([m.norm, m.fc_norm] if self.probe else [])]
+        for module in front:
+            yield from module.parameters()
+        for tensor in (m.cls_token, m.dist_token, m.reg_token, m.pos_embed):
+            if tensor is not None:
+                yield tensor
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, C, H, W) -> the cached representation: tokens after block N (B, T, D), or the
+        pooled features (B, F) for a probe."""
+        m = self.model
+        t = m.embed(x)
+        for block in m.blocks[: self.blocks]:
+            t = block(t)
+        return m.pool(m.norm(t)) if self.probe else t
+
+    def cache(self, data: Subset, *, batch_size: int = 64, what: str = "training",
+              progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
+        """``encode`` of every image of ``data``, in order, kept as float16 (float32 for a probe's small features).
+
+        Logs the estimated time once the first batch is done when the whole pass will take more than a minute.
+        """
+        cfg = self.model.config
+        per_image = self.feature_width * 4 if self.probe else self.tokens * cfg.embed_dim * 2
+        if per_image * len(data) > CACHE_BUDGET_BYTES:
+            raise InputError(f"caching the outputs of the {self.blocks} frozen blocks for {len(data):,} {what} images "
+                             f"would take {per_image * len(data) / 2**30:.1f} GB; freeze all {cfg.depth} "
+                             f"(train.frozen_blocks={cfg.depth}: {self.feature_width * 4:,} bytes per image) or "
+                             "sample fewer images (data.train_limit)")
+        shape = (len(data), self.feature_width) if self.probe else (len(data), self.tokens, cfg.embed_dim)
+        out = torch.empty(shape, dtype=torch.float32 if self.probe else torch.float16)
+        was_training = self.model.training
+        self.model.eval()
+        start, done = time.perf_counter(), 0
+        with torch.inference_mode():
+            for x, _ in data.batches(batch_size):
+                z = self.encode(torch.from_numpy(x))
+                if not self.probe and z.abs().max() > torch.finfo(torch.float16).max:
+                    raise InputError(f"activations after block {self.blocks} exceed float16's range and cannot be "
+                                     "cached; freeze fewer blocks (train.frozen_blocks)")
+                out[done : done + len(z)] = z
+                done += len(z)
+                if done == len(z):
+                    eta = (time.perf_counter() - start) * len(data) / done
+                    if eta > 60:
+                        log.info("computing the frozen %s of %d %s images once: about %.0f min",
+                                 "features" if self.probe else f"blocks 1-{self.blocks}", len(data), what, eta / 60)
+                if progress is not None:
+                    progress(f"frozen features ({what})", done, len(data))
+        self.model.train(was_training)
+        log.info("cached the frozen %s of %d %s images in %.0f s (%.0f MB)", "features" if self.probe else
+                 "blocks", len(data), what, time.perf_counter() - start, out.numel() * out.element_size() / 2**20)
+        return out
+
+
+class _Tail(torch.nn.Module):
+    """The trainable rest of the model, run on cached ``encode`` outputs: the blocks after N, the final norm, the
+    pooling and the head (for a probe, the head alone)."""
+
+    def __init__(self, prefix: FrozenPrefix) -> None:
+        super().__init__()
+        self.model = prefix.model
+        self.start, self.probe = prefix.blocks, prefix.probe
+
+    def forward(self, cached: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.probe:
+            return m.classify(cached.float())  # (B, K)
+        t = cached.float()
+        for block in m.blocks[self.start :]:
+            t = block(t)
+        return m.forward_head(m.norm(t))  # (B, K)
