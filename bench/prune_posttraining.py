@@ -1,18 +1,22 @@
-"""Post-training pruning without training: Taylor against Fisher importance, and least-squares repair, on the
-CIFAR-10 ViT.
+"""Compression without training: pruning (Taylor or Fisher importance, least-squares repair) and token reduction,
+each measured alone on a trained model.
 
     python bench/prune_posttraining.py --data /tmp/cifar10 [--eval-limit 2000] [--out bench/results/...]
+    python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/probe/model.safetensors \
+        --importance fisher --settings 0.1667:0.25 0:0.25 --tokens evit:0.7@6 tome:8 --eval-limit 500
 
-From the reference model (models/cifar10-vit): importance on the calibration split's first 512 images (targets:
-the model's own predictions, so no labels), pruning at two settings with one width per layer (``scope="layer"``,
-the ``cpu-latency`` recipe's shares and a milder one), then ``compress.prune.reconstruct`` on 256 calibration
-images. Top-1 on the first ``--eval-limit`` images of the test split, each drop against the unpruned model with
-its paired 95% interval (``calibration.evaluate.paired_drop``). Accuracy only: the seconds are wall time.
+From ``--model`` (default: models/cifar10-vit): importance on the calibration split's first 512 images (targets:
+the model's own predictions, so no labels), pruning at each ``--settings`` HEADS:MLP share with one width per
+layer (``scope="layer"``), then ``compress.prune.reconstruct`` on 256 calibration images; then each ``--tokens``
+plan (EViT ``evit:KEEP@LAYER``, ToMe ``tome:R``) on the unpruned model, with no fine-tuning. Top-1 on a seeded
+random sample of ``--eval-limit`` test images, each drop against the unpruned model with its paired 95% interval
+(``calibration.evaluate.paired_drop``), and the MACs kept. Accuracy only: the seconds are wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -26,36 +30,69 @@ from bench.common import require_cifar, write_result  # noqa: E402
 from calibration.evaluate import evaluate_top1, paired_drop  # noqa: E402
 from compress.api import load_data, load_model  # noqa: E402
 from compress.prune.reconstruct import reconstruct  # noqa: E402
+from compress.model.macs import count_macs  # noqa: E402
 from compress.prune.structured import prune_by_ratio, taylor_importance  # noqa: E402
+from compress.tokens import apply  # noqa: E402
 
-SETTINGS = ((1 / 3, 2 / 3), (0.25, 0.5))  # (heads, MLP units) removed from every layer
+SETTINGS = ["0.3333:0.6667", "0.25:0.5"]  # (heads, MLP units) removed from every layer
+
+
+def token_plan(spec: str, depth: int):
+    from compress.tokens import evit, tome
+
+    method, _, value = spec.partition(":")
+    if method == "evit":
+        keep, _, layers = value.partition("@")
+        return evit(float(keep), depth, [int(v) for v in layers.split(",")] if layers else None)
+    if method == "tome":
+        return tome(int(value), depth)
+    raise SystemExit(f"unknown token setting {spec!r}: use evit:KEEP[@LAYER,...] or tome:R")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=REPO / "models" / "cifar10-vit" / "model.safetensors")
     ap.add_argument("--eval-limit", type=int, default=2000)
+    ap.add_argument("--importance", nargs="+", choices=["taylor", "fisher"], default=["taylor", "fisher"])
+    ap.add_argument("--settings", nargs="*", default=SETTINGS, help="HEADS:MLP shares removed from every layer")
+    ap.add_argument("--tokens", nargs="*", default=[], help="token plans tried alone: evit:KEEP@LAYER, tome:R")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prune_posttraining.json")
     args = ap.parse_args()
     require_cifar(args.data, "test")
     torch.set_num_threads(2)
-    ckpt = load_model(REPO / "models" / "cifar10-vit" / "model.safetensors")
+    ckpt = load_model(args.model)
     data = load_data(args.data, ckpt.preprocess, calib_size=512, eval_limit=args.eval_limit)
     model = ckpt.model.eval()
+    shape = (1, model.config.in_chans, model.config.image_size, model.config.image_size)
+    full_macs = count_macs(model, shape)
 
     def score(m):
         with torch.no_grad():
-            return evaluate_top1(lambda x: m(torch.from_numpy(x)).numpy(), data.eval, batch_size=250)
+            return evaluate_top1(lambda x: m(torch.from_numpy(x)).numpy(), data.eval, batch_size=50)
 
+    start = time.perf_counter()
     base = score(model)
+    print(f"unpruned: top-1 {base.top1:.4f} on {base.num_samples} images in {time.perf_counter() - start:.0f} s",
+          flush=True)
     calib = [x for x, _ in data.calib.batches(64)][:4]  # 256 images
     rows = []
-    for fisher in (False, True):
+    for spec in args.tokens:
+        reduced = apply(copy.deepcopy(model), token_plan(spec, model.config.depth))
+        result = score(reduced)
+        row = {"tokens": spec, "top1": result.top1, "drop": [round(v, 2) for v in paired_drop(base, result)],
+               "macs_fraction": round(count_macs(reduced, shape) / full_macs, 3)}
+        rows.append(row)
+        print(f"{spec}: top-1 {result.top1:.4f} (drop {row['drop'][0]:+.2f} pt, 95% {row['drop'][1]:+.2f}.."
+              f"{row['drop'][2]:+.2f}), {row['macs_fraction']:.2f}x the MACs", flush=True)
+    settings = [tuple(float(v) for v in s.split(":")) for s in args.settings]
+    for fisher in [m == "fisher" for m in args.importance] if settings else []:
         start = time.perf_counter()
         importance = taylor_importance(model, data.calib.batches(32), targets="predictions", fisher=fisher)
         importance_s = time.perf_counter() - start
-        for heads, mlp in SETTINGS:
+        for heads, mlp in settings:
             pruned = prune_by_ratio(model, importance, heads=heads, mlp=mlp, scope="layer")
+            macs = round(count_macs(pruned, shape) / full_macs, 3)
             plain = score(pruned)
             start = time.perf_counter()
             info = reconstruct(pruned, model, calib)
@@ -66,14 +103,16 @@ def main() -> None:
                    "drop_pruned": [round(v, 2) for v in paired_drop(base, plain)],
                    "top1_reconstructed": repaired.top1,
                    "drop_reconstructed": [round(v, 2) for v in paired_drop(base, repaired)],
-                   "reconstruct_s": round(seconds, 1), **{k: round(v, 4) for k, v in info.items() if k != "images"}}
+                   "reconstruct_s": round(seconds, 1), "macs_fraction": macs,
+                   **{k: round(v, 4) for k, v in info.items() if k != "images"}}
             rows.append(row)
             print(f"{row['importance']:>18} heads -{heads:.2f} MLP -{mlp:.2f}: pruned {plain.top1:.4f} "
                   f"(drop {row['drop_pruned'][0]:+.2f} pt, 95% {row['drop_pruned'][1]:+.2f}..{row['drop_pruned'][2]:+.2f})"
                   f", reconstructed {repaired.top1:.4f} (drop {row['drop_reconstructed'][0]:+.2f} pt, 95% "
-                  f"{row['drop_reconstructed'][1]:+.2f}..{row['drop_reconstructed'][2]:+.2f}) in {seconds:.1f} s")
-    write_result({"benchmark": "prune_posttraining", "eval_images": base.num_samples, "baseline_top1": base.top1,
-                  "rows": rows}, args.out)
+                  f"{row['drop_reconstructed'][1]:+.2f}..{row['drop_reconstructed'][2]:+.2f}) in {seconds:.1f} s, "
+                  f"{macs:.2f}x the MACs", flush=True)
+    write_result({"benchmark": "prune_posttraining", "model": str(args.model), "eval_images": base.num_samples,
+                  "baseline_top1": base.top1, "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -232,6 +232,11 @@ def run(
                       else f"chosen for {summary['target']}: nothing within budget ({chosen['none']})")
         if summary.get("bundle"):
             _plain(f"bundle:  {run_dir / summary['bundle']} ({summary['bundle_digest']})")
+        took = summary.get("stage_seconds") or {}
+        if took:  # the stages this command ran (resumed ones took no time now)
+            _plain("time:    " + ", ".join(f"{stage} {sec / 60:.1f} min" if sec >= 120 else f"{stage} {sec:.0f} s"
+                                           for stage, sec in took.items())
+                   + f" (all stages: {sum(took.values()) / 60:.1f} min)")
         _plain(f"records: {run_dir / 'records.jsonl'}\nreport:  {run_dir / 'report.md'}")
 
     _guard(job)

@@ -36,3 +36,17 @@ def test_top1_on_the_cifar10_jpeg_test_split(cifar10_dir):
     with torch.inference_mode():
         result = evaluate_top1(lambda x: ckpt.model(torch.from_numpy(x)).numpy(), data, batch_size=500)
     assert result.top1 >= 0.75
+
+
+def test_the_reference_vit_s_recipe_is_a_linear_probe_of_the_checked_source():
+    """models/dinov2-s14-cifar10 holds the recipe and the checksums only (the model is rebuilt in minutes by
+    bench/reference_model.py; the DINOv2 weights are not ours to commit)."""
+    from compress.config import load_config
+
+    folder = REPO / "models" / "dinov2-s14-cifar10"
+    assert not list(folder.glob("*.safetensors")) and not list(folder.glob("*.onnx"))
+    config = load_config(folder / "recipe.toml")
+    assert config.train.frozen_blocks == 12 and config.model == {"num_classes": 10, "pool": "cls_mean"}
+    assert (config.preprocess.crop_size, config.preprocess.interpolation) == (224, "bicubic")
+    sums = dict(line.split()[::-1] for line in (folder / "SHA256SUMS").read_text().splitlines())
+    assert len(sums["vit_s_focus.onnx"]) == 64

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,7 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
             reference=state.reference, budget_left=_budget_left(config, state.records, state.stage),
             state_dir=state_dir, new_record=Recorder.lazy(ctx, stage.name, key, state.model, state.reference),
         )
+        started = time.perf_counter()
         result = stage.run(inp, ctx)
         if stage.measured and result.model is not None:
             marker = _finish_model_stage(stage, key, result, ckpt, state, ctx)
@@ -235,6 +237,8 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
         else:
             state.records += result.records
             marker = result.notes | {"key": key, "finished": now()}  # the notes never overwrite the key
+        marker["seconds"] = round(time.perf_counter() - started, 1)  # the stage's wall time, measuring included
+        log.info("stage %s: done in %s", stage.name, _duration(marker["seconds"]))
         state.records = mark_repeats(state.records)  # an artifact timed twice with different results: noisy
         atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in state.records))
         atomic_write_json(run_dir / "stages" / f"{stage.name}.json", marker)  # the stage is done once this exists
@@ -245,6 +249,10 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
     finish_chain(run_dir, config, [s.name for s in plan if s.name != "baseline"], state.records)
     write_markdown_report(run_dir, state.records)
     return RunResult(run_dir, state.records, resumed)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _paths(stage: str, key: str, run_dir: Path) -> tuple[Path, Path]:
@@ -387,8 +395,16 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
     except InputError as e:
         selected = {"none": str(e)}
     front = pareto_set(records, target)
+    seconds = {}
+    for stage in ["baseline", *plan]:
+        try:
+            marker = read_json(run_dir / "stages" / f"{stage}.json")
+        except (ValueError, OSError):
+            marker = {}
+        if isinstance(marker, dict) and isinstance(marker.get("seconds"), (int, float)):
+            seconds[stage] = marker["seconds"]
     summary = {"budget_pt": budget, "target": target.name, "stages": plan, "per_stage": judged, "broke_at": broke,
-               "selected": selected, "pareto": front}
+               "selected": selected, "pareto": front, "stage_seconds": seconds}
     packed = read_json(run_dir / "stages" / "deploy.json") if "deploy" in plan else {}
     if packed.get("bundle"):  # the deploy stage packed the same choice, by the same rule
         summary["bundle"], summary["bundle_digest"] = packed["bundle"], packed.get("bundle_digest")

@@ -19,8 +19,11 @@ FAST = ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_siz
 def test_builtin_recipes_load_and_chain_every_stage():
     for name, recipe in BUILTIN_RECIPES.items():
         config = load_config(name)
-        assert config.stage_order() == ["prune", "recover", "tokens", "quantize", "deploy"]
+        shrinks = ["prune", "recover"] if name != "cpu-training-free" else []  # calibration data only: no training
+        assert config.stage_order() == [*shrinks, "tokens", "quantize", "deploy"]
         assert config.pipeline.max_drop == 1.0 and config.pipeline.target == recipe["pipeline"]["target"]
+    free = load_config("cpu-training-free")
+    assert free.tokens.finetune_epochs == 0 and free.tokens.r is None  # settings searched, judged as they are
     assert load_config("jetson-latency").quantize.activations == "int8"  # TensorRT reads symmetric INT8 only
 
 
@@ -62,15 +65,20 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     rows = [r for r in result.records if r.status == "ok" and r.artifact and r.batch_size == 1
             and r.runtime in ("openvino", "onnxruntime") and r.top1_drop <= 5]
     fastest = min(rows, key=lambda r: r.latency_ms_p50)
-    assert chain["selected"]["latency_ms_p50"] == fastest.latency_ms_p50
+    retimed = "latency_ms_p50_interleaved" in chain["selected"]  # near-ties were timed again by the deploy stage
+    if retimed:
+        assert chain["selected"]["latency_ms_p50"] <= fastest.latency_ms_p50 * 1.1 + 1e-9
+    else:
+        assert chain["selected"]["latency_ms_p50"] == fastest.latency_ms_p50
     front = chain["pareto"]
     every = [r for r in result.records if r.status == "ok" and r.artifact and r.batch_size == 1
              and r.runtime in ("openvino", "onnxruntime")]
     assert front[0]["latency_ms_p50"] == min(r.latency_ms_p50 for r in every)  # the fastest is never dominated
     assert all(a["latency_ms_p50"] <= b["latency_ms_p50"] and a["top1"] < b["top1"] for a, b in zip(front, front[1:]))
-    # nothing faster is also more accurate, so the fastest row within budget is on the front
-    assert (chain["selected"]["latency_ms_p50"], chain["selected"]["top1"]) in {
+    # nothing faster is also more accurate, so the fastest row within budget is on the front (by single medians)
+    assert retimed or (chain["selected"]["latency_ms_p50"], chain["selected"]["top1"]) in {
         (p["latency_ms_p50"], p["top1"]) for p in front}
+    assert set(chain["stage_seconds"]) == {"baseline", "prune", "recover", "tokens", "quantize", "deploy"}
     manifest = verify(run / chain["bundle"])
     assert manifest["selected"]["top1"] == chain["selected"]["top1"]
     report = (run / "report.md").read_text()
@@ -82,6 +90,23 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     again = run_pipeline(digits_model, "digits", config, run)  # resumes: every stage done, the bundle kept
     assert again.resumed_stages == ["baseline", "prune", "recover", "tokens", "quantize", "deploy"]
     assert json.loads((run / "stages" / "pipeline.json").read_text())["selected"] == chain["selected"]
+
+
+@pytest.mark.slow
+def test_the_training_free_recipe_runs_on_calibration_data_alone(tmp_path, digits_model):
+    keep = [o for o in FAST if not o.startswith(("quantize.quantizers", "tokens.macs"))]
+    config = load_config("cpu-training-free", [*keep, "pipeline.max_drop=5"])
+    run = tmp_path / "run"
+    result = run_pipeline(digits_model, "digits", config, run)
+    tokens = json.loads((run / "stages" / "tokens.json").read_text())["notes"]
+    assert "recovery" not in tokens and tokens["method"] == "tome"  # judged as they are, without fine-tuning
+    assert tokens["trials"][0]["candidate"] == "unreduced" and len(tokens["trials"]) >= 2
+    baseline = next(r for r in result.records if r.stage == "baseline" and r.runtime == "openvino")
+    assert tokens["trials"][0]["top1"] == baseline.top1  # the unreduced model's score is reused, not redone
+    assert not any((run / "stages" / f"{s}.json").exists() for s in ("prune", "recover"))
+    assert {r.candidate for r in result.records if r.stage == "quantize"} == {"nncf-ov"}
+    chain = json.loads((run / "stages" / "pipeline.json").read_text())
+    assert set(chain["stage_seconds"]) == {"baseline", "tokens", "quantize", "deploy"}
 
 
 @pytest.mark.slow

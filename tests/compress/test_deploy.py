@@ -109,6 +109,16 @@ def test_openvino_bundle_fills_its_model_cache(run_dir, tmp_path):
     verify(bundle)  # what the runner adds (cache, device records) is outside the checksummed files
 
 
+def test_an_arm_bundle_of_openvino_says_it_is_unscored_on_aarch64(run_dir, tmp_path):
+    said = []
+    bundle = deploy(run_dir, "cpu-arm", tmp_path / "ov", runtime="openvino", log=said.append)
+    assert (bundle / "openvino" / "model.xml").is_file()
+    assert any("OpenVINO on aarch64 is not yet scored" in line and "--runtime onnxruntime" in line for line in said)
+    said.clear()
+    deploy(run_dir, "cpu-arm", tmp_path / "ort", runtime="onnxruntime", log=said.append)
+    assert not any("aarch64" in line for line in said)  # ONNX Runtime INT8 was scored on aarch64 (BENCHMARKS.md)
+
+
 def test_tampered_bundle_is_refused_in_one_line(run_dir, tmp_path):
     bundle = deploy(run_dir, "cpu-arm", tmp_path / "bundle", log=lambda *_: None)
     model = bundle / "model.onnx"

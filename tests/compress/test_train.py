@@ -128,6 +128,8 @@ def test_a_frozen_prefix_is_cached_once_and_left_untouched(digits_train, frozen_
     with torch.inference_mode():  # the tail on the cached outputs is the whole model (float16 storage aside)
         cached = prefix.encode(x) if prefix.probe else prefix.encode(x).half()
         assert (prefix.tail(cached) - model(x)).abs().max() < 2e-2
+    on_runtime = prefix.cache(digits_train)  # the one pass runs on ONNX Runtime or OpenVINO, checked here too
+    assert on_runtime.shape[0] == len(digits_train) and (on_runtime[:16].float() - cached.float()).abs().max() < 1e-2
     phases, seen = set(), []
     train(model, digits_train, epochs=4, batch_size=32, lr=5e-3, warmup_epochs=0, frozen=prefix,
           progress=lambda p: (phases.add(p.phase), p.phase == "train" and seen.append(p.loss)))

@@ -1,0 +1,109 @@
+"""A recipe against plain NNCF INT8 on the reference ViT-S (models/dinov2-s14-cifar10), in one script.
+
+    python bench/reference_chain.py --model runs/dinov2-s14-cifar10/probe/model.safetensors --data /tmp/cifar10 \\
+        [--recipe cpu-training-free] [--eval-limit 1000] [--out runs/reference-chain]
+
+1. The peer: ``compress run`` with the quantize stage alone and NNCF only; its plain ``nncf.quantize`` candidate
+   (ModelType.TRANSFORMER with its SmoothQuant, as a user calls it), measured on OpenVINO at batch 1.
+2. The recipe: ``compress run --recipe RECIPE`` on the same model, data and evaluation sample.
+3. The chosen engine of each, timed again side by side in interleaved rounds (each round times both, in turn;
+   the ratio is the median of per-round ratios), because two runs minutes apart on a shared machine cannot be
+   compared by their own medians.
+
+Prints and writes OUT/reference_chain.json: top-1 and drop (with its paired 95% interval) of each, the latency
+ratio, and the wall time of every stage of both runs and of each run as a whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
+from compress.api import run_recipe  # noqa: E402
+from compress.records import read_records  # noqa: E402
+from runtimes import default_threads, get_runtime  # noqa: E402
+
+
+def timed_run(model: Path, data: Path, out: Path, recipe: str | None, overrides: list[str],
+              candidate: str | None = None) -> dict:
+    """Run, and take the run's choice, or the record of ``candidate`` on OpenVINO at batch 1."""
+    start = time.perf_counter()
+    run_recipe(model, data, out=out, recipe=recipe, overrides=overrides)
+    wall = time.perf_counter() - start
+    summary = json.loads((out / "stages" / "pipeline.json").read_text())
+    records = read_records(out / "records.jsonl")
+    if candidate is not None:
+        record = next(r for r in records if r.candidate == candidate and r.runtime == "openvino" and r.batch_size == 1)
+        chosen = {"candidate": record.candidate, "runtime": record.runtime, "precision": record.precision,
+                  "top1": record.top1, "top1_drop": record.top1_drop, "artifact": record.artifact}
+    else:
+        chosen = summary["selected"]
+        record = next(r for r in records if r.artifact == chosen.get("artifact")
+                      and r.runtime == chosen.get("runtime") and r.batch_size == chosen.get("batch_size"))
+    return {"run": str(out), "wall_seconds": round(wall, 1), "stage_seconds": summary.get("stage_seconds"),
+            "broke_at": summary.get("broke_at"), "chosen": chosen, "top1_drop_ci95": record.top1_drop_ci95,
+            "eval_samples": record.eval_samples, "artifact": out / chosen["artifact"],
+            "precision": chosen["precision"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--recipe", default="cpu-training-free")
+    parser.add_argument("--eval-limit", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("runs/reference-chain"))
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-drop", type=float, help="both runs' budget (default: the recipe's); a large one "
+                        "shows each method's own drop, with no accuracy-control retries")
+    parser.add_argument("--set", action="append", default=[], help="section.key=value for the recipe's run")
+    args = parser.parse_args()
+    require_cifar(args.data, "test")
+    common = [f"data.eval_limit={args.eval_limit}", 'measure.runtimes=["openvino"]', "measure.batch_sizes=[1]"]
+    if args.max_drop is not None:
+        common += [f"pipeline.max_drop={args.max_drop}", f"quantize.max_drop={args.max_drop}"]
+    print("1/3 plain NNCF INT8 (the peer)", flush=True)
+    peer = timed_run(args.model, args.data, args.out / "nncf", None,
+                     [*common, 'pipeline.stages=["quantize"]', 'quantize.quantizers=["nncf"]',
+                      "quantize.nncf_smooth_quant=true"], candidate="nncf-ov")
+    print(f"2/3 recipe {args.recipe}", flush=True)
+    ours = timed_run(args.model, args.data, args.out / "recipe", args.recipe, [*common, *args.set])
+    print("3/3 both chosen engines, interleaved", flush=True)
+    threads = default_threads()
+    openvino = get_runtime("openvino")
+    engines = {"nncf": openvino.build(peer["artifact"], precision=peer["precision"], threads=threads),
+               "recipe": openvino.build(ours["artifact"], precision=ours["precision"], threads=threads)}
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    stats = interleaved_rounds(engines, x, [1], rounds=args.rounds, seconds=3.0, threads=threads)[1]
+    medians = {name: [s.latency_ms_p50 for s in v] for name, v in stats.items()}
+    ratio = paired_ratio(medians["recipe"], medians["nncf"])
+    rows = {}
+    for name, run in (("nncf", peer), ("recipe", ours)):
+        c = run["chosen"]
+        rows[name] = {k: run[k] for k in ("run", "wall_seconds", "stage_seconds", "broke_at", "top1_drop_ci95",
+                                          "eval_samples")} | {
+            "candidate": c.get("candidate"), "precision": c.get("precision"), "top1": c.get("top1"),
+            "top1_drop": c.get("top1_drop"), "latency_ms_p50_interleaved": round(float(np.median(medians[name])), 3)}
+    result = {"recipe": args.recipe, "model": str(args.model), "eval_limit": args.eval_limit,
+              "max_drop": args.max_drop, "rows": rows,
+              "ratio_vs_nncf": round(ratio, 3), "round_medians_ms": medians}
+    path = write_result(result, args.out / "reference_chain.json")
+    for name, row in rows.items():
+        low, high = row["top1_drop_ci95"] or (None, None)
+        print(f"{name}: {row['candidate']} {row['precision']}, top-1 {row['top1'] * 100:.2f}% (drop "
+              f"{row['top1_drop']:+.2f} pt, 95% {low:+.2f}..{high:+.2f}), p50 {row['latency_ms_p50_interleaved']} ms "
+              f"interleaved; run {row['wall_seconds'] / 60:.1f} min: {row['stage_seconds']}")
+    print(f"recipe / nncf latency at batch 1 on OpenVINO: {ratio:.3f}x; {path}")
+
+
+if __name__ == "__main__":
+    main()
