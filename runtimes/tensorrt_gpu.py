@@ -307,6 +307,8 @@ def build_engine(
         profiles=[Profile().add(image.name, min=shapes[0], opt=shapes[1], max=shapes[2])] if shapes else None,
         memory_pool_limits={trt.MemoryPoolType.WORKSPACE: workspace_mb << 20},
         load_timing_cache=str(cache) if cache is not None and cache.is_file() else None,
+        # layer names, types and precisions kept in the engine for its inspector (TensorRtEngine.profile)
+        profiling_verbosity=trt.ProfilingVerbosity.DETAILED,
     )(builder, network)
     if dla_core is not None:
         _use_dla(trt, builder, config, dla_core, precision, say)
@@ -390,6 +392,7 @@ class TensorRtEngine:
             self.min_batch, self.max_batch = int(low[0]), int(high[0])
         else:
             self.min_batch = self.max_batch = int(shape[0])
+        self._engine = engine
         self._runner = TrtRunner(engine, name=name)
         self._runner.activate()
 
@@ -437,6 +440,52 @@ class TensorRtEngine:
                         "gpu_compute_ms_p90": float(np.percentile(gpu, 90)),
                         "gpu_compute_ms_p99": float(np.percentile(gpu, 99)), "gpu_compute_ms_mean": float(gpu.mean())}
 
+    def profile(self, x: np.ndarray, runs: int = 20) -> list:
+        """Per-layer times of ``runs`` inferences of ``x`` (``runtimes.profile.NodeTime``, execution order) from
+        TensorRT's ``IProfiler``, on an execution context of its own so the timed one stays unprofiled; each
+        layer's type and precision from the engine inspector (``ProfilingVerbosity.DETAILED``, set at build).
+        TensorRT fuses a transformer into few layers (often one ``Myelin`` foreign node), so the profile is as
+        fine as the engine is."""
+        import json
+
+        from polygraphy.backend.trt import TrtRunner
+
+        from runtimes.profile import NodeTime
+
+        trt = _tensorrt()
+        times: dict[str, float] = {}
+
+        class _Profiler(trt.IProfiler):
+            def __init__(self) -> None:
+                trt.IProfiler.__init__(self)
+
+            def report_layer_time(self, layer_name: str, ms: float) -> None:  # called in execution order
+                times[layer_name] = times.get(layer_name, 0.0) + ms
+
+        runner = TrtRunner(self._engine, name=f"{self.name} (profiled)")
+        runner.activate()
+        try:
+            runner.context.profiler = _Profiler()
+            feed = {self.input_name: self._feed(np.asarray(x))}
+            for _ in range(3):
+                runner.infer(feed)
+            times.clear()  # the warm-up's layers are not counted
+            for _ in range(runs):
+                runner.infer(feed)
+        finally:
+            runner.deactivate()
+        layers = {}
+        try:
+            inspector = self._engine.create_engine_inspector()
+            described = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+            for layer in described.get("Layers", []):
+                if isinstance(layer, dict) and "Name" in layer:
+                    layers[layer["Name"]] = layer
+        except Exception:  # an engine built without detailed verbosity describes names only
+            layers = {}
+        return [NodeTime(name, str(layers.get(name, {}).get("LayerType", "?")), _layer_precision(layers.get(name)),
+                         ms / runs) for name, ms in times.items()]
+
     def close(self) -> None:
         """Release the runner's context, buffers and stream (also done when collected)."""
         if self._runner is not None and self._runner.is_active:
@@ -448,6 +497,18 @@ class TensorRtEngine:
             self.close()
         except Exception:  # interpreter shutdown or a lost device: nothing left to release safely
             pass
+
+
+def _layer_precision(layer: Mapping[str, Any] | None) -> str:
+    """The precision a layer computed in, from its first input's format in the engine inspector's JSON
+    (``"Row major linear Int8"``, ``"... FP16 ..."`` / ``Half``, ``"... FP32 ..."`` / ``Float``)."""
+    tensors = (layer or {}).get("Inputs") or []
+    text = str(tensors[0].get("Format/Datatype", "")).lower() if tensors and isinstance(tensors[0], dict) else ""
+    for marks, precision in ((("int8",), "int8"), (("fp16", "half"), "fp16"), (("bf16",), "bf16"),
+                             (("fp32", "float"), "fp32")):
+        if any(m in text for m in marks):
+            return precision
+    return "?"
 
 
 def load_engine(engine_path: Path, *, current: Mapping[str, Any] | None = None) -> TensorRtEngine:

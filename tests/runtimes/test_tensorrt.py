@@ -246,6 +246,19 @@ def test_fp32_engine_matches_onnxruntime(trt, onnx_file, tmp_path):
         assert parity.agreement == 1.0
 
 
+def test_the_layer_profile_adds_up_and_names_each_layers_precision(trt, onnx_file, tmp_path):
+    from runtimes import measure_latency
+    from runtimes.profile import summarize
+
+    engine = load_engine(build_engine(onnx_file, tmp_path / "p.engine", precision="fp32", max_batch=8).path)
+    nodes = engine.profile(_inputs(1))
+    assert nodes and all(n.ms >= 0 for n in nodes) and {n.precision for n in nodes} <= {"fp32", "?"}
+    summary = summarize(nodes)
+    assert abs(sum(summary["by_class"].values()) - summary["total_ms"]) < 1e-3
+    p50 = measure_latency(engine, _inputs(1), threads=1, warmup=3, iterations=20).latency_ms_p50
+    assert 0 < summary["total_ms"] < 5 * p50  # layer times sit inside the end-to-end time (copies excluded)
+
+
 def test_fp16_engine_from_an_fp16_onnx(trt, onnx_file, fp16_onnx_file, tmp_path):
     built = build_engine(fp16_onnx_file, tmp_path / "h.engine", precision="fp16", max_batch=8)
     engine = load_engine(built.path)
