@@ -233,10 +233,11 @@ def run(
         if summary.get("bundle"):
             _plain(f"bundle:  {run_dir / summary['bundle']} ({summary['bundle_digest']})")
         took = summary.get("stage_seconds") or {}
-        if took:  # the stages this command ran (resumed ones took no time now)
-            _plain("time:    " + ", ".join(f"{stage} {sec / 60:.1f} min" if sec >= 120 else f"{stage} {sec:.0f} s"
-                                           for stage, sec in took.items())
-                   + f" (all stages: {sum(took.values()) / 60:.1f} min)")
+        if took:  # each stage's wall time when it ran, in this command or the run it resumed
+            from compress.run.pipeline import format_seconds
+
+            _plain("time:    " + ", ".join(f"{stage} {format_seconds(sec)}" for stage, sec in took.items())
+                   + f" (all stages: {format_seconds(sum(took.values()))})")
         _plain(f"records: {run_dir / 'records.jsonl'}\nreport:  {run_dir / 'report.md'}")
 
     _guard(job)

@@ -133,9 +133,6 @@ class RecoverConfig(Section):
     bf16: bool = False
     seed: int = 0
     micro_batch_size: int | None = Field(None, ge=1)  # gradient accumulation pieces; None: sized to ~2 GB
-    # freeze the embedding and the first N blocks, computing their outputs once per image (compress.train.frozen);
-    # N = the model's depth trains the head alone on cached features: a linear probe
-    frozen_blocks: int = Field(0, ge=0)
 
 
 class TokensConfig(Section):

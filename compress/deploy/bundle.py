@@ -84,6 +84,19 @@ def choose(records: list[StageRecord], target: Target, *, max_drop: float, candi
     ``retimed`` ({``timing_key``: median ms}) ranks the contenders too close to call by their single medians
     (``contenders``): the deploy stage of a run times them again, interleaved, and keeps the figures in its marker.
     """
+    fits = _fits(records, target, max_drop=max_drop, candidate=candidate, runtime=runtime)
+    if not target.measured_here:
+        return min(fits, key=lambda r: (TENSORRT_PREFERENCE.index(r.precision), r.latency_ms_p50))
+    close = _too_close(fits)
+    if retimed and len(close) > 1 and all(timing_key(r) in retimed for r in close):
+        return min(close, key=lambda r: (retimed[timing_key(r)], target.runtimes.index(r.runtime)))
+    return min(fits, key=lambda r: (r.latency_ms_p50, target.runtimes.index(r.runtime)))
+
+
+def _fits(records: list[StageRecord], target: Target, *, max_drop: float, candidate: str | None = None,
+          runtime: str | None = None) -> list[StageRecord]:
+    """The records ``choose`` picks from: at the smallest batch size, on the target's runtimes (or the ONNX files
+    TensorRT builds from), within ``max_drop``; ``InputError`` saying why when there are none."""
     ok = [r for r in records if r.status == "ok" and r.top1_drop is not None and r.artifact]
     if not ok:
         raise InputError("the run has no measured records; run `compress run` to the end first")
@@ -112,12 +125,7 @@ def choose(records: list[StageRecord], target: Target, *, max_drop: float, candi
         raise InputError(f"no candidate of the run is within the {max_drop:g} pt budget on {target.name}'s "
                          f"runtimes; the closest is {best.candidate or best.stage} on {best.runtime} "
                          f"({best.top1_drop:+.2f} pt): raise --max-drop or rerun with a milder recipe")
-    if not target.measured_here:
-        return min(fits, key=lambda r: (TENSORRT_PREFERENCE.index(r.precision), r.latency_ms_p50))
-    close = _too_close(fits)
-    if retimed and len(close) > 1 and all(timing_key(r) in retimed for r in close):
-        return min(close, key=lambda r: (retimed[timing_key(r)], target.runtimes.index(r.runtime)))
-    return min(fits, key=lambda r: (r.latency_ms_p50, target.runtimes.index(r.runtime)))
+    return fits
 
 
 def timing_key(record: StageRecord) -> str:
@@ -128,7 +136,7 @@ def timing_key(record: StageRecord) -> str:
 def _too_close(fits: list[StageRecord]) -> list[StageRecord]:
     from runtimes.noise import too_close_to_call
 
-    return [r for r in too_close_to_call(fits, lambda r: r.latency_ms_p50) if r.artifact]
+    return too_close_to_call(fits, lambda r: r.latency_ms_p50)
 
 
 def contenders(records: list[StageRecord], target: Target, *, max_drop: float) -> list[StageRecord]:
@@ -137,15 +145,9 @@ def contenders(records: list[StageRecord], target: Target, *, max_drop: float) -
     if not target.measured_here:
         return []
     try:
-        choose(records, target, max_drop=max_drop)
+        close = _too_close(_fits(records, target, max_drop=max_drop))
     except InputError:
         return []
-    ok = [r for r in records if r.status == "ok" and r.top1_drop is not None and r.artifact
-          and r.latency_ms_p50 is not None]
-    batch = min(r.batch_size for r in ok)
-    fits = [r for r in ok if r.batch_size == batch and r.runtime in target.runtimes
-            and r.top1_drop <= max_drop + 1e-9]
-    close = _too_close(fits)
     return close if len(close) > 1 else []
 
 

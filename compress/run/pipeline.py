@@ -238,7 +238,7 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
             state.records += result.records
             marker = result.notes | {"key": key, "finished": now()}  # the notes never overwrite the key
         marker["seconds"] = round(time.perf_counter() - started, 1)  # the stage's wall time, measuring included
-        log.info("stage %s: done in %s", stage.name, _duration(marker["seconds"]))
+        log.info("stage %s: done in %s", stage.name, format_seconds(marker["seconds"]))
         state.records = mark_repeats(state.records)  # an artifact timed twice with different results: noisy
         atomic_write_text(records_path, "".join(r.to_json() + "\n" for r in state.records))
         atomic_write_json(run_dir / "stages" / f"{stage.name}.json", marker)  # the stage is done once this exists
@@ -251,7 +251,8 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
     return RunResult(run_dir, state.records, resumed)
 
 
-def _duration(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
+    """A stage's wall time as people read it: seconds under two minutes, minutes above."""
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 

@@ -98,7 +98,7 @@ class FrozenPrefix:
         out = torch.empty(shape, dtype=torch.float32 if self.probe else torch.float16)
         was_training = self.model.training
         self.model.eval()
-        start, done = time.perf_counter(), 0
+        done = 0
         run = self._runner(runtime, next(data.batches(8))[0])
         with torch.inference_mode():
             start = time.perf_counter()  # the estimate counts the pass alone, not the export before it
@@ -120,7 +120,6 @@ class FrozenPrefix:
         log.info("cached the frozen %s of %d %s images in %.0f s (%.0f MB)", "features" if self.probe else
                  "blocks", len(data), what, time.perf_counter() - start, out.numel() * out.element_size() / 2**20)
         return out
-
 
     def _runner(self, runtime: str, images: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
         """A function from normalised images to ``encode``'s output: the prefix exported to ONNX and run on

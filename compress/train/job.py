@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,13 +17,7 @@ from compress.model.checkpoint import (Checkpoint, check_dataset_fits, match_cla
 from compress.model.vit import VisionTransformer
 from compress.train import distributed
 from compress.train.frozen import FrozenPrefix
-from compress.train.loop import TrainProgress, train
-
-def _phase_progress(progress: Callable[[TrainProgress], None] | None):
-    """The progress callback of a one-off pass (what, done, total), as ``TrainProgress`` with its phase."""
-    if progress is None:
-        return None
-    return lambda what, done, total: progress(TrainProgress(0, done, total, math.nan, 0.0, phase=what))
+from compress.train.loop import TrainProgress, phase_progress, train
 
 
 def train_job(
@@ -64,7 +57,7 @@ def train_job(
                 return evaluate_top1(lambda x: model(torch.from_numpy(x)).numpy(), eval_data,
                                      batch_size=config.measure.eval_batch_size).top1
         if not eval_cache:
-            eval_cache.append(frozen.cache(eval_data, what="evaluation", progress=_phase_progress(progress)))
+            eval_cache.append(frozen.cache(eval_data, what="evaluation", progress=phase_progress(progress)))
         with torch.inference_mode():
             predictions = torch.cat([frozen.tail(z).argmax(-1) for z in eval_cache[0].split(256)])
         return float((predictions.numpy() == eval_data.labels).mean())

@@ -44,6 +44,14 @@ class TrainProgress:
     phase: str = "train"  # or the one-off pass that caches a frozen prefix's outputs ("frozen features (...)")
 
 
+def phase_progress(progress: Callable[[TrainProgress], None] | None) -> Callable[[str, int, int], None] | None:
+    """The callback of a one-off pass (``what``, done, total), such as caching a frozen prefix, given to a
+    ``TrainProgress`` callback as that phase; None for None."""
+    if progress is None:
+        return None
+    return lambda what, done, total: progress(TrainProgress(0, done, total, math.nan, 0.0, phase=what))
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -176,12 +184,7 @@ def train(
         if crop_padding or flip:
             log.info("the frozen blocks' outputs are cached from fixed views: crop and flip do not apply")
         crop_padding, flip = 0, False
-
-        def cache_progress(what: str, done: int, total: int) -> None:
-            if progress is not None and rank == 0:
-                progress(TrainProgress(0, done, total, math.nan, 0.0, phase=what))
-
-        images = frozen.cache(train_data, progress=cache_progress)  # images[rows] -> cached (B, ...) features
+        images = frozen.cache(train_data, progress=phase_progress(progress))  # images[rows] -> cached (B, ...) features
     micro = micro_batch_size or (batch_size // world if frozen is not None else
                                  auto_micro_batch(model, batch_size // world))
     if micro < batch_size // world:
