@@ -13,6 +13,11 @@ import math
 import torch
 
 
+# per position, in cosine similarity: far above the rounding differences between runtimes (~1e-7 in float32), far
+# below what separates tokens that are not alike (ToMe's choices are otherwise unchanged)
+TIE_BREAK = 1e-6
+
+
 def _take(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Rows ``index`` (B, n) of ``t`` (B, T, C) -> (B, n, C), as one GatherElements."""
     return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
@@ -34,8 +39,18 @@ def merge_tokens(
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, ::2], metric[:, 1::2]  # (B, Na, C), (B, Nb, C): alternate tokens
     num_a, num_b = a.shape[1], b.shape[1]
-    best, partner = (a @ b.transpose(1, 2)).max(dim=-1)  # (B, Na): best cosine similarity, and with which B token
-    src = best.topk(r, dim=-1).indices  # (B, r): the A tokens that merge
+    # Identical tokens (flat background) have identical similarities, and runtimes break such ties differently
+    # (TopK and ArgMax among equal values), so an exported model would merge other pairs than PyTorch. A tiny
+    # penalty by position breaks every tie the same way everywhere: the earlier token wins.
+    # The penalties ride inside the similarity MatMul as one more feature (a's is 1, b's is minus the penalty), and
+    # the A side's likewise against a constant column: OpenVINO 2026.4 mis-fused a MatMul followed by a broadcast
+    # subtraction here (logits off by 0.02 to 2.7).
+    ones_a = a.new_ones(B, num_a, 1)
+    tie_b = (-TIE_BREAK * torch.arange(num_b, device=x.device, dtype=x.dtype)).view(1, num_b, 1).expand(B, -1, -1)
+    scores = torch.cat([a, ones_a], dim=-1) @ torch.cat([b, tie_b], dim=-1).transpose(1, 2)  # (B, Na, Nb)
+    best, partner = scores.max(dim=-1)  # (B, Na): best similarity (less its partner's penalty), and which B token
+    tie_a = (-TIE_BREAK * torch.arange(num_a, device=x.device, dtype=x.dtype)).view(1, num_a, 1).expand(B, -1, -1)
+    src = (torch.cat([best.unsqueeze(-1), tie_a], dim=-1).sum(dim=-1)).topk(r, dim=-1).indices  # (B, r): they merge
     # The A tokens that stay, in their original order: sort positions with the merged ones pushed past the end
     # (TopK on floats; sorting an integer tensor is not something every runtime's TopK accepts).
     position = torch.arange(num_a, device=x.device, dtype=x.dtype)  # (Na,)
