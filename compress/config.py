@@ -54,7 +54,8 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     crop_padding: int = Field(4, ge=0)
     flip: bool = True
-    bf16: bool = False
+    bf16: bool = False  # BF16 autocast: on CPUs with BF16 units (AVX-512 BF16, AMX) and on CUDA GPUs that have it
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a CUDA GPU when PyTorch sees one, else the CPU
     seed: int = 0
     checkpoint_minutes: float = Field(5.0, gt=0)
     eval_every_epochs: int = Field(0, ge=0)  # 0: evaluate only at the end
@@ -131,6 +132,7 @@ class RecoverConfig(Section):
     crop_padding: int = Field(4, ge=0)
     flip: bool = True
     bf16: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # as train.device, for recovery and token fine-tuning
     seed: int = 0
     micro_batch_size: int | None = Field(None, ge=1)  # gradient accumulation pieces; None: sized to ~2 GB
 

@@ -42,8 +42,31 @@ def init() -> bool:
     if world_size() <= 1 or not dist.is_available():
         return False
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per process: the one torchrun's LOCAL_RANK names
+            torch.cuda.set_device(local_rank() % torch.cuda.device_count())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device(asked: str = "auto") -> torch.device:
+    """The device training runs on: ``cuda`` (this process's GPU under torchrun), ``cpu``, or ``auto`` (a GPU when
+    PyTorch sees one). Asking for CUDA where there is none is an ``InputError`` naming the fix."""
+    from compress.errors import InputError
+
+    if asked not in ("auto", "cpu", "cuda"):
+        raise InputError(f"unknown training device {asked!r}: use auto, cpu or cuda")
+    if asked == "cpu" or (asked == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise InputError(f"train.device=cuda, but PyTorch {torch.__version__} ({build}) sees no CUDA GPU here; use "
+                         "device=auto or cpu, or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    return torch.device("cuda", local_rank() % torch.cuda.device_count() if world_size() > 1 else
+                        torch.cuda.current_device())
 
 
 def active() -> bool:

@@ -75,6 +75,7 @@ def train_job(
         "eval_images": len(eval_data),
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
+        "device": result.device,
         "eval_top1": result.history[-1]["eval_top1"] if result.history else None,
         "history": result.history,
         "config": config.dump(),

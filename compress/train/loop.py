@@ -57,6 +57,7 @@ class TrainResult:
     steps: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    device: str = "cpu"  # where the steps ran
 
 
 def cosine_lr(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
@@ -135,6 +136,7 @@ def train(
     crop_padding: int = 4,
     flip: bool = True,
     bf16: bool = False,
+    device: str = "auto",
     seed: int = 0,
     checkpoint_path: Path | None = None,
     checkpoint_minutes: float = 5.0,
@@ -161,8 +163,15 @@ def train(
     ``frozen_blocks`` (or a ``frozen`` prefix already made, whose evaluation cache the caller shares) freezes the
     embedding and the first N blocks and trains the rest on their outputs, computed once per image
     (``compress.train.frozen``); N equal to the depth is a linear probe.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``; ``distributed.device``) is where the steps run; the images are
+    decoded and augmented on the CPU, and evaluation runs there too. The model (and teacher) return to the CPU.
     """
-    if bf16 and cpu_has_bf16() is False:
+    dev = distributed.device(device)
+    if bf16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("BF16 autocast was asked for, but this GPU has no BF16 support; training in FP32")
+        bf16 = False
+    elif bf16 and dev.type == "cpu" and cpu_has_bf16() is False:
         log.warning("BF16 autocast was asked for, but this CPU has no BF16 units (avx512_bf16, amx_bf16): it would "
                     "be emulated, usually slower than FP32; training in FP32")
         bf16 = False
@@ -214,12 +223,16 @@ def train(
                "flip": flip, "bf16": bf16, "seed": seed, "train_images": len(labels), "max_steps": max_steps,
                "kd": [kd_alpha, kd_temperature] if teacher is not None else None, "frozen_blocks": frozen_blocks}
     if teacher is not None:
-        teacher.eval()
+        teacher.eval().to(dev)
+    if dev.type != "cpu":
+        log.info("training on %s (%s)", dev, torch.cuda.get_device_name(dev))
+    model.to(dev)  # after any frozen prefix was cached: its one pass exports the model from the CPU
     net = frozen.tail if frozen is not None else \
-        torch.nn.parallel.DistributedDataParallel(model) if together else model
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if together else model
     step, history, elapsed_before = 0, [], 0.0
     if checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=True)
+        state = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
         if state.get("options") != options:
             raise InputError(
                 f"{checkpoint_path} was written by a training run with other options or data; "
@@ -246,76 +259,82 @@ def train(
                 checkpoint_path,
             )
 
-    start = last_save = time.perf_counter()
-    model.train()
-    order_epoch = None
-    while step < total_steps:
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != order_epoch:
-            # Each epoch's order comes from the epoch number alone, so a run resumed mid-epoch sees the same order.
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-            order_epoch = epoch
-        rows = order[pos * batch_size : (pos + 1) * batch_size]
-        if frozen is not None:
-            x = images[rows]  # (B, ...): the frozen blocks' cached outputs
-        else:
-            x = images[rows].permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
-            x = augment(x, padding=crop_padding, flip=flip, generator=generator)  # the whole batch on every rank
-            x = ((x - mean) / std)[local]  # (B / world, C, H, W): this rank's slice
-        y = labels[rows][local]
-        current_lr = cosine_lr(step, total_steps, warmup_steps, lr, min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = current_lr
-        optimizer.zero_grad(set_to_none=True)
-        pieces = list(zip(x.split(micro), y.split(micro)))  # gradients accumulate: memory holds one piece
-        loss = torch.zeros(())
-        for j, (xp, yp) in enumerate(pieces):
-            sync = contextlib.nullcontext() if not together or j == len(pieces) - 1 else net.no_sync()
-            with sync:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logits = net(xp)  # (b, K)
-                part = F.cross_entropy(logits.float(), yp, label_smoothing=label_smoothing)
-                if teacher is not None:
-                    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                        soft = teacher(xp)  # (b, K)
-                    T = kd_temperature
-                    kd = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(soft.float() / T, -1),
-                                  reduction="batchmean", log_target=True) * T * T
-                    part = kd_alpha * kd + (1 - kd_alpha) * part
-                part = part * (len(xp) / len(x))  # each piece's share of the batch mean
-                part.backward()
-            loss = loss + part.detach()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        step += 1
-        if together:  # the loss of the whole batch, for the log
-            loss = loss.detach().clone()
-            torch.distributed.all_reduce(loss)
-            loss /= world
-        loss_value = loss.item()
+    try:
+        start = last_save = time.perf_counter()
+        model.train()
+        order_epoch = None
+        while step < total_steps:
+            epoch, pos = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                # Each epoch's order comes from the epoch number alone, so a run resumed mid-epoch sees the same order.
+                order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+                order_epoch = epoch
+            rows = order[pos * batch_size : (pos + 1) * batch_size]
+            if frozen is not None:
+                x = images[rows].to(dev, non_blocking=True)  # (B, ...): the frozen blocks' cached outputs
+            else:
+                x = images[rows].permute(0, 3, 1, 2).float().div_(255)  # (B, C, H, W)
+                x = augment(x, padding=crop_padding, flip=flip, generator=generator)  # the whole batch on every rank
+                x = ((x - mean) / std)[local].to(dev, non_blocking=True)  # (B / world, C, H, W): this rank's slice
+            y = labels[rows][local].to(dev, non_blocking=True)
+            current_lr = cosine_lr(step, total_steps, warmup_steps, lr, min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            optimizer.zero_grad(set_to_none=True)
+            pieces = list(zip(x.split(micro), y.split(micro)))  # gradients accumulate: memory holds one piece
+            loss = torch.zeros((), device=dev)
+            for j, (xp, yp) in enumerate(pieces):
+                sync = contextlib.nullcontext() if not together or j == len(pieces) - 1 else net.no_sync()
+                with sync:
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                        logits = net(xp)  # (b, K)
+                    part = F.cross_entropy(logits.float(), yp, label_smoothing=label_smoothing)
+                    if teacher is not None:
+                        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                            soft = teacher(xp)  # (b, K)
+                        T = kd_temperature
+                        kd = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(soft.float() / T, -1),
+                                      reduction="batchmean", log_target=True) * T * T
+                        part = kd_alpha * kd + (1 - kd_alpha) * part
+                    part = part * (len(xp) / len(x))  # each piece's share of the batch mean
+                    part.backward()
+                loss = loss + part.detach()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            step += 1
+            if together:  # the loss of the whole batch, for the log
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss /= world
+            loss_value = loss.item()
 
-        eval_top1 = None
-        if step % steps_per_epoch == 0 or step == total_steps:
-            epoch_done = step // steps_per_epoch
-            if eval_fn is not None and rank == 0 and (step == total_steps or
-                                                      (eval_every_epochs and epoch_done % eval_every_epochs == 0)):
-                model.eval()
-                eval_top1 = eval_fn(model)
-                model.train()
-            history.append({"epoch": epoch + 1, "step": step, "loss": loss_value, "eval_top1": eval_top1,
-                            "seconds": elapsed_before + time.perf_counter() - start})
-            save()
-            last_save = time.perf_counter()
-        elif time.perf_counter() - last_save > checkpoint_minutes * 60:
-            save()
-            last_save = time.perf_counter()
-        if progress is not None and rank == 0:
-            progress(TrainProgress(epoch + 1, step, total_steps, loss_value, current_lr, eval_top1))
+            eval_top1 = None
+            if step % steps_per_epoch == 0 or step == total_steps:
+                epoch_done = step // steps_per_epoch
+                if eval_fn is not None and rank == 0 and (step == total_steps or
+                                                          (eval_every_epochs and epoch_done % eval_every_epochs == 0)):
+                    model.eval().cpu()  # evaluation feeds the model from the CPU
+                    eval_top1 = eval_fn(model)
+                    model.to(dev).train()
+                history.append({"epoch": epoch + 1, "step": step, "loss": loss_value, "eval_top1": eval_top1,
+                                "seconds": elapsed_before + time.perf_counter() - start})
+                save()
+                last_save = time.perf_counter()
+            elif time.perf_counter() - last_save > checkpoint_minutes * 60:
+                save()
+                last_save = time.perf_counter()
+            if progress is not None and rank == 0:
+                progress(TrainProgress(epoch + 1, step, total_steps, loss_value, current_lr, eval_top1))
+    finally:  # the model goes on from the CPU (export, the next stage), whatever happened here
+        model.cpu()
+        if teacher is not None:
+            teacher.cpu()
     model.eval()
     if frozen is not None:
         for p in frozen.frozen_parameters():
             p.requires_grad_(True)  # the model goes on as a whole (a later stage may train all of it)
-    return TrainResult(steps=step, seconds=elapsed_before + time.perf_counter() - start, history=history)
+    return TrainResult(steps=step, seconds=elapsed_before + time.perf_counter() - start, history=history,
+                       device=str(dev))
 
 
 def serve() -> None:

@@ -148,3 +148,35 @@ def test_freezing_more_blocks_than_the_model_has_is_one_line(digits_train):
 
     with pytest.raises(InputError, match=r"train.frozen_blocks=3, but the model has 2 blocks; give 1 to 2"):
         train(VisionTransformer(ViTConfig(**DIGITS)), digits_train, epochs=1, frozen_blocks=3)
+
+
+def test_the_training_device_is_resolved_and_cuda_without_a_gpu_is_one_line():
+    from compress.errors import InputError
+    from compress.train.distributed import device
+
+    assert device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert device("auto").type == device("cuda").type == "cuda"
+        return
+    assert device("auto") == torch.device("cpu")
+    with pytest.raises(InputError, match="train.device=cuda.*sees no CUDA GPU") as e:
+        device("cuda")
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="unknown training device"):
+        device("tpu")
+
+
+def test_training_on_the_gpu_matches_the_cpu_and_returns_the_model_to_the_cpu(digits_train):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here (PyTorch sees none): the GPU path of train.device runs on a machine with one")
+    models = []
+    for where in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = VisionTransformer(ViTConfig(**DIGITS))
+        result = train(model, digits_train, epochs=1, batch_size=64, lr=1e-3, device=where, crop_padding=0,
+                       flip=False)
+        assert result.steps == len(digits_train) // 64
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-2)  # the same steps, up to the GPU's float sums
