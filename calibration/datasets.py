@@ -241,6 +241,10 @@ class Subset:
             return np.zeros((0, self.preprocess.crop_size, self.preprocess.crop_size, self.preprocess.in_chans), np.uint8)
         return np.stack(arrays)
 
+    def head(self, n: int) -> Subset:
+        """The first ``n`` rows: a simple random sample where the split is shuffled, as the evaluation split is."""
+        return Subset(self.source, self.indices[:n], self.preprocess)
+
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Stream (B, C, H, W) float32 inputs with their labels; memory bounded by one batch."""
         for start in range(0, len(self.indices), batch_size):

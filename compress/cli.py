@@ -234,7 +234,7 @@ def run(
             _plain(f"bundle:  {run_dir / summary['bundle']} ({summary['bundle_digest']})")
         took = summary.get("stage_seconds") or {}
         if took:  # each stage's wall time when it ran, in this command or the run it resumed
-            from compress.run.pipeline import format_seconds
+            from compress.run.context import format_seconds
 
             _plain("time:    " + ", ".join(f"{stage} {format_seconds(sec)}" for stage, sec in took.items())
                    + f" (all stages: {format_seconds(sum(took.values()))})")

@@ -82,6 +82,12 @@ class MeasureConfig(Section):
     iterations: int = Field(50, ge=1)
     max_seconds: float = Field(10.0, gt=0)  # per (runtime, precision, batch); stops earlier iterations
     eval_batch_size: int = Field(64, ge=1)
+    # a model is scored on the whole evaluation split on the first runtime and precision of measure.runtimes that
+    # runs it; every other one scores the split's first N images (a random sample: the split is shuffled) and its
+    # top-1 is that full score moved by the paired difference on the sample. 0: every runtime on the whole split
+    agreement_sample: int = Field(300, ge=0)
+    # a runtime agreeing with the fully scored one on less than this share of the sample is scored in full
+    sample_min_agreement: float = Field(0.99, ge=0, le=1)
     profile: bool = True  # per-layer profile (runtimes.profile) of every engine at the first batch size
 
 
@@ -194,6 +200,9 @@ class QuantizeConfig(Section):
     inc_max_trials: int = Field(4, ge=0)  # neural-compressor autotune trials when over budget
     smoothquant_alpha: float | None = Field(0.5, ge=0, le=1)  # neural-compressor path; None: no SmoothQuant
     nncf_smooth_quant: bool = True  # NNCF's SmoothQuant (a Multiply before each MatMul input; off: fewer ops)
+    # NNCF's accuracy control, when nncf.quantize misses the budget: the most groups of quantizers it may return to
+    # float, each followed by a pass over the evaluation split (NNCF's own default has no limit)
+    nncf_ac_max_iterations: int = Field(8, ge=1)
     fp16_keep_float32: list[str] = ["LayerNormalization"]
 
 

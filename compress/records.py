@@ -1,11 +1,14 @@
 """The measurement record: one JSON line per (stage, runtime, precision, batch size) in ``records.jsonl``.
 
 Units are in the field names; accuracy is a fraction in [0, 1], ``top1_drop`` is in points (percent) against
-the baseline stage's PyTorch FP32 accuracy, with ``top1_drop_ci95`` its paired 95% interval on the same images;
-``agreement`` is the share of evaluation images on which the prediction equals the baseline's. A candidate whose
-drop is over the run's budget with confidence is scored on part of the split only (``eval_samples`` says how
-much; ``calibration.evaluate``). A runtime that cannot run a precision is recorded with ``status="skipped"``
-and the reason, rather than left out. The report reads these records and never measures anything itself.
+the baseline stage's first runtime (PyTorch FP32 by default), with ``top1_drop_ci95`` its paired 95% interval on
+the same images; ``agreement`` is the share of evaluation images on which the prediction equals the baseline's.
+A candidate whose drop is over the run's budget with confidence is scored on part of the split only
+(``eval_samples`` says how much; ``calibration.evaluate``). A model is scored in full on one runtime and
+precision; the others score a sample and say so in ``sampled_against`` (``compress.run.measure``: which one they
+were compared with, on how many images, their agreement, and where they disagree). A runtime that cannot run a
+precision is recorded with ``status="skipped"`` and the reason, rather than left out. The report reads these
+records and never measures anything itself.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ class StageRecord:
     agreement: float | None = None
     eval_samples: int | None = None
     eval_total: int | None = None  # the evaluation split's size: more than eval_samples where scoring stopped early
+    # set where top-1 comes from a sample: {"runtime", "precision", "images", "agreement", "top1_diff_ci95",
+    # "disagree": split positions of the first images predicted differently}
+    sampled_against: dict[str, Any] | None = None
     latency_ms_p50: float | None = None
     latency_ms_p90: float | None = None
     latency_ms_p99: float | None = None
@@ -102,7 +108,7 @@ _NUMBER = (int, float)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "stage": (str,), "runtime": (str,), "precision": (str,), "batch_size": (int,), "status": (str,),
     "reason": (str, type(None)), "env": (dict,), "schema": (str,), "structure": (dict, type(None)),
-    "profile": (dict, type(None)),
+    "profile": (dict, type(None)), "sampled_against": (dict, type(None)),
     "calibration": (dict, type(None)), "float_layers": (list, type(None)), "top1_drop_ci95": (list, type(None)),
     **{name: (int, type(None)) for name in ("eval_samples", "eval_total", "iterations", "threads", "params", "macs")},
     **{name: (str, type(None)) for name in ("artifact", "stage_key", "dataset", "run_id", "timestamp", "candidate",

@@ -391,7 +391,9 @@ def _manifest(name: str, target: Target, chosen: StageRecord, records: list[Stag
                      "stage": chosen.stage, "candidate": chosen.candidate or chosen.stage, "runtime": models[0]["runtime"],
                      "measured_runtime": chosen.runtime, "precision": chosen.precision, "top1": chosen.top1,
                      "top1_drop": chosen.top1_drop, "budget_pt": budget, "dataset": chosen.dataset,
-                     "eval_samples": chosen.eval_samples, "batch_sizes": sorted({r.batch_size for r in same}),
+                     "eval_samples": chosen.eval_samples, "eval_total": chosen.eval_total,
+                     # set when this runtime's top-1 is a sample's estimate against another's full score
+                     "sampled_against": chosen.sampled_against, "batch_sizes": sorted({r.batch_size for r in same}),
                      "why": ("fastest within budget on the target's runtimes" if target.measured_here else
                              "best TensorRT-buildable file within budget (INT8 Q/DQ > FP16 > FP32); latency is "
                              "measured on the device")},

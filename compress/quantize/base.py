@@ -67,6 +67,7 @@ class QuantizeContext:
     inc_max_trials: int = 4
     smoothquant_alpha: float | None = 0.5
     nncf_smooth_quant: bool = True
+    nncf_ac_max_iterations: int = 8
     threads: int = 1
     log: Callable[[str], None] = print
 

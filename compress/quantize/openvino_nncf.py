@@ -10,6 +10,7 @@ candidate is an OpenVINO IR (``.xml``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -18,6 +19,7 @@ from calibration.calibrate import Reiterable, nncf_dataset
 from compress.quantize.base import Candidate, QuantizeContext, require
 
 COMPUTE_TYPES = ("MatMul", "Convolution")
+RANKING_SUBSET = 300  # images each quantizer group is ranked on by the accuracy control (NNCF's default)
 
 
 def quantize_openvino(
@@ -27,6 +29,9 @@ def quantize_openvino(
     """``eval_batches()`` streams (images, labels) of the evaluation split for the accuracy control."""
     nncf = require("nncf", "nncf")
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    from compress.run.context import format_seconds
 
     model = ov.Core().read_model(str(ctx.float_onnx))
     dataset = nncf_dataset(ctx.calib)
@@ -42,7 +47,9 @@ def quantize_openvino(
                               preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope(),
                               advanced_parameters=advanced)
     ov.save_model(quantized, str(path), compress_to_fp16=False)
+    started = time.perf_counter()
     top1 = ctx.evaluate(path, "openvino", "int8")
+    one_pass = time.perf_counter() - started  # seconds for the evaluation split, in INT8
     ctx.log(f"{name}: top-1 {top1 * 100:.2f} (drop {ctx.drop(top1):+.2f} pt)")
     calibration = {"method": f"nncf minmax (ModelType.TRANSFORMER, {smooth})", "size": ctx.calib.size,
                    "source": ctx.calib.name}
@@ -51,8 +58,15 @@ def quantize_openvino(
         return Candidate(name, "nncf.quantize", "int8", path, "openvino", calibration, excluded, top1)
     if eval_batches is None:
         return None
-    ctx.log(f"{name}: over the {ctx.max_drop} pt budget; running nncf.quantize_with_accuracy_control")
     before = _quantized_ops(quantized)
+    # NNCF scores the float and the INT8 model on the split, ranks each quantizer group on a subset (300 images
+    # by default), then reverts groups one at a time with a pass after each: an upper bound in passes
+    ranking = min(RANKING_SUBSET, eval_count) / max(eval_count, 1)
+    passes = 3 + len(before) * ranking + ctx.nncf_ac_max_iterations  # the float pass counted as two INT8 ones
+    ctx.log(f"{name}: over the {ctx.max_drop} pt budget; running nncf.quantize_with_accuracy_control: up to about "
+            f"{format_seconds(passes * one_pass)} ({len(before)} quantized ops ranked on "
+            f"{min(RANKING_SUBSET, eval_count)} images each, then at most {ctx.nncf_ac_max_iterations} reverts "
+            f"(quantize.nncf_ac_max_iterations), each a {one_pass:.0f} s pass)")
     validation = nncf.Dataset(Reiterable(eval_batches, eval_count))
 
     def validate(compiled, items) -> float:
@@ -68,6 +82,8 @@ def quantize_openvino(
         model_type=nncf.ModelType.TRANSFORMER, subset_size=ctx.calib.size,
         preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope(),
         advanced_quantization_parameters=advanced,
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            max_num_iterations=ctx.nncf_ac_max_iterations, ranking_subset_size=RANKING_SUBSET),
     )
     path = ctx.workdir / "nncf-ov-ac.xml"
     ov.save_model(controlled, str(path), compress_to_fp16=False)

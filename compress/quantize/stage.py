@@ -121,8 +121,13 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             return evaluate_top1(lambda x: module(torch.from_numpy(x)).numpy(), ctx.eval_data,
                                  batch_size=config.measure.eval_batch_size).top1
 
-    float_top1 = next((r.top1 for r in inp.records if r.stage == inp.previous and r.runtime == "onnxruntime"
-                       and r.precision == "fp32" and r.status == "ok"), None)
+    # the float model's top-1 as its stage scored it in full (on ONNX Runtime where it was: the others ran the
+    # same, parity-checked model and scored it on the same images)
+    scored = sorted((r for r in inp.records if r.stage == inp.previous and r.precision == "fp32" and r.status == "ok"
+                     and r.top1 is not None and r.sampled_against is None
+                     and (r.eval_total is None or r.eval_samples == r.eval_total)),
+                    key=lambda r: r.runtime != "onnxruntime")
+    float_top1 = scored[0].top1 if scored else None
     if float_top1 is None:
         float_top1 = evaluate(inp.onnx, "onnx", "fp32")
     qctx = QuantizeContext(
@@ -131,7 +136,8 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         exclude=tuple(q.exclude), attention_matmul=q.attention_matmul, activations=q.activations,
         calibration_method=q.calibration_method, sensitivity_samples=q.sensitivity_samples,
         inc_max_trials=q.inc_max_trials, smoothquant_alpha=q.smoothquant_alpha,
-        nncf_smooth_quant=q.nncf_smooth_quant, threads=ctx.threads, log=log.info,
+        nncf_smooth_quant=q.nncf_smooth_quant, nncf_ac_max_iterations=q.nncf_ac_max_iterations,
+        threads=ctx.threads, log=log.info,
     )
     log.info("stage quantize: %s on %d calibration images, budget %.2f pt against top-1 %.2f of %s",
              ", ".join(q.quantizers), calib.size, max_drop, float_top1 * 100, inp.previous)
@@ -149,6 +155,7 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         fields = {"candidate": candidate.name, "quantizer": candidate.quantizer, "precision": candidate.precision,
                   "calibration": candidate.calibration, "float_layers": list(candidate.float_layers),
                   "artifact": str(candidate.path.relative_to(ctx.run_dir)), "size_mb": artifact_mb(candidate.path)}
+        full = None  # the candidate scored in full on its first runtime; the others are checked on a sample
         for name in config.measure.runtimes:
             runtime = get_runtime(name)
             reason = cannot_run(runtime, candidate.format, candidate.precision)
@@ -163,8 +170,8 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             if engine is None:
                 records += skipped(inp.new_record, ctx, runtime=name, reason=reason, **fields)
                 continue
-            rows, _ = measure_engine(engine, f"quantize · {candidate.name} · {name}", inp.new_record, ctx,
-                                     runtime=name, reference_top1=float_top1, **fields)
+            rows, _, full = measure_engine(engine, f"quantize · {candidate.name} · {name}", inp.new_record, ctx,
+                                           runtime=name, reference_top1=float_top1, full=full, **fields)
             records += rows
     batch = min(config.measure.batch_sizes)
 

@@ -49,8 +49,13 @@ def _drop_ci(r: StageRecord) -> str:
     if r.top1_drop_ci95 is None:
         return "–"
     low, high = r.top1_drop_ci95
+    text = f"{low:+.2f} to {high:+.2f}"
+    if r.sampled_against:
+        s, agree = r.sampled_against, r.sampled_against.get("agreement")
+        agree = f"{agree * 100:.1f}% agree with" if isinstance(agree, (int, float)) else "against"
+        return text + f" (sample of {r.eval_samples or 0:,}, {agree} {s.get('runtime')} {s.get('precision')})"
     stopped = r.eval_total is not None and r.eval_samples is not None and r.eval_samples < r.eval_total
-    return f"{low:+.2f} to {high:+.2f}" + (f" (stopped at {r.eval_samples:,} of {r.eval_total:,})" if stopped else "")
+    return text + (f" (stopped at {r.eval_samples:,} of {r.eval_total:,})" if stopped else "")
 
 
 def _mean_std(r: StageRecord) -> str:

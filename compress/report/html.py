@@ -757,7 +757,7 @@ def _run_cards(run: Run) -> list[dict[str, str]]:
     ok = run.ok
     env = run.env
     cards = [_card("dataset", ", ".join(run.datasets) or "unknown",
-                   f"{ok[0].eval_samples} evaluation images" if ok and ok[0].eval_samples else ""),
+                   f"{ok[0].eval_total or ok[0].eval_samples} evaluation images" if ok and ok[0].eval_samples else ""),
              _card("device", env.get("cpu") or "unknown",
                    f"{env.get('machine', '?')}, {env.get('cpu_count', '?')} logical cores, "
                    f"{env.get('threads', '?')} threads"),

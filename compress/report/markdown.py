@@ -155,7 +155,7 @@ def markdown_report(run_dir: Path, records: list[StageRecord]) -> str:
     parts = [
         f"# Run `{run_dir.name}`",
         "",
-        f"Dataset: `{ok[0].dataset}`, {ok[0].eval_samples} evaluation images. " if ok else "",
+        f"Dataset: `{ok[0].dataset}`, {ok[0].eval_total or ok[0].eval_samples} evaluation images. " if ok else "",
         "Top-1 is on the held-out evaluation split; *drop* is in points against the baseline's first runtime, "
         "*agree* the share of predictions equal to the baseline's. Latency is per call at the batch size shown "
         "(p50/p90/p99 over the timed iterations); MMACs per image.",

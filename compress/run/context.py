@@ -136,3 +136,8 @@ class Stage:
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def format_seconds(seconds: float) -> str:
+    """A wall time as people read it: seconds under two minutes, minutes above."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

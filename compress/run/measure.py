@@ -99,17 +99,64 @@ def cannot_run(runtime, fmt: str, precision: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class FullScore:
+    """A model's top-1 from one engine that scored the whole evaluation split (or stopped early, over budget):
+    the other runtimes and precisions measuring the same model in the stage are checked against it on a sample."""
+
+    runtime: str
+    precision: str
+    result: EvalResult
+    accuracy: dict[str, Any]  # the record fields: top1, top1_drop, top1_drop_ci95
+
+
 def measure_engine(engine, label: str, record: Recorder | LazyRecorder, ctx: RunContext, *, runtime: str,
-                   reference_top1: float | None = None, **fields: Any) -> tuple[list[StageRecord], EvalResult]:
+                   reference_top1: float | None = None, full: FullScore | None = None, **fields: Any
+                   ) -> tuple[list[StageRecord], EvalResult, FullScore | None]:
     """Top-1 on the evaluation split, then latency at every batch size: one record per batch size.
 
     ``top1_drop`` and ``agreement`` are against the recorder's reference (the baseline's first runtime) when
-    there is one, else the drop is against ``reference_top1`` and agreement is unknown.
+    there is one, else the drop is against ``reference_top1`` and agreement is unknown. With ``full``, the same
+    model as scored in full by another engine, this one scores a sample only (``measure.agreement_sample``) and
+    its top-1 is estimated from it (``sampled_accuracy``). Returns the records, the predictions made, and the
+    full score to check the next engine against (``full`` itself, or this engine's when it scored in full).
     """
     m = ctx.config.measure
-    reference = record.reference
-    result = evaluate_top1(engine.run, ctx.eval_data, batch_size=m.eval_batch_size,
-                           progress=(lambda d, t: ctx.say(label, d, t)) if ctx.progress else None,
+    accuracy, result = score(engine, label, record.reference, ctx, reference_top1=reference_top1, full=full)
+    if accuracy.get("sampled_against") is None:
+        full = full or FullScore(runtime, fields.get("precision", "?"), result,
+                                 {k: accuracy.get(k) for k in ("top1", "top1_drop", "top1_drop_ci95")})
+    records = []
+    for batch in m.batch_sizes:
+        stats = ctx.time(engine, ctx.latency_input[:batch])
+        kept_float = {d.get("name") for d in fields.get("float_layers") or []}  # the quantizer's choice, not a loss
+        profile = layer_profile(engine, ctx.latency_input[:batch], label, int8=fields.get("precision") == "int8",
+                                kept_float=kept_float) if m.profile and batch == m.batch_sizes[0] else None
+        records.append(record(runtime=runtime, **fields, **accuracy, **timing_fields(stats),
+                              **({"profile": profile} if profile else {})))
+    log.info("%s: top-1 %.4f%s, p50 %.2f ms at batch %d", label, accuracy["top1"],
+             " (estimated from a sample)" if accuracy.get("sampled_against") else "", records[0].latency_ms_p50,
+             m.batch_sizes[0])
+    return records, result, full
+
+
+def score(engine, label: str, reference: EvalResult | None, ctx: RunContext, *, reference_top1: float | None = None,
+          full: FullScore | None = None) -> tuple[dict[str, Any], EvalResult]:
+    """The accuracy fields of a record for ``engine``, and its predictions: on a sample when ``full`` is given
+    and the engine agrees with it there (``measure.sample_min_agreement``), else on the whole split (stopping
+    early once the drop is over the chain's budget with confidence)."""
+    m = ctx.config.measure
+    total = len(ctx.eval_data)
+    say = (lambda d, t: ctx.say(label, d, t)) if ctx.progress else None
+    if full is not None and 0 < m.agreement_sample < total and full.result.correct is not None:
+        n = min(m.agreement_sample, full.result.num_samples)
+        sample = evaluate_top1(engine.run, ctx.eval_data.head(n), batch_size=m.eval_batch_size, progress=say)
+        agree = float(np.mean(sample.predictions == full.result.predictions[:n]))
+        if agree >= m.sample_min_agreement:
+            return sampled_accuracy(full, sample, reference, total, agree), sample
+        log.info("%s: agrees with %s %s on %.1f%% of %d images, under measure.sample_min_agreement=%.2f: scored on "
+                 "the whole split", label, full.runtime, full.precision, agree * 100, n, m.sample_min_agreement)
+    result = evaluate_top1(engine.run, ctx.eval_data, batch_size=m.eval_batch_size, progress=say,
                            reference=reference, stop_above=ctx.config.pipeline.max_drop)
     against = reference.top1 if reference is not None else reference_top1
     against = result.top1 if against is None else against
@@ -124,17 +171,31 @@ def measure_engine(engine, label: str, record: Recorder | LazyRecorder, ctx: Run
         log.info("%s: scoring stopped after %d of %d images: top-1 drop %+.2f pt, above the %.2f pt budget with 95%% "
                  "confidence", label, result.num_samples, result.total, accuracy["top1_drop"],
                  ctx.config.pipeline.max_drop)
-    records = []
-    for batch in m.batch_sizes:
-        stats = ctx.time(engine, ctx.latency_input[:batch])
-        kept_float = {d.get("name") for d in fields.get("float_layers") or []}  # the quantizer's choice, not a loss
-        profile = layer_profile(engine, ctx.latency_input[:batch], label, int8=fields.get("precision") == "int8",
-                                kept_float=kept_float) if m.profile and batch == m.batch_sizes[0] else None
-        records.append(record(runtime=runtime, **fields, **accuracy, **timing_fields(stats),
-                              **({"profile": profile} if profile else {})))
-    log.info("%s: top-1 %.4f, p50 %.2f ms at batch %d", label, result.top1, records[0].latency_ms_p50,
-             m.batch_sizes[0])
-    return records, result
+    return accuracy, result
+
+
+def sampled_accuracy(full: FullScore, sample: EvalResult, reference: EvalResult | None, total: int,
+                     agree: float, max_listed: int = 20) -> dict[str, Any]:
+    """A record's accuracy fields from a sample: the fully scored top-1 moved by the paired difference between the
+    two engines on the sample's images. The drop's interval is the full score's widened by the difference's own
+    interval (adding the half-widths: conservative). ``sampled_against`` says what it was compared with."""
+    n = sample.num_samples
+    head = EvalResult(full.result.top1, full.result.predictions[:n], n, full.result.correct[:n])
+    diff, low, high = paired_drop(head, sample) or (0.0, 0.0, 0.0)  # points this engine lost against the full one
+    disagree = np.flatnonzero(sample.predictions != head.predictions)
+    accuracy = {"top1": min(1.0, max(0.0, full.accuracy["top1"] - diff / 100)), "eval_samples": n,
+                "eval_total": total, "agreement": sample.agreement(reference) if reference is not None else None,
+                "sampled_against": {"runtime": full.runtime, "precision": full.precision, "images": n,
+                                    "agreement": round(agree, 4), "top1_diff_ci95": [round(low, 4), round(high, 4)],
+                                    "disagree": [int(i) for i in disagree[:max_listed]]}}
+    if full.accuracy.get("top1_drop") is not None:
+        accuracy["top1_drop"] = round(full.accuracy["top1_drop"] + diff, 4)
+    ci = full.accuracy.get("top1_drop_ci95")
+    if ci is None and reference is full.result:  # the full score is the reference: its drop is 0 exactly
+        ci = [0.0, 0.0]
+    if ci is not None:
+        accuracy["top1_drop_ci95"] = [round(ci[0] + low, 4), round(ci[1] + high, 4)]
+    return accuracy
 
 
 def layer_profile(engine, x: np.ndarray, label: str, *, int8: bool, kept_float: set[str] = frozenset()
@@ -202,7 +263,7 @@ def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, re
     was no reference yet)."""
     from runtimes import get_runtime
 
-    records, reference = [], record.reference
+    records, reference, full = [], record.reference, None
     for name in ctx.config.measure.runtimes:
         runtime = get_runtime(name)
         torch_side = runtime.input_kind == "torch"
@@ -219,8 +280,8 @@ def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, re
                                    f"{runtime.precisions()} here, not {precision}", **fields)
                 continue
             engine = runtime.build(model if torch_side else onnx_path, precision=precision, threads=ctx.threads)
-            rows, result = measure_engine(engine, f"{stage} · {name} {precision}", record, ctx, runtime=name,
-                                          **fields)
+            rows, result, full = measure_engine(engine, f"{stage} · {name} {precision}", record, ctx, runtime=name,
+                                                full=full, **fields)
             if reference is None:
                 reference = result  # the first runtime of the baseline stage (torch fp32 by default)
                 record = replace(record, reference=result)

@@ -38,7 +38,7 @@ from compress.model.checkpoint import (Checkpoint, check_dataset_fits, load_own_
 from compress.model.onnx_model import OnnxModel
 from compress.records import StageRecord, read_records
 from compress.report.markdown import write_markdown_report
-from compress.run.context import Progress, RunContext, Stage, StageInput, StageResult, now
+from compress.run.context import Progress, RunContext, Stage, StageInput, StageResult, format_seconds, now
 from compress.run.measure import Recorder, mark_repeats, measure_float, openvino_parity
 from compress.run.plan import build_plan, check_feasible
 from export.onnx_export import export_onnx
@@ -251,11 +251,6 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
     return RunResult(run_dir, state.records, resumed)
 
 
-def format_seconds(seconds: float) -> str:
-    """A stage's wall time as people read it: seconds under two minutes, minutes above."""
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 def _paths(stage: str, key: str, run_dir: Path) -> tuple[Path, Path]:
     """A model stage's checkpoint and ONNX file."""
     artifacts = run_dir / "artifacts"
@@ -341,13 +336,14 @@ def _measure_into(state: _State, stage: Stage, key: str, result: StageResult, mo
 
 
 def _stage_drop(records: list[StageRecord], stage: str | None) -> float | None:
-    """Top-1 points ``stage``'s float model lost against the baseline, on ONNX Runtime when it was measured."""
+    """Top-1 points ``stage``'s float model lost against the baseline: as scored in full (not estimated from a
+    sample), on ONNX Runtime when it was measured there."""
     rows = [r for r in records if r.stage == stage and r.status == "ok" and r.candidate is None
             and r.top1_drop is not None and r.precision == "fp32"]
     if not rows:
         return None
-    preferred = [r for r in rows if r.runtime == "onnxruntime"] or rows
-    return preferred[0].top1_drop
+    rows.sort(key=lambda r: (r.sampled_against is not None, r.runtime != "onnxruntime"))
+    return rows[0].top1_drop
 
 
 def _budget_left(config: RunConfig, records: list[StageRecord], prev_stage: str | None) -> float | None:

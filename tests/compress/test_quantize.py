@@ -358,10 +358,14 @@ def test_nncf_accuracy_control_when_over_budget(setup, tmp_path):
     ckpt, _, calib, eval_data, _ = setup
     source = eval_data.source
     few = from_split(Subset(source, make_splits(source, calib_size=128, seed=0).calib, ckpt.preprocess), 2, (1, 8, 8))
-    ctx = _ctx(setup, calib=few, workdir=tmp_path, max_drop=0.0)
+    said: list[str] = []
+    ctx = _ctx(setup, calib=few, workdir=tmp_path, max_drop=0.0, log=said.append)
     candidate = quantize_openvino(ctx, lambda: eval_data.batches(64), len(eval_data))
     if candidate is not None and candidate.name == "nncf-ov":
         pytest.skip("plain nncf.quantize met a zero budget here; accuracy control was not needed")
+    # before it starts, the accuracy control says how long it may take and what bounds it
+    assert any("quantize_with_accuracy_control: up to about" in line and "nncf_ac_max_iterations" in line
+               for line in said), said
     assert candidate is not None and candidate.name == "nncf-ov-ac" and ctx.within_budget(candidate.top1)
     assert candidate.float_layers and all("quantize_with_accuracy_control" in layer["reason"]
                                           for layer in candidate.float_layers)

@@ -1,0 +1,100 @@
+"""A model is scored in full on one runtime; the others score a sample and are checked against it
+(``compress.run.measure.score``): the estimate, its interval, the record's account of it, and the fall-back to a
+full score where a runtime disagrees."""
+
+import numpy as np
+import pytest
+import torch
+
+import compress
+from calibration.evaluate import EvalResult, evaluate_top1
+from compress.config import load_config
+from compress.model.vit import VisionTransformer
+from compress.run.context import RunContext
+from compress.run.measure import FullScore, sampled_accuracy, score
+from runtimes import get_runtime
+
+
+def _result(correct: np.ndarray, predictions: np.ndarray) -> EvalResult:
+    return EvalResult(float(correct.mean()), predictions.astype(np.int64), len(correct), correct.astype(bool),
+                      len(correct))
+
+
+def test_the_estimate_is_the_full_score_moved_by_the_paired_difference_on_the_sample():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 1000)
+    full_pred = np.where(rng.random(1000) < 0.8, labels, (labels + 1) % 10)
+    full = _result(full_pred == labels, full_pred)
+    # on the first 200 images the other runtime loses 3 images the full one got right and wins 1 it got wrong
+    other = full_pred[:200].copy()
+    right = np.flatnonzero(full.correct[:200])[:3]
+    wrong = np.flatnonzero(~full.correct[:200])[:1]
+    other[right] = (labels[right] + 2) % 10
+    other[wrong] = labels[wrong]
+    sample = _result(other == labels[:200], other)
+    fs = FullScore("openvino", "fp32", full, {"top1": full.top1, "top1_drop": 0.5, "top1_drop_ci95": [0.1, 0.9]})
+    acc = sampled_accuracy(fs, sample, None, 1000, agree=float(np.mean(other == full_pred[:200])))
+    diff = (3 - 1) / 200 * 100  # points lost on the sample
+    assert acc["top1"] == pytest.approx(full.top1 - diff / 100)
+    assert acc["top1_drop"] == pytest.approx(0.5 + diff) and acc["eval_samples"] == 200 and acc["eval_total"] == 1000
+    low, high = acc["sampled_against"]["top1_diff_ci95"]
+    assert low < diff < high  # the difference's own interval
+    assert acc["top1_drop_ci95"] == pytest.approx([0.1 + low, 0.9 + high], abs=1e-3)  # widened by it
+    s = acc["sampled_against"]
+    assert s["runtime"] == "openvino" and s["images"] == 200 and s["agreement"] == pytest.approx(0.98)
+    assert s["disagree"] == sorted(int(i) for i in np.concatenate([right, wrong]))
+
+
+@pytest.mark.slow  # trains the digits model
+def test_a_runtime_that_agrees_scores_a_sample_and_one_that_disagrees_is_scored_in_full(tmp_path, digits_model):
+    data = compress.load_data("builtin:digits", digits_model.preprocess, calib_size=16)
+    config = load_config(None, ["measure.agreement_sample=100"])
+    ctx = RunContext(config=config, run_dir=tmp_path, dataset="builtin:digits", train_data=data.train,
+                     calib_data=data.calib, eval_data=data.eval, teacher=None, parity_inputs=data.example(2),
+                     latency_input=data.example(1), threads=2)
+    total = len(data.eval)
+    assert total > 100
+    exported = compress.export_model(digits_model.model, tmp_path / "model.onnx", data.example(8))
+    accuracy, result = score(get_runtime("onnxruntime").build(exported.path, precision="fp32", threads=2), "ort", None, ctx)
+    assert accuracy["eval_samples"] == total and "sampled_against" not in accuracy
+    full = FullScore("onnxruntime", "fp32", result, accuracy)
+
+    openvino = get_runtime("openvino").build(exported.path, precision="fp32", threads=2)
+    sampled, sample = score(openvino, "ov", result, ctx, full=full)
+    assert sampled["eval_samples"] == sample.num_samples == 100 and sampled["eval_total"] == total
+    assert sampled["sampled_against"]["runtime"] == "onnxruntime" and sampled["sampled_against"]["agreement"] >= 0.99
+    actual = evaluate_top1(openvino.run, data.eval).top1  # what scoring it in full gives
+    assert abs(actual - sampled["top1"]) * 100 <= max(1.0, sampled["top1_drop_ci95"][1] - sampled["top1_drop_ci95"][0])
+
+    torch.manual_seed(1)  # another model behind the same name: it disagrees on most of the sample
+    other = VisionTransformer(digits_model.model.config).eval()
+    other_path = compress.export_model(other, tmp_path / "other.onnx", data.example(8)).path
+    accuracy, result = score(get_runtime("openvino").build(other_path, precision="fp32", threads=2), "other", None, ctx, full=full)
+    assert "sampled_against" not in accuracy and accuracy["eval_samples"] == result.num_samples == total
+
+
+@pytest.mark.slow
+def test_a_run_scores_the_first_runtime_in_full_and_says_which_records_come_from_a_sample(tmp_path, tiny_vit,
+                                                                                        digit_folder):
+    from calibration.preprocess import Preprocess
+    from compress.model.checkpoint import Checkpoint
+    from compress.records import read_records
+    from compress.run.pipeline import run_pipeline
+
+    config = load_config(None, [f'data.path="{digit_folder}"', "data.calib_size=20", "quantize.enabled=false",
+                                "measure.iterations=3", "measure.warmup=1", "measure.batch_sizes=[1]",
+                                "measure.agreement_sample=16", 'measure.runtimes=["torch", "onnxruntime", "openvino"]'])
+    ckpt = Checkpoint(tiny_vit, Preprocess(crop_size=32), [str(i) for i in range(10)])
+    run_pipeline(ckpt, "tiny", config, tmp_path / "run")
+    ok = [r for r in read_records(tmp_path / "run" / "records.jsonl") if r.status == "ok"]
+    full = [r for r in ok if r.sampled_against is None]
+    assert [(r.runtime, r.precision) for r in full] == [("torch", "fp32")]
+    assert full[0].eval_samples == full[0].eval_total == 40
+    sampled = [r for r in ok if r.sampled_against is not None]
+    assert {r.runtime for r in sampled} >= {"onnxruntime", "openvino"}
+    for r in sampled:
+        assert r.eval_samples == r.sampled_against["images"] == 16 and r.eval_total == 40
+        assert r.sampled_against["runtime"] == "torch" and r.sampled_against["agreement"] >= 0.99
+        assert r.top1_drop_ci95 is not None and r.top1_drop_ci95[0] <= r.top1_drop <= r.top1_drop_ci95[1]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "sample of 16" in report and "agree with torch fp32" in report
