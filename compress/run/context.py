@@ -92,7 +92,8 @@ class RunContext:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "candidate.onnx"
             export_onnx(model, path, example=torch.from_numpy(parity_inputs[:2]), opset=e.opset, exporter=e.exporter,
-                        simplify=e.simplify, atol=e.atol, min_agreement=e.min_agreement, parity_inputs=parity_inputs)
+                        simplify=e.simplify, atol=e.atol_for(model), min_agreement=e.min_agreement,
+                        parity_inputs=parity_inputs)
             yield path
 
 

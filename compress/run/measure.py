@@ -316,6 +316,7 @@ def openvino_parity(path: Path, model, x: np.ndarray, *, atol: float, threads: i
     diff = float(np.abs(engine.run(x) - expected).max())
     if diff > atol:
         plan = model.token_reduction.describe() if model.token_reduction is not None else "no token reduction"
-        raise ParityError(f"OpenVINO's logits differ from PyTorch's by {diff:.2e} (more than export.atol={atol}) "
+        raise ParityError(f"OpenVINO's logits differ from PyTorch's by {diff:.2e} (more than {atol}: export.atol, or "
+                          f"export.merge_atol with ToMe merging) "
                           f"with {plan}")
     return diff

@@ -290,10 +290,10 @@ def _finish_model_stage(stage: Stage, key: str, result: StageResult, ckpt: Check
     save_checkpoint(Checkpoint(model, ckpt.preprocess, ckpt.classes), ckpt_path)
     e = config.export
     export = export_onnx(model, onnx_path, example=torch.from_numpy(ctx.parity_inputs[:2].copy()), opset=e.opset,
-                         exporter=e.exporter, simplify=e.simplify, atol=e.atol, min_agreement=e.min_agreement,
-                         parity_inputs=ctx.parity_inputs)
+                         exporter=e.exporter, simplify=e.simplify, atol=e.atol_for(model),
+                         min_agreement=e.min_agreement, parity_inputs=ctx.parity_inputs)
     if model.token_reduction is not None and "openvino" in config.measure.runtimes:
-        openvino_parity(onnx_path, model, ctx.parity_inputs, atol=e.atol, threads=ctx.threads)
+        openvino_parity(onnx_path, model, ctx.parity_inputs, atol=e.atol_for(model), threads=ctx.threads)
     _measure_into(state, stage, key, result, model, ckpt_path, onnx_path, ctx)
     state.model, state.onnx = model, onnx_path
     return {"key": key, "checkpoint": ckpt_path.name, "onnx": onnx_path.name, "finished": now(),

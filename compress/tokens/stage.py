@@ -92,10 +92,11 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     """Try token reduction settings on the target runtime; keep the fastest within the budget.
 
     Each setting (and the unreduced model, the reference) is exported, checked against PyTorch in ONNX Runtime
-    and OpenVINO (the export is refused beyond ``export.atol``), scored on the evaluation split and timed; every
-    one becomes a record. A setting the config names (``tokens.r`` / ``tokens.keep_rate``) is kept whenever it is
-    within the budget, faster or not, and with ``tokens.finetune_epochs`` it is fine-tuned *before* it is judged;
-    searched settings are judged training-free and the chosen one is fine-tuned afterwards.
+    and OpenVINO (the export is refused beyond ``export.atol``, ``export.merge_atol`` for ToMe), scored on the
+    evaluation split and timed; every one becomes a record. A setting the config names (``tokens.r`` /
+    ``tokens.keep_rate``) is kept whenever it is within the budget, faster or not, and with
+    ``tokens.finetune_epochs`` it is fine-tuned *before* it is judged; searched settings are judged training-free
+    and the chosen one is fine-tuned afterwards.
     """
     from calibration.evaluate import evaluate_top1
     from compress.model.macs import count_macs
@@ -128,7 +129,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                   "macs": count_macs(model, (1, *shape)), "structure": model_structure(model)}
         try:
             with ctx.exported(model, probe) as path:
-                ov_diff = openvino_parity(path, model, probe, atol=ctx.config.export.atol, threads=ctx.threads)
+                ov_diff = openvino_parity(path, model, probe, atol=ctx.config.export.atol_for(model),
+                                          threads=ctx.threads)
                 engine = ctx.engine(path, t.target_runtime)
                 if plan is None and scored is not None:
                     result = scored  # the same file's top-1 on the same runtime and images: not scored twice

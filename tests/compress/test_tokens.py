@@ -316,3 +316,17 @@ def test_identical_tokens_merge_the_same_way_in_every_runtime(tmp_path, plan):
     # OpenVINO too, with the tie penalties inside the MatMul (as a subtraction after it, OpenVINO 2026.4 was off
     # by 7e-3 here at r=12, and by 0.02 to 2.7 on the digits models of the stage tests)
     assert openvino_parity(tmp_path / "m.onnx", model, x.numpy(), atol=1e-4, threads=2) <= 1e-4
+
+
+def test_only_token_merging_gets_the_looser_export_tolerance():
+    from compress.config import ExportConfig
+
+    e = ExportConfig()
+    model = _model()
+    assert e.atol_for(model) == e.atol == 1e-4
+    apply(model, evit(0.6, 4))
+    assert e.atol_for(model) == e.atol  # EViT's TopK picks by attention, kept as exact as any layer
+    apply(model, tome(4, 4))
+    assert e.atol_for(model) == e.merge_atol == 0.1
+    apply(model, tome(0, 4))
+    assert e.atol_for(model) == e.atol
