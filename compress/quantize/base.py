@@ -68,6 +68,7 @@ class QuantizeContext:
     smoothquant_alpha: float | None = 0.5
     nncf_smooth_quant: bool = True
     nncf_ac_max_iterations: int = 8
+    nncf_accuracy_control: bool = True
     threads: int = 1
     log: Callable[[str], None] = print
 

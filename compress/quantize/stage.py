@@ -48,7 +48,13 @@ def build_candidates(
         elif name == "nncf":
             from compress.quantize.openvino_nncf import quantize_openvino
 
-            add(name, quantize_openvino(ctx, eval_batches, eval_count))
+            if ctx.nncf_accuracy_control:
+                add(name, quantize_openvino(ctx, eval_batches, eval_count))
+            elif (candidate := quantize_openvino(ctx)) is None:
+                missed.append(f"{name}: nncf.quantize is over the {ctx.max_drop} pt budget, and its accuracy control "
+                              "is off (quantize.nncf_accuracy_control=false)")
+            else:
+                candidates.append(candidate)
         elif name == "neural-compressor":
             if ctx.model is None:
                 missed.append("neural-compressor: it quantizes the PyTorch module, and this run has an ONNX file "
@@ -137,6 +143,7 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         calibration_method=q.calibration_method, sensitivity_samples=q.sensitivity_samples,
         inc_max_trials=q.inc_max_trials, smoothquant_alpha=q.smoothquant_alpha,
         nncf_smooth_quant=q.nncf_smooth_quant, nncf_ac_max_iterations=q.nncf_ac_max_iterations,
+        nncf_accuracy_control=q.nncf_accuracy_control,
         threads=ctx.threads, log=log.info,
     )
     log.info("stage quantize: %s on %d calibration images, budget %.2f pt against top-1 %.2f of %s",

@@ -154,7 +154,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         log.info("tokens: %s top-1 %.4f (drop %.2f pt), p50 %.2f ms on %s at batch %d, %.2fx the MACs", name,
                  result.top1, drop, stats.latency_ms_p50, t.target_runtime, t.target_batch,
                  fields["macs"] / trials[0]["macs"])
-    max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left)  # the chain's budget rules
+    # the chain's budget rules, and this stage spends at most its share of what is left
+    max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * t.budget_share
     fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= max_drop + 1e-9]
     if fixed:  # the setting asked for, when within budget
         best = fits[-1] if fits[-1]["plan"] is not None else fits[0]

@@ -372,6 +372,22 @@ def test_nncf_accuracy_control_when_over_budget(setup, tmp_path):
     assert candidate.path.name == "nncf-ov-ac.xml"
 
 
+def test_with_nncf_accuracy_control_off_an_int8_model_over_budget_is_dropped_and_said(setup, tmp_path):
+    pytest.importorskip("nncf", reason="nncf is not installed (pip install nncf)")
+    from compress.quantize.stage import build_candidates
+
+    ckpt, _, calib, eval_data, _ = setup
+    source = eval_data.source
+    few = from_split(Subset(source, make_splits(source, calib_size=128, seed=0).calib, ckpt.preprocess), 2, (1, 8, 8))
+    # a budget no model meets (the config refuses one below 0; the context is made here directly)
+    ctx = _ctx(setup, calib=few, workdir=tmp_path, max_drop=-100.0, nncf_accuracy_control=False)
+    candidates, missed = build_candidates(ctx, ["nncf"], evaluate_torch=None, eval_batches=lambda: eval_data.batches(64),
+                                          eval_count=len(eval_data), bf16_available=False)
+    assert candidates == [] and missed == ["nncf: nncf.quantize is over the -100.0 pt budget, and its accuracy "
+                                           "control is off (quantize.nncf_accuracy_control=false)"]
+    assert not (tmp_path / "nncf-ov-ac.xml").exists()  # the accuracy control never ran
+
+
 def test_static_minmax_in_small_runs_has_the_scales_of_one_run_over_the_set(setup, tmp_path):
     """Calibration folds runs of CALIB_BATCH images (for memory); MinMax must give the scales of ONNX Runtime's
     one-pass calibration (the set's own batches of 32, every run kept, ranges computed once)."""
