@@ -96,5 +96,7 @@ def test_a_run_scores_the_first_runtime_in_full_and_says_which_records_come_from
         assert r.eval_samples == r.sampled_against["images"] == 16 and r.eval_total == 40
         assert r.sampled_against["runtime"] == "torch" and r.sampled_against["agreement"] >= 0.99
         assert r.top1_drop_ci95 is not None and r.top1_drop_ci95[0] <= r.top1_drop <= r.top1_drop_ci95[1]
+        if r.sampled_against["agreement"] == 1.0:  # not a point: the 24 images not sampled may still differ
+            assert r.top1_drop_ci95[1] - r.top1_drop_ci95[0] == pytest.approx(2 * 300 / 16, abs=1e-3)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "sample of 16" in report and "agree with torch fp32" in report
