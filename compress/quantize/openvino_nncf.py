@@ -61,11 +61,11 @@ def quantize_openvino(
     before = _quantized_ops(quantized)
     # NNCF scores the float and the INT8 model on the split, ranks each quantizer group on a subset (300 images
     # by default), then reverts groups one at a time with a pass after each: an upper bound in passes
-    ranking = min(RANKING_SUBSET, eval_count) / max(eval_count, 1)
-    passes = 3 + len(before) * ranking + ctx.nncf_ac_max_iterations  # the float pass counted as two INT8 ones
+    ranked = min(RANKING_SUBSET, eval_count)  # images per quantizer group
+    passes = 3 + len(before) * ranked / max(eval_count, 1) + ctx.nncf_ac_max_iterations  # float pass: two INT8 ones
     ctx.log(f"{name}: over the {ctx.max_drop} pt budget; running nncf.quantize_with_accuracy_control: up to about "
             f"{format_seconds(passes * one_pass)} ({len(before)} quantized ops ranked on "
-            f"{min(RANKING_SUBSET, eval_count)} images each, then at most {ctx.nncf_ac_max_iterations} reverts "
+            f"{ranked} images each, then at most {ctx.nncf_ac_max_iterations} reverts "
             f"(quantize.nncf_ac_max_iterations), each a {one_pass:.0f} s pass)")
     validation = nncf.Dataset(Reiterable(eval_batches, eval_count))
 

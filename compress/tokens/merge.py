@@ -43,8 +43,8 @@ def merge_tokens(
     # (TopK and ArgMax among equal values), so an exported model would merge other pairs than PyTorch. A tiny
     # penalty by position breaks every tie the same way everywhere: the earlier token wins.
     # The penalties ride inside the similarity MatMul as one more feature (a's is 1, b's is minus the penalty), and
-    # the A side's likewise against a constant column: OpenVINO 2026.4 mis-fused a MatMul followed by a broadcast
-    # subtraction here (logits off by 0.02 to 2.7).
+    # the A side's as a second column summed with the best similarity: with both as plain broadcast subtractions
+    # OpenVINO 2026.4 computed wrong logits (off by 0.007 to 2.7), and with only the A side's so, still 0.007.
     ones_a = a.new_ones(B, num_a, 1)
     tie_b = (-TIE_BREAK * torch.arange(num_b, device=x.device, dtype=x.dtype)).view(1, num_b, 1).expand(B, -1, -1)
     scores = torch.cat([a, ones_a], dim=-1) @ torch.cat([b, tie_b], dim=-1).transpose(1, 2)  # (B, Na, Nb)
