@@ -39,17 +39,27 @@ def repeat_verdict(p50s: list[float]) -> str | None:
     return f"noisy: the same artifact timed {len(p50s)} times in this run, p50 {min(p50s):.3f} to {max(p50s):.3f} ms"
 
 
-def too_close_to_call(items: list, p50) -> list:
-    """The items whose median ``p50(item)`` is within ``CLOSE`` of the fastest's, fastest first among equals: the
-    ones to time again, interleaved, before one is chosen."""
+def is_noisy(verdict: str | None) -> bool:
+    return bool(verdict) and verdict.startswith("noisy")
+
+
+def too_close_to_call(items: list, p50, noisy=None) -> list:
+    """The items to time again, interleaved, before one is chosen: those whose median ``p50(item)`` is within
+    ``CLOSE`` of the fastest's, and every item whose own timing ``noisy(item)`` says is not to be trusted (its
+    median may be far off either way). A noisy item left alone gets the fastest other item as its reference."""
+    noisy = noisy or (lambda item: False)
     best = min(p50(item) for item in items)
-    return [item for item in items if p50(item) <= best * (1 + CLOSE)]
+    out = [item for item in items if p50(item) <= best * (1 + CLOSE) or noisy(item)]
+    if len(out) == 1 and noisy(out[0]) and len(items) > 1:
+        out.append(min((item for item in items if item is not out[0]), key=p50))
+    return out
 
 
 def interleaved(engines: Mapping[str, Engine], x: np.ndarray, *, threads: int, rounds: int = 7,
-                iterations: int = 10, warmup: int = 2) -> dict[str, float]:
+                iterations: int = 10, warmup: int = 2, verdicts: dict[str, str] | None = None) -> dict[str, float]:
     """Each engine's median latency (ms) over ``rounds`` rounds, every round timing every engine once in turn
-    (``iterations`` calls each, their median kept)."""
+    (``iterations`` calls each, their median kept). ``verdicts``, when given, receives each engine's verdict on
+    its rounds (``retimed_verdict``)."""
     per_round: dict[str, list[float]] = {name: [] for name in engines}
     for r in range(rounds):
         order = list(engines) if r % 2 == 0 else list(engines)[::-1]  # neither is always first after a pause
@@ -57,4 +67,17 @@ def interleaved(engines: Mapping[str, Engine], x: np.ndarray, *, threads: int, r
             stats = measure_latency(engines[name], x, threads=threads, warmup=warmup if r == 0 else 1,
                                     iterations=iterations, max_seconds=5.0, min_iterations=3)
             per_round[name].append(stats.latency_ms_p50)
+    if verdicts is not None:
+        verdicts.update({name: retimed_verdict(v) for name, v in per_round.items()})
     return {name: float(np.median(v)) for name, v in per_round.items()}
+
+
+def retimed_verdict(round_medians: list[float]) -> str:
+    """The verdict on an engine timed again over interleaved rounds: stable when its round medians agree (p90 of
+    the rounds within ``SPREAD`` of their median), else noisy still. Either way it names the re-timed median."""
+    median = float(np.median(round_medians))
+    p90 = float(np.percentile(round_medians, 90))
+    head = f"re-timed interleaved over {len(round_medians)} rounds, p50 {median:.3f} ms"
+    if median > 0 and (p90 - median) / median > SPREAD:
+        return f"noisy: still after being {head}: rounds' p90 {(p90 - median) / median:.0%} above"
+    return f"stable: {head}"

@@ -134,14 +134,15 @@ def timing_key(record: StageRecord) -> str:
 
 
 def _too_close(fits: list[StageRecord]) -> list[StageRecord]:
-    from runtimes.noise import too_close_to_call
+    from runtimes.noise import is_noisy, too_close_to_call
 
-    return too_close_to_call(fits, lambda r: r.latency_ms_p50)
+    return too_close_to_call(fits, lambda r: r.latency_ms_p50, lambda r: is_noisy(r.latency_verdict))
 
 
 def contenders(records: list[StageRecord], target: Target, *, max_drop: float) -> list[StageRecord]:
-    """The records ``choose`` picks among by single medians too close to call (``runtimes.noise.CLOSE``): the ones
-    to time again, interleaved, before a bundle is packed. Empty when one stands out or nothing fits."""
+    """The records ``choose`` picks among by single medians too close to call (``runtimes.noise.CLOSE``) or
+    taken noisy: the ones to time again, interleaved, before a bundle is packed. Empty when one stands out, stably
+    timed, or nothing fits."""
     if not target.measured_here:
         return []
     try:

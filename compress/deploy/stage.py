@@ -50,8 +50,12 @@ def _retime_contenders(records, target, budget: float, ctx: RunContext) -> dict[
         return None
     first = {timing_key(r): r for r in reversed(close)}
     engines = {k: ctx.engine(ctx.run_dir / first[k].artifact, first[k].runtime, first[k].precision) for k in keys}
-    medians = interleaved(engines, ctx.latency_input[: close[0].batch_size], threads=ctx.threads)
+    verdicts: dict[str, str] = {}
+    medians = interleaved(engines, ctx.latency_input[: close[0].batch_size], threads=ctx.threads, verdicts=verdicts)
     log.info("deploy: %s timed again interleaved (p50 %s ms)",
              ", ".join(f"{first[k].candidate or first[k].stage}/{first[k].runtime}" for k in keys),
              " / ".join(f"{medians[k]:.3f}" for k in keys))
+    for k in keys:
+        if verdicts[k].startswith("noisy"):
+            log.warning("deploy: %s/%s %s", first[k].candidate or first[k].stage, first[k].runtime, verdicts[k])
     return {k: round(medians[k], 4) for k in keys}

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from calibration.calibrate import Reiterable, nncf_dataset
+from calibration.calibrate import CalibrationSet, Reiterable, nncf_dataset
 from compress.quantize.base import Candidate, QuantizeContext, require
 
 COMPUTE_TYPES = ("MatMul", "Convolution")
@@ -33,19 +33,11 @@ def quantize_openvino(
 
     from compress.run.context import format_seconds
 
-    model = ov.Core().read_model(str(ctx.float_onnx))
-    dataset = nncf_dataset(ctx.calib)
     name, path = "nncf-ov", ctx.workdir / "nncf-ov.xml"
-    ignored = nncf.IgnoredScope(patterns=[_regex(p) for p in ctx.exclude], validate=False) if ctx.exclude else None
-    # SmoothQuant moves activation outliers into the weights through a Multiply per MatMul input; off, those
-    # Multiplies are gone (NNCF's switch: alpha -1), which a small model without outliers can afford.
-    advanced = None if ctx.nncf_smooth_quant else nncf.AdvancedQuantizationParameters(
-        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
     smooth = "SmoothQuant" if ctx.nncf_smooth_quant else "no SmoothQuant"
     ctx.log(f"{name}: nncf.quantize (ModelType.TRANSFORMER, {smooth}) on {ctx.calib.size} images")
-    quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=ctx.calib.size,
-                              preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope(),
-                              advanced_parameters=advanced)
+    model = ov.Core().read_model(str(ctx.float_onnx))
+    quantized = transformer_int8(model, ctx.calib, smooth_quant=ctx.nncf_smooth_quant, exclude=ctx.exclude)
     ov.save_model(quantized, str(path), compress_to_fp16=False)
     started = time.perf_counter()
     top1 = ctx.evaluate(path, "openvino", "int8")
@@ -77,11 +69,11 @@ def quantize_openvino(
             seen += len(y)
         return correct / max(seen, 1)
 
+    common, advanced = _transformer_options(nncf, smooth_quant=ctx.nncf_smooth_quant, exclude=ctx.exclude)
     controlled = nncf.quantize_with_accuracy_control(
-        model, dataset, validation, validate, max_drop=ctx.max_drop / 100, drop_type=nncf.DropType.ABSOLUTE,
-        model_type=nncf.ModelType.TRANSFORMER, subset_size=ctx.calib.size,
-        preset=nncf.QuantizationPreset.PERFORMANCE, ignored_scope=ignored or nncf.IgnoredScope(),
-        advanced_quantization_parameters=advanced,
+        model, nncf_dataset(ctx.calib), validation, validate, max_drop=ctx.max_drop / 100,
+        drop_type=nncf.DropType.ABSOLUTE, subset_size=ctx.calib.size, advanced_quantization_parameters=advanced,
+        **common,
         advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
             max_num_iterations=ctx.nncf_ac_max_iterations, ranking_subset_size=RANKING_SUBSET),
     )
@@ -96,6 +88,26 @@ def quantize_openvino(
         return None
     return Candidate("nncf-ov-ac", "nncf.quantize_with_accuracy_control", "int8", path,
                      "openvino", calibration, reasons, top1)
+
+
+def transformer_int8(model, calib: CalibrationSet, *, smooth_quant: bool, exclude: tuple[str, ...] = ()):
+    """``nncf.quantize`` of an OpenVINO model with the transformer recipe (ModelType.TRANSFORMER, the performance
+    preset) on ``calib``; ``exclude`` (layer names or glob patterns) stays in float."""
+    nncf = require("nncf", "nncf")
+
+    common, advanced = _transformer_options(nncf, smooth_quant=smooth_quant, exclude=exclude)
+    return nncf.quantize(model, nncf_dataset(calib), subset_size=calib.size, advanced_parameters=advanced, **common)
+
+
+def _transformer_options(nncf, *, smooth_quant: bool, exclude: tuple[str, ...]) -> tuple[dict, object]:
+    """(the keyword arguments both NNCF calls share, the advanced quantization parameters or None)."""
+    ignored = nncf.IgnoredScope(patterns=[_regex(p) for p in exclude], validate=False) if exclude else None
+    # SmoothQuant moves activation outliers into the weights through a Multiply per MatMul input; off, those
+    # Multiplies are gone (NNCF's switch: alpha -1), which a small model without outliers can afford.
+    advanced = None if smooth_quant else nncf.AdvancedQuantizationParameters(
+        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
+    return {"model_type": nncf.ModelType.TRANSFORMER, "preset": nncf.QuantizationPreset.PERFORMANCE,
+            "ignored_scope": ignored or nncf.IgnoredScope()}, advanced
 
 
 def _quantized_ops(model) -> set[str]:

@@ -6,6 +6,8 @@ plan entry, which measures every candidate on every runtime that can load it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,7 +112,7 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
 
     from calibration.evaluate import evaluate_top1
     from compress.quantize.base import artifact_evaluator
-    from compress.run.measure import artifact_mb, cannot_run, measure_engine, skipped
+    from compress.run.measure import artifact_mb, cannot_run, mark_repeats, measure_engine, skipped
     from runtimes import get_runtime
 
     config = ctx.config
@@ -182,14 +184,23 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             records += rows
     batch = min(config.measure.batch_sizes)
 
-    def retime(rows) -> list[float]:  # close contenders, timed again interleaved from their files
+    retimed: dict[tuple, str] = {}  # (artifact, runtime, precision): the verdict after re-timing
+
+    def retime(rows) -> list[float]:  # close or noisy contenders, timed again interleaved from their files
         from runtimes.noise import interleaved
 
         engines = {i: ctx.engine(ctx.run_dir / r.artifact, r.runtime, r.precision) for i, r in enumerate(rows)}
-        medians = interleaved(engines, ctx.latency_input[:batch], threads=ctx.threads)
+        verdicts: dict[int, str] = {}
+        medians = interleaved(engines, ctx.latency_input[:batch], threads=ctx.threads, verdicts=verdicts)
+        retimed.update({(r.artifact, r.runtime, r.precision): verdicts[i] for i, r in enumerate(rows)})
         return [medians[i] for i in range(len(rows))]
 
+    # an engine timed earlier in the run (the float model under BF16, say) and now again, with other results, is
+    # noisy here already, so that it is timed again before anything is chosen from it
+    records = mark_repeats(list(inp.records) + records)[len(inp.records):]
     selected = fastest_within(records, float_top1, max_drop, batch, retime=retime)
+    records = [dataclasses.replace(r, latency_verdict=retimed[(r.artifact, r.runtime, r.precision)])
+               if r.batch_size == batch and (r.artifact, r.runtime, r.precision) in retimed else r for r in records]
     if selected is None:
         log.warning("quantize: no candidate meets the %.2f pt budget; the float model of stage %s is carried "
                     "forward", max_drop, inp.previous)
@@ -207,17 +218,19 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
 def fastest_within(records, float_top1: float, max_drop: float, batch: int, *, retime=None) -> dict | None:
     """The fastest (candidate, runtime) at ``batch`` whose top-1 on that runtime is within the budget.
 
-    ``retime(rows) -> medians`` times again, interleaved, the ones within ``runtimes.noise.CLOSE`` of the fastest:
-    their single measurements, minutes apart on a shared machine, cannot tell them apart.
+    ``retime(rows) -> medians`` times again, interleaved, the ones within ``runtimes.noise.CLOSE`` of the fastest
+    and any whose own timing was noisy: their single measurements, minutes apart on a shared machine, cannot tell
+    them apart.
     """
-    from runtimes.noise import too_close_to_call
+    from runtimes.noise import is_noisy, too_close_to_call
 
     fits = [r for r in records if r.status == "ok" and r.batch_size == batch and r.top1 is not None
             and (float_top1 - r.top1) * 100 <= max_drop + 1e-9]
     if not fits:
         return None
     best = min(fits, key=lambda r: r.latency_ms_p50)
-    close = [r for r in too_close_to_call(fits, lambda r: r.latency_ms_p50) if r.artifact]
+    close = [r for r in too_close_to_call(fits, lambda r: r.latency_ms_p50, lambda r: is_noisy(r.latency_verdict))
+             if r.artifact]
     interleaved = None
     if retime is not None and len(close) > 1:
         medians = retime(close)

@@ -234,7 +234,8 @@ def timing_fields(stats) -> dict[str, Any]:
 
 def mark_repeats(records: list[StageRecord]) -> list[StageRecord]:
     """Records of one artifact timed more than once in the run (same runtime, precision and batch) whose medians
-    disagree, marked noisy with both figures: the machine was busy during one of them."""
+    disagree, marked noisy with both figures: the machine was busy during one of them. A record whose interleaved
+    re-timing agreed with itself keeps that verdict."""
     import dataclasses
 
     from runtimes.noise import repeat_verdict
@@ -248,7 +249,8 @@ def mark_repeats(records: list[StageRecord]) -> list[StageRecord]:
         verdict = repeat_verdict([records[i].latency_ms_p50 for i in members])
         if verdict is not None:
             for i in members:
-                out[i] = dataclasses.replace(records[i], latency_verdict=verdict)
+                if not (records[i].latency_verdict or "").startswith("stable: re-timed"):  # settled by re-timing
+                    out[i] = dataclasses.replace(records[i], latency_verdict=verdict)
     return out
 
 

@@ -85,7 +85,42 @@ def _macs_with(model, plan, shape: tuple[int, int, int]) -> int:
 
 
 # what a trial notes that is not a record field
-NOTES_ONLY = ("plan", "openvino_parity_max_abs_diff", "top1_drop", "latency_ms_p50_interleaved")
+NOTES_ONLY = ("plan", "openvino_parity_max_abs_diff", "top1_drop", "latency_ms_p50_interleaved", "timed_precision",
+              "timed_ms_p50", "timed_verdict")
+
+
+class _NotTimed(Exception):
+    """A setting that could not be made ready for timing in the chain's final precision."""
+
+
+def timing_precision(config: RunConfig) -> str:
+    """The precision the settings are timed in (``tokens.time_precision``): for "auto", the one the chain will end
+    in on OpenVINO when a quantize stage follows (INT8 when it runs NNCF, BF16 when it offers only bf16)."""
+    t = config.tokens
+    if t.time_precision != "auto":
+        return t.time_precision
+    order = config.stage_order()
+    later = order[order.index("tokens") + 1:] if "tokens" in order else []
+    if t.target_runtime != "openvino" or "quantize" not in later:
+        return "fp32"
+    quantizers = config.quantize.quantizers
+    return "int8" if "nncf" in quantizers else "bf16" if "bf16" in quantizers else "fp32"
+
+
+def _timing_engine(path, precision: str, calib, ctx: RunContext):
+    """An OpenVINO engine of the exported setting at ``precision``: INT8 from ``nncf.quantize`` on ``calib`` (the
+    transformer recipe, SmoothQuant as ``quantize.nncf_smooth_quant``), saved beside the temporary ONNX file."""
+    if precision == "bf16":
+        return ctx.engine(path, "openvino", "bf16")
+    import openvino as ov
+
+    from compress.quantize.openvino_nncf import transformer_int8
+
+    quantized = transformer_int8(ov.Core().read_model(str(path)), calib,
+                                 smooth_quant=ctx.config.quantize.nncf_smooth_quant)
+    xml = path.with_name(path.stem + "-timing-int8.xml")
+    ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    return ctx.engine(xml, "openvino", "int8")
 
 
 def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
@@ -118,6 +153,19 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
     trials, base_top1, engines = [], None, {}
     scored = _scored_input(inp, t.target_runtime, len(ctx.eval_data))  # the unreduced model, scored by its stage
+    precision, timing_calib = timing_precision(ctx.config), None
+    if precision == "bf16" and "bf16" not in _openvino_precisions():
+        log.info("tokens: OpenVINO offers no BF16 on this CPU; settings are timed in FP32")
+        precision = "fp32"
+    if precision == "int8":
+        from calibration.calibrate import from_split
+
+        split = ctx.calib_data if len(ctx.calib_data) else ctx.eval_data
+        timing_calib = from_split(split, min(t.time_calib_size, len(split)), shape)
+    if precision != "fp32":
+        log.info("tokens: settings are timed in %s on OpenVINO, the precision the chain ends in%s; top-1 is judged "
+                 "in FP32", precision.upper(), f" (nncf.quantize on {timing_calib.size} images, for timing only)"
+                 if timing_calib is not None else "")
     for plan in [None, *settings]:
         name = plan.describe() if plan is not None else "unreduced"
         apply(model, plan)
@@ -139,20 +187,40 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                                            progress=(lambda d, n: ctx.say(f"tokens · {name}", d, n))
                                            if ctx.progress else None)
                 stats = ctx.time(engine, x, warmup=3)
-                engines[name] = engine  # kept (in memory) should its timing need re-taking beside another's
+                timed, timed_stats = engine, stats
+                if precision != "fp32":
+                    try:
+                        timed = _timing_engine(path, precision, timing_calib, ctx)
+                    except (TypeError, AttributeError, NameError):
+                        raise  # our bug, not the quantizer's verdict on the graph
+                    except Exception as e:
+                        why = f"{precision.upper()} timing: {str(e).strip().splitlines()[0][:200]}"
+                        if plan is not None:  # the chain could not quantize it either
+                            raise _NotTimed(why) from e
+                        log.warning("tokens: %s; the settings are timed in FP32 instead", why)
+                        precision = "fp32"
+                    else:
+                        timed_stats = ctx.time(timed, x, warmup=3)
+                engines[name] = timed  # kept (in memory) should its timing need re-taking beside another's
         except ParityError as e:
             if plan is None:
                 raise
             log.warning("tokens: %s not kept: %s", name, e)
             trials.append(fields | {"status": "skipped", "reason": f"export parity: {e}"})
             continue
+        except _NotTimed as e:
+            log.warning("tokens: %s not kept: %s", name, e)
+            trials.append(fields | {"status": "skipped", "reason": str(e)})
+            continue
         base_top1 = result.top1 if base_top1 is None else base_top1
         drop = round((base_top1 - result.top1) * 100, 4)
         trials.append(fields | {"top1": result.top1, "top1_drop": drop, "eval_samples": result.num_samples,
-                                "openvino_parity_max_abs_diff": ov_diff, "plan": plan} |
-                      timing_fields(stats))
-        log.info("tokens: %s top-1 %.4f (drop %.2f pt), p50 %.2f ms on %s at batch %d, %.2fx the MACs", name,
+                                "openvino_parity_max_abs_diff": ov_diff, "plan": plan} | timing_fields(stats) |
+                      {"timed_precision": precision, "timed_ms_p50": timed_stats.latency_ms_p50,
+                       "timed_verdict": timing_fields(timed_stats)["latency_verdict"]})
+        log.info("tokens: %s top-1 %.4f (drop %.2f pt), p50 %.2f ms on %s at batch %d%s, %.2fx the MACs", name,
                  result.top1, drop, stats.latency_ms_p50, t.target_runtime, t.target_batch,
+                 f" ({timed_stats.latency_ms_p50:.2f} ms in {precision.upper()})" if precision != "fp32" else "",
                  fields["macs"] / trials[0]["macs"])
     # the chain's budget rules, and this stage spends at most its share of what is left
     max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * t.budget_share
@@ -177,8 +245,10 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         "method": t.method, "selected": best["candidate"], "budget_pt": max_drop, "reference_top1": base_top1,
         "plan": best["plan"].to_dict() if best["plan"] is not None else None,
         "token_counts": token_counts(best["plan"], model.config) if best["plan"] is not None else None,
-        "trials": [{k: r.get(k) for k in ("candidate", "top1", "top1_drop", "latency_ms_p50", "latency_ms_p50_interleaved",
-                                          "macs", "status", "reason", "openvino_parity_max_abs_diff")} for r in trials],
+        "timed_in": precision,
+        "trials": [{k: r.get(k) for k in ("candidate", "top1", "top1_drop", "latency_ms_p50", "timed_precision",
+                                          "timed_ms_p50", "timed_verdict", "latency_ms_p50_interleaved", "macs",
+                                          "status", "reason", "openvino_parity_max_abs_diff")} for r in trials],
     }
     if recovery:
         notes["recovery"] = recovery
@@ -197,18 +267,37 @@ def _scored_input(inp: StageInput, runtime: str, images: int):
     return None
 
 
-def _fastest(fits: list[dict], engines: dict, x: np.ndarray, ctx: RunContext) -> dict:
-    """The fastest of ``fits``. Settings timed within ``runtimes.noise.CLOSE`` of the fastest are timed again,
-    interleaved, and ranked by that: one pass each, minutes apart, is not enough to tell them apart."""
-    from runtimes.noise import interleaved, too_close_to_call
+def _openvino_precisions() -> list[str]:
+    from runtimes import get_runtime
 
-    best = min(fits, key=lambda r: r["latency_ms_p50"])
-    close = [r for r in too_close_to_call(fits, lambda r: r["latency_ms_p50"]) if r["candidate"] in engines]
+    return get_runtime("openvino").precisions()
+
+
+def _fastest(fits: list[dict], engines: dict, x: np.ndarray, ctx: RunContext) -> dict:
+    """The fastest of ``fits`` in the precision they were timed in (``timed_ms_p50``). Settings timed within
+    ``runtimes.noise.CLOSE`` of the fastest, and any whose own timing was noisy, are timed again, interleaved, and
+    ranked by that: one pass each, minutes apart, is not enough to tell them apart. Their verdicts then say how the
+    re-timing went."""
+    from runtimes.noise import interleaved, is_noisy, too_close_to_call
+
+    def p50(r: dict) -> float:
+        return r.get("timed_ms_p50", r["latency_ms_p50"])
+
+    def verdict(r: dict) -> str | None:
+        return r.get("timed_verdict", r.get("latency_verdict"))
+
+    best = min(fits, key=p50)
+    close = [r for r in too_close_to_call(fits, p50, lambda r: is_noisy(verdict(r))) if r["candidate"] in engines]
     if len(close) < 2:
         return best
-    medians = interleaved({r["candidate"]: engines[r["candidate"]] for r in close}, x, threads=ctx.threads)
+    verdicts: dict[str, str] = {}
+    medians = interleaved({r["candidate"]: engines[r["candidate"]] for r in close}, x, threads=ctx.threads,
+                          verdicts=verdicts)
     for r in close:
         r["latency_ms_p50_interleaved"] = round(medians[r["candidate"]], 4)
+        r["timed_verdict"] = verdicts[r["candidate"]]
+        if r.get("timed_precision", "fp32") == "fp32":  # the record's own engine was the one timed again
+            r["latency_verdict"] = verdicts[r["candidate"]]
     chosen = min(close, key=lambda r: medians[r["candidate"]])
     log.info("tokens: %s timed again interleaved (p50 %s ms): %s is the fastest", ", ".join(r["candidate"] for r in close),
              " / ".join(f"{medians[r['candidate']]:.3f}" for r in close), chosen["candidate"])

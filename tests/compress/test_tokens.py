@@ -264,6 +264,43 @@ def test_tokens_stage_tries_settings_records_them_and_keeps_one_within_budget(tm
     assert again.resumed_stages == ["baseline", "prune", "tokens", "quantize"]
 
 
+def test_settings_are_timed_in_the_precision_the_chain_ends_in():
+    from compress.config import load_config
+    from compress.errors import ConfigError
+    from compress.tokens.stage import timing_precision
+
+    def precision(*extra):
+        return timing_precision(load_config(None, ["tokens.enabled=true", *extra]))
+
+    assert precision("tokens.target_runtime='openvino'", 'quantize.quantizers=["nncf", "fp16"]') == "int8"
+    assert precision("tokens.target_runtime='openvino'", 'quantize.quantizers=["bf16"]') == "bf16"
+    assert precision("tokens.target_runtime='openvino'", 'quantize.quantizers=["fp16"]') == "fp32"
+    assert precision("tokens.target_runtime='openvino'", "quantize.enabled=false") == "fp32"  # nothing follows
+    assert precision('quantize.quantizers=["nncf"]') == "fp32"  # ONNX Runtime target: timed as it runs there
+    assert precision("tokens.target_runtime='openvino'", "tokens.time_precision='fp32'") == "fp32"
+    with pytest.raises(ConfigError, match="tokens.time_precision=int8 times on OpenVINO"):
+        load_config(None, ["tokens.time_precision='int8'"])
+
+
+@pytest.mark.slow
+def test_token_settings_ahead_of_nncf_are_timed_in_int8(tmp_path, digits_model):
+    from compress.run.pipeline import run_pipeline
+
+    config = _stage_config("tokens.enabled=true", "tokens.max_drop=100", "tokens.macs=[0.7]",
+                           "tokens.target_runtime='openvino'", "tokens.time_calib_size=16",
+                           'quantize.quantizers=["nncf"]', "quantize.max_drop=100")
+    run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    notes = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
+    assert notes["timed_in"] == "int8"
+    trials = [t for t in notes["trials"] if t["status"] in (None, "ok")]
+    assert len(trials) == 2 and trials[0]["candidate"] == "unreduced"
+    assert all(t["timed_precision"] == "int8" and t["timed_ms_p50"] > 0 and t["latency_ms_p50"] > 0 for t in trials)
+    # chosen by the INT8 figures (or by their interleaved re-timing), not by the FP32 ones
+    retimed = [t for t in trials if t.get("latency_ms_p50_interleaved") is not None]
+    fastest = min(retimed or trials, key=lambda t: t.get("latency_ms_p50_interleaved") or t["timed_ms_p50"])
+    assert notes["selected"] == fastest["candidate"]
+
+
 @pytest.mark.slow
 def test_tokens_stage_with_a_fixed_setting_over_budget_keeps_the_model_unreduced(tmp_path, digits_model):
     from compress.run.pipeline import run_pipeline
