@@ -94,6 +94,11 @@ def mount(root: Path, name: str) -> list[Path]:
     return [point]
 
 
+def kernel_files(root: Path, runtime: str) -> list[Path]:
+    """What ``runtime`` needs mounted under emulation (``mount``): /proc and /sys for OpenVINO, nothing else."""
+    return mount(root, "proc") + mount(root, "sys") if runtime == "openvino" else []
+
+
 def unmount(points: list[Path]) -> None:
     for point in reversed(points):
         subprocess.run(["umount", "--recursive", "--lazy", str(point)], check=False)
@@ -140,6 +145,8 @@ def main() -> None:
     ap.add_argument("--runtimes", nargs="+", help="the bundle's runtimes to score under emulation (default: all; "
                     "OpenVINO's CPU plugin takes over 10 minutes for the demo's 1,797 images under QEMU)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per runtime's scoring under emulation")
+    ap.add_argument("--candidate", help="pack this candidate of the run (compress deploy --candidate), e.g. nncf-ov")
+    ap.add_argument("--runtime", help="pack for this runtime (compress deploy --runtime)")
     ap.add_argument("--per-class", type=int, help="score the first N digits of each class on both machines instead "
                     "of all 1,797 (OpenVINO's CPU plugin is slow under emulation)")
     args = ap.parse_args()
@@ -149,7 +156,10 @@ def main() -> None:
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
     bundle = args.work / "bundle-cpu-arm"
-    sh(sys.executable, "-m", "compress.cli", "deploy", args.run, "--target", "cpu-arm", "--out", bundle, cwd=REPO)
+    choice = [*(["--candidate", args.candidate] if args.candidate else []),
+              *(["--runtime", args.runtime] if args.runtime else [])]
+    sh(sys.executable, "-m", "compress.cli", "deploy", args.run, "--target", "cpu-arm", "--out", bundle, *choice,
+       cwd=REPO)
     manifest = json.loads((bundle / "manifest.json").read_text())
     data = digits_folder(args.work / "digits", args.per_class)
     runtimes = args.runtimes or [m["runtime"] for m in manifest["models"]]
@@ -188,11 +198,15 @@ def run_inside(args, bundle: Path, manifest: dict, data: Path, runtimes: list[st
     runner = ["/opt/venv/bin/python", "/work/bundle/runner.py"]
     verified = chroot(args.root, *runner, "verify").stdout.strip()
     first = sorted((inside / "digits" / "3").iterdir())[0].name
-    classified = chroot(args.root, *runner, "classify", f"/work/digits/3/{first}").stdout.strip()
+    mounted = kernel_files(args.root, manifest["models"][0]["runtime"])  # classify runs the bundle's first runtime
+    try:
+        classified = chroot(args.root, *runner, "classify", f"/work/digits/3/{first}").stdout.strip()
+    finally:
+        unmount(mounted)
     per_runtime = {}
     for runtime in runtimes:
         t = time.perf_counter()
-        mounted = mount(args.root, "proc") + mount(args.root, "sys") if runtime == "openvino" else []
+        mounted = kernel_files(args.root, runtime)
         try:
             # one thread: spin-waiting worker threads are emulated instruction by instruction
             done = chroot(args.root, *runner, "bench", "--runtime", runtime, "--data", "/work/digits", "--batch", "1",

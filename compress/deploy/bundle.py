@@ -23,7 +23,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +44,23 @@ class Target:
     requirements: tuple[str, ...]
     measured_here: bool  # whether this machine's records measure the target's runtime
     tested: str = ""  # where a bundle for this target has been run end to end, for its README
+    # {(runtime, precision): why}: engines this target's bundles never hold, chosen or as alternatives
+    refused: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 TARGETS = {
     "cpu-x86": Target("cpu-x86", "x86-64 CPU (OpenVINO or ONNX Runtime)", ("openvino", "onnxruntime"),
                       ("numpy", "pillow"), True,
                       "x86-64 Debian 12, Python 3.11, in a fresh virtual environment (this project's tests)"),
-    "cpu-arm": Target("cpu-arm", "64-bit Arm CPU, e.g. Graviton or Raspberry Pi 5 (ONNX Runtime or OpenVINO)",
-                      ("onnxruntime", "openvino"), ("numpy", "pillow"), True,
+    "cpu-arm": Target("cpu-arm", "64-bit Arm CPU, e.g. Graviton or Raspberry Pi 5 (ONNX Runtime, or OpenVINO in "
+                      "FP32)", ("onnxruntime", "openvino"), ("numpy", "pillow"), True,
                       "aarch64 Debian 12, Python 3.11, under QEMU user emulation (bench/arm_emulated.py): verify "
-                      "and classify, and ONNX Runtime INT8 top-1 within 2 of 1,797 images of x86's; OpenVINO not "
-                      "scored there (too slow emulated); not yet on Arm hardware"),
+                      "and classify; top-1 of ONNX Runtime INT8 within 2 of 1,797 images of x86's, of OpenVINO FP32 "
+                      "the same as x86's on 500; not yet on Arm hardware",
+                      refused={("openvino", "int8"): "OpenVINO 2026.4's Arm CPU plugin scored NNCF's INT8 model of "
+                               "the demo at 11.8% top-1 against 99.4% on x86 (bench/arm_emulated.py)",
+                               ("openvino", "bf16"): "OpenVINO's BF16 here is the x86 CPU's (AVX-512 BF16 or AMX) "
+                               "and has not been run on aarch64"}),
     "jetson-orin": Target("jetson-orin", "NVIDIA Jetson Orin, JetPack 6 (TensorRT 10, engine built on the device)",
                           ("tensorrt",), ("numpy", "pillow"), False, "not yet run on a Jetson"),
 }
@@ -113,6 +119,12 @@ def _fits(records: list[StageRecord], target: Target, *, max_drop: float, candid
         if not pool:
             raise InputError(f"the run has no measurements on {', '.join(runtimes)}, the runtime(s) of target "
                              f"{target.name}; rerun with `--runtime {runtimes[0]}` (and install it)")
+        allowed = [r for r in pool if (r.runtime, r.precision) not in target.refused]
+        if not allowed:
+            r = pool[0]
+            raise InputError(f"{target.name} bundles do not hold {r.runtime} {r.precision.upper()}: "
+                             f"{target.refused[(r.runtime, r.precision)]}; choose another --candidate or --runtime")
+        pool = allowed
     else:  # TensorRT runs the same ONNX files ONNX Runtime measured; its latency is measured on the device
         pool = [r for r in pool if r.runtime == "onnxruntime" and r.artifact.endswith(".onnx")
                 and r.precision in TENSORRT_PREFERENCE]
@@ -217,9 +229,6 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
     if retimed is None:
         retimed = retimed_in_run(Path(run_dir), target, budget)
     chosen = choose(records, target, max_drop=budget, candidate=candidate, runtime=runtime, retimed=retimed)
-    if target.name == "cpu-arm" and chosen.runtime == "openvino":
-        log("note: OpenVINO on aarch64 is not yet scored by this project (bench/arm_emulated.py scores ONNX Runtime); "
-            "check top-1 on the device with `python runner.py bench --data DIR`, or pass --runtime onnxruntime")
     private_key = _signing_key(sign) if sign is not None else None
     log(f"deploying {chosen.candidate or chosen.stage} ({chosen.runtime} {chosen.precision}): top-1 "
         f"{chosen.top1 * 100:.2f}% ({chosen.top1_drop:+.2f} pt), p50 {chosen.latency_ms_p50:.3f} ms at batch "
@@ -311,6 +320,8 @@ def _write_models(artifact: Path, record: StageRecord, target: Target, root: Pat
         for name in runtimes:
             # A BF16 record is the float ONNX under OpenVINO's BF16 hint: other runtimes run that file in FP32.
             precision = record.precision if record.precision in RUNTIME_PRECISIONS[name] else "fp32"
+            if (name, precision) in target.refused:
+                continue  # e.g. a Q/DQ file, which OpenVINO would run in INT8 on an Arm CPU
             models.append({"runtime": name, "path": "model.onnx", "precision": precision,
                            "measured": name == record.runtime and precision == record.precision})
     if record.runtime == "openvino":

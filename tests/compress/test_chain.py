@@ -65,9 +65,12 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     rows = [r for r in result.records if r.status == "ok" and r.artifact and r.batch_size == 1
             and r.runtime in ("openvino", "onnxruntime") and r.top1_drop <= 5]
     fastest = min(rows, key=lambda r: r.latency_ms_p50)
-    retimed = "latency_ms_p50_interleaved" in chain["selected"]  # near-ties were timed again by the deploy stage
-    if retimed:
-        assert chain["selected"]["latency_ms_p50"] <= fastest.latency_ms_p50 * 1.1 + 1e-9
+    retimed = "latency_ms_p50_interleaved" in chain["selected"]  # contenders were timed again by the deploy stage
+    if retimed:  # one of those: within 10% of the fastest, or noisily timed (runtimes.noise.too_close_to_call)
+        from compress.deploy.bundle import TARGETS, contenders
+
+        picked = [(r.latency_ms_p50, r.top1) for r in contenders(result.records, TARGETS["cpu-x86"], max_drop=5)]
+        assert (chain["selected"]["latency_ms_p50"], chain["selected"]["top1"]) in picked
     else:
         assert chain["selected"]["latency_ms_p50"] == fastest.latency_ms_p50
     front = chain["pareto"]

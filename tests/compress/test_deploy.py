@@ -109,14 +109,25 @@ def test_openvino_bundle_fills_its_model_cache(run_dir, tmp_path):
     verify(bundle)  # what the runner adds (cache, device records) is outside the checksummed files
 
 
-def test_an_arm_bundle_of_openvino_says_it_is_unscored_on_aarch64(run_dir, tmp_path):
-    said = []
-    bundle = deploy(run_dir, "cpu-arm", tmp_path / "ov", runtime="openvino", log=said.append)
-    assert (bundle / "openvino" / "model.xml").is_file()
-    assert any("OpenVINO on aarch64 is not yet scored" in line and "--runtime onnxruntime" in line for line in said)
-    said.clear()
-    deploy(run_dir, "cpu-arm", tmp_path / "ort", runtime="onnxruntime", log=said.append)
-    assert not any("aarch64" in line for line in said)  # ONNX Runtime INT8 was scored on aarch64 (BENCHMARKS.md)
+def test_an_arm_bundle_holds_no_openvino_int8_which_the_arm_plugin_got_wrong(run_dir, tmp_path):
+    int8 = next(r for r in read_records(run_dir / "records.jsonl")
+                if r.runtime == "openvino" and r.precision == "int8" and r.status == "ok")
+    with pytest.raises(InputError, match="cpu-arm bundles do not hold openvino INT8: .*11.8% top-1"):
+        deploy(run_dir, "cpu-arm", tmp_path / "ov-int8", candidate=int8.candidate, runtime="openvino", max_drop=100,
+               log=lambda *_: None)
+    assert not (tmp_path / "ov-int8").exists()
+    # left to choose, it takes OpenVINO in FP32, which gave x86's top-1 on aarch64
+    bundle = deploy(run_dir, "cpu-arm", tmp_path / "ov", runtime="openvino", max_drop=100, log=lambda *_: None)
+    assert json.loads((bundle / "manifest.json").read_text())["selected"]["precision"] == "fp32"
+    # an ONNX Runtime INT8 bundle offers no OpenVINO alternative: OpenVINO would run its Q/DQ file in INT8
+    bundle = deploy(run_dir, "cpu-arm", tmp_path / "ort", candidate=int8.candidate, runtime="onnxruntime",
+                    max_drop=100, log=lambda *_: None)
+    assert [m["runtime"] for m in json.loads((bundle / "manifest.json").read_text())["models"]] == ["onnxruntime"]
+    # on x86 the same file keeps its OpenVINO alternative
+    bundle = deploy(run_dir, "cpu-x86", tmp_path / "x86", candidate=int8.candidate, runtime="onnxruntime",
+                    max_drop=100, log=lambda *_: None)
+    assert {m["runtime"] for m in json.loads((bundle / "manifest.json").read_text())["models"]} == \
+        {"onnxruntime", "openvino"}
 
 
 def test_tampered_bundle_is_refused_in_one_line(run_dir, tmp_path):
