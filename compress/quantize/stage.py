@@ -7,7 +7,6 @@ plan entry, which measures every candidate on every runtime that can load it.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
