@@ -179,9 +179,9 @@ class TokensConfig(Section):
     target_batch: int = Field(1, ge=1)
     finetune_epochs: float = Field(0.0, ge=0)  # fine-tune with reduction on, distilled (recover.* settings)
     # The precision settings are timed in (top-1 is judged in FP32 either way). "auto": the one the chain will end
-    # in on OpenVINO: INT8 from a quick nncf.quantize when a later quantize stage runs NNCF, BF16 when it offers
-    # only bf16, else FP32. On a CPU with AMX, ToMe that saved 6% in FP32 ran 15% slower than the unreduced model
-    # in INT8 and BF16 (BENCHMARKS.md), so a choice timed in FP32 did not hold after quantization.
+    # in on OpenVINO: INT8 from a quick nncf.quantize (of the settings within budget) when a later quantize stage
+    # runs NNCF, BF16 when it offers only bf16, else FP32. On a CPU with AMX, ToMe that saved 6% in FP32 ran 15%
+    # slower than the unreduced model in INT8 and BF16 (BENCHMARKS.md), so a choice timed in FP32 did not hold.
     time_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
     time_calib_size: int = Field(32, ge=1)  # images the timing-only nncf.quantize calibrates on
 

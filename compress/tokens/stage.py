@@ -153,6 +153,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
     trials, base_top1, engines = [], None, {}
     scored = _scored_input(inp, t.target_runtime, len(ctx.eval_data))  # the unreduced model, scored by its stage
+    # the chain's budget rules, and this stage spends at most its share of what is left
+    max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * t.budget_share
     precision, timing_calib = timing_precision(ctx.config), None
     if precision == "bf16" and "bf16" not in _openvino_precisions():
         log.info("tokens: OpenVINO offers no BF16 on this CPU; settings are timed in FP32")
@@ -188,7 +190,10 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                                            if ctx.progress else None)
                 stats = ctx.time(engine, x, warmup=3)
                 timed, timed_stats = engine, stats
-                if precision != "fp32":
+                over = plan is not None and base_top1 is not None and (base_top1 - result.top1) * 100 > max_drop + 1e-9
+                if precision != "fp32" and over:
+                    timed, timed_stats = None, None  # it cannot be chosen: no timing-only quantization for it
+                elif precision != "fp32":
                     try:
                         timed = _timing_engine(path, precision, timing_calib, ctx)
                     except (TypeError, AttributeError, NameError):
@@ -201,7 +206,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                         precision = "fp32"
                     else:
                         timed_stats = ctx.time(timed, x, warmup=3)
-                engines[name] = timed  # kept (in memory) should its timing need re-taking beside another's
+                if timed is not None:
+                    engines[name] = timed  # kept (in memory) should its timing need re-taking beside another's
         except ParityError as e:
             if plan is None:
                 raise
@@ -216,14 +222,13 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         drop = round((base_top1 - result.top1) * 100, 4)
         trials.append(fields | {"top1": result.top1, "top1_drop": drop, "eval_samples": result.num_samples,
                                 "openvino_parity_max_abs_diff": ov_diff, "plan": plan} | timing_fields(stats) |
-                      {"timed_precision": precision, "timed_ms_p50": timed_stats.latency_ms_p50,
-                       "timed_verdict": timing_fields(timed_stats)["latency_verdict"]})
+                      ({"timed_precision": precision, "timed_ms_p50": timed_stats.latency_ms_p50,
+                        "timed_verdict": timing_fields(timed_stats)["latency_verdict"]} if timed_stats else {}))
         log.info("tokens: %s top-1 %.4f (drop %.2f pt), p50 %.2f ms on %s at batch %d%s, %.2fx the MACs", name,
                  result.top1, drop, stats.latency_ms_p50, t.target_runtime, t.target_batch,
-                 f" ({timed_stats.latency_ms_p50:.2f} ms in {precision.upper()})" if precision != "fp32" else "",
+                 "" if precision == "fp32" else f" ({timed_stats.latency_ms_p50:.2f} ms in {precision.upper()})"
+                 if timed_stats else f" (over the {max_drop:.2f} pt budget: not timed in {precision.upper()})",
                  fields["macs"] / trials[0]["macs"])
-    # the chain's budget rules, and this stage spends at most its share of what is left
-    max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * t.budget_share
     fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= max_drop + 1e-9]
     if fixed:  # the setting asked for, when within budget
         best = fits[-1] if fits[-1]["plan"] is not None else fits[0]

@@ -283,21 +283,28 @@ def test_settings_are_timed_in_the_precision_the_chain_ends_in():
 
 
 @pytest.mark.slow
-def test_token_settings_ahead_of_nncf_are_timed_in_int8(tmp_path, digits_model):
+def test_token_settings_ahead_of_nncf_are_timed_in_int8_when_they_can_be_chosen(tmp_path, digits_model):
     from compress.run.pipeline import run_pipeline
 
-    config = _stage_config("tokens.enabled=true", "tokens.max_drop=100", "tokens.macs=[0.7]",
+    config = _stage_config("tokens.enabled=true", "tokens.max_drop=0.5", "tokens.method='evit'", "tokens.layers=[0]",
+                           "tokens.macs=[0.9, 0.3]",
                            "tokens.target_runtime='openvino'", "tokens.time_calib_size=16",
                            'quantize.quantizers=["nncf"]', "quantize.max_drop=100")
     run_pipeline(digits_model, "digits", config, tmp_path / "run")
     notes = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
     assert notes["timed_in"] == "int8"
     trials = [t for t in notes["trials"] if t["status"] in (None, "ok")]
-    assert len(trials) == 2 and trials[0]["candidate"] == "unreduced"
-    assert all(t["timed_precision"] == "int8" and t["timed_ms_p50"] > 0 and t["latency_ms_p50"] > 0 for t in trials)
+    assert len(trials) == 3 and trials[0]["candidate"] == "unreduced"
+    for t in trials:
+        assert t["latency_ms_p50"] > 0  # FP32, as the records have it
+        if t["top1_drop"] > 0.5:  # over budget: it cannot be chosen, so it is not quantized for timing
+            assert t["timed_ms_p50"] is None and t["candidate"] != notes["selected"]
+        else:
+            assert t["timed_precision"] == "int8" and t["timed_ms_p50"] > 0
     # chosen by the INT8 figures (or by their interleaved re-timing), not by the FP32 ones
-    retimed = [t for t in trials if t.get("latency_ms_p50_interleaved") is not None]
-    fastest = min(retimed or trials, key=lambda t: t.get("latency_ms_p50_interleaved") or t["timed_ms_p50"])
+    fits = [t for t in trials if t["top1_drop"] <= 0.5]
+    retimed = [t for t in fits if t.get("latency_ms_p50_interleaved") is not None]
+    fastest = min(retimed or fits, key=lambda t: t.get("latency_ms_p50_interleaved") or t["timed_ms_p50"])
     assert notes["selected"] == fastest["candidate"]
 
 
