@@ -148,7 +148,8 @@ def main() -> None:
     ap.add_argument("--candidate", help="pack this candidate of the run (compress deploy --candidate), e.g. nncf-ov")
     ap.add_argument("--runtime", help="pack for this runtime (compress deploy --runtime)")
     ap.add_argument("--per-class", type=int, help="score the first N digits of each class on both machines instead "
-                    "of all 1,797 (OpenVINO's CPU plugin is slow under emulation)")
+                    "of all 1,797 (emulation is slow: OpenVINO took 1-5 minutes for 500, ONNX "
+                    "Runtime over 20 for 1,797)")
     args = ap.parse_args()
     check_host()
     start = time.perf_counter()
@@ -208,7 +209,7 @@ def run_inside(args, bundle: Path, manifest: dict, data: Path, runtimes: list[st
         t = time.perf_counter()
         mounted = kernel_files(args.root, runtime)
         try:
-            # one thread: spin-waiting worker threads are emulated instruction by instruction
+            # one thread: with two, ONNX Runtime's worker threads kept both cores busy under emulation
             done = chroot(args.root, *runner, "bench", "--runtime", runtime, "--data", "/work/digits", "--batch", "1",
                           "--iterations", "3", "--threads", "1", "--out", f"/work/arm-{runtime}",
                           timeout=args.timeout)
