@@ -43,6 +43,11 @@ def is_noisy(verdict: str | None) -> bool:
     return bool(verdict) and verdict.startswith("noisy")
 
 
+def settled_by_retiming(verdict: str | None) -> bool:
+    """Whether ``verdict`` is ``retimed_verdict``'s stable one: the interleaved rounds agreed."""
+    return bool(verdict) and verdict.startswith("stable: re-timed")
+
+
 def too_close_to_call(items: list, p50, noisy=None) -> list:
     """The items to time again, interleaved, before one is chosen: those whose median ``p50(item)`` is within
     ``CLOSE`` of the fastest's, and every item whose own timing ``noisy(item)`` says is not to be trusted (its

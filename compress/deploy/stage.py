@@ -42,7 +42,7 @@ def _retime_contenders(records, target, budget: float, ctx: RunContext) -> dict[
     """Time again, interleaved, the records ``choose`` would rank by medians too close to call (taken minutes
     apart on a shared machine); {``timing_key``: median ms}, or None when one stands out."""
     from compress.deploy.bundle import contenders, timing_key
-    from runtimes.noise import interleaved
+    from runtimes.noise import interleaved, is_noisy
 
     close = contenders(records, target, max_drop=budget)
     keys = list(dict.fromkeys(timing_key(r) for r in close))  # one engine per file, runtime and precision
@@ -56,6 +56,6 @@ def _retime_contenders(records, target, budget: float, ctx: RunContext) -> dict[
              ", ".join(f"{first[k].candidate or first[k].stage}/{first[k].runtime}" for k in keys),
              " / ".join(f"{medians[k]:.3f}" for k in keys))
     for k in keys:
-        if verdicts[k].startswith("noisy"):
+        if is_noisy(verdicts[k]):
             log.warning("deploy: %s/%s %s", first[k].candidate or first[k].stage, first[k].runtime, verdicts[k])
     return {k: round(medians[k], 4) for k in keys}

@@ -238,7 +238,7 @@ def mark_repeats(records: list[StageRecord]) -> list[StageRecord]:
     re-timing agreed with itself keeps that verdict."""
     import dataclasses
 
-    from runtimes.noise import repeat_verdict
+    from runtimes.noise import repeat_verdict, settled_by_retiming
 
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(records):
@@ -249,7 +249,7 @@ def mark_repeats(records: list[StageRecord]) -> list[StageRecord]:
         verdict = repeat_verdict([records[i].latency_ms_p50 for i in members])
         if verdict is not None:
             for i in members:
-                if not (records[i].latency_verdict or "").startswith("stable: re-timed"):  # settled by re-timing
+                if not settled_by_retiming(records[i].latency_verdict):
                     out[i] = dataclasses.replace(records[i], latency_verdict=verdict)
     return out
 

@@ -138,6 +138,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     from compress.run.measure import model_structure, openvino_parity, timing_fields
     from compress.tokens import apply, token_counts
     from export.errors import ParityError
+    from runtimes import get_runtime
 
     t = ctx.config.tokens
     # The stage sets plans on, and may fine-tune, its model: work on a copy, since the model it is given can be the
@@ -156,7 +157,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     # the chain's budget rules, and this stage spends at most its share of what is left
     max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * t.budget_share
     precision, timing_calib = timing_precision(ctx.config), None
-    if precision == "bf16" and "bf16" not in _openvino_precisions():
+    if precision == "bf16" and "bf16" not in get_runtime("openvino").precisions():
         log.info("tokens: OpenVINO offers no BF16 on this CPU; settings are timed in FP32")
         precision = "fp32"
     if precision == "int8":
@@ -189,10 +190,11 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                                            progress=(lambda d, n: ctx.say(f"tokens · {name}", d, n))
                                            if ctx.progress else None)
                 stats = ctx.time(engine, x, warmup=3)
+                base_top1 = result.top1 if base_top1 is None else base_top1
+                drop = round((base_top1 - result.top1) * 100, 4)
                 timed, timed_stats = engine, stats
-                over = plan is not None and base_top1 is not None and (base_top1 - result.top1) * 100 > max_drop + 1e-9
-                if precision != "fp32" and over:
-                    timed, timed_stats = None, None  # it cannot be chosen: no timing-only quantization for it
+                if precision != "fp32" and drop > max_drop + 1e-9:  # the same test as `fits` below
+                    timed, timed_stats = None, None  # over budget, it cannot be chosen: not quantized for timing
                 elif precision != "fp32":
                     try:
                         timed = _timing_engine(path, precision, timing_calib, ctx)
@@ -218,8 +220,6 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             log.warning("tokens: %s not kept: %s", name, e)
             trials.append(fields | {"status": "skipped", "reason": str(e)})
             continue
-        base_top1 = result.top1 if base_top1 is None else base_top1
-        drop = round((base_top1 - result.top1) * 100, 4)
         trials.append(fields | {"top1": result.top1, "top1_drop": drop, "eval_samples": result.num_samples,
                                 "openvino_parity_max_abs_diff": ov_diff, "plan": plan} | timing_fields(stats) |
                       ({"timed_precision": precision, "timed_ms_p50": timed_stats.latency_ms_p50,
@@ -270,12 +270,6 @@ def _scored_input(inp: StageInput, runtime: str, images: int):
                 and r.candidate in (None, r.stage) and r.top1 is not None and r.eval_samples == images):
             return EvalResult(r.top1, None, images)
     return None
-
-
-def _openvino_precisions() -> list[str]:
-    from runtimes import get_runtime
-
-    return get_runtime("openvino").precisions()
 
 
 def _fastest(fits: list[dict], engines: dict, x: np.ndarray, ctx: RunContext) -> dict:
