@@ -131,35 +131,41 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
                           mlp_round_to=mlp_round_to, scope=scope)
 
 
-def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "evit"] = "tome",
+def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "evit", "resolution"] = "tome",
                   r: int | Sequence[int] | None = None, keep_rate: float | Sequence[float] | None = None,
                   layers: Sequence[int] | None = None,
-                  schedule: Literal["constant", "decreasing"] = "constant") -> VisionTransformer:
-    """A copy of ``model`` that merges (ToMe) or prunes (EViT) tokens inside the encoder; it still exports.
+                  schedule: Literal["constant", "decreasing"] = "constant",
+                  image_size: int | None = None) -> VisionTransformer:
+    """A copy of ``model`` that merges (ToMe) or prunes (EViT) tokens inside the encoder, or runs the encoder at a
+    lower resolution; it still exports, and still takes the model's input size.
 
     Args:
         model: the ViT (left unchanged).
-        method: ``"tome"`` (Bolya et al., ICLR 2023) or ``"evit"`` (Liang et al., ICLR 2022).
+        method: ``"tome"`` (Bolya et al., ICLR 2023), ``"evit"`` (Liang et al., ICLR 2022) or ``"resolution"``.
         r: ToMe: tokens merged away per layer, one int or one per layer.
         keep_rate: EViT: share of patch tokens kept at each of ``layers``, or one rate per layer.
         layers: EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth).
         schedule: ToMe: an int ``r`` in every layer (``"constant"``) or 2r falling to 0 (``"decreasing"``).
+        image_size: resolution: the side the encoder works at, a multiple of the patch size below the input size.
 
     Raises ``TokenError`` naming the largest valid value when the model cannot follow the setting.
     """
-    from compress.tokens import TokenError, apply, evit, tome
+    from compress.tokens import TokenError, apply, evit, resolution, tome
 
     depth = model.config.depth
+    given = {"r": r, "keep_rate": keep_rate, "image_size": image_size}
+    takes = {"tome": "r", "evit": "keep_rate", "resolution": "image_size"}
+    if method not in takes:
+        raise TokenError(f"unknown token reduction method {method!r}; choose from {sorted(takes)}")
+    stray = [k for k, v in given.items() if v is not None and k != takes[method]]
+    if given[takes[method]] is None or stray:
+        raise TokenError(f"{method} takes {takes[method]}" + (f", not {', '.join(stray)}" if stray else ""))
     if method == "tome":
-        if r is None or keep_rate is not None:
-            raise TokenError("ToMe takes r (tokens merged per layer), not keep_rate")
         plan = tome(r if isinstance(r, int) else list(r), depth, schedule)
     elif method == "evit":
-        if keep_rate is None or r is not None:
-            raise TokenError("EViT takes keep_rate (share of patch tokens kept), not r")
         plan = evit(keep_rate if isinstance(keep_rate, (int, float)) else list(keep_rate), depth, layers)
     else:
-        raise TokenError(f"unknown token reduction method {method!r}; choose 'tome' or 'evit'")
+        plan = resolution(image_size, model.config)
     return apply(copy.deepcopy(model), plan)
 
 

@@ -154,22 +154,27 @@ class RecoverConfig(Section):
 
 
 class TokensConfig(Section):
-    """Token reduction at inference: ToMe merging or EViT pruning, chosen under an accuracy budget.
+    """Token reduction at inference: ToMe merging, EViT pruning or a lower working resolution, chosen under an
+    accuracy budget.
 
-    Give a setting (``r`` for ToMe, ``keep_rate`` for EViT) to try just that one; otherwise the stage finds the
-    settings that bring the model to each fraction of its MACs in ``macs`` and tries those. Every setting tried
+    Give a setting (``r`` for ToMe, ``keep_rate`` for EViT, ``image_size`` for resolution) to try just that one;
+    otherwise the stage finds the settings that bring the model to each fraction of its MACs in ``macs`` and tries
+    those. Every setting tried
     is measured (top-1 and latency on ``target_runtime``) and recorded; the fastest within ``max_drop`` is kept,
     and when none is, the model goes on unreduced.
     """
 
     enabled: bool = False
-    method: Literal["tome", "evit"] = "tome"
+    method: Literal["tome", "evit", "resolution"] = "tome"
     r: int | list[int] | None = None  # ToMe: tokens merged per layer (one int, or one per layer)
     schedule: Literal["constant", "decreasing"] = "constant"  # ToMe: how an int r is spread over the layers
     keep_rate: float | list[float] | None = None  # EViT: share of patch tokens kept at each of `layers`
     layers: list[int] | None = None  # EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth)
     # EViT: where to prune as fractions of the depth, for recipes meant for any depth (2/3: layer 8 of 12, 4 of 6)
     depths: list[float] | None = None
+    # resolution: the side in pixels the encoder works at (a multiple of the patch size below the input size); the
+    # engine still takes the model's input size and resizes inside the graph
+    image_size: int | None = Field(None, ge=1)
     macs: list[float] = [0.75, 0.6, 0.5]  # MAC fractions to find settings for when none is given
     max_drop: float = Field(1.0, ge=0)  # top-1 points against the stage's input model on target_runtime
     # under a chain budget (pipeline.max_drop): the most of what is left this stage may spend (1: all of it); less
@@ -192,10 +197,11 @@ class TokensConfig(Section):
                              "tokens.target_runtime=openvino, or tokens.time_precision=fp32")
         if self.layers is not None and self.depths is not None:
             raise ValueError("set tokens.layers (layer numbers) or tokens.depths (fractions of the depth), not both")
-        other = {"tome": ("keep_rate", self.keep_rate), "evit": ("r", self.r)}[self.method]
-        if other[1] is not None:
-            raise ValueError(f"tokens.{other[0]} belongs to the other method than tokens.method={self.method!r}; "
-                             "remove it, or switch tokens.method")
+        owner = {"r": "tome", "keep_rate": "evit", "image_size": "resolution"}
+        for key, method in owner.items():
+            if getattr(self, key) is not None and method != self.method:
+                raise ValueError(f"tokens.{key} belongs to tokens.method={method!r}, not {self.method!r}; remove it, "
+                                 "or switch tokens.method")
         return self
 
 

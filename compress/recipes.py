@@ -64,8 +64,8 @@ JETSON_LATENCY: dict[str, Any] = {
 # leaving the rest to INT8; NNCF's accuracy control stays off (it ranks 230 quantizer groups first: 20 minutes).
 CPU_TRAINING_FREE: dict[str, Any] = {
     "pipeline": {"stages": ["tokens", "quantize", "deploy"], "max_drop": 1.0, "target": "cpu-x86"},
-    "tokens": {"method": "tome", "macs": [0.8, 0.7, 0.6], "target_runtime": "openvino", "finetune_epochs": 0,
-               "budget_share": 0.5},
+    "tokens": {"method": "resolution", "macs": [0.75, 0.55, 0.4], "target_runtime": "openvino",
+               "finetune_epochs": 0, "budget_share": 0.5},
     "quantize": {"quantizers": ["nncf"], "nncf_smooth_quant": False, "nncf_accuracy_control": False},
     # the target runtime first: it scores every model on the whole split, ONNX Runtime checks a sample
     "measure": {"runtimes": ["openvino", "onnxruntime"], "batch_sizes": [1, 8]},

@@ -318,17 +318,21 @@ class VisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Image (B, C, H, W) -> prefix and patch tokens with position embedding (B, P+N, D)."""
+    def embed(self, x: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """Image (B, C, H, W) -> prefix and patch tokens with position embedding (B, P+N, D).
+
+        ``pos_embed`` replaces the model's own for another grid (``resize_pos_embed``); None uses ``self.pos_embed``.
+        """
+        pos_embed = self.pos_embed if pos_embed is None else pos_embed
         x = self.patch_embed(x)  # (B, N, D)
         B = x.shape[0]
         prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         if not self.config.pos_embed_prefix:
-            x = x + self.pos_embed  # (B, N, D): the prefix tokens carry no position
+            x = x + pos_embed  # (B, N, D): the prefix tokens carry no position
         if prefix:
             x = torch.cat([*prefix, x], dim=1)  # (B, P+N, D)
         if self.config.pos_embed_prefix:
-            x = x + self.pos_embed
+            x = x + pos_embed
         return self.norm_pre(x)  # (B, P+N, D)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 ``apply(model, plan)`` checks the plan against the model and swaps the model's class for
 ``ReducedVisionTransformer``, whose forward runs each block with proportional attention and reduces tokens
 between attention and MLP where the plan says so (as ToMe's ``patch/timm.py`` swaps timm's classes). Layers the
-plan leaves alone run the block unchanged. The plan is a model attribute (``token_reduction``), not weights: it
-travels in checkpoints' metadata and is re-applied on load.
+plan leaves alone run the block unchanged. A resolution plan instead resizes the image and the position
+embedding before the first block and runs every block unchanged. The plan is a model attribute
+(``token_reduction``), not weights: it travels in checkpoints' metadata and is re-applied on load.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from compress.model.vit import Block, VisionTransformer
+from compress.model.vit import Block, VisionTransformer, resize_pos_embed
 from compress.tokens.merge import class_attention, merge_tokens, prune_tokens
 from compress.tokens.plan import TokenReduction, token_counts
 
@@ -35,6 +36,8 @@ def forward_reduced(
 
     ``trace``, when given, receives per block the token count and the sizes (B, T, 1) of the tokens after it.
     """
+    if plan.method == "resolution":
+        return _forward_resized(model, x, plan.image_size or model.config.image_size, trace)
     prefix = model.config.num_prefix_tokens
     x = model.embed(x)  # (B, T, D)
     size = None  # (B, T, 1): how many original tokens each token stands for; None while every size is 1
@@ -48,6 +51,26 @@ def forward_reduced(
         if trace is not None:
             trace.append({"tokens": x.shape[1], "size": size if size is not None else x.new_ones(*x.shape[:2], 1)})
     return model.forward_head(model.norm(x), size)  # (B, K)
+
+
+def _forward_resized(
+    model: VisionTransformer, x: torch.Tensor, image_size: int, trace: list[dict[str, Any]] | None
+) -> torch.Tensor:
+    """The encoder at ``image_size``: the image (B, C, H, W) resized (bilinear, no antialiasing: ONNX Resize
+    without it runs in every runtime, and on the reference ViT-S it scored as resizing with it did), the
+    position embedding interpolated to the smaller grid from the weights on every call, so fine-tuning trains
+    the model's own one and the exported graph folds it to a constant."""
+    cfg = model.config
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)  # (B, C, s, s)
+    pos = resize_pos_embed(model.pos_embed, cfg.grid_size, image_size // cfg.patch_size, cfg.num_pos_prefix,
+                           antialias=False)  # (1, P + g'*g', D)
+    x = model.embed(x, pos)  # (B, P + g'*g', D)
+    for block in model.blocks:
+        x = block(x)
+        if trace is not None:
+            trace.append({"tokens": x.shape[1], "size": x.new_ones(*x.shape[:2], 1)})
+    return model.forward_head(model.norm(x))  # (B, K)
 
 
 def _reduced_block(

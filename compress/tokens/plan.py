@@ -1,7 +1,8 @@
-"""Token reduction: ToMe token merging and EViT attentive token pruning, written so that they export to ONNX.
+"""Token reduction: ToMe token merging, EViT attentive token pruning and a lower working resolution, written so
+that they export to ONNX.
 
-Both methods shorten the token sequence inside the encoder, so every later block (attention is quadratic in
-the token count, the MLP linear) does less work:
+Each shortens the token sequence inside the encoder, so the blocks after it (attention is quadratic in the token
+count, the MLP linear) do less work:
 
 - **ToMe** (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023). Between attention and MLP, the
   patch tokens are split alternately into sets A and B; each A token is matched to its most similar B token
@@ -12,6 +13,12 @@ the token count, the MLP linear) does less work:
 - **EViT** (Liang et al., "Not All Patches are What You Need", ICLR 2022). At chosen layers, after attention,
   the patch tokens the class token attends to most (mean over heads) are kept, a share ``keep`` of them, and
   the rest are fused into one token: their sum weighted by that attention.
+- **Resolution**: the encoder works at a smaller ``image_size`` than the model's input. The image is resized
+  inside the graph (bilinear) and the position embedding interpolated to the smaller grid (bicubic, as DINOv2
+  and timm do for other input sizes), so every block sees fewer tokens with no per-layer selection at all: no
+  TopK or gather to break a runtime's fusion of an INT8 block, where ToMe's merge cost more than the MACs it saved
+  (BENCHMARKS.md). The engine's input stays the size the user feeds. It pays where the images carry less detail
+  than the input size holds (CIFAR-10's 32x32 images upscaled to 224); the accuracy budget decides.
 
 This module holds the plans (what to reduce where, and the token counts that follow); the tensor math is
 ``merge``, the model surgery ``patch``. The export constraints shape the code: ToMe's reference merge
@@ -35,24 +42,28 @@ from compress.errors import ConfigError
 if TYPE_CHECKING:
     from compress.model.vit import ViTConfig
 
-Method = Literal["tome", "evit"]
-METHODS = ("tome", "evit")
+Method = Literal["tome", "evit", "resolution"]
+METHODS = ("tome", "evit", "resolution")
 
 
 class TokenError(ConfigError):
-    """A reduction plan the model cannot follow (r too large, keep rate out of range, no class token)."""
+    """A reduction plan the model cannot follow (r too large, keep rate out of range, no class token, a working
+    size that is not a smaller multiple of the patch size)."""
 
 
 @dataclass(frozen=True)
 class TokenReduction:
-    """What to reduce in each layer: ToMe's ``r`` (tokens merged away) or EViT's ``keep`` (share of patches kept).
+    """What to reduce in each layer: ToMe's ``r`` (tokens merged away) or EViT's ``keep`` (share of patches kept);
+    or, for the resolution method, the ``image_size`` the whole encoder works at.
 
-    Layers with ``r == 0`` or ``keep == 1`` are left as they are, so an all-zero plan is the original model.
+    Layers with ``r == 0`` or ``keep == 1`` are left as they are, so an all-zero plan is the original model, as is
+    a resolution plan with ``image_size == 0``.
     """
 
     method: Method
     r: tuple[int, ...] = ()
     keep: tuple[float, ...] = ()
+    image_size: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -64,13 +75,21 @@ class TokenReduction:
             if not 0 < keep <= 1:
                 raise TokenError(f"EViT keep rate {keep} at layer {layer} is outside (0, 1]; 1 keeps every token, "
                                  "0.7 keeps 70% of the patch tokens")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 0:
+            raise TokenError(f"working image size {self.image_size!r} must be a whole number of pixels, a multiple of "
+                             "the patch size below the model's input size (0 leaves the resolution alone)")
 
     @property
     def active(self) -> bool:
+        if self.method == "resolution":
+            return self.image_size > 0
         return any(self.r) if self.method == "tome" else any(k < 1 for k in self.keep)
 
     def describe(self) -> str:
-        """A short name for tables: ``tome r=8``, ``tome r=[16,14,...]``, ``evit keep=0.7@[3,6,9]``."""
+        """A short name for tables: ``tome r=8``, ``tome r=[16,14,...]``, ``evit keep=0.7@[3,6,9]``,
+        ``resolution 140``."""
+        if self.method == "resolution":
+            return f"resolution {self.image_size}" if self.image_size else "resolution unchanged"
         if self.method == "tome":
             values = set(self.r)
             return f"tome r={self.r[0]}" if len(values) == 1 else f"tome r=[{','.join(map(str, self.r))}]"
@@ -80,11 +99,13 @@ class TokenReduction:
         return f"evit keep={rate}@{layers}" if layers else "evit keep=1"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "r": list(self.r), "keep": list(self.keep)}
+        return {"method": self.method, "r": list(self.r), "keep": list(self.keep)} | (
+            {"image_size": self.image_size} if self.method == "resolution" else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenReduction:
-        return cls(d["method"], tuple(int(v) for v in d.get("r", ())), tuple(float(v) for v in d.get("keep", ())))
+        return cls(d["method"], tuple(int(v) for v in d.get("r", ())), tuple(float(v) for v in d.get("keep", ())),
+                   int(d.get("image_size", 0)))
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -137,10 +158,25 @@ def evit(keep: float | Sequence[float], depth: int, layers: Sequence[int] | None
     return TokenReduction("evit", keep=tuple(float(keep) if i in layers else 1.0 for i in range(depth)))
 
 
+def resolution(image_size: int, cfg: ViTConfig) -> TokenReduction:
+    """A resolution plan: the encoder works at ``image_size`` (a multiple of the patch size below the input size)."""
+    plan = TokenReduction("resolution", image_size=image_size)
+    check_model(plan, cfg)
+    return plan
+
+
+def resolution_sizes(cfg: ViTConfig) -> list[int]:
+    """The working sizes a model can take, largest first: every multiple of the patch size below its input size."""
+    return [g * cfg.patch_size for g in range(cfg.grid_size - 1, 0, -1)]
+
+
 def token_counts(plan: TokenReduction, cfg: ViTConfig) -> list[int]:
     """Tokens leaving each block under ``plan``; raises ``TokenError`` where the plan cannot be followed."""
     check_model(plan, cfg)
     prefix = cfg.num_prefix_tokens
+    if plan.method == "resolution":
+        grid = (plan.image_size or cfg.image_size) // cfg.patch_size
+        return [prefix + grid * grid] * cfg.depth
     tokens = prefix + cfg.num_patches
     counts = []
     for layer in range(cfg.depth):
@@ -159,7 +195,15 @@ def token_counts(plan: TokenReduction, cfg: ViTConfig) -> list[int]:
 
 
 def check_model(plan: TokenReduction, cfg: ViTConfig) -> None:
-    """The plan's length fits the model, and EViT has the class token it ranks tokens by."""
+    """The plan's length fits the model, EViT has the class token it ranks tokens by, and a working size is a
+    smaller multiple of the patch size."""
+    if plan.method == "resolution":
+        if plan.image_size and (plan.image_size % cfg.patch_size or plan.image_size >= cfg.image_size):
+            sizes = resolution_sizes(cfg)
+            valid = f"{sizes[0]}, {sizes[1]}, ... {sizes[-1]}" if len(sizes) > 2 else ", ".join(map(str, sizes))
+            raise TokenError(f"the encoder cannot work at {plan.image_size} px: it takes a multiple of the patch size "
+                             f"({cfg.patch_size}) below the input size ({cfg.image_size}): {valid or 'none'}")
+        return
     values = plan.r if plan.method == "tome" else plan.keep
     if len(values) != cfg.depth:
         raise TokenError(f"the token reduction plan has {len(values)} layers but the model has {cfg.depth}")

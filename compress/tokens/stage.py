@@ -1,6 +1,6 @@
 """The tokens stage of a run: try token reduction settings on the target runtime, keep the fastest within budget.
 
-The settings come from the config (``tokens.r`` / ``tokens.keep_rate``) or are searched: for each MAC fraction in
+The settings come from the config (``tokens.r`` / ``tokens.keep_rate`` / ``tokens.image_size``) or are searched: for each MAC fraction in
 ``tokens.macs``, the mildest setting that reaches it (``token_settings``). The plans are ``compress.tokens.plan``,
 the math ``merge``, the model patch ``patch``.
 """
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def requested_plan(config: RunConfig, model):
-    """The one setting the config names (``tokens.r`` or ``tokens.keep_rate``), or None to search."""
+    """The one setting the config names (``tokens.r``, ``tokens.keep_rate`` or ``tokens.image_size``), or None to
+    search."""
     t = config.tokens
     if t.method == "tome" and t.r is not None:
         from compress.tokens import tome
@@ -28,6 +29,10 @@ def requested_plan(config: RunConfig, model):
         return tome(t.r, model.config.depth, t.schedule)
     if t.method == "evit" and t.keep_rate is not None:
         return evit_plan(config, model, t.keep_rate)
+    if t.method == "resolution" and t.image_size is not None:
+        from compress.tokens import resolution
+
+        return resolution(t.image_size, model.config)
     return None
 
 
@@ -42,10 +47,11 @@ def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> lis
     """The settings to try: the requested one, or for each ``tokens.macs`` fraction the mildest that reaches it.
 
     ToMe: the smallest ``r`` (under ``tokens.schedule``) whose MACs are at most the fraction; EViT: the largest
-    keep rate on a 0.05 grid. A fraction no valid setting reaches gets the strongest valid one, once.
+    keep rate on a 0.05 grid; resolution: the largest working size (a multiple of the patch size). A fraction no
+    valid setting reaches gets the strongest valid one, once.
     """
     from compress.model.macs import count_macs
-    from compress.tokens import TokenError, tome
+    from compress.tokens import TokenError, resolution, resolution_sizes, tome
 
     plan = requested_plan(config, model)
     if plan is not None:
@@ -64,6 +70,10 @@ def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> lis
             except TokenError:
                 break
             r += 1
+    elif t.method == "resolution":
+        for size in resolution_sizes(model.config):
+            candidate = resolution(size, model.config)
+            ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
     else:
         for keep in np.arange(0.95, 0.0, -0.05):
             candidate = evit_plan(config, model, round(float(keep), 2))
@@ -129,7 +139,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     Each setting (and the unreduced model, the reference) is exported, checked against PyTorch in ONNX Runtime
     and OpenVINO (the export is refused beyond ``export.atol``, ``export.merge_atol`` for ToMe), scored on the
     evaluation split and timed; every one becomes a record. A setting the config names (``tokens.r`` /
-    ``tokens.keep_rate``) is kept whenever it is within the budget, faster or not, and with
+    ``tokens.keep_rate`` / ``tokens.image_size``) is kept whenever it is within the budget, faster or not, and with
     ``tokens.finetune_epochs`` it is fine-tuned *before* it is judged; searched settings are judged training-free
     and the chosen one is fine-tuned afterwards.
     """

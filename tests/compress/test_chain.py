@@ -102,7 +102,7 @@ def test_the_training_free_recipe_runs_on_calibration_data_alone(tmp_path, digit
     run = tmp_path / "run"
     result = run_pipeline(digits_model, "digits", config, run)
     tokens = json.loads((run / "stages" / "tokens.json").read_text())["notes"]
-    assert "recovery" not in tokens and tokens["method"] == "tome"  # judged as they are, without fine-tuning
+    assert "recovery" not in tokens and tokens["method"] == "resolution"  # judged as they are, without fine-tuning
     assert tokens["budget_pt"] == pytest.approx(2.5)  # half the chain's budget: the rest is left for INT8
     assert tokens["trials"][0]["candidate"] == "unreduced" and len(tokens["trials"]) >= 2
     baseline = next(r for r in result.records if r.stage == "baseline" and r.runtime == "openvino")

@@ -11,8 +11,8 @@ from compress.model.checkpoint import Checkpoint, load_own_checkpoint, save_chec
 from compress.errors import ConfigError
 from compress.model.macs import count_macs
 from compress.tokens import (
-    TokenError, apply, class_attention, default_evit_layers, evit, forward_reduced, max_constant_r, merge_tokens,
-    layers_at, prune_tokens, token_counts, tome,
+    TokenError, TokenReduction, apply, class_attention, default_evit_layers, evit, forward_reduced, max_constant_r,
+    merge_tokens, layers_at, prune_tokens, resolution, resolution_sizes, token_counts, tome,
 )
 from compress.model.vit import ViTConfig, VisionTransformer
 from calibration.preprocess import Preprocess
@@ -124,6 +124,8 @@ def test_reduction_lowers_macs_and_survives_a_checkpoint(tmp_path):
     ({"class_token": False, "pool": "mean"}, tome(8, 4)),
     ({"dist_token": True, "dist_head": True}, tome(6, 4)),
     ({}, evit(0.6, 4)),
+    ({}, TokenReduction("resolution", image_size=20)),
+    ({"class_token": False, "pool": "mean", "pos_embed_prefix": False}, TokenReduction("resolution", image_size=16)),
 ])
 @pytest.mark.slow
 def test_onnx_parity_in_onnxruntime_and_openvino(tmp_path, overrides, plan):
@@ -139,7 +141,9 @@ def test_onnx_parity_in_onnxruntime_and_openvino(tmp_path, overrides, plan):
 
     graph = onnx.load(tmp_path / "m.onnx").graph
     ops = {n.op_type for n in graph.node}
-    assert "TopK" in ops and not ops & {"ScatterElements", "ScatterND", "NonZero", "Loop"}  # portable, static
+    assert not ops & {"ScatterElements", "ScatterND", "NonZero", "Loop"}  # portable, static
+    assert ("Resize" if plan.method == "resolution" else "TopK") in ops
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 32, 32]  # the model's size
     out = graph.output[0].type.tensor_type.shape.dim
     assert out[1].dim_value == 10  # only the batch axis is dynamic
     # every batch size the dynamic axis admits gives the same per-image logits
@@ -205,7 +209,7 @@ def test_depth_fractions_name_the_same_place_in_models_of_any_depth():
     assert evit_plan(config, _model(), 0.5).keep == (1.0, 1.0, 1.0, 0.5)  # 2/3 of 4 layers: layer 3
     with pytest.raises(ConfigError, match="config tokens: set tokens.layers .* not both"):
         load_config(None, ["tokens.method='evit'", "tokens.depths=[0.5]", "tokens.layers=[1]"])
-    with pytest.raises(ConfigError, match="tokens.r belongs to the other method"):
+    with pytest.raises(ConfigError, match="tokens.r belongs to tokens.method='tome', not 'evit'"):
         load_config(None, ["tokens.method='evit'", "tokens.r=4"])
 
 
@@ -218,6 +222,91 @@ def test_a_plan_that_merges_every_token_it_can_still_runs():
     with torch.inference_mode():
         assert model(_images()).shape == (6, 10)
     assert math.isfinite(float(model(_images()).abs().max()))
+
+
+# -------------------------------------------------------------------------------------------- resolution
+def test_resolution_runs_the_encoder_at_a_smaller_size_on_the_same_input():
+    """The model at 20 px is the model resized to 20 px (its position embedding interpolated) fed the image resized
+    to 20 px; its input is still 32 px, its token count 1 + 5*5 in every block, and its MACs fall with them."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model, x = _model(), _images()
+    full = count_macs(model, (1, 3, 32, 32))
+    reduced = apply(copy.deepcopy(model), resolution(20, model.config))
+    by_hand = copy.deepcopy(model)
+    by_hand.set_image_size(20, antialias=False)
+    trace = []
+    with torch.inference_mode():
+        got = forward_reduced(reduced, x, reduced.token_reduction, trace)
+        assert torch.equal(got, by_hand(F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False)))
+        assert torch.equal(reduced(x), got)
+    assert [t["tokens"] for t in trace] == token_counts(reduced.token_reduction, model.config) == [26] * 4
+    assert count_macs(reduced, (1, 3, 32, 32)) < 0.45 * full
+    assert reduced.pos_embed.shape == model.pos_embed.shape  # the weights are the model's own
+    assert resolution_sizes(model.config) == [28, 24, 20, 16, 12, 8, 4]
+
+
+def test_resolution_is_fine_tuned_through_the_models_own_position_embedding():
+    model = apply(_model(), resolution(16, _model().config)).train()
+    model(_images()).sum().backward()
+    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("size, message", [
+    (30, r"cannot work at 30 px: it takes a multiple of the patch size \(4\) below the input size \(32\): 28, 24, ... 4"),
+    (32, "cannot work at 32 px"),
+    (64, "cannot work at 64 px"),
+])
+def test_a_working_size_the_model_cannot_take_is_refused_with_the_valid_ones(size, message):
+    with pytest.raises(TokenError, match=message):
+        resolution(size, _model().config)
+    with pytest.raises(TokenError, match="must be a whole number of pixels"):
+        TokenReduction("resolution", image_size=-4)
+
+
+def test_resolution_survives_a_checkpoint_and_its_setting_belongs_to_its_method(tmp_path):
+    from compress.config import load_config
+    from compress.tokens.stage import requested_plan
+
+    model = apply(_model(), resolution(24, _model().config))
+    path = save_checkpoint(Checkpoint(model, Preprocess(crop_size=32), list("abcdefghij")), tmp_path / "m.safetensors")
+    loaded = load_own_checkpoint(path).model
+    assert loaded.token_reduction == model.token_reduction and loaded.token_reduction.describe() == "resolution 24"
+    with torch.inference_mode():
+        assert torch.equal(loaded(_images()), model(_images()))
+    config = load_config(None, ["tokens.method='resolution'", "tokens.image_size=16"])
+    assert requested_plan(config, _model()) == TokenReduction("resolution", image_size=16)
+    with pytest.raises(ConfigError, match="tokens.image_size belongs to tokens.method='resolution', not 'tome'"):
+        load_config(None, ["tokens.image_size=16"])
+
+
+def test_resolution_settings_are_the_largest_sizes_under_each_mac_fraction():
+    from compress.config import load_config
+    from compress.tokens.stage import token_settings
+
+    model = _model()
+    config = load_config(None, ["tokens.method='resolution'", "tokens.macs=[0.8, 0.5, 0.01]"])
+    settings = token_settings(model, config, (3, 32, 32))
+    full = count_macs(model, (1, 3, 32, 32))
+    sizes = [p.image_size for p in settings]
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 4  # 0.01: none reaches it, the strongest once
+    for plan, fraction in zip(settings[:2], (0.8, 0.5)):
+        assert count_macs(apply(model, plan), (1, 3, 32, 32)) <= fraction * full
+        if plan.image_size + 4 < 32:  # the next size up does not reach the fraction
+            larger = resolution(plan.image_size + 4, model.config)
+            assert count_macs(apply(model, larger), (1, 3, 32, 32)) > fraction * full
+
+
+def test_reduce_tokens_takes_each_methods_own_setting():
+    from compress.api import reduce_tokens
+
+    assert reduce_tokens(_model(), method="resolution", image_size=16).token_reduction.image_size == 16
+    with pytest.raises(TokenError, match="resolution takes image_size, not r"):
+        reduce_tokens(_model(), method="resolution", image_size=16, r=2)
+    with pytest.raises(TokenError, match="tome takes r"):
+        reduce_tokens(_model(), method="tome")
 
 
 # ------------------------------------------------------------------------------------------------- stage
@@ -306,6 +395,29 @@ def test_token_settings_ahead_of_nncf_are_timed_in_int8_when_they_can_be_chosen(
     retimed = [t for t in fits if t.get("latency_ms_p50_interleaved") is not None]
     fastest = min(retimed or fits, key=lambda t: t.get("latency_ms_p50_interleaved") or t["timed_ms_p50"])
     assert notes["selected"] == fastest["candidate"]
+
+
+@pytest.mark.slow
+def test_tokens_stage_searches_working_resolutions_and_the_chosen_one_exports_at_the_input_size(tmp_path,
+                                                                                                 digits_model):
+    from compress.run.pipeline import run_pipeline
+
+    config = _stage_config("tokens.enabled=true", "tokens.method='resolution'", "tokens.macs=[0.6]",
+                           "tokens.max_drop=100", "quantize.enabled=false")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    tried = [r for r in result.records if r.stage == "tokens" and r.candidate is not None]
+    cfg = digits_model.model.config
+    assert [r.candidate for r in tried][0] == "unreduced" and tried[1].candidate.startswith("resolution ")
+    size = int(tried[1].candidate.split()[1])
+    assert size % cfg.patch_size == 0 and size < cfg.image_size and tried[1].macs <= 0.6 * tried[0].macs
+    assert tried[1].structure["tokens"] == [1 + (size // cfg.patch_size) ** 2] * cfg.depth
+    marker = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())
+    if marker["notes"]["plan"] is not None:  # kept: the stage's model takes the input size the user feeds
+        import onnx
+
+        graph = onnx.load(tmp_path / "run" / "artifacts" / marker["onnx"]).graph
+        dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]
+        assert dims == [cfg.in_chans, cfg.image_size, cfg.image_size]
 
 
 @pytest.mark.slow
