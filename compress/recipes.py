@@ -55,13 +55,14 @@ JETSON_LATENCY: dict[str, Any] = {
 
 # Calibration data only, no training: minutes where cpu-latency takes hours on a ViT-S at 224x224. On the
 # pretrained reference ViT-S (DINOv2 ViT-S/14, BENCHMARKS.md "The reference ViT-S"), measured without training:
-# ToMe merging holds top-1 within its interval at 0.9x and 0.8x the MACs (its size-weighted mean keeps the mean
-# patch token the head reads), EViT does not (-3.8 pt keeping 70% at layer 6), and structured pruning does not
-# either (one head in six and a quarter of the MLP units from every layer: -36 pt, -20 pt after least-squares
-# repair). So the chain is ToMe, searched at three MAC fractions and kept only where it is faster on the target
-# runtime, then NNCF INT8 (without SmoothQuant); the budget gates both. On a CPU with AMX the first try let ToMe
-# take 0.6 of the 1-point budget (r=13) and NNCF INT8 on top cost 0.6 more, so ToMe now spends at most half of it,
-# leaving the rest to INT8; NNCF's accuracy control stays off (it ranks 230 quantizer groups first: 20 minutes).
+# ToMe merging holds top-1 at 0.9x and 0.8x the MACs but, timed in INT8 on a CPU with AMX, ran slower than no
+# merging (its per-layer matching costs more than the MACs it saves once the matmuls are INT8); EViT costs 3-7 pt;
+# structured pruning of every layer alike costs 20-36 pt. A lower working resolution removes tokens with no work
+# of its own, so its INT8 latency follows its MACs: the tokens stage searches it at 0.75x, 0.55x and 0.4x the MACs
+# (196, 168 and 140 px on ViT-S/14 at 224) and keeps the fastest within half the budget, leaving the rest to NNCF
+# INT8 (without SmoothQuant; its accuracy control stays off: it ranks 230 quantizer groups first, 20 minutes).
+# On the reference it kept 140 px: 0.434x plain NNCF INT8's latency in 8.2 minutes. It pays because CIFAR-10's
+# 32x32 images hold no more detail at 224 than at 140; on images that do, the budget will keep a larger size.
 CPU_TRAINING_FREE: dict[str, Any] = {
     "pipeline": {"stages": ["tokens", "quantize", "deploy"], "max_drop": 1.0, "target": "cpu-x86"},
     "tokens": {"method": "resolution", "macs": [0.75, 0.55, 0.4], "target_runtime": "openvino",

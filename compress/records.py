@@ -102,6 +102,12 @@ class StageRecord:
             raise ValueError("field 'top1_drop_ci95' must be [low, high], two numbers")
         return cls(**values)
 
+    @property
+    def scored_in_full(self) -> bool:
+        """Top-1 from every image of the evaluation split on this record's own engine: not estimated from a sample
+        checked against another engine, nor from scoring that stopped early."""
+        return (self.top1 is not None and self.sampled_against is None
+                and (self.eval_total is None or self.eval_samples == self.eval_total))
 
 # What each field's JSON value may be: checked by ``from_dict``. ``None`` is allowed wherever the default is None.
 _NUMBER = (int, float)

@@ -107,13 +107,15 @@ def load_own_checkpoint(path: Path, overrides: dict | None = None) -> Checkpoint
         raise CheckpointError(f"{path} names {len(classes)} classes but its model predicts {model.config.num_classes}; "
                               "re-save it with `compress train`")
     if tokens is not None:
-        from compress.tokens import TokenReduction, apply
+        from compress.tokens import TokenError, TokenReduction, apply
 
         try:
-            plan = TokenReduction.from_dict(tokens)
+            apply(model, TokenReduction.from_dict(tokens))
+        except TokenError as e:
+            raise CheckpointError(f"{path} has a token plan its own model cannot follow ({e}); re-save it with "
+                                  "`compress run`") from None
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path} has a damaged token plan ({e!r}); re-save it with `compress run`") from None
-        apply(model, plan)
     return Checkpoint(model, preprocess, classes)
 
 

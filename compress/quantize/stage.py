@@ -131,9 +131,7 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     # the float model's top-1 as its stage scored it in full (on ONNX Runtime where it was: the others ran the
     # same, parity-checked model and scored it on the same images)
     scored = sorted((r for r in inp.records if r.stage == inp.previous and r.precision == "fp32" and r.status == "ok"
-                     and r.top1 is not None and r.sampled_against is None
-                     and (r.eval_total is None or r.eval_samples == r.eval_total)),
-                    key=lambda r: r.runtime != "onnxruntime")
+                     and r.scored_in_full), key=lambda r: r.runtime != "onnxruntime")
     float_top1 = scored[0].top1 if scored else None
     if float_top1 is None:
         float_top1 = evaluate(inp.onnx, "onnx", "fp32")

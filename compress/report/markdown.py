@@ -97,17 +97,27 @@ def _tokens_section(run_dir: Path) -> list[str]:
     notes = json.loads(marker.read_text())["notes"]
     trials = notes.get("trials", [])
     base = trials[0] if trials else {}
+    counts = notes.get("token_counts")
+    kept = "" if not counts else (f", {counts[0]} tokens in every layer" if len(set(counts)) == 1
+                                  else f", tokens per layer {counts}")
+    # the precision the stage ranked settings in, when not FP32 (tokens.time_precision): its column decides
+    timed = next((t["timed_precision"] for t in trials if t.get("timed_precision") not in (None, "fp32")), None)
     parts = ["## Token reduction", "",
              f"Budget: {notes['budget_pt']:.2f} pt of top-1 against the stage's input on the target runtime. Kept: "
-             f"**{notes['selected']}**" + (f", tokens per layer {notes['token_counts']}." if notes.get("token_counts")
-                                           else "."), "",
-             "| setting | top-1 | drop (pt) | p50 ms | speed-up | MACs | OpenVINO parity |", "|---|---|---|---|---|---|---|"]
+             f"**{notes['selected']}**{kept}." + (f" Top-1 is judged in FP32; the settings within budget are ranked "
+                                                f"by their latency in {timed.upper()}." if timed else ""), "",
+             "| setting | top-1 | drop (pt) | p50 ms, FP32 | speed-up | " + (f"p50 ms, {timed.upper()} | " if timed else "")
+             + "MACs | OpenVINO parity |", "|---|---|---|---|---|" + ("---|" if timed else "") + "---|---|"]
     for t in trials:
         if t.get("top1") is None:
-            parts.append(f"| {t['candidate']} | skipped: {t.get('reason')} | | | | | |")
+            parts.append(f"| {t['candidate']} | skipped: {t.get('reason')} | | | | " + ("| " if timed else "") + "| |")
             continue
+        in_timed = ""
+        if timed:
+            in_timed = (f"{t['timed_ms_p50']:.3f} | " if t.get("timed_precision") == timed
+                        else "over budget, not timed | ")
         parts.append(f"| {t['candidate']} | {t['top1'] * 100:.2f} | {t['top1_drop']:+.2f} | {t['latency_ms_p50']:.3f} | "
-                     f"{base['latency_ms_p50'] / t['latency_ms_p50']:.2f}x | {t['macs'] / base['macs']:.2f}x | "
+                     f"{base['latency_ms_p50'] / t['latency_ms_p50']:.2f}x | {in_timed}{t['macs'] / base['macs']:.2f}x | "
                      f"{fmt(t.get('openvino_parity_max_abs_diff'), '.1e')} |")
     return parts + [""]
 

@@ -83,17 +83,23 @@ class RunContext:
         return measure_latency(engine, x, threads=self.threads, warmup=m.warmup if warmup is None else warmup,
                                iterations=m.iterations, max_seconds=m.max_seconds)
 
-    @contextlib.contextmanager
-    def exported(self, model: VisionTransformer, parity_inputs: np.ndarray) -> Iterator[Path]:
-        """``model`` as a temporary FP32 ONNX file, checked against PyTorch in ONNX Runtime (``ParityError``)."""
+    def export(self, model: VisionTransformer, path: Path, parity_inputs: np.ndarray):
+        """Export ``model`` to ``path`` with the run's ``[export]`` settings, checked against PyTorch on
+        ``parity_inputs`` in ONNX Runtime (``ParityError``); the ``ExportResult``. Every export of a run goes
+        through here, so a stage's temporary files and its artifacts are made alike."""
         from export.onnx_export import export_onnx
 
         e = self.config.export
+        return export_onnx(model, path, example=torch.from_numpy(parity_inputs[:2].copy()), opset=e.opset,
+                           exporter=e.exporter, simplify=e.simplify, atol=e.atol_for(model),
+                           min_agreement=e.min_agreement, parity_inputs=parity_inputs)
+
+    @contextlib.contextmanager
+    def exported(self, model: VisionTransformer, parity_inputs: np.ndarray) -> Iterator[Path]:
+        """``model`` as a temporary FP32 ONNX file (``export``), removed on leaving."""
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "candidate.onnx"
-            export_onnx(model, path, example=torch.from_numpy(parity_inputs[:2]), opset=e.opset, exporter=e.exporter,
-                        simplify=e.simplify, atol=e.atol_for(model), min_agreement=e.min_agreement,
-                        parity_inputs=parity_inputs)
+            self.export(model, path, parity_inputs)
             yield path
 
 

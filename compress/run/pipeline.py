@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from calibration.datasets import Subset, make_splits, open_source, stratified_sample
 from calibration.evaluate import EvalResult
@@ -41,7 +40,6 @@ from compress.report.markdown import write_markdown_report
 from compress.run.context import Progress, RunContext, Stage, StageInput, StageResult, format_seconds, now
 from compress.run.measure import Recorder, mark_repeats, measure_float, openvino_parity
 from compress.run.plan import build_plan, check_feasible
-from export.onnx_export import export_onnx
 from runtimes import default_threads
 
 log = logging.getLogger(__name__)
@@ -288,12 +286,9 @@ def _finish_model_stage(stage: Stage, key: str, result: StageResult, ckpt: Check
         raise AssertionError(f"model stage {stage.name} returned no model")
     ckpt_path, onnx_path = _paths(stage.name, key, run_dir)
     save_checkpoint(Checkpoint(model, ckpt.preprocess, ckpt.classes), ckpt_path)
-    e = config.export
-    export = export_onnx(model, onnx_path, example=torch.from_numpy(ctx.parity_inputs[:2].copy()), opset=e.opset,
-                         exporter=e.exporter, simplify=e.simplify, atol=e.atol_for(model),
-                         min_agreement=e.min_agreement, parity_inputs=ctx.parity_inputs)
+    export = ctx.export(model, onnx_path, ctx.parity_inputs)
     if model.token_reduction is not None and "openvino" in config.measure.runtimes:
-        openvino_parity(onnx_path, model, ctx.parity_inputs, atol=e.atol_for(model), threads=ctx.threads)
+        openvino_parity(onnx_path, model, ctx.parity_inputs, atol=config.export.atol_for(model), threads=ctx.threads)
     _measure_into(state, stage, key, result, model, ckpt_path, onnx_path, ctx)
     state.model, state.onnx = model, onnx_path
     return {"key": key, "checkpoint": ckpt_path.name, "onnx": onnx_path.name, "finished": now(),

@@ -1,8 +1,8 @@
 """The tokens stage of a run: try token reduction settings on the target runtime, keep the fastest within budget.
 
-The settings come from the config (``tokens.r`` / ``tokens.keep_rate`` / ``tokens.image_size``) or are searched: for each MAC fraction in
-``tokens.macs``, the mildest setting that reaches it (``token_settings``). The plans are ``compress.tokens.plan``,
-the math ``merge``, the model patch ``patch``.
+The settings come from the config (``tokens.r`` / ``tokens.keep_rate`` / ``tokens.image_size``) or are searched:
+for each MAC fraction in ``tokens.macs``, the mildest setting that reaches it (``token_settings``). The plans are
+``compress.tokens.plan``, the math ``merge``, the model patch ``patch``.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def _scored_input(inp: StageInput, runtime: str, images: int):
 
     for r in inp.records:
         if (r.stage == inp.previous and r.runtime == runtime and r.precision == "fp32" and r.status == "ok"
-                and r.candidate in (None, r.stage) and r.top1 is not None and r.eval_samples == images):
+                and r.candidate in (None, r.stage) and r.scored_in_full and r.eval_samples == images):
             return EvalResult(r.top1, None, images)
     return None
 

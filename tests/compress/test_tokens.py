@@ -282,6 +282,25 @@ def test_resolution_survives_a_checkpoint_and_its_setting_belongs_to_its_method(
         load_config(None, ["tokens.image_size=16"])
 
 
+@pytest.mark.parametrize("plan, message", [
+    ({"method": "resolution", "image_size": 30}, "has a token plan its own model cannot follow .*cannot work at 30 px"),
+    ({"method": "resolution", "image_size": "big"}, "has a damaged token plan"),
+    ({"method": "tome", "r": [40, 0, 0, 0]}, "has a token plan its own model cannot follow .*r=40"),
+])
+def test_a_checkpoint_whose_token_plan_its_model_cannot_follow_is_one_clear_error(tmp_path, plan, message):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from compress.errors import CheckpointError
+
+    path = save_checkpoint(Checkpoint(_model(), Preprocess(crop_size=32), list("abcdefghij")), tmp_path / "m.safetensors")
+    with safe_open(str(path), "pt") as f:
+        metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(path), metadata=metadata | {"tokens": json.dumps(plan)})
+    with pytest.raises(CheckpointError, match=message):
+        load_own_checkpoint(path)
+
+
 def test_resolution_settings_are_the_largest_sizes_under_each_mac_fraction():
     from compress.config import load_config
     from compress.tokens.stage import token_settings
@@ -307,6 +326,28 @@ def test_reduce_tokens_takes_each_methods_own_setting():
         reduce_tokens(_model(), method="resolution", image_size=16, r=2)
     with pytest.raises(TokenError, match="tome takes r"):
         reduce_tokens(_model(), method="tome")
+
+
+def test_the_report_shows_the_precision_the_settings_were_ranked_in(tmp_path):
+    from compress.report.markdown import _tokens_section
+
+    trials = [
+        {"candidate": "unreduced", "top1": 0.745, "top1_drop": 0.0, "latency_ms_p50": 56.3, "macs": 100,
+         "timed_precision": "int8", "timed_ms_p50": 28.5},
+        {"candidate": "resolution 140", "top1": 0.757, "top1_drop": -1.2, "latency_ms_p50": 31.4, "macs": 37,
+         "timed_precision": "int8", "timed_ms_p50": 12.2},
+        {"candidate": "resolution 112", "top1": 0.70, "top1_drop": 4.5, "latency_ms_p50": 20.0, "macs": 23},
+        {"candidate": "resolution 84", "top1": None, "reason": "export parity: off by 1"},
+    ]
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "tokens.json").write_text(json.dumps({"notes": {
+        "budget_pt": 0.5, "selected": "resolution 140", "token_counts": [101] * 12, "trials": trials}}))
+    text = "\n".join(_tokens_section(tmp_path))
+    assert "Kept: **resolution 140**, 101 tokens in every layer." in text and "ranked by their latency in INT8" in text
+    assert "| resolution 140 | 75.70 | -1.20 | 31.400 | 1.79x | 12.200 | 0.37x |" in text
+    assert "| resolution 112 | 70.00 | +4.50 | 20.000 | 2.81x | over budget, not timed | 0.23x |" in text
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in rows}) == 1  # every row, skipped ones too, has the header's columns
 
 
 # ------------------------------------------------------------------------------------------------- stage

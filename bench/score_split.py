@@ -1,0 +1,91 @@
+"""Score engines on a whole evaluation split in one pass, with each one's paired top-1 drop against the first.
+
+    python bench/score_split.py --model runs/dinov2-s14-cifar10/finetune/model.safetensors --data /tmp/cifar10 \\
+        --engine "FP32=RUN/nncf/artifacts/baseline-*.onnx:fp32" --engine "plain NNCF INT8=RUN/nncf/...xml:int8" \\
+        [--out bench/results/score_split.json]
+
+A chain run judges its candidates on ``data.eval_limit`` images (1,000 on the reference, for minutes); this
+re-scores the engines it chose on every image of the split (CIFAR-10's 10,000), so the drop a table reports has
+the interval of the whole split. Each batch is decoded once and run through every engine (OpenVINO, the
+precision given), so all see identical input. The first engine is the reference of the paired drops
+(``calibration.evaluate.paired_drop``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import write_result  # noqa: E402
+from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
+from calibration.evaluate import EvalResult, paired_drop  # noqa: E402
+from compress.model.checkpoint import load_own_checkpoint  # noqa: E402
+from runtimes import default_threads, get_runtime  # noqa: E402
+
+
+def parse_engine(text: str) -> tuple[str, Path, str]:
+    """``NAME=PATH:PRECISION`` -> (name, path, precision); exits with the expected form when it is not that."""
+    name, sep, rest = text.partition("=")
+    path, sep2, precision = rest.rpartition(":")
+    if not (sep and sep2 and name and path and precision):
+        sys.exit(f"--engine {text!r}: expected NAME=PATH:PRECISION, e.g. 'int8=run/model.xml:int8'")
+    if not Path(path).is_file():
+        sys.exit(f"--engine {name}: {path} does not exist")
+    return name, Path(path), precision
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="the checkpoint whose preprocessing the engines take")
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--engine", action="append", required=True, help="NAME=PATH:PRECISION; the first is the "
+                        "reference of the paired drops")
+    parser.add_argument("--limit", type=int, help="score only the first LIMIT images of the split")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/score_split.json"))
+    args = parser.parse_args()
+    engines = [parse_engine(e) for e in args.engine]
+    preprocess = load_own_checkpoint(args.model).preprocess
+    source = open_source(args.data)
+    split = make_splits(source).eval
+    split = split[: args.limit] if args.limit else split
+    data = Subset(source, split, preprocess)
+    threads = default_threads()
+    built = {name: get_runtime("openvino").build(path, precision=precision, threads=threads)
+             for name, path, precision in engines}
+    right: dict[str, list[np.ndarray]] = {name: [] for name in built}
+    seconds = dict.fromkeys(built, 0.0)
+    seen, start = 0, time.perf_counter()
+    for x, y in data.batches(args.batch):
+        for name, engine in built.items():
+            t = time.perf_counter()
+            right[name].append(np.asarray(engine.run(x)).argmax(axis=1) == y)
+            seconds[name] += time.perf_counter() - t
+        seen += len(y)
+        if seen % 1000 < args.batch:
+            print(f"{seen}/{len(data)} images, {time.perf_counter() - start:.0f} s", flush=True)
+    results = {name: EvalResult(float(np.concatenate(r).mean()), np.zeros(0), seen, np.concatenate(r))
+               for name, r in right.items()}
+    reference = results[engines[0][0]]
+    rows = {}
+    for name, path, precision in engines:
+        drop = paired_drop(reference, results[name]) if name != engines[0][0] else None
+        rows[name] = {"path": str(path), "precision": precision, "top1": round(results[name].top1, 5),
+                      "top1_drop": round(drop[0], 3) if drop else None,
+                      "top1_drop_ci95": [round(drop[1], 3), round(drop[2], 3)] if drop else None,
+                      "scoring_seconds": round(seconds[name], 1)}
+        interval = f", drop {drop[0]:+.2f} pt (95% {drop[1]:+.2f}..{drop[2]:+.2f})" if drop else " (reference)"
+        print(f"{name}: top-1 {results[name].top1 * 100:.2f}% on {seen} images{interval}")
+    path = write_result({"model": str(args.model), "images": seen, "rows": rows}, args.out)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
