@@ -183,6 +183,10 @@ class TokensConfig(Section):
     target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     target_batch: int = Field(1, ge=1)
     finetune_epochs: float = Field(0.0, ge=0)  # fine-tune with reduction on, distilled (recover.* settings)
+    # with finetune_epochs: fine-tune every searched setting before judging it (finetune_epochs each, from the same
+    # weights), as a named one is; off: searched settings are judged as they are and the chosen one is fine-tuned
+    # after. On: a setting that only training brings within budget can be chosen, at the cost of training each.
+    finetune_each: bool = False
     # The precision settings are timed in (top-1 is judged in FP32 either way). "auto": the one the chain will end
     # in on OpenVINO: INT8 from a quick nncf.quantize (of the settings within budget) when a later quantize stage
     # runs NNCF, BF16 when it offers only bf16, else FP32. On a CPU with AMX, ToMe that saved 6% in FP32 ran 15%
@@ -197,6 +201,9 @@ class TokensConfig(Section):
                              "tokens.target_runtime=openvino, or tokens.time_precision=fp32")
         if self.layers is not None and self.depths is not None:
             raise ValueError("set tokens.layers (layer numbers) or tokens.depths (fractions of the depth), not both")
+        if self.finetune_each and self.finetune_epochs == 0:
+            raise ValueError("tokens.finetune_each fine-tunes each setting for tokens.finetune_epochs, which is 0; "
+                             "set tokens.finetune_epochs, or remove tokens.finetune_each")
         owner = {"r": "tome", "keep_rate": "evit", "image_size": "resolution"}
         for key, method in owner.items():
             if getattr(self, key) is not None and method != self.method:

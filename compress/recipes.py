@@ -1,5 +1,6 @@
-"""Built-in recipes: whole chains tuned for a target, usable as ``--recipe cpu-latency`` (with fine-tuning),
-``cpu-training-free`` (calibration data only, minutes), ``jetson-latency`` or ``digits-demo``.
+"""Built-in recipes: whole chains tuned for a target, usable as ``--recipe cpu-latency`` (with fine-tuning, hours
+on a ViT-S at 224), ``cpu-training-free`` (calibration data only, minutes), ``cpu-quick-finetune`` (one short epoch
+of fine-tuning), ``jetson-latency`` or ``digits-demo``.
 
 A recipe file (TOML) or one of these names gives the stages in order (``[pipeline] stages``), one accuracy budget
 for the whole chain (``pipeline.max_drop``, top-1 points against the model as loaded) and the target the final
@@ -72,6 +73,22 @@ CPU_TRAINING_FREE: dict[str, Any] = {
     "measure": {"runtimes": ["openvino", "onnxruntime"], "batch_sizes": [1, 8]},
 }
 
+# One epoch of fine-tuning where cpu-latency spends hours: the training-free chain, but with the working resolution
+# searched at a quarter of the MACs (112 px on ViT-S/14 at 224) and that setting fine-tuned *before* it is judged
+# (tokens.finetune_each), since a size this small costs top-1 until trained. One epoch over 8,000 training images
+# (a class-stratified sample), every weight trained, distilled from the model as loaded, in BF16 autocast (on a CPU
+# without AMX or AVX-512 BF16, --set recover.bf16=false trains faster). On the reference ViT-S these settings ran
+# at 0.363x plain NNCF INT8's latency in 15.6 minutes, 644 s of it training (BENCHMARKS.md).
+CPU_QUICK_FINETUNE: dict[str, Any] = {
+    "pipeline": CPU_TRAINING_FREE["pipeline"],
+    "data": {"train_limit": 8000},
+    "tokens": CPU_TRAINING_FREE["tokens"] | {"macs": [0.25], "finetune_epochs": 1, "finetune_each": True},
+    "recover": {"batch_size": 64, "lr": 5e-5, "warmup_epochs": 0.1, "bf16": True},
+    "quantize": CPU_TRAINING_FREE["quantize"],
+    "measure": CPU_TRAINING_FREE["measure"],
+}
+
 # The demo (`compress run --demo`): a small ViT on scikit-learn's digits, every stage in a couple of minutes.
 BUILTIN_RECIPES: dict[str, dict[str, Any]] = {"cpu-latency": CPU_LATENCY, "cpu-training-free": CPU_TRAINING_FREE,
+                                              "cpu-quick-finetune": CPU_QUICK_FINETUNE,
                                               "jetson-latency": JETSON_LATENCY, "digits-demo": DEMO_RECIPE}

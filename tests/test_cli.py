@@ -173,7 +173,8 @@ BAD_RUNS = {
                                       "puts 'tokens' after 'quantize'"),
     "unknown built-in recipe": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--recipe",
                                             "gpu-latency"],
-                                "or a built-in one (cpu-latency, cpu-training-free, jetson-latency, digits-demo)"),
+                                "or a built-in one (cpu-latency, cpu-training-free, cpu-quick-finetune, jetson-latency, "
+                                "digits-demo)"),
     "output under a file": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--out",
                                         ws / "vit.safetensors" / "run"], "vit.safetensors is a file"),
     "existing RUN_DIR": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--out", ws / "data"],
@@ -215,6 +216,7 @@ def test_help_renders_as_written_and_names_the_choices():
     # As read, whatever the wrapping (click may break a line after a hyphen, as in "digits-" / "demo").
     run = " ".join(CliRunner().invoke(app, ["run", "--help"]).output.split()).replace("- ", "-")
     assert "[model], [preprocess], [data]" in run and "[pipeline]" in run
-    assert "cpu-latency, cpu-training-free, jetson-latency, digits-demo" in run and "torch, onnxruntime, openvino, tensorrt" in run
+    assert "cpu-latency, cpu-training-free, cpu-quick-finetune, jetson-latency, digits-demo" in run
+    assert "torch, onnxruntime, openvino, tensorrt" in run
     deploy = " ".join(CliRunner().invoke(app, ["deploy", "--help"]).output.split())
     assert "cpu-x86, cpu-arm, jetson-orin" in deploy and "--sign" in deploy

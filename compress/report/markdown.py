@@ -106,8 +106,9 @@ def _tokens_section(run_dir: Path) -> list[str]:
              f"Budget: {notes['budget_pt']:.2f} pt of top-1 against the stage's input on the target runtime. Kept: "
              f"**{notes['selected']}**{kept}." + (f" Top-1 is judged in FP32; the settings within budget are ranked "
                                                 f"by their latency in {timed.upper()}." if timed else ""), "",
-             "| setting | top-1 | drop (pt) | p50 ms, FP32 | speed-up | " + (f"p50 ms, {timed.upper()} | " if timed else "")
-             + "MACs | OpenVINO parity |", "|---|---|---|---|---|" + ("---|" if timed else "") + "---|---|"]
+             "| setting | top-1 | drop (pt) | p50 ms, FP32 | speed-up | "
+             + (f"p50 ms, {timed.upper()} | " if timed else "") + "MACs | OpenVINO parity |",
+             "|---|---|---|---|---|" + ("---|" if timed else "") + "---|---|"]
     for t in trials:
         if t.get("top1") is None:
             parts.append(f"| {t['candidate']} | skipped: {t.get('reason')} | | | | " + ("| " if timed else "") + "| |")
@@ -117,8 +118,8 @@ def _tokens_section(run_dir: Path) -> list[str]:
             in_timed = (f"{t['timed_ms_p50']:.3f} | " if t.get("timed_precision") == timed
                         else "over budget, not timed | ")
         parts.append(f"| {t['candidate']} | {t['top1'] * 100:.2f} | {t['top1_drop']:+.2f} | {t['latency_ms_p50']:.3f} | "
-                     f"{base['latency_ms_p50'] / t['latency_ms_p50']:.2f}x | {in_timed}{t['macs'] / base['macs']:.2f}x | "
-                     f"{fmt(t.get('openvino_parity_max_abs_diff'), '.1e')} |")
+                     f"{base['latency_ms_p50'] / t['latency_ms_p50']:.2f}x | {in_timed}"
+                     f"{t['macs'] / base['macs']:.2f}x | {fmt(t.get('openvino_parity_max_abs_diff'), '.1e')} |")
     return parts + [""]
 
 

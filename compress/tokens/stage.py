@@ -141,7 +141,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     evaluation split and timed; every one becomes a record. A setting the config names (``tokens.r`` /
     ``tokens.keep_rate`` / ``tokens.image_size``) is kept whenever it is within the budget, faster or not, and with
     ``tokens.finetune_epochs`` it is fine-tuned *before* it is judged; searched settings are judged training-free
-    and the chosen one is fine-tuned afterwards.
+    and the chosen one is fine-tuned afterwards, unless ``tokens.finetune_each`` fine-tunes each of them (from the
+    same weights) before it is judged too.
     """
     from calibration.evaluate import evaluate_top1
     from compress.model.macs import count_macs
@@ -158,7 +159,9 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     recovery = []
     settings = token_settings(model, ctx.config, shape)
     fixed = requested_plan(ctx.config, model) is not None
-    original = {k: v.clone() for k, v in model.state_dict().items()} if fixed and t.finetune_epochs > 0 else None
+    tune_first = t.finetune_epochs > 0 and (fixed or t.finetune_each)  # fine-tuned before judged
+    original = {k: v.clone() for k, v in model.state_dict().items()} if tune_first else None
+    tuned = {}  # each searched setting's fine-tuned weights, until one is chosen
     x = next(ctx.eval_data.batches(max(t.target_batch, 1)))[0]
     x = np.concatenate([x] * -(-t.target_batch // len(x)))[: t.target_batch]  # (B, C, H, W) real images
     probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
@@ -179,13 +182,16 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         log.info("tokens: settings are timed in %s on OpenVINO, the precision the chain ends in%s; top-1 is judged "
                  "in FP32", precision.upper(), f" (nncf.quantize on {timing_calib.size} images, for timing only)"
                  if timing_calib is not None else "")
-    for plan in [None, *settings]:
+    for index, plan in enumerate([None, *settings]):
         name = plan.describe() if plan is not None else "unreduced"
         apply(model, plan)
         if plan is not None and original is not None:
-            recovery.append(distill(model, ctx, epochs=t.finetune_epochs, tag="tokens", state_dir=inp.state_dir,
-                                    switch="tokens.finetune_epochs"))
+            model.load_state_dict(original)  # every setting is fine-tuned from the same weights
+            recovery.append(distill(model, ctx, epochs=t.finetune_epochs, tag="tokens" if fixed else f"tokens-{index}",
+                                    state_dir=inp.state_dir, switch="tokens.finetune_epochs"))
             name += f" fine-tuned {t.finetune_epochs:g} ep"
+            if not fixed:
+                tuned[name] = {k: v.clone() for k, v in model.state_dict().items()}
         fields = {"candidate": name, "runtime": t.target_runtime, "precision": "fp32", "batch_size": t.target_batch,
                   "macs": count_macs(model, (1, *shape)), "structure": model_structure(model)}
         try:
@@ -250,6 +256,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                     f"no setting stays within {max_drop:.2f} pt of top-1 {base_top1:.4f}")
         if original is not None:
             model.load_state_dict(original)  # the fine-tuned weights were for the rejected setting
+    elif best["candidate"] in tuned:
+        model.load_state_dict(tuned[best["candidate"]])  # the chosen setting's own fine-tuned weights
     apply(model, best["plan"])
     if best["plan"] is not None and t.finetune_epochs > 0 and original is None:
         recovery.append(distill(model, ctx, epochs=t.finetune_epochs, tag="tokens", state_dir=inp.state_dir,

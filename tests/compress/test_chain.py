@@ -19,7 +19,7 @@ FAST = ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_siz
 def test_builtin_recipes_load_and_chain_every_stage():
     for name, recipe in BUILTIN_RECIPES.items():
         config = load_config(name)
-        shrinks = ["prune", "recover"] if name != "cpu-training-free" else []  # calibration data only: no training
+        shrinks = ["prune", "recover"] if name not in ("cpu-training-free", "cpu-quick-finetune") else []
         assert config.stage_order() == [*shrinks, "tokens", "quantize", "deploy"]
         assert config.pipeline.max_drop == 1.0 and config.pipeline.target == recipe["pipeline"]["target"]
     free = load_config("cpu-training-free")

@@ -255,7 +255,8 @@ def test_resolution_is_fine_tuned_through_the_models_own_position_embedding():
 
 
 @pytest.mark.parametrize("size, message", [
-    (30, r"cannot work at 30 px: it takes a multiple of the patch size \(4\) below the input size \(32\): 28, 24, ... 4"),
+    (30, r"cannot work at 30 px: it takes a multiple of the patch size \(4\) below the input size \(32\): "
+         r"28, 24, ... 4"),
     (32, "cannot work at 32 px"),
     (64, "cannot work at 64 px"),
 ])
@@ -293,7 +294,8 @@ def test_a_checkpoint_whose_token_plan_its_model_cannot_follow_is_one_clear_erro
 
     from compress.errors import CheckpointError
 
-    path = save_checkpoint(Checkpoint(_model(), Preprocess(crop_size=32), list("abcdefghij")), tmp_path / "m.safetensors")
+    ckpt = Checkpoint(_model(), Preprocess(crop_size=32), list("abcdefghij"))
+    path = save_checkpoint(ckpt, tmp_path / "m.safetensors")
     with safe_open(str(path), "pt") as f:
         metadata, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file(state, str(path), metadata=metadata | {"tokens": json.dumps(plan)})
@@ -459,6 +461,29 @@ def test_tokens_stage_searches_working_resolutions_and_the_chosen_one_exports_at
         graph = onnx.load(tmp_path / "run" / "artifacts" / marker["onnx"]).graph
         dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]]
         assert dims == [cfg.in_chans, cfg.image_size, cfg.image_size]
+
+
+@pytest.mark.slow
+def test_finetune_each_trains_every_searched_setting_before_judging_and_keeps_the_chosen_ones_weights(
+        tmp_path, digits_model):
+    from compress.run.pipeline import run_pipeline
+
+    config = _stage_config("tokens.enabled=true", "tokens.method='resolution'", "tokens.macs=[0.3, 0.6]",
+                           "tokens.max_drop=100", "tokens.finetune_epochs=0.2", "tokens.finetune_each=true",
+                           "recover.batch_size=64", "quantize.enabled=false", 'measure.runtimes=["onnxruntime"]',
+                           "tokens.target_runtime='onnxruntime'")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    notes = json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]
+    names = [t["candidate"] for t in notes["trials"]]
+    assert names[0] == "unreduced" and len(names) == 3
+    assert all(n.startswith("resolution ") and n.endswith(" fine-tuned 0.2 ep") for n in names[1:])
+    assert [r["tag"] for r in notes["recovery"]] == ["tokens-1", "tokens-2"]  # each trained, none after choosing
+    chosen = next(t for t in notes["trials"] if t["candidate"] == notes["selected"])
+    final = next(r for r in result.records if r.stage == "tokens" and r.candidate is None
+                 and r.runtime == "onnxruntime" and r.precision == "fp32" and r.batch_size == 1)
+    assert final.top1 == chosen["top1"]  # the model handed on has the chosen setting's weights, not the last one's
+    with pytest.raises(ConfigError, match="tokens.finetune_each fine-tunes each setting for tokens.finetune_epochs"):
+        _stage_config("tokens.finetune_each=true")
 
 
 @pytest.mark.slow
