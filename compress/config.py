@@ -159,9 +159,8 @@ class TokensConfig(Section):
 
     Give a setting (``r`` for ToMe, ``keep_rate`` for EViT, ``image_size`` for resolution) to try just that one;
     otherwise the stage finds the settings that bring the model to each fraction of its MACs in ``macs`` and tries
-    those. Every setting tried
-    is measured (top-1 and latency on ``target_runtime``) and recorded; the fastest within ``max_drop`` is kept,
-    and when none is, the model goes on unreduced.
+    those. Every setting tried is measured (top-1 and latency on ``target_runtime``) and recorded; the fastest
+    within ``max_drop`` is kept, and when none is, the model goes on unreduced.
     """
 
     enabled: bool = False

@@ -77,8 +77,8 @@ CPU_TRAINING_FREE: dict[str, Any] = {
 # searched at a quarter of the MACs (112 px on ViT-S/14 at 224) and that setting fine-tuned *before* it is judged
 # (tokens.finetune_each), since a size this small costs top-1 until trained. One epoch over 8,000 training images
 # (a class-stratified sample), every weight trained, distilled from the model as loaded, in BF16 autocast (on a CPU
-# without AMX or AVX-512 BF16, --set recover.bf16=false trains faster). On the reference ViT-S these settings ran
-# at 0.363x plain NNCF INT8's latency in 15.6 minutes, 644 s of it training (BENCHMARKS.md).
+# without AMX or AVX-512 BF16, --set recover.bf16=false trains faster). On the reference ViT-S it ran at 0.331x
+# plain NNCF INT8's latency in 19.4 minutes, 800 s of it training (BENCHMARKS.md, "cpu-quick-finetune").
 CPU_QUICK_FINETUNE: dict[str, Any] = {
     "pipeline": CPU_TRAINING_FREE["pipeline"],
     "data": {"train_limit": 8000},

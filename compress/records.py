@@ -109,6 +109,7 @@ class StageRecord:
         return (self.top1 is not None and self.sampled_against is None
                 and (self.eval_total is None or self.eval_samples == self.eval_total))
 
+
 # What each field's JSON value may be: checked by ``from_dict``. ``None`` is allowed wherever the default is None.
 _NUMBER = (int, float)
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
