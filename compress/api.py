@@ -150,16 +150,17 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "evit", "
 
     Raises ``TokenError`` naming the largest valid value when the model cannot follow the setting.
     """
+    from compress.config import TOKEN_SETTING
     from compress.tokens import TokenError, apply, evit, resolution, tome
 
     depth = model.config.depth
     given = {"r": r, "keep_rate": keep_rate, "image_size": image_size}
-    takes = {"tome": "r", "evit": "keep_rate", "resolution": "image_size"}
-    if method not in takes:
-        raise TokenError(f"unknown token reduction method {method!r}; choose from {sorted(takes)}")
-    stray = [k for k, v in given.items() if v is not None and k != takes[method]]
-    if given[takes[method]] is None or stray:
-        raise TokenError(f"{method} takes {takes[method]}" + (f", not {', '.join(stray)}" if stray else ""))
+    if method not in TOKEN_SETTING:
+        raise TokenError(f"unknown token reduction method {method!r}; choose from {sorted(TOKEN_SETTING)}")
+    takes = TOKEN_SETTING[method]
+    stray = [k for k, v in given.items() if v is not None and k != takes]
+    if given[takes] is None or stray:
+        raise TokenError(f"{method} takes {takes}" + (f", not {', '.join(stray)}" if stray else ""))
     if method == "tome":
         plan = tome(r if isinstance(r, int) else list(r), depth, schedule)
     elif method == "evit":

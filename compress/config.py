@@ -153,6 +153,10 @@ class RecoverConfig(Section):
     micro_batch_size: int | None = Field(None, ge=1)  # gradient accumulation pieces; None: sized to ~2 GB
 
 
+# each token reduction method's one setting (the config's and ``compress.api.reduce_tokens``' argument)
+TOKEN_SETTING = {"tome": "r", "evit": "keep_rate", "resolution": "image_size"}
+
+
 class TokensConfig(Section):
     """Token reduction at inference: ToMe merging, EViT pruning or a lower working resolution, chosen under an
     accuracy budget.
@@ -203,8 +207,7 @@ class TokensConfig(Section):
         if self.finetune_each and self.finetune_epochs == 0:
             raise ValueError("tokens.finetune_each fine-tunes each setting for tokens.finetune_epochs, which is 0; "
                              "set tokens.finetune_epochs, or remove tokens.finetune_each")
-        owner = {"r": "tome", "keep_rate": "evit", "image_size": "resolution"}
-        for key, method in owner.items():
+        for method, key in TOKEN_SETTING.items():
             if getattr(self, key) is not None and method != self.method:
                 raise ValueError(f"tokens.{key} belongs to tokens.method={method!r}, not {self.method!r}; remove it, "
                                  "or switch tokens.method")
