@@ -131,7 +131,7 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
                           mlp_round_to=mlp_round_to, scope=scope)
 
 
-def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "evit", "resolution"] = "tome",
+def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome", "evit", "resolution"] = "tome",
                   r: int | Sequence[int] | None = None, keep_rate: float | Sequence[float] | None = None,
                   layers: Sequence[int] | None = None,
                   schedule: Literal["constant", "decreasing"] = "constant",
@@ -141,17 +141,18 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "evit", "
 
     Args:
         model: the ViT (left unchanged).
-        method: ``"tome"`` (Bolya et al., ICLR 2023), ``"evit"`` (Liang et al., ICLR 2022) or ``"resolution"``.
-        r: ToMe: tokens merged away per layer, one int or one per layer.
+        method: ``"tome"`` (Bolya et al., ICLR 2023), ``"pitome"`` (Tran et al., NeurIPS 2024), ``"evit"`` (Liang
+            et al., ICLR 2022) or ``"resolution"``.
+        r: ToMe, PiToMe: tokens merged away per layer, one int or one per layer.
         keep_rate: EViT: share of patch tokens kept at each of ``layers``, or one rate per layer.
         layers: EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth).
-        schedule: ToMe: an int ``r`` in every layer (``"constant"``) or 2r falling to 0 (``"decreasing"``).
+        schedule: ToMe, PiToMe: an int ``r`` in every layer (``"constant"``) or 2r falling to 0 (``"decreasing"``).
         image_size: resolution: the side the encoder works at, a multiple of the patch size below the input size.
 
     Raises ``TokenError`` naming the largest valid value when the model cannot follow the setting.
     """
     from compress.config import TOKEN_SETTING
-    from compress.tokens import TokenError, apply, evit, resolution, tome
+    from compress.tokens import MERGING, TokenError, apply, evit, resolution, tome
 
     depth = model.config.depth
     given = {"r": r, "keep_rate": keep_rate, "image_size": image_size}
@@ -161,8 +162,8 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "evit", "
     stray = [k for k, v in given.items() if v is not None and k != takes]
     if given[takes] is None or stray:
         raise TokenError(f"{method} takes {takes}" + (f", not {', '.join(stray)}" if stray else ""))
-    if method == "tome":
-        plan = tome(r if isinstance(r, int) else list(r), depth, schedule)
+    if method in MERGING:
+        plan = tome(r if isinstance(r, int) else list(r), depth, schedule, method=method)
     elif method == "evit":
         plan = evit(keep_rate if isinstance(keep_rate, (int, float)) else list(keep_rate), depth, layers)
     else:

@@ -72,7 +72,7 @@ class ExportConfig(Section):
     simplify: Literal["onnxslim", "none"] = "onnxslim"
     atol: float = Field(1e-4, gt=0)  # parity tolerance on logits, FP32 against PyTorch
     min_agreement: float = Field(0.99, ge=0, le=1)
-    # with ToMe merging, the tolerance instead (top-1 must still agree on min_agreement of the inputs): its matching
+    # with ToMe or PiToMe merging, the tolerance instead (top-1 must still agree on min_agreement of the inputs): its matching
     # picks among near-equal similarities, and float rounding that differs by 1e-7 between runtimes can flip such a
     # pick (seen: 0.04 on the reference ViT-S at r=13); each runtime's accuracy is measured on that runtime
     merge_atol: float = Field(0.1, gt=0)
@@ -80,7 +80,7 @@ class ExportConfig(Section):
     def atol_for(self, model) -> float:
         """The logit tolerance for exporting ``model``: ``merge_atol`` where it merges tokens, else ``atol``."""
         plan = getattr(model, "token_reduction", None)
-        merges = plan is not None and plan.method == "tome" and any(plan.r)
+        merges = plan is not None and plan.method in ("tome", "pitome") and any(plan.r)
         return max(self.atol, self.merge_atol) if merges else self.atol
 
 
@@ -102,7 +102,8 @@ class MeasureConfig(Section):
 
 
 class PruneConfig(Section):
-    """Head and MLP-unit pruning. Either ratios, or a MAC or latency target that sets one ratio for both."""
+    """Head and MLP-unit pruning. Either ratios, or a MAC or latency target that sets one ratio for both, or (with
+    ``search``) a MAC target within which the heads and units kept are chosen to keep the most importance."""
 
     enabled: bool = False
     heads: float = Field(0.0, ge=0, lt=1)  # share of all attention heads removed
@@ -154,7 +155,7 @@ class RecoverConfig(Section):
 
 
 # each token reduction method's one setting (the config's and ``compress.api.reduce_tokens``' argument)
-TOKEN_SETTING = {"tome": "r", "evit": "keep_rate", "resolution": "image_size"}
+TOKEN_SETTING = {"tome": "r", "pitome": "r", "evit": "keep_rate", "resolution": "image_size"}
 
 
 class TokensConfig(Section):
@@ -168,9 +169,9 @@ class TokensConfig(Section):
     """
 
     enabled: bool = False
-    method: Literal["tome", "evit", "resolution"] = "tome"
-    r: int | list[int] | None = None  # ToMe: tokens merged per layer (one int, or one per layer)
-    schedule: Literal["constant", "decreasing"] = "constant"  # ToMe: how an int r is spread over the layers
+    method: Literal["tome", "pitome", "evit", "resolution"] = "tome"
+    r: int | list[int] | None = None  # ToMe, PiToMe: tokens merged per layer (one int, or one per layer)
+    schedule: Literal["constant", "decreasing"] = "constant"  # ToMe, PiToMe: how an int r is spread over the layers
     keep_rate: float | list[float] | None = None  # EViT: share of patch tokens kept at each of `layers`
     layers: list[int] | None = None  # EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth)
     # EViT: where to prune as fractions of the depth, for recipes meant for any depth (2/3: layer 8 of 12, 4 of 6)
@@ -207,9 +208,10 @@ class TokensConfig(Section):
         if self.finetune_each and self.finetune_epochs == 0:
             raise ValueError("tokens.finetune_each fine-tunes each setting for tokens.finetune_epochs, which is 0; "
                              "set tokens.finetune_epochs, or remove tokens.finetune_each")
-        for method, key in TOKEN_SETTING.items():
-            if getattr(self, key) is not None and method != self.method:
-                raise ValueError(f"tokens.{key} belongs to tokens.method={method!r}, not {self.method!r}; remove it, "
+        for key in dict.fromkeys(TOKEN_SETTING.values()):
+            if getattr(self, key) is not None and TOKEN_SETTING[self.method] != key:
+                owners = " or ".join(repr(m) for m, k in TOKEN_SETTING.items() if k == key)
+                raise ValueError(f"tokens.{key} belongs to tokens.method={owners}, not {self.method!r}; remove it, "
                                  "or switch tokens.method")
         return self
 

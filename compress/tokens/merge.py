@@ -1,4 +1,5 @@
-"""The tensor math of token reduction, apart from any model: ToMe's bipartite merge and EViT's token pruning.
+"""The tensor math of token reduction, apart from any model: ToMe's bipartite merge, PiToMe's energy-guided merge
+and EViT's token pruning.
 
 Pure functions on token tensors (B, T, D), in the spirit of ToMe's ``merge.py`` (facebookresearch/ToMe); how a
 ViT calls them is ``compress.tokens.patch``. Written to export: no scatter (ToMe's reference
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 # per position, in cosine similarity: far above the rounding differences between runtimes (~1e-7 in float32), far
@@ -66,6 +68,56 @@ def merge_tokens(
     new_xb = (xb * sb + into @ (_take(xa, src) * src_size)) / new_sb  # (B, Nb, D): weighted sum, then divide
     x = torch.cat([head_x, _take(xa, stay), new_xb], dim=1)
     size = torch.cat([head_size, _take(sa, stay), new_sb], dim=1)
+    return x, size
+
+
+def pitome_margin(layer: int, depth: int) -> float:
+    """PiToMe's similarity margin for ``layer``: 0.9 in the first layer falling linearly towards 0.1, so deeper
+    layers, whose tokens are alike, count fewer neighbours as close (hchautran/PiToMe, ``patch/deit.py``)."""
+    return 0.9 - 0.8 * layer / depth
+
+
+def pitome_merge(
+    x: torch.Tensor, size: torch.Tensor | None, metric: torch.Tensor, r: int, prefix: int, margin: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiToMe (Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024):
+    merge ``r`` patch tokens of ``x`` (B, T, D), chosen by energy rather than by position.
+
+    A token's energy is the mean over all patch tokens of ``elu(cos - margin)`` on ``metric`` (B, T, C): high
+    where it has many close neighbours (background, repeated texture), low where it is unlike the rest. The
+    ``2r`` highest-energy tokens are the candidates, split alternately (in energy order) into A and B; each A
+    token is merged into its most similar B token, as in ToMe. The other tokens are protected: informative,
+    isolated tokens are never merged, which ToMe's split by position cannot promise. Returns the tokens
+    (B, T-r, D) and their sizes (B, T-r, 1): prefix tokens, the protected tokens (highest energy first), then
+    the B tokens, each the size-weighted average of itself and what merged into it.
+    """
+    B, T, _ = x.shape
+    size = x.new_ones(B, T, 1) if size is None else size
+    head_x, head_size = x[:, :prefix], size[:, :prefix]
+    x, size, metric = x[:, prefix:], size[:, prefix:], metric[:, prefix:]
+    n = x.shape[1]
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    # The mean over neighbours is a product with a column of ones: as ReduceMean after the Elu, OpenVINO 2026.4 (CPU,
+    # FP32) computed energies off by up to 6e-5, enough to reorder tokens and move logits by 0.01. Flatten, not
+    # squeeze: the TorchScript exporter turns squeeze(-1) into an If where it cannot prove the axis is 1, and
+    # nncf.quantize fails on an If ("Could not find a node ... in NNCFGraph").
+    energy = (F.elu(metric @ metric.transpose(1, 2) - margin) @ metric.new_full((n, 1), 1.0 / n)).flatten(1)  # (B, N)
+    # equal energies (identical tokens) are ordered by position, the earlier first, the same in every runtime
+    position = torch.arange(n, device=x.device, dtype=x.dtype)
+    order = (energy - TIE_BREAK * position).topk(n, dim=-1).indices  # (B, N): highest energy first
+    a_idx, b_idx, kept = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2], order[:, 2 * r :]  # (B, r) x2, (B, N-2r)
+    a, b = _take(metric, a_idx), _take(metric, b_idx)  # (B, r, C)
+    # each A token's most similar B token; ties go to the earlier B token in every runtime (see merge_tokens)
+    tie_b = (-TIE_BREAK * torch.arange(r, device=x.device, dtype=x.dtype)).view(1, r, 1).expand(B, -1, -1)
+    scores = torch.cat([a, a.new_ones(B, r, 1)], dim=-1) @ torch.cat([b, tie_b], dim=-1).transpose(1, 2)  # (B, r, r)
+    partner = scores.max(dim=-1).indices  # (B, r)
+    into = (partner.unsqueeze(1) == torch.arange(r, device=x.device).view(1, r, 1)).to(x.dtype)  # (B, r_B, r_A)
+    xa, sa = _take(x, a_idx), _take(size, a_idx)
+    xb, sb = _take(x, b_idx), _take(size, b_idx)
+    new_sb = sb + into @ sa  # (B, r, 1)
+    new_xb = (xb * sb + into @ (xa * sa)) / new_sb  # (B, r, D)
+    x = torch.cat([head_x, _take(x, kept), new_xb], dim=1)
+    size = torch.cat([head_size, _take(size, kept), new_sb], dim=1)
     return x, size
 
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from compress.model.vit import Block, VisionTransformer, resize_pos_embed
-from compress.tokens.merge import class_attention, merge_tokens, prune_tokens
-from compress.tokens.plan import TokenReduction, token_counts
+from compress.tokens.merge import class_attention, merge_tokens, pitome_margin, pitome_merge, prune_tokens
+from compress.tokens.plan import MERGING, TokenReduction, token_counts
 
 
 class ReducedVisionTransformer(VisionTransformer):
@@ -41,13 +41,15 @@ def forward_reduced(
     prefix = model.config.num_prefix_tokens
     x = model.embed(x)  # (B, T, D)
     size = None  # (B, T, 1): how many original tokens each token stands for; None while every size is 1
+    depth = len(model.blocks)
     for layer, block in enumerate(model.blocks):
-        r = plan.r[layer] if plan.method == "tome" else 0
+        r = plan.r[layer] if plan.method in MERGING else 0
         keep = plan.keep[layer] if plan.method == "evit" else 1.0
+        margin = pitome_margin(layer, depth) if plan.method == "pitome" else None
         if size is None and r == 0 and keep >= 1:
             x = block(x)  # untouched layer: exactly the original computation
         else:
-            x, size = _reduced_block(block, x, size, r=r, keep=keep, prefix=prefix)
+            x, size = _reduced_block(block, x, size, r=r, keep=keep, prefix=prefix, margin=margin)
         if trace is not None:
             trace.append({"tokens": x.shape[1], "size": size if size is not None else x.new_ones(*x.shape[:2], 1)})
     return model.forward_head(model.norm(x), size)  # (B, K)
@@ -74,15 +76,19 @@ def _forward_resized(
 
 
 def _reduced_block(
-    block: Block, x: torch.Tensor, size: torch.Tensor | None, *, r: int, keep: float, prefix: int
+    block: Block, x: torch.Tensor, size: torch.Tensor | None, *, r: int, keep: float, prefix: int,
+    margin: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One encoder block with proportional attention, then a merge (ToMe) or prune (EViT) before the MLP."""
+    """One encoder block with proportional attention, then a merge (ToMe; PiToMe where ``margin`` is given) or a
+    prune (EViT) before the MLP."""
     attn = block.attn
     q, k, v = attn.split_heads(block.norm1(x) if block.pre_norm else x)  # (B, H, T, hd) each
     bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, T)
     out = attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale))  # (B, T, D)
     x = x + block.ls1(out) if block.pre_norm else block.norm1(x + block.ls1(out))
-    if r > 0:
+    if r > 0 and margin is not None:
+        x, size = pitome_merge(x, size, k.mean(dim=1), r, prefix, margin)  # (B, T-r, D)
+    elif r > 0:
         x, size = merge_tokens(x, size, k.mean(dim=1), r, prefix)  # (B, T-r, D)
     elif keep < 1:
         x = prune_tokens(x, class_attention(q, k, attn.scale, bias), keep, prefix)  # (B, P+kept+1, D)

@@ -1,5 +1,5 @@
-"""Token reduction: ToMe token merging, EViT attentive token pruning and a lower working resolution, written so
-that they export to ONNX.
+"""Token reduction: ToMe and PiToMe token merging, EViT attentive token pruning and a lower working resolution,
+written so that they export to ONNX.
 
 Each shortens the token sequence inside the encoder, so the blocks after it (attention is quadratic in the token
 count, the MLP linear) do less work:
@@ -10,6 +10,11 @@ count, the MLP linear) do less work:
   into their partners. A merged token is the size-weighted average of what it absorbed, and attention is
   *proportional*: log(size) is added to the attention logits, so a token standing for three patches counts as
   three. Prefix tokens (class, distillation) are never merged.
+- **PiToMe** (Tran et al., "Accelerating Transformers with Spectrum-Preserving Token Merging", NeurIPS 2024).
+  ToMe's merge and schedule (``r`` per layer), with the candidates chosen by *energy*: how many close
+  neighbours a token has, as a mean of ``elu(cos - margin)``. Only the ``2r`` highest-energy tokens can merge, so
+  isolated, informative tokens are protected; the authors report 40-60% fewer FLOPs at about 0.5 pt off the
+  shelf. The energy costs one (patches x patches) similarity product per merging layer.
 - **EViT** (Liang et al., "Not All Patches are What You Need", ICLR 2022). At chosen layers, after attention,
   the patch tokens the class token attends to most (mean over heads) are kept, a share ``keep`` of them, and
   the rest are fused into one token: their sum weighted by that attention.
@@ -42,8 +47,9 @@ from compress.errors import ConfigError
 if TYPE_CHECKING:
     from compress.model.vit import ViTConfig
 
-Method = Literal["tome", "evit", "resolution"]
-METHODS = ("tome", "evit", "resolution")
+Method = Literal["tome", "pitome", "evit", "resolution"]
+METHODS = ("tome", "pitome", "evit", "resolution")
+MERGING = ("tome", "pitome")  # the methods that merge r tokens per layer
 
 
 class TokenError(ConfigError):
@@ -53,7 +59,8 @@ class TokenError(ConfigError):
 
 @dataclass(frozen=True)
 class TokenReduction:
-    """What to reduce in each layer: ToMe's ``r`` (tokens merged away) or EViT's ``keep`` (share of patches kept);
+    """What to reduce in each layer: ToMe's and PiToMe's ``r`` (tokens merged away) or EViT's ``keep`` (share of
+    patches kept);
     or, for the resolution method, the ``image_size`` the whole encoder works at.
 
     Layers with ``r == 0`` or ``keep == 1`` are left as they are, so an all-zero plan is the original model, as is
@@ -83,16 +90,17 @@ class TokenReduction:
     def active(self) -> bool:
         if self.method == "resolution":
             return self.image_size > 0
-        return any(self.r) if self.method == "tome" else any(k < 1 for k in self.keep)
+        return any(self.r) if self.method in MERGING else any(k < 1 for k in self.keep)
 
     def describe(self) -> str:
-        """A short name for tables: ``tome r=8``, ``tome r=[16,14,...]``, ``evit keep=0.7@[3,6,9]``,
+        """A short name for tables: ``tome r=8``, ``pitome r=[16,14,...]``, ``evit keep=0.7@[3,6,9]``,
         ``resolution 140``."""
         if self.method == "resolution":
             return f"resolution {self.image_size}" if self.image_size else "resolution unchanged"
-        if self.method == "tome":
+        if self.method in MERGING:
             values = set(self.r)
-            return f"tome r={self.r[0]}" if len(values) == 1 else f"tome r=[{','.join(map(str, self.r))}]"
+            r = f"{self.r[0]}" if len(values) == 1 else f"[{','.join(map(str, self.r))}]"
+            return f"{self.method} r={r}"
         layers = [i for i, k in enumerate(self.keep) if k < 1]
         rates = {self.keep[i] for i in layers}
         rate = f"{rates.pop():g}" if len(rates) == 1 else "[" + ",".join(f"{self.keep[i]:g}" for i in layers) + "]"
@@ -109,25 +117,35 @@ class TokenReduction:
 
 
 # ------------------------------------------------------------------------------------------------ plans
-def tome(r: int | Sequence[int], depth: int, schedule: Literal["constant", "decreasing"] = "constant") -> TokenReduction:
-    """A ToMe plan: ``r`` per layer as a constant, a list, or a linearly decreasing schedule.
+def tome(r: int | Sequence[int], depth: int, schedule: Literal["constant", "decreasing"] = "constant",
+         method: Literal["tome", "pitome"] = "tome") -> TokenReduction:
+    """A ToMe plan (a PiToMe one with ``method="pitome"``): ``r`` per layer as a constant, a list, or a linearly
+    decreasing schedule.
 
     The decreasing schedule merges ``2r`` tokens in the first layer falling to 0 in the last, the same total as
     the constant ``r``, but more of it early, where it saves the most later work.
     """
+    if method not in MERGING:
+        raise TokenError(f"{method!r} does not merge tokens; a merging plan is one of {list(MERGING)}")
     if not isinstance(r, int):
         values = tuple(int(v) for v in r)
         if len(values) != depth:
             raise TokenError(f"tokens.r lists {len(values)} values but the model has {depth} layers; give one per "
                              "layer or a single int")
-        return TokenReduction("tome", r=values)
+        return TokenReduction(method, r=values)
     if schedule == "constant":
-        return TokenReduction("tome", r=(r,) * depth)
+        return TokenReduction(method, r=(r,) * depth)
     if schedule == "decreasing":
         if depth == 1:
-            return TokenReduction("tome", r=(r,))
-        return TokenReduction("tome", r=tuple(round(2 * r * (depth - 1 - i) / (depth - 1)) for i in range(depth)))
+            return TokenReduction(method, r=(r,))
+        return TokenReduction(method, r=tuple(round(2 * r * (depth - 1 - i) / (depth - 1)) for i in range(depth)))
     raise TokenError(f"unknown ToMe schedule {schedule!r}; choose 'constant' or 'decreasing'")
+
+
+def pitome(r: int | Sequence[int], depth: int,
+           schedule: Literal["constant", "decreasing"] = "constant") -> TokenReduction:
+    """A PiToMe plan: ``r`` tokens merged per layer, as for ``tome``."""
+    return tome(r, depth, schedule, method="pitome")
 
 
 def layers_at(fractions: Sequence[float], depth: int) -> list[int]:
@@ -181,7 +199,7 @@ def token_counts(plan: TokenReduction, cfg: ViTConfig) -> list[int]:
     counts = []
     for layer in range(cfg.depth):
         patches = tokens - prefix
-        if plan.method == "tome":
+        if plan.method in MERGING:
             r = plan.r[layer]
             if r > patches // 2:
                 raise TokenError(_too_large(plan, cfg, layer, patches))
@@ -204,7 +222,7 @@ def check_model(plan: TokenReduction, cfg: ViTConfig) -> None:
             raise TokenError(f"the encoder cannot work at {plan.image_size} px: it takes a multiple of the patch size "
                              f"({cfg.patch_size}) below the input size ({cfg.image_size}): {valid or 'none'}")
         return
-    values = plan.r if plan.method == "tome" else plan.keep
+    values = plan.r if plan.method in MERGING else plan.keep
     if len(values) != cfg.depth:
         raise TokenError(f"the token reduction plan has {len(values)} layers but the model has {cfg.depth}")
     if plan.method == "evit" and not cfg.class_token:

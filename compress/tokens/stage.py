@@ -14,6 +14,7 @@ import numpy as np
 
 from compress.config import RunConfig
 from compress.run.context import RunContext, StageInput, StageResult
+from compress.tokens.plan import MERGING
 from compress.train.distill import distill
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,10 @@ def requested_plan(config: RunConfig, model):
     """The one setting the config names (``tokens.r``, ``tokens.keep_rate`` or ``tokens.image_size``), or None to
     search."""
     t = config.tokens
-    if t.method == "tome" and t.r is not None:
+    if t.method in MERGING and t.r is not None:
         from compress.tokens import tome
 
-        return tome(t.r, model.config.depth, t.schedule)
+        return tome(t.r, model.config.depth, t.schedule, method=t.method)
     if t.method == "evit" and t.keep_rate is not None:
         return evit_plan(config, model, t.keep_rate)
     if t.method == "resolution" and t.image_size is not None:
@@ -46,7 +47,7 @@ def evit_plan(config: RunConfig, model, keep):
 def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> list:
     """The settings to try: the requested one, or for each ``tokens.macs`` fraction the mildest that reaches it.
 
-    ToMe: the smallest ``r`` (under ``tokens.schedule``) whose MACs are at most the fraction; EViT: the largest
+    ToMe and PiToMe: the smallest ``r`` (under ``tokens.schedule``) whose MACs are at most the fraction; EViT: the largest
     keep rate on a 0.05 grid; resolution: the largest working size (a multiple of the patch size). A fraction no
     valid setting reaches gets the strongest valid one, once.
     """
@@ -61,11 +62,11 @@ def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> lis
     probe.token_reduction = None
     full = count_macs(probe, (1, *shape))
     ladder = []  # (plan, MAC fraction), mildest first
-    if t.method == "tome":
+    if t.method in MERGING:
         r = 1
         while True:
             try:
-                candidate = tome(r, model.config.depth, t.schedule)
+                candidate = tome(r, model.config.depth, t.schedule, method=t.method)
                 ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
             except TokenError:
                 break
@@ -137,7 +138,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     """Try token reduction settings on the target runtime; keep the fastest within the budget.
 
     Each setting (and the unreduced model, the reference) is exported, checked against PyTorch in ONNX Runtime
-    and OpenVINO (the export is refused beyond ``export.atol``, ``export.merge_atol`` for ToMe), scored on the
+    and OpenVINO (the export is refused beyond ``export.atol``, ``export.merge_atol`` where tokens merge), scored on the
     evaluation split and timed; every one becomes a record. A setting the config names (``tokens.r`` /
     ``tokens.keep_rate`` / ``tokens.image_size``) is kept whenever it is within the budget, faster or not, and with
     ``tokens.finetune_epochs`` it is fine-tuned *before* it is judged; searched settings are judged training-free

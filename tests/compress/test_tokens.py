@@ -12,7 +12,7 @@ from compress.errors import ConfigError
 from compress.model.macs import count_macs
 from compress.tokens import (
     TokenError, TokenReduction, apply, class_attention, default_evit_layers, evit, forward_reduced, max_constant_r,
-    merge_tokens, layers_at, prune_tokens, resolution, resolution_sizes, token_counts, tome,
+    merge_tokens, layers_at, pitome, pitome_merge, prune_tokens, resolution, resolution_sizes, token_counts, tome,
 )
 from compress.model.vit import ViTConfig, VisionTransformer
 from calibration.preprocess import Preprocess
@@ -39,7 +39,8 @@ def test_r_zero_and_keep_one_reproduce_the_model_exactly(overrides):
     model, x = _model(**overrides), _images()
     with torch.inference_mode():
         expected = model(x)
-        for plan in (tome(0, 4), evit(1.0, 4)) if model.config.class_token else (tome(0, 4),):
+        plans = (tome(0, 4), pitome(0, 4)) + ((evit(1.0, 4),) if model.config.class_token else ())
+        for plan in plans:
             # The patched forward itself, with a plan that reduces nothing (apply() would drop such a plan)
             assert torch.equal(forward_reduced(model, x, plan), expected)
 
@@ -48,6 +49,7 @@ def test_r_zero_and_keep_one_reproduce_the_model_exactly(overrides):
     (tome(8, 4), [57, 49, 41, 33]),
     (tome(8, 4, "decreasing"), [49, 38, 33, 33]),  # 2r falling to 0: 16, 11, 5, 0
     (tome([10, 0, 5, 3], 4), [55, 55, 50, 47]),
+    (pitome(8, 4), [57, 49, 41, 33]),
     (evit(0.5, 4, layers=[1, 3]), [65, 34, 34, 19]),  # 1 + ceil(0.5 * 64) + 1 fused, then 1 + 17 + 1
 ])
 def test_token_counts_follow_the_schedule(plan, counts):
@@ -61,9 +63,10 @@ def test_token_counts_follow_the_schedule(plan, counts):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"class_token": False, "pool": "mean"}, {"dist_token": True}])
-def test_merged_sizes_sum_to_the_original_token_count(overrides):
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_merged_sizes_sum_to_the_original_token_count(overrides, method):
     model, x = _model(**overrides), _images()
-    plan = tome(6, 4, "decreasing")
+    plan = tome(6, 4, "decreasing", method=method)
     trace = []
     with torch.inference_mode():
         forward_reduced(model, x, plan, trace)
@@ -88,6 +91,23 @@ def test_merge_is_a_size_weighted_average_and_conserves_mass():
         assert kept == sorted(kept)
 
 
+def test_pitome_merges_only_high_energy_tokens_and_conserves_mass():
+    """Tokens with many close neighbours (high energy) merge; a token unlike every other is protected."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, generator=g)
+    # 1 class token, then 9 patch tokens: 8 near-copies of one direction (a flat background) and 1 outlier
+    metric = torch.cat([torch.randn(1, 8, generator=g), base + 0.01 * torch.randn(8, 8, generator=g),
+                        -base.view(1, 8)]).unsqueeze(0)  # (1, 10, 8)
+    x, size = torch.randn(1, 10, 5, generator=g), torch.randint(1, 4, (1, 10, 1), generator=g).float()
+    merged, new_size = pitome_merge(x, size, metric, r=3, prefix=1, margin=0.5)
+    assert merged.shape == (1, 7, 5) and new_size.shape == (1, 7, 1)
+    assert torch.allclose((merged * new_size).sum(1), (x * size).sum(1), atol=1e-5)  # nothing lost or counted twice
+    assert torch.equal(merged[:, 0], x[:, 0])  # the class token stays first and untouched
+    outlier = x[0, 9]
+    assert any(torch.equal(row, outlier) for row in merged[0, 1:4])  # protected, unchanged
+    assert new_size.sum() == size.sum()
+
+
 def test_evit_keeps_the_most_attended_tokens_and_fuses_the_rest():
     x = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
     attn = torch.tensor([[0.5, 0.05, 0.2, 0.1, 0.1, 0.05], [0.5, 0.3, 0.02, 0.03, 0.1, 0.05]])
@@ -105,10 +125,11 @@ def test_class_attention_is_a_distribution():
     assert a.shape == (2, 9) and torch.allclose(a.sum(-1), torch.ones(2))
 
 
-def test_reduction_lowers_macs_and_survives_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_reduction_lowers_macs_and_survives_a_checkpoint(tmp_path, method):
     model = _model()
     full = count_macs(model, (1, 3, 32, 32))
-    apply(model, tome(8, 4))
+    apply(model, tome(8, 4, method=method))
     assert count_macs(model, (1, 3, 32, 32)) < 0.8 * full
     path = save_checkpoint(Checkpoint(model, Preprocess(crop_size=32), list("abcdefghij")), tmp_path / "m.safetensors")
     loaded = load_own_checkpoint(path).model
@@ -121,6 +142,8 @@ def test_reduction_lowers_macs_and_survives_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("overrides, plan", [
     ({}, tome(8, 4)),
     ({}, tome(10, 4, "decreasing")),
+    ({}, pitome(8, 4)),
+    ({"class_token": False, "pool": "mean"}, pitome(10, 4, "decreasing")),
     ({"class_token": False, "pool": "mean"}, tome(8, 4)),
     ({"dist_token": True, "dist_head": True}, tome(6, 4)),
     ({}, evit(0.6, 4)),
@@ -141,7 +164,7 @@ def test_onnx_parity_in_onnxruntime_and_openvino(tmp_path, overrides, plan):
 
     graph = onnx.load(tmp_path / "m.onnx").graph
     ops = {n.op_type for n in graph.node}
-    assert not ops & {"ScatterElements", "ScatterND", "NonZero", "Loop"}  # portable, static
+    assert not ops & {"ScatterElements", "ScatterND", "NonZero", "Loop", "If"}  # portable, static
     assert ("Resize" if plan.method == "resolution" else "TopK") in ops
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 32, 32]  # the model's size
     out = graph.output[0].type.tensor_type.shape.dim
@@ -209,7 +232,7 @@ def test_depth_fractions_name_the_same_place_in_models_of_any_depth():
     assert evit_plan(config, _model(), 0.5).keep == (1.0, 1.0, 1.0, 0.5)  # 2/3 of 4 layers: layer 3
     with pytest.raises(ConfigError, match="config tokens: set tokens.layers .* not both"):
         load_config(None, ["tokens.method='evit'", "tokens.depths=[0.5]", "tokens.layers=[1]"])
-    with pytest.raises(ConfigError, match="tokens.r belongs to tokens.method='tome', not 'evit'"):
+    with pytest.raises(ConfigError, match="tokens.r belongs to tokens.method='tome' or 'pitome', not 'evit'"):
         load_config(None, ["tokens.method='evit'", "tokens.r=4"])
 
 
@@ -328,6 +351,10 @@ def test_reduce_tokens_takes_each_methods_own_setting():
         reduce_tokens(_model(), method="resolution", image_size=16, r=2)
     with pytest.raises(TokenError, match="tome takes r"):
         reduce_tokens(_model(), method="tome")
+    merged = reduce_tokens(_model(), method="pitome", r=4, schedule="decreasing")
+    assert merged.token_reduction == pitome(4, 4, "decreasing")
+    with pytest.raises(TokenError, match="pitome takes r, not keep_rate"):
+        reduce_tokens(_model(), method="pitome", keep_rate=0.5)
 
 
 def test_the_report_shows_the_precision_the_settings_were_ranked_in(tmp_path):
@@ -519,7 +546,7 @@ def test_a_fixed_setting_is_fine_tuned_before_it_is_judged_and_kept_within_budge
     assert [r["tag"] for r in notes["recovery"]] == ["tokens"]
 
 
-@pytest.mark.parametrize("plan", [tome(8, 4), tome(12, 4)])
+@pytest.mark.parametrize("plan", [tome(8, 4), tome(12, 4), pitome(8, 4), pitome(12, 4)])
 def test_identical_tokens_merge_the_same_way_in_every_runtime(tmp_path, plan):
     """Flat image regions give identical tokens, so ToMe's similarities tie exactly; PyTorch, ONNX Runtime and
     OpenVINO pick among equal values differently unless the merge breaks ties itself (``merge.TIE_BREAK``)."""
@@ -550,5 +577,7 @@ def test_only_token_merging_gets_the_looser_export_tolerance():
     assert e.atol_for(model) == e.atol  # EViT's TopK picks by attention, kept as exact as any layer
     apply(model, tome(4, 4))
     assert e.atol_for(model) == e.merge_atol == 0.1
+    apply(model, pitome(4, 4))
+    assert e.atol_for(model) == e.merge_atol
     apply(model, tome(0, 4))
     assert e.atol_for(model) == e.atol

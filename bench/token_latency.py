@@ -1,0 +1,107 @@
+"""Token reduction plans on a trained model, timed side by side in the precision the chain ends in: INT8 on OpenVINO.
+
+    python bench/token_latency.py --model runs/dinov2-s14-cifar10/finetune/model.safetensors --data /tmp/cifar10 \\
+        --plans none tome:12 pitome:12 resolution:168 [--rounds 7] [--out bench/results/token_latency.json]
+
+Each plan (``none``, ``tome:R``, ``pitome:R``, ``evit:KEEP[@LAYER,...]``, ``resolution:SIZE``) is set on the
+model, exported to ONNX (parity against PyTorch checked in ONNX Runtime and OpenVINO on calibration images),
+quantized by ``nncf.quantize`` with the transformer recipe on 32 calibration images (SmoothQuant off, as in
+``cpu-training-free``), and timed at batch 1 on OpenVINO in interleaved rounds: each round times every plan in
+turn, and a plan's ratio is the median over rounds of its p50 over the unreduced model's p50 in the same round.
+Latency only: top-1 comes from ``bench/prune_posttraining.py --tokens``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
+from calibration.calibrate import from_split  # noqa: E402
+from compress.api import load_data, load_model  # noqa: E402
+from compress.model.macs import count_macs  # noqa: E402
+from compress.run.measure import openvino_parity  # noqa: E402
+from compress.tokens import apply, evit, resolution, tome  # noqa: E402
+from export.onnx_export import export_onnx  # noqa: E402
+from runtimes import default_threads, get_runtime  # noqa: E402
+
+
+def plan_of(spec: str, model):
+    method, _, value = spec.partition(":")
+    depth = model.config.depth
+    if method == "none":
+        return None
+    if method in ("tome", "pitome") and value:
+        return tome(int(value), depth, method=method)
+    if method == "evit" and value:
+        keep, _, layers = value.partition("@")
+        return evit(float(keep), depth, [int(v) for v in layers.split(",")] if layers else None)
+    if method == "resolution" and value:
+        return resolution(int(value), model.config)
+    raise SystemExit(f"unknown plan {spec!r}: use none, tome:R, pitome:R, evit:KEEP[@LAYER,...] or resolution:SIZE")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--plans", nargs="+", default=["none", "tome:12", "pitome:12"])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "token_latency.json")
+    args = ap.parse_args()
+    require_cifar(args.data, "train")
+    if args.plans[0] != "none":
+        args.plans.insert(0, "none")  # the reference every ratio is taken against
+    import openvino as ov
+
+    from compress.quantize.openvino_nncf import transformer_int8
+
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    ckpt = load_model(args.model)
+    model = ckpt.model.eval()
+    cfg = model.config
+    shape = (cfg.in_chans, cfg.image_size, cfg.image_size)
+    data = load_data(args.data, ckpt.preprocess, calib_size=64, eval_limit=1)
+    calib = from_split(data.calib, 32, shape)
+    images = next(data.calib.batches(8))[0]  # (8, C, H, W) real images for the parity checks
+    full = count_macs(model, (1, *shape))
+    engines, rows = {}, {}
+    work = Path(tempfile.mkdtemp(prefix="token-latency-"))
+    for spec in args.plans:
+        reduced = apply(copy.deepcopy(model), plan_of(spec, model))
+        path = work / f"{spec.replace(':', '-')}.onnx"
+        parity = export_onnx(reduced, path, example=torch.from_numpy(images[:2]), parity_inputs=images, atol=0.1, min_agreement=0.99)
+        ov_diff = openvino_parity(path, reduced, images, atol=0.1, threads=threads)
+        xml = path.with_suffix(".int8.xml")
+        ov.save_model(transformer_int8(ov.Core().read_model(str(path)), calib, smooth_quant=False), str(xml),
+                      compress_to_fp16=False)
+        engines[spec] = get_runtime("openvino").build(xml, precision="int8", threads=threads)
+        rows[spec] = {"plan": spec, "macs_fraction": round(count_macs(reduced, (1, *shape)) / full, 3),
+                      "parity_onnxruntime_max_abs_diff": parity.parity.max_abs_diff,
+                      "parity_openvino_max_abs_diff": ov_diff}
+        print(f"{spec}: exported and quantized, {rows[spec]['macs_fraction']:.2f}x the MACs", flush=True)
+    x = np.ascontiguousarray(images[:1])
+    stats = interleaved_rounds(engines, x, [1], rounds=args.rounds, seconds=3.0, threads=threads)[1]
+    medians = {name: [s.latency_ms_p50 for s in rounds] for name, rounds in stats.items()}
+    for spec, row in rows.items():
+        row["int8_p50_ms"] = round(float(np.median(medians[spec])), 2)
+        row["ratio_vs_unreduced"] = round(paired_ratio(medians[spec], medians["none"]), 3)
+        print(f"{spec:>16}: {row['macs_fraction']:.2f}x MACs, INT8 p50 {row['int8_p50_ms']:.1f} ms, "
+              f"{row['ratio_vs_unreduced']:.3f}x the unreduced model's latency", flush=True)
+    write_result({"benchmark": "token_latency", "model": str(args.model), "threads": threads, "rounds": args.rounds,
+                  "precision": "int8 (nncf.quantize, transformer recipe, SmoothQuant off, 32 images)",
+                  "rows": list(rows.values())}, args.out)
+
+
+if __name__ == "__main__":
+    main()
