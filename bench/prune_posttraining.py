@@ -4,13 +4,17 @@ each measured alone on a trained model.
     python bench/prune_posttraining.py --data /tmp/cifar10 [--eval-limit 2000] [--out bench/results/...]
     python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/finetune/model.safetensors \
         --importance fisher --settings 0.1667:0.25 0:0.25 --tokens evit:0.7@6 tome:8 --eval-limit 500
+    python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/finetune/model.safetensors \
+        --importance fisher --settings --macs 0.9 0.8 --eval-limit 1000
 
 From ``--model`` (default: models/cifar10-vit): importance on the calibration split's first 512 images (targets:
 the model's own predictions, so no labels), pruning at each ``--settings`` HEADS:MLP share with one width per
-layer (``scope="layer"``), then ``compress.prune.reconstruct`` on 256 calibration images; then each ``--tokens``
-plan (EViT ``evit:KEEP@LAYER``, ToMe ``tome:R``) on the unpruned model, with no fine-tuning. Top-1 on a seeded
-random sample of ``--eval-limit`` test images, each drop against the unpruned model with its paired 95% interval
-(``calibration.evaluate.paired_drop``), and the MACs kept. Accuracy only: the seconds are wall time.
+layer (``scope="layer"``), and at each ``--macs`` fraction by Kwon et al.'s mask search (``search_mask``: heads
+and units chosen together across layers), each then repaired by ``compress.prune.reconstruct`` on 256 calibration
+images; then each ``--tokens`` plan (EViT ``evit:KEEP@LAYER``, ToMe ``tome:R``, PiToMe ``pitome:R``) on the
+unpruned model, with no fine-tuning. Top-1 on a seeded random sample of ``--eval-limit`` test images, each drop
+against the unpruned model with its paired 95% interval (``calibration.evaluate.paired_drop``), and the MACs kept.
+Accuracy only: the seconds are wall time.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from calibration.evaluate import evaluate_top1, paired_drop  # noqa: E402
 from compress.api import load_data, load_model  # noqa: E402
 from compress.prune.reconstruct import reconstruct  # noqa: E402
 from compress.model.macs import count_macs  # noqa: E402
-from compress.prune.structured import prune_by_ratio, taylor_importance  # noqa: E402
+from compress.prune.structured import prune_by_ratio, remove, search_mask, taylor_importance  # noqa: E402
 from compress.tokens import apply  # noqa: E402
 
 SETTINGS = ["0.3333:0.6667", "0.25:0.5"]  # (heads, MLP units) removed from every layer
@@ -44,9 +48,9 @@ def token_plan(spec: str, depth: int):
     if method == "evit":
         keep, _, layers = value.partition("@")
         return evit(float(keep), depth, [int(v) for v in layers.split(",")] if layers else None)
-    if method == "tome":
-        return tome(int(value), depth)
-    raise SystemExit(f"unknown token setting {spec!r}: use evit:KEEP[@LAYER,...] or tome:R")
+    if method in ("tome", "pitome"):
+        return tome(int(value), depth, method=method)
+    raise SystemExit(f"unknown token setting {spec!r}: use evit:KEEP[@LAYER,...], tome:R or pitome:R")
 
 
 def main() -> None:
@@ -56,7 +60,10 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=2000)
     ap.add_argument("--importance", nargs="+", choices=["taylor", "fisher"], default=["taylor", "fisher"])
     ap.add_argument("--settings", nargs="*", default=SETTINGS, help="HEADS:MLP shares removed from every layer")
-    ap.add_argument("--tokens", nargs="*", default=[], help="token plans tried alone: evit:KEEP@LAYER, tome:R")
+    ap.add_argument("--macs", nargs="*", type=float, default=[],
+                    help="MAC fractions to prune to by the mask search (prune.search), after the --settings")
+    ap.add_argument("--tokens", nargs="*", default=[],
+                    help="token plans tried alone: evit:KEEP@LAYER, tome:R, pitome:R")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prune_posttraining.json")
     args = ap.parse_args()
     require_cifar(args.data, "test")
@@ -86,19 +93,31 @@ def main() -> None:
         print(f"{spec}: top-1 {result.top1:.4f} (drop {row['drop'][0]:+.2f} pt, 95% {row['drop'][1]:+.2f}.."
               f"{row['drop'][2]:+.2f}), {row['macs_fraction']:.2f}x the MACs", flush=True)
     settings = [tuple(float(v) for v in s.split(":")) for s in args.settings]
-    for fisher in [m == "fisher" for m in args.importance] if settings else []:
+    jobs = [("layer", setting) for setting in settings] + [("search", fraction) for fraction in args.macs]
+    for fisher in [m == "fisher" for m in args.importance] if jobs else []:
         start = time.perf_counter()
         importance = taylor_importance(model, data.calib.batches(32), targets="predictions", fisher=fisher)
         importance_s = time.perf_counter() - start
-        for heads, mlp in settings:
-            pruned = prune_by_ratio(model, importance, heads=heads, mlp=mlp, scope="layer")
+        print(f"{importance.method} importance on {len(data.calib)} images in {importance_s:.0f} s", flush=True)
+        for how, setting in jobs:
+            if how == "layer":
+                heads, mlp = setting
+                pruned = prune_by_ratio(model, importance, heads=heads, mlp=mlp, scope="layer")
+            else:
+                found = search_mask(model, importance, setting)
+                pruned = remove(model, found.heads_keep, found.units_keep)
+                heads = 1 - sum(map(len, found.heads_keep)) / sum(b.attn.num_heads for b in model.blocks)
+                mlp = 1 - sum(map(len, found.units_keep)) / sum(b.mlp.fc1.out_features for b in model.blocks)
             macs = round(count_macs(pruned, shape) / full_macs, 3)
             plain = score(pruned)
             start = time.perf_counter()
             info = reconstruct(pruned, model, calib)
             seconds = time.perf_counter() - start
             repaired = score(pruned)
-            row = {"importance": importance.method, "heads_removed": round(heads, 3), "mlp_removed": round(mlp, 3),
+            row = {"importance": importance.method, "selection": "mask search" if how == "search" else "every layer",
+                   "heads_removed": round(heads, 3), "mlp_removed": round(mlp, 3),
+                   "structure": {"heads": [b.attn.num_heads for b in pruned.blocks],
+                                 "mlp": [b.mlp.fc1.out_features for b in pruned.blocks]},
                    "importance_s": round(importance_s, 1), "top1_pruned": plain.top1,
                    "drop_pruned": [round(v, 2) for v in paired_drop(base, plain)],
                    "top1_reconstructed": repaired.top1,
@@ -106,7 +125,8 @@ def main() -> None:
                    "reconstruct_s": round(seconds, 1), "macs_fraction": macs,
                    **{k: round(v, 4) for k, v in info.items() if k != "images"}}
             rows.append(row)
-            print(f"{row['importance']:>18} heads -{heads:.2f} MLP -{mlp:.2f}: pruned {plain.top1:.4f} "
+            print(f"{row['importance']:>18} {row['selection']}: heads -{heads:.2f} MLP -{mlp:.2f}: "
+                  f"pruned {plain.top1:.4f} "
                   f"(drop {row['drop_pruned'][0]:+.2f} pt, 95% {row['drop_pruned'][1]:+.2f}..{row['drop_pruned'][2]:+.2f})"
                   f", reconstructed {repaired.top1:.4f} (drop {row['drop_reconstructed'][0]:+.2f} pt, 95% "
                   f"{row['drop_reconstructed'][1]:+.2f}..{row['drop_reconstructed'][2]:+.2f}) in {seconds:.1f} s, "

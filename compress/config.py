@@ -72,8 +72,8 @@ class ExportConfig(Section):
     simplify: Literal["onnxslim", "none"] = "onnxslim"
     atol: float = Field(1e-4, gt=0)  # parity tolerance on logits, FP32 against PyTorch
     min_agreement: float = Field(0.99, ge=0, le=1)
-    # with ToMe or PiToMe merging, the tolerance instead (top-1 must still agree on min_agreement of the inputs): its matching
-    # picks among near-equal similarities, and float rounding that differs by 1e-7 between runtimes can flip such a
+    # with ToMe or PiToMe merging, the tolerance instead (top-1 must still agree on min_agreement of the inputs):
+    # their matching picks among near-equal similarities, and float rounding that differs by 1e-7 between runtimes can flip such a
     # pick (seen: 0.04 on the reference ViT-S at r=13); each runtime's accuracy is measured on that runtime
     merge_atol: float = Field(0.1, gt=0)
 
@@ -119,6 +119,10 @@ class PruneConfig(Section):
     mlp_round_to: int = Field(1, ge=1)  # keep a multiple of this many MLP units per layer (aligned GEMM widths)
     scope: Literal["global", "layer"] = "global"  # rank all layers together, or remove the same share from each
     target_macs: float | None = Field(None, gt=0, lt=1)  # fraction of the unpruned model's MACs
+    # with target_macs: Kwon et al.'s mask search (compress.prune.structured.search_mask): how many heads and how many
+    # MLP units to keep, and where, all layers ranked together by raw Fisher or Taylor importance; off: one share of
+    # heads and units alike, raised until the target is met
+    search: bool = False
     target_latency_ms: float | None = Field(None, gt=0)  # on target_runtime at target_batch, FP32
     target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     target_batch: int = Field(1, ge=1)
@@ -128,6 +132,15 @@ class PruneConfig(Section):
     def _one_target(self) -> PruneConfig:
         if self.target_macs is not None and self.target_latency_ms is not None:
             raise ValueError("set one of prune.target_macs and prune.target_latency_ms, not both")
+        if self.search and self.target_macs is None:
+            raise ValueError("prune.search chooses heads and MLP units within a MAC budget; set prune.target_macs "
+                             "(e.g. 0.8), or remove prune.search")
+        if self.search and self.scope == "layer":
+            raise ValueError("prune.search ranks every layer's heads and units together, so prune.scope='layer' "
+                             "cannot hold; remove prune.scope or prune.search")
+        if self.search and self.importance == "l2":
+            raise ValueError("prune.search weighs heads against MLP units by their effect on the loss, which L2 norms "
+                             "do not measure; set prune.importance='fisher' (or 'taylor')")
         if (self.target_macs is not None or self.target_latency_ms is not None) and self.iterations > 1:
             raise ValueError("prune.iterations > 1 works with prune.heads / prune.mlp ratios, not with a MAC or "
                              "latency target; set prune.iterations=1")

@@ -527,7 +527,8 @@ def test_damaged_manifests_are_a_bundle_error(pristine_bundle, tmp_path):
     (["prune.target_macs=0.5", "prune.target_latency_ms=3.0"], "config prune: set one of prune.target_macs and "
                                                                "prune.target_latency_ms, not both"),
     (["prune.target_macs=0.5", "prune.iterations=2"], "config prune: prune.iterations > 1 works with"),
-    (["tokens.method='evit'", "tokens.r=4"], "config tokens: tokens.r belongs to tokens.method='tome' or 'pitome', not 'evit'"),
+    (["tokens.method='evit'", "tokens.r=4"],
+     "config tokens: tokens.r belongs to tokens.method='tome' or 'pitome', not 'evit'"),
 ])
 def test_conflicting_settings_fail_before_the_baseline_is_measured(ws, tmp_path, settings, message):
     """Conflicts that were found only inside their stage, after the baseline was exported and measured."""

@@ -19,6 +19,7 @@ tool reads but the post-norm ``nn.TransformerEncoder`` ones).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -48,7 +49,8 @@ def reconstruct(pruned: VisionTransformer, original: VisionTransformer, images: 
         ours = [pruned.embed(x) for x in batches]  # (B, T, D): the pruning left the embedding as it was
         theirs = [original.embed(x) for x in batches]
         before = _stream_error(pruned, original, batches)
-        for block, reference in zip(pruned.blocks, original.blocks):
+        start = time.perf_counter()
+        for layer, (block, reference) in enumerate(zip(pruned.blocks, original.blocks)):
             # the unpruned block's branch on the pruned model's own stream: what this layer should add to it
             targets = [x + reference.ls1(reference.attn(reference.norm1(x))) for x in ours]
             _tune_heads(block, ours, targets)
@@ -58,6 +60,11 @@ def reconstruct(pruned: VisionTransformer, original: VisionTransformer, images: 
             ours = [x + block.ls2(block.mlp(block.norm2(x))) for x in ours]
             theirs = [t + reference.ls1(reference.attn(reference.norm1(t))) for t in theirs]
             theirs = [t + reference.ls2(reference.mlp(reference.norm2(t))) for t in theirs]
+            if layer == 0:
+                eta = (time.perf_counter() - start) * len(pruned.blocks)
+                if eta > 60:
+                    log.info("prune: least-squares reconstruction, %d layers: about %.0f min", len(pruned.blocks),
+                             eta / 60)
         after = float(np.mean([((pruned.norm(o) - original.norm(t)) ** 2).mean().item() for o, t in zip(ours, theirs)]))
     log.info("prune: least-squares reconstruction on %d images: final-stream error %.4g -> %.4g",
              sum(len(x) for x in batches), before, after)

@@ -1,8 +1,9 @@
 """The prune and recover stages of a run: structured pruning of heads and MLP units, then distillation.
 
 Pruning removes a share of heads and MLP units ranked by importance (``structured``), or enough of both to meet
-a MAC or latency target; with ``prune.iterations`` it alternates pruning and recovery. Recovery fine-tunes the
-pruned model by distillation from the model as loaded (``compress.train.distill``).
+a MAC or latency target, or (``prune.search``) the heads and units a mask search finds within a MAC target; with
+``prune.iterations`` it alternates pruning and recovery. Recovery fine-tunes the pruned model by distillation from
+the model as loaded (``compress.train.distill``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,19 @@ log = logging.getLogger(__name__)
 
 def prune_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     from compress.model.macs import count_macs
-    from compress.prune.structured import prune_by_ratio, prune_to_target, structure
+    from compress.prune.structured import prune_by_ratio, prune_to_target, remove, search_mask, structure
 
     model = inp.model
     p = ctx.config.prune  # one target at a time, without iterations: PruneConfig checked that when it was loaded
+    if p.search:
+        importance = _importance(model, ctx)
+        found = search_mask(model, importance, p.target_macs, min_heads=p.min_heads_per_layer,
+                            mlp_round_to=p.mlp_round_to)
+        pruned = remove(model, found.heads_keep, found.units_keep)
+        repaired = _reconstructed(pruned, model, ctx)
+        return StageResult(model=pruned, notes={"importance": importance.method, "search": {
+            "macs_fraction": round(found.macs_fraction, 4), "kept_importance": round(found.kept_importance, 4)},
+            "structure": structure(pruned)} | ({"reconstruct": repaired} if repaired else {}))
     if p.target_macs or p.target_latency_ms:
         importance = _importance(model, ctx)
         shape = (1, *ctx.input_shape)
@@ -91,7 +101,7 @@ def _importance(model, ctx: RunContext):
     # activations per image for the backward pass, so large models go 8 at a time.
     batch = 8 if sum(q.numel() for q in model.parameters()) > 50e6 else 32
     return taylor_importance(model, data.batches(batch), targets=p.targets, teacher=ctx.teacher,
-                             fisher=p.importance == "fisher")
+                             fisher=p.importance == "fisher", total=len(data))
 
 
 def _reconstructed(pruned, original, ctx: RunContext) -> dict | None:

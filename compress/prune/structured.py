@@ -14,6 +14,10 @@ globally, as Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") do
 - ``l2``: data-free, the L2 norm of a head's q, k and v rows of ``attn.qkv`` with its ``attn.proj`` columns
   (of a unit's ``mlp.fc1`` row with its ``mlp.fc2`` column).
 
+Selection is one share for heads and MLP units alike (``select``, ``prune_to_target``), or, under a MAC budget,
+Kwon et al.'s mask search (``search_mask``): how many heads and how many units to keep is itself chosen, so the
+kept importance is the largest the budget allows.
+
 Removal slices those rows and columns out and builds a smaller model whose config stores the head count and
 MLP width per layer, so the result is physically smaller, exports, and every later stage sees its true shape
 (a global head count would break it, intel/neural-compressor#525). Every layer keeps at least
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -91,11 +96,12 @@ def l2_importance(model: VisionTransformer) -> Importance:
 
 def taylor_importance(
     model: VisionTransformer, batches: Iterable[tuple[np.ndarray, np.ndarray]], *, targets: str = "labels",
-    teacher: VisionTransformer | None = None, fisher: bool = False,
+    teacher: VisionTransformer | None = None, fisher: bool = False, total: int | None = None,
 ) -> Importance:
     """Michel et al.'s head importance (and the same for MLP units) accumulated over ``batches``; with ``fisher``,
     the squares of the per-image gradients instead of their magnitudes: the diagonal of the Fisher information of
-    the masks, Kwon et al.'s (NeurIPS 2022) score for post-training pruning."""
+    the masks, Kwon et al.'s (NeurIPS 2022) score for post-training pruning. With ``total`` (the images in
+    ``batches``), the estimated time is logged after the first batch when the pass will take over a minute."""
     check_layout(model)
     if targets not in ("labels", "predictions", "soft"):
         raise PruneError(f"unknown importance targets {targets!r}; use 'labels', 'predictions' or 'soft'")
@@ -125,6 +131,7 @@ def taylor_importance(
     for p in model.parameters():
         p.requires_grad_(False)
     try:
+        start, done = time.perf_counter(), 0
         for x, y in batches:
             x = torch.from_numpy(x)
             if targets != "labels":
@@ -150,6 +157,11 @@ def taylor_importance(
                     heads[i] += (g_heads.square() if fisher else g_heads.abs()).sum(0).double()
                     units[i] += (g_units.square() if fisher else g_units.abs()).sum(0).double()
             captured.clear()
+            if total and not done:
+                eta = (time.perf_counter() - start) * total / len(x)
+                if eta > 60:
+                    log.info("importance: a forward and backward pass over %d images, about %.0f min", total, eta / 60)
+            done += len(x)
     finally:
         for handle in handles:
             handle.remove()
@@ -209,6 +221,135 @@ def select(scores: list[np.ndarray], ratio: float, *, minimum: int, what: str, r
                     break
                 kept[layer].add(idx)
     return [sorted(k) for k in kept]
+
+
+# ------------------------------------------------------------------------------------------- mask search
+def item_macs(model: VisionTransformer) -> tuple[list[int], list[int]]:
+    """MACs one attention head and one MLP unit cost in each layer, for one image.
+
+    A head of width ``hd`` costs its q, k and v rows and its ``proj`` columns for each of the ``n`` tokens entering
+    the block (``4 * D * hd * n``) and its two attention products (``2 * n * n * hd``); a unit its ``fc1`` row and
+    ``fc2`` column for each of the ``m`` tokens reaching the MLP (``2 * D * m``; ``m < n`` where a token plan
+    reduces between attention and MLP).
+    """
+    from compress.tokens.plan import token_counts
+
+    cfg = model.config
+    plan = getattr(model, "token_reduction", None)
+    start = cfg.num_prefix_tokens + cfg.num_patches
+    after = token_counts(plan, cfg) if plan is not None else [start] * cfg.depth
+    before = after if plan is not None and plan.method == "resolution" else [start] + after[:-1]
+    heads, units = [], []
+    for block, n, m in zip(model.blocks, before, after):
+        d, hd = block.attn.qkv.in_features, block.attn.head_dim
+        heads.append(4 * d * hd * n + 2 * n * n * hd)
+        units.append(2 * d * m)
+    return heads, units
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    heads_keep: list[list[int]]
+    units_keep: list[list[int]]
+    macs_fraction: float  # of the unpruned model's, as ``count_macs`` counts them
+    kept_importance: float  # share of the total importance (heads and units) kept
+
+
+def search_mask(model: VisionTransformer, importance: Importance, target_macs: float, *, min_heads: int = 1,
+                mlp_round_to: int = 1) -> SearchResult:
+    """Kwon et al.'s (NeurIPS 2022) mask search: the heads and MLP units to keep within ``target_macs`` (a fraction
+    of the model's MACs) that keep the most importance, all layers ranked together.
+
+    Scores are used raw: each is the loss change of removing a mask on the head's (unit's) output, so heads and
+    units, and every layer, are on one scale (Fisher or Taylor importance; L2 norms are not). For each number of
+    heads kept (the best ones), the MACs left go to the best units; the split keeping the most importance wins.
+    Every layer keeps its ``min_heads`` best heads and its best unit. With ``mlp_round_to``, each layer's unit count
+    is rounded up to a multiple of it, and the budget is tightened until the rounded mask fits it again.
+    Kwon et al. then rearrange the mask within each layer using the Fisher between its masks; that step is left out
+    here, and their mask tuning is ``compress.prune.reconstruct``.
+    """
+    check_layout(model)
+    if importance.method.startswith("l2"):
+        raise PruneError("the mask search weighs heads against MLP units by their effect on the loss, which L2 norms "
+                         "do not measure; use prune.importance='fisher' (or 'taylor')")
+    if not 0 < target_macs < 1:
+        raise PruneError(f"the MAC target must be a fraction in (0, 1), got {target_macs}")
+    head_cost, unit_cost = item_macs(model)
+    depth = len(model.blocks)
+    counts = [b.attn.num_heads for b in model.blocks], [b.mlp.fc1.out_features for b in model.blocks]
+    prunable = sum(h * c for h, c in zip(counts[0], head_cost)) + sum(u * c for u, c in zip(counts[1], unit_cost))
+    full = _macs(model)
+    fixed = full - prunable  # embedding, norms, head: untouched by pruning
+    # the floor every layer keeps: its best min_heads heads and its best unit
+    forced_heads = [set(np.argsort(-importance.heads[i], kind="stable")[:min(min_heads, counts[0][i])].tolist())
+                    for i in range(depth)]
+    forced_units = [{int(np.argmax(importance.units[i]))} for i in range(depth)]
+    floor = fixed + sum(len(f) * head_cost[i] for i, f in enumerate(forced_heads)) + sum(unit_cost)
+    if floor > target_macs * full:
+        raise PruneError(f"the MAC target {target_macs:g} is below what pruning can reach: with {min_heads} head(s) "
+                         f"and one MLP unit per layer the model keeps {floor / full:.3f} of its MACs; raise the target, "
+                         "or add token reduction")
+    free_heads = sorted(((float(importance.heads[i][j]), i, j) for i in range(depth) for j in range(counts[0][i])
+                         if j not in forced_heads[i]), key=lambda t: (-t[0], t[1], t[2]))
+    free_units = sorted(((float(importance.units[i][j]), i, j) for i in range(depth) for j in range(counts[1][i])
+                         if j not in forced_units[i]), key=lambda t: (-t[0], t[1], t[2]))
+    unit_costs = np.cumsum([unit_cost[i] for _, i, _ in free_units])
+    unit_values = np.cumsum([v for v, _, _ in free_units])
+    head_costs = np.concatenate([[0], np.cumsum([head_cost[i] for _, i, _ in free_heads])])
+    head_values = np.concatenate([[0.0], np.cumsum([v for v, _, _ in free_heads])])
+    total = sum(float(s.sum()) for s in importance.heads) + sum(float(s.sum()) for s in importance.units)
+    forced_value = sum(float(importance.heads[i][j]) for i, f in enumerate(forced_heads) for j in f) + sum(
+        float(importance.units[i][j]) for i, f in enumerate(forced_units) for j in f)
+    budget = target_macs * full
+    for _ in range(20):  # tighten the budget until the rounded mask fits it
+        best = None
+        for h in range(len(free_heads) + 1):
+            left = budget - floor - head_costs[h]
+            if left < 0:
+                break
+            n = int(np.searchsorted(unit_costs, left, side="right"))  # the best units whose MACs fit
+            value = head_values[h] + (unit_values[n - 1] if n else 0.0)
+            if best is None or value > best[0]:
+                best = (value, h, n)
+        if best is None:  # the rounding's overshoot took the budget below the floor
+            raise PruneError(f"no mask with MLP widths rounded to {mlp_round_to} fits {target_macs:g} of the MACs; "
+                             "lower prune.mlp_round_to or raise prune.target_macs")
+        _, h, n = best
+        heads_keep = [set(f) for f in forced_heads]
+        units_keep = [set(f) for f in forced_units]
+        for _, i, j in free_heads[:h]:
+            heads_keep[i].add(j)
+        for _, i, j in free_units[:n]:
+            units_keep[i].add(j)
+        if mlp_round_to > 1:
+            for i in range(depth):
+                want = min(counts[1][i], -(-len(units_keep[i]) // mlp_round_to) * mlp_round_to)
+                for j in np.argsort(-importance.units[i], kind="stable"):
+                    if len(units_keep[i]) >= want:
+                        break
+                    units_keep[i].add(int(j))
+        macs = fixed + sum(len(k) * head_cost[i] for i, k in enumerate(heads_keep)) + sum(
+            len(k) * unit_cost[i] for i, k in enumerate(units_keep))
+        if macs <= target_macs * full + 1e-6:
+            break
+        budget -= macs - target_macs * full  # the rounding's overshoot, taken off the budget
+    else:
+        raise PruneError(f"no mask with MLP widths rounded to {mlp_round_to} fits {target_macs:g} of the MACs; "
+                         "lower prune.mlp_round_to or raise prune.target_macs")
+    kept = sum(float(importance.heads[i][list(k)].sum()) for i, k in enumerate(heads_keep)) + sum(
+        float(importance.units[i][list(k)].sum()) for i, k in enumerate(units_keep))
+    log.info("mask search: %d of %d heads and %d of %d MLP units kept, %.3f of the MACs, %.1f%% of the importance "
+             "(forced floor %.1f%%)", sum(map(len, heads_keep)), sum(counts[0]), sum(map(len, units_keep)),
+             sum(counts[1]), macs / full, 100 * kept / max(total, 1e-30), 100 * forced_value / max(total, 1e-30))
+    return SearchResult([sorted(k) for k in heads_keep], [sorted(k) for k in units_keep], macs / full,
+                        kept / max(total, 1e-30))
+
+
+def _macs(model: VisionTransformer) -> int:
+    from compress.model.macs import count_macs
+
+    cfg = model.config
+    return count_macs(model, (1, cfg.in_chans, cfg.image_size, cfg.image_size))
 
 
 # ---------------------------------------------------------------------------------------------- removal

@@ -47,8 +47,8 @@ def evit_plan(config: RunConfig, model, keep):
 def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> list:
     """The settings to try: the requested one, or for each ``tokens.macs`` fraction the mildest that reaches it.
 
-    ToMe and PiToMe: the smallest ``r`` (under ``tokens.schedule``) whose MACs are at most the fraction; EViT: the largest
-    keep rate on a 0.05 grid; resolution: the largest working size (a multiple of the patch size). A fraction no
+    ToMe and PiToMe: the smallest ``r`` (under ``tokens.schedule``) whose MACs are at most the fraction; EViT: the
+    largest keep rate on a 0.05 grid; resolution: the largest working size (a multiple of the patch size). A fraction no
     valid setting reaches gets the strongest valid one, once.
     """
     from compress.model.macs import count_macs

@@ -186,6 +186,16 @@ def test_iterative_pruning_and_mac_target(tmp_path, digits_model):
     base, pruned = (next(r for r in result.records if r.stage == s and r.status == "ok") for s in ("baseline", "prune"))
     assert pruned.macs <= 0.7 * base.macs
 
+    searched = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.target_macs=0.7",
+                                "prune.search=true", "prune.importance='fisher'", "prune.targets='predictions'",
+                                "prune.reconstruct=true")
+    result = run_pipeline(digits_model, "digits", searched, tmp_path / "searched")
+    base, pruned = (next(r for r in result.records if r.stage == s and r.status == "ok") for s in ("baseline", "prune"))
+    assert pruned.macs <= 0.7 * base.macs
+    notes = json.loads((tmp_path / "searched" / "stages" / "prune.json").read_text())["notes"]
+    assert notes["importance"] == "fisher-predictions" and notes["search"]["macs_fraction"] <= 0.7
+    assert notes["reconstruct"]["stream_mse_after"] <= notes["reconstruct"]["stream_mse_before"]
+
 
 @pytest.mark.slow
 def test_unreachable_latency_target_says_how_close_it_got(tmp_path, digits_model):

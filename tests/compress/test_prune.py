@@ -11,8 +11,8 @@ import torch
 from calibration.datasets import Subset, digits_source, make_splits
 from compress.model.macs import count_macs, count_params
 from compress.prune.structured import (
-    PruneError, check_layout, l2_importance, prune_by_ratio, prune_to_target, remove, select, structure,
-    taylor_importance,
+    Importance, PruneError, check_layout, item_macs, l2_importance, prune_by_ratio, prune_to_target, remove,
+    search_mask, select, structure, taylor_importance,
 )
 from export.onnx_export import export_onnx
 
@@ -161,3 +161,73 @@ def test_unexpected_attention_layout_is_refused(tiny_vit):
     model.blocks[0].attn.qkv = torch.nn.Linear(64, 100)  # not 3 x heads x head_dim
     with pytest.raises(PruneError, match="blocks.0.attn does not have the fused layout"):
         check_layout(model)
+
+
+# ---------------------------------------------------------------------------------------------- mask search
+def _random_importance(model, seed=0) -> Importance:
+    rng = np.random.default_rng(seed)
+    return Importance([rng.random(b.attn.num_heads) for b in model.blocks],
+                      [rng.random(b.mlp.fc1.out_features) for b in model.blocks], "fisher-predictions")
+
+
+@pytest.mark.parametrize("plan", [None, "tome", "evit", "resolution"])
+def test_the_search_counts_the_macs_count_macs_counts(tiny_vit, plan):
+    """The search prices heads and units per layer; a pruned model's MACs, with any token plan, are exactly that."""
+    from compress.tokens import apply, evit, resolution, tome
+
+    model = copy.deepcopy(tiny_vit)
+    depth = model.config.depth
+    plans = {"tome": lambda: tome(3, depth), "evit": lambda: evit(0.5, depth, [1]),
+             "resolution": lambda: resolution(16, model.config)}
+    if plan is not None:
+        apply(model, plans[plan]())
+    result = search_mask(model, _random_importance(model), 0.6)
+    pruned = remove(model, result.heads_keep, result.units_keep)
+    if plan is not None:
+        apply(pruned, model.token_reduction)
+    full, kept = count_macs(model, (1, 3, 32, 32)), count_macs(pruned, (1, 3, 32, 32))
+    assert result.macs_fraction == pytest.approx(kept / full, abs=1e-12) and kept <= 0.6 * full
+    heads, units = item_macs(model)
+    assert len(heads) == len(units) == depth and all(h > 0 for h in heads)
+
+
+def test_the_search_keeps_more_importance_than_one_share_for_both(tiny_vit):
+    """Where the MLP units matter and the heads do not, the search gives up heads, which one share cannot."""
+    rng = np.random.default_rng(1)
+    importance = Importance([rng.random(b.attn.num_heads) * 1e-3 for b in tiny_vit.blocks],
+                            [1 + rng.random(b.mlp.fc1.out_features) for b in tiny_vit.blocks], "fisher-labels")
+    full = count_macs(tiny_vit, (1, 3, 32, 32))
+    found = search_mask(tiny_vit, importance, 0.75)
+    assert all(len(u) == b.mlp.fc1.out_features for u, b in zip(found.units_keep, tiny_vit.blocks))  # every unit
+    assert sum(map(len, found.heads_keep)) < sum(b.attn.num_heads for b in tiny_vit.blocks)
+    one_share = prune_to_target(tiny_vit, importance, lambda m: count_macs(m, (1, 3, 32, 32)) / full, 0.75,
+                                what="MAC", unit="x", log_fn=lambda m: None).model
+    kept_units = sum(b.mlp.fc1.out_features for b in one_share.blocks)
+    assert kept_units < sum(map(len, found.units_keep))
+
+
+def test_the_search_honours_the_floor_and_rounding_and_refuses_what_it_cannot_reach(tiny_vit):
+    importance = _random_importance(tiny_vit)
+    found = search_mask(tiny_vit, importance, 0.5, min_heads=2, mlp_round_to=16)
+    assert all(len(h) >= 2 for h in found.heads_keep)
+    assert all(len(u) % 16 == 0 for u in found.units_keep) and found.macs_fraction <= 0.5
+    with pytest.raises(PruneError, match=r"the MAC target 0.05 is below what pruning can reach: .* keeps 0\.\d+ of"):
+        search_mask(tiny_vit, importance, 0.05)
+    with pytest.raises(PruneError, match="L2 norms"):
+        search_mask(tiny_vit, l2_importance(tiny_vit), 0.5)
+    width = tiny_vit.blocks[0].mlp.fc1.out_features  # rounding to the full width keeps every unit: over budget
+    with pytest.raises(PruneError, match=f"no mask with MLP widths rounded to {width} fits 0.5 of the MACs"):
+        search_mask(tiny_vit, importance, 0.5, mlp_round_to=width)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["prune.search=true"], "set prune.target_macs"),
+    (["prune.search=true", "prune.target_macs=0.8", "prune.scope='layer'"], "prune.scope='layer' cannot hold"),
+    (["prune.search=true", "prune.target_macs=0.8", "prune.importance='l2'"], "L2 norms"),
+])
+def test_search_settings_that_cannot_work_are_refused_when_loaded(settings, message):
+    from compress.config import load_config
+    from compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, settings)
