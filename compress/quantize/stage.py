@@ -51,9 +51,10 @@ def build_candidates(
 
             if ctx.nncf_accuracy_control:
                 add(name, quantize_openvino(ctx, eval_batches, eval_count))
-            elif (candidate := quantize_openvino(ctx)) is None:
-                missed.append(f"{name}: nncf.quantize is over the {ctx.max_drop} pt budget, and its accuracy control "
-                              "is off (quantize.nncf_accuracy_control=false)")
+            elif not ctx.within_budget((candidate := quantize_openvino(ctx)).top1):
+                missed.append(f"{name}: nncf.quantize's top-1 {candidate.top1 * 100:.2f}% is a drop of "
+                              f"{ctx.drop(candidate.top1):.2f} pt, over the {ctx.max_drop} pt budget, and its accuracy "
+                              "control is off (quantize.nncf_accuracy_control=false)")
             else:
                 candidates.append(candidate)
         elif name == "neural-compressor":
@@ -128,11 +129,7 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             return evaluate_top1(lambda x: module(torch.from_numpy(x)).numpy(), ctx.eval_data,
                                  batch_size=config.measure.eval_batch_size).top1
 
-    # the float model's top-1 as its stage scored it in full (on ONNX Runtime where it was: the others ran the
-    # same, parity-checked model and scored it on the same images)
-    scored = sorted((r for r in inp.records if r.stage == inp.previous and r.precision == "fp32" and r.status == "ok"
-                     and r.scored_in_full), key=lambda r: r.runtime != "onnxruntime")
-    float_top1 = scored[0].top1 if scored else None
+    float_top1 = stage_float_top1(inp.records, inp.previous)
     if float_top1 is None:
         float_top1 = evaluate(inp.onnx, "onnx", "fp32")
     qctx = QuantizeContext(
@@ -210,6 +207,15 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                        for c in candidates],
     }
     return StageResult(notes=notes, records=records)
+
+
+def stage_float_top1(records, stage: str | None) -> float | None:
+    """Top-1 of ``stage``'s float model as that stage scored it in full: on ONNX Runtime where it was (the other
+    runtimes ran the same, parity-checked model on the same images). Only the stage's own model (``candidate``
+    None) counts, not a setting it tried on the way, such as the tokens stage's unreduced one."""
+    scored = sorted((r for r in records if r.stage == stage and r.precision == "fp32" and r.status == "ok"
+                     and r.candidate is None and r.scored_in_full), key=lambda r: r.runtime != "onnxruntime")
+    return scored[0].top1 if scored else None
 
 
 def fastest_within(records, float_top1: float, max_drop: float, batch: int, *, retime=None) -> dict | None:

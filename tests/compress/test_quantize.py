@@ -6,6 +6,7 @@ logit error ||q - f|| / ||f|| under 10% and top-1 agreement of at least 95% on 1
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -383,8 +384,9 @@ def test_with_nncf_accuracy_control_off_an_int8_model_over_budget_is_dropped_and
     ctx = _ctx(setup, calib=few, workdir=tmp_path, max_drop=-100.0, nncf_accuracy_control=False)
     candidates, missed = build_candidates(ctx, ["nncf"], evaluate_torch=None, eval_batches=lambda: eval_data.batches(64),
                                           eval_count=len(eval_data), bf16_available=False)
-    assert candidates == [] and missed == ["nncf: nncf.quantize is over the -100.0 pt budget, and its accuracy "
-                                           "control is off (quantize.nncf_accuracy_control=false)"]
+    assert candidates == [] and len(missed) == 1
+    assert re.fullmatch(r"nncf: nncf.quantize's top-1 \d+\.\d\d% is a drop of -?\d+\.\d\d pt, over the -100.0 pt "
+                        r"budget, and its accuracy control is off \(quantize.nncf_accuracy_control=false\)", missed[0])
     assert not (tmp_path / "nncf-ov-ac.xml").exists()  # the accuracy control never ran
 
 
@@ -404,3 +406,19 @@ def test_static_minmax_in_small_runs_has_the_scales_of_one_run_over_the_set(setu
     ours, reference = ({layer.name: layer.act_scale for layer in quantized_layers(onnx.load(str(path)))}
                        for path in (candidate.path, one_run))
     assert ours and ours == reference
+
+
+def test_the_budget_is_judged_against_the_previous_stages_own_model_not_a_setting_it_tried():
+    """The tokens stage records each setting it tried (``candidate`` set) before the model it chose; the quantize
+    stage's reference is the chosen one, on ONNX Runtime where it was scored."""
+    from compress.quantize.stage import stage_float_top1
+    from compress.records import StageRecord
+
+    tried = [StageRecord("tokens", "openvino", "fp32", 1, top1=0.756, candidate="unreduced"),
+             StageRecord("tokens", "openvino", "fp32", 1, top1=0.760, candidate="resolution 140")]
+    chosen = [StageRecord("tokens", "openvino", "fp32", 1, top1=0.761),
+              StageRecord("tokens", "onnxruntime", "fp32", 1, top1=0.762),
+              StageRecord("tokens", "openvino", "int8", 1, top1=0.70)]
+    assert stage_float_top1(tried + chosen, "tokens") == 0.762
+    assert stage_float_top1(tried + chosen[:1], "tokens") == 0.761
+    assert stage_float_top1(tried, "tokens") is None  # then the stage scores the float model itself

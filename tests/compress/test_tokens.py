@@ -419,6 +419,8 @@ def test_tokens_stage_tries_settings_records_them_and_keeps_one_within_budget(tm
                  and r.runtime == "onnxruntime"]
     float_top1 = next(r.top1 for r in final if r.runtime == "onnxruntime")
     assert quantized and abs(quantized[0].top1 - float_top1) <= 0.02
+    # the quantize stage judged against the model the tokens stage chose, not the first setting it tried
+    assert json.loads((tmp_path / "run" / "stages" / "quantize.json").read_text())["reference_top1"] == float_top1
     again = run_pipeline(digits_model, "digits", config, tmp_path / "run")
     assert again.resumed_stages == ["baseline", "prune", "tokens", "quantize"]
 
