@@ -73,8 +73,9 @@ class ExportConfig(Section):
     atol: float = Field(1e-4, gt=0)  # parity tolerance on logits, FP32 against PyTorch
     min_agreement: float = Field(0.99, ge=0, le=1)
     # with ToMe or PiToMe merging, the tolerance instead (top-1 must still agree on min_agreement of the inputs):
-    # their matching picks among near-equal similarities, and float rounding that differs by 1e-7 between runtimes can flip such a
-    # pick (seen: 0.04 on the reference ViT-S at r=13); each runtime's accuracy is measured on that runtime
+    # their matching picks among near-equal similarities, and float rounding that differs by 1e-7 between runtimes
+    # can flip such a pick (seen: 0.04 on the reference ViT-S at r=13); each runtime's accuracy is measured on that
+    # runtime
     merge_atol: float = Field(0.1, gt=0)
 
     def atol_for(self, model) -> float:

@@ -212,15 +212,22 @@ def select(scores: list[np.ndarray], ratio: float, *, minimum: int, what: str, r
             if len(kept[layer]) > minimum:
                 kept[layer].discard(idx)
                 removed += 1
-    if round_to > 1:
-        for layer, layer_scores in enumerate(scores):
-            want = min(len(layer_scores), -(-len(kept[layer]) // round_to) * round_to)
-            ranked = sorted(range(len(layer_scores)), key=lambda i: -float(layer_scores[i]))
-            for idx in ranked:  # add back the best-scoring removed items until aligned
-                if len(kept[layer]) >= want:
-                    break
-                kept[layer].add(idx)
+    _round_up(kept, scores, round_to)
     return [sorted(k) for k in kept]
+
+
+def _round_up(kept: list[set[int]], scores: list[np.ndarray], round_to: int) -> None:
+    """Grow each layer's kept set (in place) to a multiple of ``round_to`` (never above the layer's size), adding
+    back the best-scoring removed items first."""
+    if round_to <= 1:
+        return
+    for layer, layer_scores in enumerate(scores):
+        want = min(len(layer_scores), -(-len(kept[layer]) // round_to) * round_to)
+        ranked = sorted(range(len(layer_scores)), key=lambda i: -float(layer_scores[i]))
+        for idx in ranked:
+            if len(kept[layer]) >= want:
+                break
+            kept[layer].add(idx)
 
 
 # ------------------------------------------------------------------------------------------- mask search
@@ -321,13 +328,7 @@ def search_mask(model: VisionTransformer, importance: Importance, target_macs: f
             heads_keep[i].add(j)
         for _, i, j in free_units[:n]:
             units_keep[i].add(j)
-        if mlp_round_to > 1:
-            for i in range(depth):
-                want = min(counts[1][i], -(-len(units_keep[i]) // mlp_round_to) * mlp_round_to)
-                for j in np.argsort(-importance.units[i], kind="stable"):
-                    if len(units_keep[i]) >= want:
-                        break
-                    units_keep[i].add(int(j))
+        _round_up(units_keep, importance.units, mlp_round_to)
         macs = fixed + sum(len(k) * head_cost[i] for i, k in enumerate(heads_keep)) + sum(
             len(k) * unit_cost[i] for i, k in enumerate(units_keep))
         if macs <= target_macs * full + 1e-6:
