@@ -58,3 +58,26 @@ def interleaved_rounds(
 def paired_ratio(values: list[float], reference: list[float]) -> float:
     """Median over rounds of value / reference in the same round."""
     return float(np.median(np.asarray(values) / np.asarray(reference)))
+
+
+def token_plan(spec: str, model):
+    """A token reduction plan for ``model`` from a command-line spec: ``none`` (None), ``tome:R``, ``pitome:R``,
+    ``evit:KEEP[@LAYER,...]`` (EViT's default layers without ``@``) or ``resolution:SIZE``."""
+    from compress.tokens import TokenError, evit, resolution, tome
+
+    method, _, value = spec.partition(":")
+    depth = model.config.depth
+    try:
+        if method == "none":
+            return None
+        if method in ("tome", "pitome") and value:
+            return tome(int(value), depth, method=method)
+        if method == "evit" and value:
+            keep, _, layers = value.partition("@")
+            return evit(float(keep), depth, [int(v) for v in layers.split(",")] if layers else None)
+        if method == "resolution" and value:
+            return resolution(int(value), model.config)
+    except (ValueError, TokenError) as e:
+        raise SystemExit(f"token setting {spec!r}: {e}") from None
+    raise SystemExit(f"unknown token setting {spec!r}: use none, tome:R, pitome:R, evit:KEEP[@LAYER,...] or "
+                     "resolution:SIZE")

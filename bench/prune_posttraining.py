@@ -30,7 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import require_cifar, write_result  # noqa: E402
+from bench.common import require_cifar, token_plan, write_result  # noqa: E402
 from calibration.evaluate import evaluate_top1, paired_drop  # noqa: E402
 from compress.api import load_data, load_model  # noqa: E402
 from compress.prune.reconstruct import reconstruct  # noqa: E402
@@ -39,18 +39,6 @@ from compress.prune.structured import prune_by_ratio, remove, search_mask, taylo
 from compress.tokens import apply  # noqa: E402
 
 SETTINGS = ["0.3333:0.6667", "0.25:0.5"]  # (heads, MLP units) removed from every layer
-
-
-def token_plan(spec: str, depth: int):
-    from compress.tokens import evit, tome
-
-    method, _, value = spec.partition(":")
-    if method == "evit":
-        keep, _, layers = value.partition("@")
-        return evit(float(keep), depth, [int(v) for v in layers.split(",")] if layers else None)
-    if method in ("tome", "pitome"):
-        return tome(int(value), depth, method=method)
-    raise SystemExit(f"unknown token setting {spec!r}: use evit:KEEP[@LAYER,...], tome:R or pitome:R")
 
 
 def main() -> None:
@@ -85,7 +73,7 @@ def main() -> None:
     calib = [x for x, _ in data.calib.batches(64)][:4]  # 256 images
     rows = []
     for spec in args.tokens:
-        reduced = apply(copy.deepcopy(model), token_plan(spec, model.config.depth))
+        reduced = apply(copy.deepcopy(model), token_plan(spec, model))
         result = score(reduced)
         row = {"tokens": spec, "top1": result.top1, "drop": [round(v, 2) for v in paired_drop(base, result)],
                "macs_fraction": round(count_macs(reduced, shape) / full_macs, 3)}

@@ -25,29 +25,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
+from bench.common import interleaved_rounds, paired_ratio, require_cifar, token_plan, write_result  # noqa: E402
 from calibration.calibrate import from_split  # noqa: E402
 from compress.api import load_data, load_model  # noqa: E402
 from compress.model.macs import count_macs  # noqa: E402
 from compress.run.measure import openvino_parity  # noqa: E402
-from compress.tokens import apply, evit, resolution, tome  # noqa: E402
+from compress.tokens import apply  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
-
-
-def plan_of(spec: str, model):
-    method, _, value = spec.partition(":")
-    depth = model.config.depth
-    if method == "none":
-        return None
-    if method in ("tome", "pitome") and value:
-        return tome(int(value), depth, method=method)
-    if method == "evit" and value:
-        keep, _, layers = value.partition("@")
-        return evit(float(keep), depth, [int(v) for v in layers.split(",")] if layers else None)
-    if method == "resolution" and value:
-        return resolution(int(value), model.config)
-    raise SystemExit(f"unknown plan {spec!r}: use none, tome:R, pitome:R, evit:KEEP[@LAYER,...] or resolution:SIZE")
 
 
 def main() -> None:
@@ -78,7 +63,7 @@ def main() -> None:
     engines, rows = {}, {}
     work = Path(tempfile.mkdtemp(prefix="token-latency-"))
     for spec in args.plans:
-        reduced = apply(copy.deepcopy(model), plan_of(spec, model))
+        reduced = apply(copy.deepcopy(model), token_plan(spec, model))
         path = work / f"{spec.replace(':', '-')}.onnx"
         parity = export_onnx(reduced, path, example=torch.from_numpy(images[:2]), parity_inputs=images, atol=0.1,
                              min_agreement=0.99)
