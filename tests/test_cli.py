@@ -173,8 +173,8 @@ BAD_RUNS = {
                                       "puts 'tokens' after 'quantize'"),
     "unknown built-in recipe": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--recipe",
                                             "gpu-latency"],
-                                "or a built-in one (cpu-latency, cpu-training-free, cpu-quick-finetune, jetson-latency, "
-                                "digits-demo)"),
+                                "or a built-in one (cpu-latency, cpu-training-free, cpu-quick-finetune, "
+                                "jetson-latency, digits-demo)"),
     "output under a file": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--out",
                                         ws / "vit.safetensors" / "run"], "vit.safetensors is a file"),
     "existing RUN_DIR": (lambda ws: ["run", ws / "vit.safetensors", "--data", ws / "data", "--out", ws / "data"],

@@ -294,8 +294,8 @@ def search_mask(model: VisionTransformer, importance: Importance, target_macs: f
     floor = fixed + sum(len(f) * head_cost[i] for i, f in enumerate(forced_heads)) + sum(unit_cost)
     if floor > target_macs * full:
         raise PruneError(f"the MAC target {target_macs:g} is below what pruning can reach: with {min_heads} head(s) "
-                         f"and one MLP unit per layer the model keeps {floor / full:.3f} of its MACs; raise the target, "
-                         "or add token reduction")
+                         f"and one MLP unit per layer the model keeps {floor / full:.3f} of its MACs; raise the "
+                         "target, or add token reduction")
     free_heads = sorted(((float(importance.heads[i][j]), i, j) for i in range(depth) for j in range(counts[0][i])
                          if j not in forced_heads[i]), key=lambda t: (-t[0], t[1], t[2]))
     free_units = sorted(((float(importance.units[i][j]), i, j) for i in range(depth) for j in range(counts[1][i])
