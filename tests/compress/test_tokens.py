@@ -310,6 +310,8 @@ def test_resolution_survives_a_checkpoint_and_its_setting_belongs_to_its_method(
     ({"method": "resolution", "image_size": 30}, "has a token plan its own model cannot follow .*cannot work at 30 px"),
     ({"method": "resolution", "image_size": "big"}, "has a damaged token plan"),
     ({"method": "tome", "r": [40, 0, 0, 0]}, "has a token plan its own model cannot follow .*r=40"),
+    ({"method": "pitome", "r": [40, 0, 0, 0]}, "has a token plan its own model cannot follow .*r=40"),
+    ({"method": "pitome", "r": [2, 2]}, "has a token plan its own model cannot follow .*2 layers but the model has 4"),
 ])
 def test_a_checkpoint_whose_token_plan_its_model_cannot_follow_is_one_clear_error(tmp_path, plan, message):
     from safetensors import safe_open
