@@ -5,15 +5,17 @@ each measured alone on a trained model.
     python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/finetune/model.safetensors \
         --importance fisher --settings 0.1667:0.25 0:0.25 --tokens evit:0.7@6 tome:8 --eval-limit 500
     python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/finetune/model.safetensors \
-        --importance fisher --settings --macs 0.9 0.8 --eval-limit 1000
+        --importance fisher --settings --macs 0.9 0.8 [--rearrange] --eval-limit 1000
 
 From ``--model`` (default: models/cifar10-vit): importance on the calibration split's first 512 images (targets:
 the model's own predictions, so no labels), pruning at each ``--settings`` HEADS:MLP share with one width per
 layer (``scope="layer"``), and at each ``--macs`` fraction by Kwon et al.'s mask search (``search_mask``: heads
-and units chosen together across layers), each then repaired by ``compress.prune.reconstruct`` on 256 calibration
-images; then each ``--tokens`` plan (EViT ``evit:KEEP@LAYER``, ToMe ``tome:R``, PiToMe ``pitome:R``) on the
-unpruned model, with no fine-tuning. Top-1 on a seeded random sample of ``--eval-limit`` test images, each drop
-against the unpruned model with its paired 95% interval (``calibration.evaluate.paired_drop``), and the MACs kept.
+and units chosen together across layers; with ``--rearrange``, also that mask rearranged within each layer by
+the Fisher between masks, ``rearrange_mask``, the two side by side), each then repaired by
+``compress.prune.reconstruct`` on 256 calibration images; then each ``--tokens`` plan (EViT ``evit:KEEP@LAYER``,
+ToMe ``tome:R``, PiToMe ``pitome:R``) on the unpruned model, with no fine-tuning. Top-1 on a seeded random sample
+of ``--eval-limit`` test images, each drop against the unpruned model with its paired 95% interval
+(``calibration.evaluate.paired_drop``), and the MACs kept.
 Accuracy only: the seconds are wall time.
 """
 
@@ -35,7 +37,8 @@ from calibration.evaluate import evaluate_top1, paired_drop  # noqa: E402
 from compress.api import load_data, load_model  # noqa: E402
 from compress.prune.reconstruct import reconstruct  # noqa: E402
 from compress.model.macs import count_macs  # noqa: E402
-from compress.prune.structured import prune_by_ratio, remove, search_mask, taylor_importance  # noqa: E402
+from compress.prune.structured import (  # noqa: E402
+    prune_by_ratio, rearrange_mask, remove, search_mask, taylor_importance)
 from compress.tokens import apply  # noqa: E402
 
 SETTINGS = ["0.3333:0.6667", "0.25:0.5"]  # (heads, MLP units) removed from every layer
@@ -50,6 +53,8 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=SETTINGS, help="HEADS:MLP shares removed from every layer")
     ap.add_argument("--macs", nargs="*", type=float, default=[],
                     help="MAC fractions to prune to by the mask search (prune.search), after the --settings")
+    ap.add_argument("--rearrange", action="store_true",
+                    help="with --macs and fisher importance: each searched mask also rearranged (prune.rearrange)")
     ap.add_argument("--tokens", nargs="*", default=[],
                     help="token plans tried alone: evit:KEEP@LAYER, tome:R, pitome:R")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prune_posttraining.json")
@@ -81,28 +86,39 @@ def main() -> None:
         print(f"{spec}: top-1 {result.top1:.4f} (drop {row['drop'][0]:+.2f} pt, 95% {row['drop'][1]:+.2f}.."
               f"{row['drop'][2]:+.2f}), {row['macs_fraction']:.2f}x the MACs", flush=True)
     settings = [tuple(float(v) for v in s.split(":")) for s in args.settings]
-    jobs = [("layer", setting) for setting in settings] + [("search", fraction) for fraction in args.macs]
+    jobs = [("layer", setting) for setting in settings] + [
+        (how, fraction) for fraction in args.macs for how in ("search", "rearranged")[:1 + args.rearrange]]
     for fisher in [m == "fisher" for m in args.importance] if jobs else []:
         start = time.perf_counter()
-        importance = taylor_importance(model, data.calib.batches(32), targets="predictions", fisher=fisher)
+        gram = args.rearrange and fisher
+        importance = taylor_importance(model, data.calib.batches(32), targets="predictions", fisher=fisher,
+                                       gram=gram)
         importance_s = time.perf_counter() - start
         print(f"{importance.method} importance on {len(data.calib)} images in {importance_s:.0f} s", flush=True)
         for how, setting in jobs:
+            moved = None
             if how == "layer":
                 heads, mlp = setting
                 pruned = prune_by_ratio(model, importance, heads=heads, mlp=mlp, scope="layer")
             else:
+                if how == "rearranged" and not gram:
+                    continue  # Taylor importance has no Fisher blocks to rearrange by
                 found = search_mask(model, importance, setting)
-                pruned = remove(model, found.heads_keep, found.units_keep)
-                heads = 1 - sum(map(len, found.heads_keep)) / sum(b.attn.num_heads for b in model.blocks)
-                mlp = 1 - sum(map(len, found.units_keep)) / sum(b.mlp.fc1.out_features for b in model.blocks)
+                heads_keep, units_keep = found.heads_keep, found.units_keep
+                if how == "rearranged":
+                    moved = rearrange_mask(importance, heads_keep, units_keep)
+                    heads_keep, units_keep = moved.heads_keep, moved.units_keep
+                pruned = remove(model, heads_keep, units_keep)
+                heads = 1 - sum(map(len, heads_keep)) / sum(b.attn.num_heads for b in model.blocks)
+                mlp = 1 - sum(map(len, units_keep)) / sum(b.mlp.fc1.out_features for b in model.blocks)
             macs = round(count_macs(pruned, shape) / full_macs, 3)
             plain = score(pruned)
             start = time.perf_counter()
             info = reconstruct(pruned, model, calib)
             seconds = time.perf_counter() - start
             repaired = score(pruned)
-            row = {"importance": importance.method, "selection": "mask search" if how == "search" else "every layer",
+            row = {"importance": importance.method, "selection": {"layer": "every layer", "search": "mask search",
+                                                                  "rearranged": "mask search, rearranged"}[how],
                    "heads_removed": round(heads, 3), "mlp_removed": round(mlp, 3),
                    "structure": {"heads": [b.attn.num_heads for b in pruned.blocks],
                                  "mlp": [b.mlp.fc1.out_features for b in pruned.blocks]},
@@ -112,13 +128,18 @@ def main() -> None:
                    "drop_reconstructed": [round(v, 2) for v in paired_drop(base, repaired)],
                    "reconstruct_s": round(seconds, 1), "macs_fraction": macs,
                    **{k: round(v, 4) for k, v in info.items() if k != "images"}}
+            if moved is not None:
+                row["rearrange"] = {"swaps": moved.swaps, "fisher_loss_before": round(moved.loss_before, 5),
+                                    "fisher_loss_after": round(moved.loss_after, 5)}
             rows.append(row)
             print(f"{row['importance']:>18} {row['selection']}: heads -{heads:.2f} MLP -{mlp:.2f}: "
                   f"pruned {plain.top1:.4f} "
                   f"(drop {row['drop_pruned'][0]:+.2f} pt, 95% {row['drop_pruned'][1]:+.2f}..{row['drop_pruned'][2]:+.2f})"
                   f", reconstructed {repaired.top1:.4f} (drop {row['drop_reconstructed'][0]:+.2f} pt, 95% "
                   f"{row['drop_reconstructed'][1]:+.2f}..{row['drop_reconstructed'][2]:+.2f}) in {seconds:.1f} s, "
-                  f"{macs:.2f}x the MACs", flush=True)
+                  f"{macs:.2f}x the MACs" + (f"; {moved.swaps} exchanged, the Fisher loss estimate "
+                                             f"{moved.loss_before:.4g} -> {moved.loss_after:.4g}" if moved else ""),
+                  flush=True)
     write_result({"benchmark": "prune_posttraining", "model": str(args.model), "eval_images": base.num_samples,
                   "baseline_top1": base.top1, "rows": rows}, args.out)
 

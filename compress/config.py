@@ -124,6 +124,10 @@ class PruneConfig(Section):
     # MLP units to keep, and where, all layers ranked together by raw Fisher or Taylor importance; off: one share of
     # heads and units alike, raised until the target is met
     search: bool = False
+    # with search and importance='fisher': Kwon et al.'s mask rearrangement (compress.prune.structured.rearrange_mask):
+    # within each layer, exchange kept and removed heads (units) so the removed ones cost the least together, by the
+    # Fisher information between their masks; the counts, so the MACs, stay as searched
+    rearrange: bool = False
     target_latency_ms: float | None = Field(None, gt=0)  # on target_runtime at target_batch, FP32
     target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     target_batch: int = Field(1, ge=1)
@@ -142,6 +146,12 @@ class PruneConfig(Section):
         if self.search and self.importance == "l2":
             raise ValueError("prune.search weighs heads against MLP units by their effect on the loss, which L2 norms "
                              "do not measure; set prune.importance='fisher' (or 'taylor')")
+        if self.rearrange and not self.search:
+            raise ValueError("prune.rearrange refines the mask prune.search finds; set prune.search=true (with "
+                             "prune.target_macs), or remove prune.rearrange")
+        if self.rearrange and self.importance != "fisher":
+            raise ValueError("prune.rearrange weighs masks by the Fisher information between them; set "
+                             "prune.importance='fisher', or remove prune.rearrange")
         if (self.target_macs is not None or self.target_latency_ms is not None) and self.iterations > 1:
             raise ValueError("prune.iterations > 1 works with prune.heads / prune.mlp ratios, not with a MAC or "
                              "latency target; set prune.iterations=1")

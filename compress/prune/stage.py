@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def prune_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     from compress.model.macs import count_macs
-    from compress.prune.structured import prune_by_ratio, prune_to_target, remove, search_mask, structure
+    from compress.prune.structured import (prune_by_ratio, prune_to_target, rearrange_mask, remove, search_mask,
+                                           structure)
 
     model = inp.model
     p = ctx.config.prune  # one target at a time, without iterations: PruneConfig checked that when it was loaded
@@ -29,11 +30,18 @@ def prune_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         importance = _importance(model, ctx)
         found = search_mask(model, importance, p.target_macs, min_heads=p.min_heads_per_layer,
                             mlp_round_to=p.mlp_round_to)
-        pruned = remove(model, found.heads_keep, found.units_keep)
+        heads_keep, units_keep, search = found.heads_keep, found.units_keep, {
+            "macs_fraction": round(found.macs_fraction, 4), "kept_importance": round(found.kept_importance, 4)}
+        if p.rearrange:
+            moved = rearrange_mask(importance, heads_keep, units_keep)
+            heads_keep, units_keep = moved.heads_keep, moved.units_keep
+            search["rearrange"] = {"swaps": moved.swaps, "fisher_loss_before": round(moved.loss_before, 6),
+                                   "fisher_loss_after": round(moved.loss_after, 6)}
+        pruned = remove(model, heads_keep, units_keep)
         repaired = _reconstructed(pruned, model, ctx)
-        return StageResult(model=pruned, notes={"importance": importance.method, "search": {
-            "macs_fraction": round(found.macs_fraction, 4), "kept_importance": round(found.kept_importance, 4)},
-            "structure": structure(pruned)} | ({"reconstruct": repaired} if repaired else {}))
+        return StageResult(model=pruned, notes={"importance": importance.method, "search": search,
+                                                "structure": structure(pruned)}
+                           | ({"reconstruct": repaired} if repaired else {}))
     if p.target_macs or p.target_latency_ms:
         importance = _importance(model, ctx)
         shape = (1, *ctx.input_shape)
@@ -101,7 +109,7 @@ def _importance(model, ctx: RunContext):
     # activations per image for the backward pass, so large models go 8 at a time.
     batch = 8 if sum(q.numel() for q in model.parameters()) > 50e6 else 32
     return taylor_importance(model, data.batches(batch), targets=p.targets, teacher=ctx.teacher,
-                             fisher=p.importance == "fisher", total=len(data))
+                             fisher=p.importance == "fisher", gram=p.rearrange, total=len(data))
 
 
 def _reconstructed(pruned, original, ctx: RunContext) -> dict | None:

@@ -188,12 +188,14 @@ def test_iterative_pruning_and_mac_target(tmp_path, digits_model):
 
     searched = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.target_macs=0.7",
                                 "prune.search=true", "prune.importance='fisher'", "prune.targets='predictions'",
-                                "prune.reconstruct=true")
+                                "prune.reconstruct=true", "prune.rearrange=true")
     result = run_pipeline(digits_model, "digits", searched, tmp_path / "searched")
     base, pruned = (next(r for r in result.records if r.stage == s and r.status == "ok") for s in ("baseline", "prune"))
     assert pruned.macs <= 0.7 * base.macs
     notes = json.loads((tmp_path / "searched" / "stages" / "prune.json").read_text())["notes"]
     assert notes["importance"] == "fisher-predictions" and notes["search"]["macs_fraction"] <= 0.7
+    moved = notes["search"]["rearrange"]
+    assert moved["fisher_loss_after"] <= moved["fisher_loss_before"] and moved["swaps"] >= 0
     assert notes["reconstruct"]["stream_mse_after"] <= notes["reconstruct"]["stream_mse_before"]
 
 

@@ -11,8 +11,8 @@ import torch
 from calibration.datasets import Subset, digits_source, make_splits
 from compress.model.macs import count_macs, count_params
 from compress.prune.structured import (
-    Importance, PruneError, check_layout, item_macs, l2_importance, prune_by_ratio, prune_to_target, remove,
-    search_mask, select, structure, taylor_importance,
+    Importance, PruneError, check_layout, item_macs, l2_importance, prune_by_ratio, prune_to_target,
+    rearrange_mask, remove, search_mask, select, structure, taylor_importance,
 )
 from export.onnx_export import export_onnx
 
@@ -220,7 +220,77 @@ def test_the_search_honours_the_floor_and_rounding_and_refuses_what_it_cannot_re
         search_mask(tiny_vit, importance, 0.5, mlp_round_to=width)
 
 
+# ------------------------------------------------------------------------------------------ rearrangement
+def _cost(gram: np.ndarray, keep: list[int]) -> float:
+    removed = np.setdiff1d(np.arange(len(gram)), keep)
+    return float(gram[np.ix_(removed, removed)].sum())
+
+
+def test_the_fisher_blocks_hold_the_fisher_scores_on_their_diagonal(digits_model):
+    model = digits_model.model
+    data = _data(digits_model, 64)
+    plain = taylor_importance(model, data.batches(32), targets="predictions", fisher=True)
+    full = taylor_importance(model, data.batches(16), targets="predictions", fisher=True, gram=True)
+    assert plain.head_gram is None and full.images == plain.images == 64
+    for h, u, gh, gu in zip(plain.heads, plain.units, full.head_gram, full.unit_gram):
+        np.testing.assert_allclose(np.diag(gh), h, rtol=1e-5)
+        np.testing.assert_allclose(np.diag(gu), u, rtol=1e-5)
+        assert np.allclose(gu, gu.T) and np.linalg.eigvalsh(gu).min() > -1e-9 * np.abs(gu).max()  # a Gram matrix
+    with pytest.raises(PruneError, match="fisher=True"):
+        taylor_importance(model, data.batches(32), gram=True)
+
+
+def test_rearranging_swaps_a_unit_whose_gradient_cancels_another_into_the_removed_set():
+    """Units 2 and 3 have the smallest Fisher scores, but their gradients agree, so removing both costs 4; unit 0's
+    gradient cancels theirs, so removing 0 and one of them costs 0.01. The diagonal alone cannot see it."""
+    w, u = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    grads = np.stack([-1.1 * w, 3 * u, w, w])  # (units, images)
+    heads = np.eye(2)
+    importance = Importance([np.diag(heads)], [np.diag(grads @ grads.T)], "fisher-labels", 3, [heads],
+                            [grads @ grads.T])
+    moved = rearrange_mask(importance, [[0, 1]], [[0, 1]])
+    assert moved.units_keep in ([[1, 2]], [[1, 3]]) and moved.heads_keep == [[0, 1]] and moved.swaps == 1
+    assert moved.loss_before == pytest.approx(4 / 6) and moved.loss_after == pytest.approx(0.01 / 6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rearranging_keeps_the_counts_never_raises_the_estimate_and_ends_where_no_swap_helps(seed):
+    rng = np.random.default_rng(seed)
+    sizes, keeps, grams = [12, 9, 16], [], []
+    for n in sizes:
+        g = rng.standard_normal((n, 6)) * rng.random((n, 1))  # correlated gradients of 6 images
+        grams.append(g @ g.T)
+        keeps.append(sorted(np.argsort(-np.diag(grams[-1]))[: n // 2].tolist()))  # what the search keeps
+    importance = Importance([np.ones(2)] * 3, [np.diag(g) for g in grams], "fisher-labels", 6,
+                            [np.eye(2)] * 3, grams)
+    moved = rearrange_mask(importance, [[0, 1]] * 3, keeps, max_passes=100)
+    assert moved.loss_after <= moved.loss_before + 1e-12
+    for gram, before, after in zip(grams, keeps, moved.units_keep):
+        assert len(after) == len(before) and len(set(after)) == len(after)
+        assert _cost(gram, after) <= _cost(gram, before) + 1e-9
+        removed = [i for i in range(len(gram)) if i not in after]
+        for k in after:  # no single exchange of a kept and a removed unit lowers the cost
+            for j in removed:
+                swapped = sorted(set(after) - {k} | {j})
+                assert _cost(gram, swapped) >= _cost(gram, after) - 1e-9
+
+
+def test_rearranging_refuses_importance_without_fisher_blocks_or_of_another_model(tiny_vit):
+    importance = _random_importance(tiny_vit)
+    found = search_mask(tiny_vit, importance, 0.6)
+    with pytest.raises(PruneError, match="gram=True"):
+        rearrange_mask(importance, found.heads_keep, found.units_keep)
+    blocks = Importance(importance.heads, importance.units, importance.method, 8,
+                        [np.eye(len(h)) for h in importance.heads], [np.eye(len(u)) for u in importance.units])
+    with pytest.raises(PruneError, match="score the model being pruned"):
+        rearrange_mask(blocks, found.heads_keep[:1], found.units_keep[:1])
+    with pytest.raises(PruneError, match="score the model being pruned"):
+        rearrange_mask(blocks, found.heads_keep, [[0, 10_000]] * len(found.units_keep))
+
+
 @pytest.mark.parametrize("settings, message", [
+    (["prune.rearrange=true"], "set prune.search=true"),
+    (["prune.search=true", "prune.target_macs=0.8", "prune.rearrange=true"], "set prune.importance='fisher'"),
     (["prune.search=true"], "set prune.target_macs"),
     (["prune.search=true", "prune.target_macs=0.8", "prune.scope='layer'"], "prune.scope='layer' cannot hold"),
     (["prune.search=true", "prune.target_macs=0.8", "prune.importance='l2'"], "L2 norms"),
