@@ -12,8 +12,9 @@ the model's own predictions, so no labels), pruning at each ``--settings`` HEADS
 layer (``scope="layer"``), and at each ``--macs`` fraction by Kwon et al.'s mask search (``search_mask``: heads
 and units chosen together across layers; with ``--rearrange``, also that mask rearranged within each layer by
 the Fisher between masks, ``rearrange_mask``, the two side by side), each then repaired by
-``compress.prune.reconstruct`` on 256 calibration images; then each ``--tokens`` plan (EViT ``evit:KEEP@LAYER``,
-ToMe ``tome:R``, PiToMe ``pitome:R``) on the unpruned model, with no fine-tuning. Top-1 on a seeded random sample
+``compress.prune.reconstruct`` on 256 calibration images (``--repair``: by scales, by whole weights, or each);
+then each ``--tokens`` plan (EViT ``evit:KEEP@LAYER``, ToMe ``tome:R``, PiToMe ``pitome:R``) on the unpruned
+model, with no fine-tuning. Top-1 on a seeded random sample
 of ``--eval-limit`` test images, each drop against the unpruned model with its paired 95% interval
 (``calibration.evaluate.paired_drop``), and the MACs kept.
 Accuracy only: the seconds are wall time.
@@ -53,6 +54,10 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=SETTINGS, help="HEADS:MLP shares removed from every layer")
     ap.add_argument("--macs", nargs="*", type=float, default=[],
                     help="MAC fractions to prune to by the mask search (prune.search), after the --settings")
+    ap.add_argument("--repair", nargs="+", choices=["scales", "weights"], default=["scales"],
+                    help="least-squares repairs tried on each pruned model, side by side: per-head and per-unit "
+                         "scales (Kwon et al.'s mask tuning) or whole attn.proj and mlp.fc2 weights "
+                         "(prune.reconstruct_fit)")
     ap.add_argument("--rearrange", action="store_true",
                     help="with --macs and fisher importance: each searched mask also rearranged (prune.rearrange)")
     ap.add_argument("--tokens", nargs="*", default=[],
@@ -113,33 +118,35 @@ def main() -> None:
                 mlp = 1 - sum(map(len, units_keep)) / sum(b.mlp.fc1.out_features for b in model.blocks)
             macs = round(count_macs(pruned, shape) / full_macs, 3)
             plain = score(pruned)
-            start = time.perf_counter()
-            info = reconstruct(pruned, model, calib)
-            seconds = time.perf_counter() - start
-            repaired = score(pruned)
-            row = {"importance": importance.method, "selection": {"layer": "every layer", "search": "mask search",
-                                                                  "rearranged": "mask search, rearranged"}[how],
-                   "heads_removed": round(heads, 3), "mlp_removed": round(mlp, 3),
-                   "structure": {"heads": [b.attn.num_heads for b in pruned.blocks],
-                                 "mlp": [b.mlp.fc1.out_features for b in pruned.blocks]},
-                   "importance_s": round(importance_s, 1), "top1_pruned": plain.top1,
-                   "drop_pruned": [round(v, 2) for v in paired_drop(base, plain)],
-                   "top1_reconstructed": repaired.top1,
-                   "drop_reconstructed": [round(v, 2) for v in paired_drop(base, repaired)],
-                   "reconstruct_s": round(seconds, 1), "macs_fraction": macs,
-                   **{k: round(v, 4) for k, v in info.items() if k != "images"}}
-            if moved is not None:
-                row["rearrange"] = {"swaps": moved.swaps, "fisher_loss_before": round(moved.loss_before, 5),
-                                    "fisher_loss_after": round(moved.loss_after, 5)}
-            rows.append(row)
-            print(f"{row['importance']:>18} {row['selection']}: heads -{heads:.2f} MLP -{mlp:.2f}: "
-                  f"pruned {plain.top1:.4f} "
-                  f"(drop {row['drop_pruned'][0]:+.2f} pt, 95% {row['drop_pruned'][1]:+.2f}..{row['drop_pruned'][2]:+.2f})"
-                  f", reconstructed {repaired.top1:.4f} (drop {row['drop_reconstructed'][0]:+.2f} pt, 95% "
-                  f"{row['drop_reconstructed'][1]:+.2f}..{row['drop_reconstructed'][2]:+.2f}) in {seconds:.1f} s, "
-                  f"{macs:.2f}x the MACs" + (f"; {moved.swaps} exchanged, the Fisher loss estimate "
-                                             f"{moved.loss_before:.4g} -> {moved.loss_after:.4g}" if moved else ""),
-                  flush=True)
+            for fit in args.repair:
+                repaired = copy.deepcopy(pruned)
+                start = time.perf_counter()
+                info = reconstruct(repaired, model, calib, weights=fit == "weights")
+                seconds = time.perf_counter() - start
+                result = score(repaired)
+                row = {"importance": importance.method,
+                       "selection": {"layer": "every layer", "search": "mask search",
+                                     "rearranged": "mask search, rearranged"}[how],
+                       "heads_removed": round(heads, 3), "mlp_removed": round(mlp, 3),
+                       "structure": {"heads": [b.attn.num_heads for b in pruned.blocks],
+                                     "mlp": [b.mlp.fc1.out_features for b in pruned.blocks]},
+                       "importance_s": round(importance_s, 1), "top1_pruned": plain.top1,
+                       "drop_pruned": [round(v, 2) for v in paired_drop(base, plain)], "repair": fit,
+                       "top1_reconstructed": result.top1,
+                       "drop_reconstructed": [round(v, 2) for v in paired_drop(base, result)],
+                       "reconstruct_s": round(seconds, 1), "macs_fraction": macs,
+                       **{k: round(v, 4) for k, v in info.items() if k not in ("images", "fit")}}
+                if moved is not None:
+                    row["rearrange"] = {"swaps": moved.swaps, "fisher_loss_before": round(moved.loss_before, 5),
+                                        "fisher_loss_after": round(moved.loss_after, 5)}
+                rows.append(row)
+                drop, fixed = row["drop_pruned"], row["drop_reconstructed"]
+                print(f"{row['importance']:>18} {row['selection']}: heads -{heads:.2f} MLP -{mlp:.2f}: "
+                      f"pruned {plain.top1:.4f} (drop {drop[0]:+.2f} pt, 95% {drop[1]:+.2f}..{drop[2]:+.2f}), "
+                      f"repaired ({fit}) {result.top1:.4f} (drop {fixed[0]:+.2f} pt, 95% {fixed[1]:+.2f}.."
+                      f"{fixed[2]:+.2f}) in {seconds:.1f} s, {macs:.2f}x the MACs"
+                      + (f"; {moved.swaps} exchanged, the Fisher loss estimate {moved.loss_before:.4g} -> "
+                         f"{moved.loss_after:.4g}" if moved else ""), flush=True)
     write_result({"benchmark": "prune_posttraining", "model": str(args.model), "eval_images": base.num_samples,
                   "baseline_top1": base.top1, "rows": rows}, args.out)
 

@@ -96,39 +96,73 @@ def load_data(path: str | Path, preprocess: Preprocess, *, calib_size: int = 512
 
 
 # --------------------------------------------------------------------------------------------- transforms
-def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.0,
-                importance: Literal["l2", "taylor"] = "l2", data: Subset | None = None,
-                targets: Literal["labels", "predictions", "soft"] = "labels", min_heads_per_layer: int = 1,
+def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.0, target_macs: float | None = None,
+                importance: Literal["l2", "taylor", "fisher"] = "l2", data: Subset | None = None,
+                targets: Literal["labels", "predictions", "soft"] = "labels", search: bool = False,
+                rearrange: bool = False, reconstruct: bool = False,
+                reconstruct_fit: Literal["scales", "weights"] = "scales", min_heads_per_layer: int = 1,
                 mlp_round_to: int = 1, scope: Literal["global", "layer"] = "global") -> VisionTransformer:
-    """Remove a share of the attention heads and MLP hidden units; returns a new, smaller model.
+    """Remove attention heads and MLP hidden units; returns a new, smaller model. The same rules as ``[prune]``.
 
     Args:
         model: the ViT to prune (left unchanged).
         heads: share of all attention heads removed, in [0, 1).
         mlp: share of all MLP hidden units removed, in [0, 1).
-        importance: ``"l2"`` (weight norms, no data) or ``"taylor"`` (first-order loss change on ``data``).
-        data: images for Taylor importance (e.g. ``load_data(...).calib``).
-        targets: Taylor's loss against the labels, or the unpruned model's hard or soft predictions.
+        target_macs: instead of ``heads`` and ``mlp``, the fraction of the model's MACs to keep: one share for
+            both, raised until it is met, or with ``search`` the heads and units the mask search finds.
+        importance: ``"l2"`` (weight norms, no data), ``"taylor"`` (first-order loss change on ``data``) or
+            ``"fisher"`` (squared per-image gradients on ``data``; Kwon et al. 2022).
+        data: images for Taylor and Fisher importance and for ``reconstruct`` (e.g. ``load_data(...).calib``).
+        targets: the loss against the labels, or the unpruned model's hard or soft predictions (no labels needed).
+        search: with ``target_macs``, Kwon et al.'s mask search: every layer's heads and units ranked together.
+        rearrange: with ``search`` and ``"fisher"``, Kwon et al.'s mask rearrangement within each layer.
+        reconstruct: repair the kept heads and units by least squares against ``model`` on up to 256 images of
+            ``data``, without training: one scale per kept head and unit (``reconstruct_fit="scales"``), or the
+            whole ``attn.proj`` and ``mlp.fc2`` of every block (``"weights"``).
         min_heads_per_layer: never leave a layer with fewer heads.
         mlp_round_to: keep a multiple of this many MLP units per layer (aligned GEMM widths).
         scope: rank heads and units across all layers (``"global"``) or remove the same share from each.
     """
+    from compress.config import load_config
     from compress.errors import ConfigError
-    from compress.prune.structured import check_layout, l2_importance, prune_by_ratio, taylor_importance
+    from compress.model.macs import count_macs
+    from compress.prune.reconstruct import reconstruct as repair
+    from compress.prune.structured import (check_layout, l2_importance, prune_by_ratio, prune_searched,
+                                           prune_to_target, taylor_importance)
 
-    if not (0 <= heads < 1 and 0 <= mlp < 1):
-        raise ConfigError(f"heads={heads} and mlp={mlp} must be shares in [0, 1); 0.25 removes a quarter")
+    settings = {"heads": heads, "mlp": mlp, "target_macs": target_macs, "importance": importance,
+                "targets": targets, "search": search, "rearrange": rearrange, "reconstruct": reconstruct,
+                "reconstruct_fit": reconstruct_fit, "min_heads_per_layer": min_heads_per_layer,
+                "mlp_round_to": mlp_round_to, "scope": scope}
+    load_config(base={"prune": settings})  # the [prune] section's rules, with its one-line errors
+    if target_macs is not None and (heads or mlp):
+        raise ConfigError("pass heads and mlp shares, or target_macs, not both")
     check_layout(model)
+    if (importance != "l2" or reconstruct) and (data is None or len(data) == 0):
+        needs = "reconstruct" if importance == "l2" else f"{importance.capitalize()} importance"
+        raise ConfigError(f"{needs} needs images: pass data=load_data(...).calib"
+                          + (", or importance='l2'" if importance != "l2" else ""))
     if importance == "l2":
         scores = l2_importance(model)
-    elif importance == "taylor":
-        if data is None or len(data) == 0:
-            raise ConfigError("Taylor importance needs images: pass data=load_data(...).calib, or importance='l2'")
-        scores = taylor_importance(model, data.batches(32), targets=targets)  # gradients only; weights kept
+    else:  # gradients only; the weights are kept as they were
+        scores = taylor_importance(model, data.batches(32), targets=targets, fisher=importance == "fisher",
+                                   gram=rearrange, total=len(data))
+    if search:
+        pruned, _ = prune_searched(model, scores, target_macs, min_heads=min_heads_per_layer,
+                                   mlp_round_to=mlp_round_to, rearrange=rearrange)
+    elif target_macs is not None:
+        shape = (1, model.config.in_chans, model.config.image_size, model.config.image_size)
+        full = count_macs(model, shape)
+        pruned = prune_to_target(model, scores, lambda m: count_macs(m, shape) / full, target_macs, what="MAC",
+                                 unit="x the unpruned MACs", min_heads=min_heads_per_layer,
+                                 mlp_round_to=mlp_round_to, scope=scope).model
     else:
-        raise ConfigError(f"unknown importance {importance!r}; choose 'l2' or 'taylor'")
-    return prune_by_ratio(model, scores, heads=heads, mlp=mlp, min_heads=min_heads_per_layer,
-                          mlp_round_to=mlp_round_to, scope=scope)
+        pruned = prune_by_ratio(model, scores, heads=heads, mlp=mlp, min_heads=min_heads_per_layer,
+                                mlp_round_to=mlp_round_to, scope=scope)
+    if reconstruct:
+        repair(pruned, model, (x for i, (x, _) in enumerate(data.batches(32)) if i < 8),
+               weights=reconstruct_fit == "weights")
+    return pruned
 
 
 def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome", "evit", "resolution"] = "tome",

@@ -33,9 +33,11 @@ log = logging.getLogger(__name__)
 RIDGE = 1e-3  # relative to the Gram matrix's mean diagonal
 
 
-def reconstruct(pruned: VisionTransformer, original: VisionTransformer, images: Iterable[np.ndarray]) -> dict:
+def reconstruct(pruned: VisionTransformer, original: VisionTransformer, images: Iterable[np.ndarray], *,
+                weights: bool = False) -> dict:
     """Scale ``pruned``'s kept heads and MLP units in place so that, block by block, its residual stream follows
-    ``original``'s on ``images`` (batches of (B, C, H, W) float32). Returns the mean squared stream error after the
+    ``original``'s on ``images`` (batches of (B, C, H, W) float32); with ``weights``, refit the whole of each
+    block's ``attn.proj`` and ``mlp.fc2`` instead (``_refit``). Returns the mean squared stream error after the
     last block, before and after, for the log and the stage's notes."""
     if not pruned.config.pre_norm or not original.config.pre_norm:
         raise PruneError("least-squares reconstruction (prune.reconstruct) works on pre-norm blocks; this model "
@@ -53,10 +55,10 @@ def reconstruct(pruned: VisionTransformer, original: VisionTransformer, images: 
         for layer, (block, reference) in enumerate(zip(pruned.blocks, original.blocks)):
             # the unpruned block's branch on the pruned model's own stream: what this layer should add to it
             targets = [x + reference.ls1(reference.attn(reference.norm1(x))) for x in ours]
-            _tune_heads(block, ours, targets)
+            (_refit_heads if weights else _tune_heads)(block, ours, targets)
             ours = [x + block.ls1(block.attn(block.norm1(x))) for x in ours]
             targets = [x + reference.ls2(reference.mlp(reference.norm2(x))) for x in ours]
-            _tune_units(block, ours, targets)
+            (_refit_units if weights else _tune_units)(block, ours, targets)
             ours = [x + block.ls2(block.mlp(block.norm2(x))) for x in ours]
             theirs = [t + reference.ls1(reference.attn(reference.norm1(t))) for t in theirs]
             theirs = [t + reference.ls2(reference.mlp(reference.norm2(t))) for t in theirs]
@@ -68,7 +70,8 @@ def reconstruct(pruned: VisionTransformer, original: VisionTransformer, images: 
         after = float(np.mean([((pruned.norm(o) - original.norm(t)) ** 2).mean().item() for o, t in zip(ours, theirs)]))
     log.info("prune: least-squares reconstruction on %d images: final-stream error %.4g -> %.4g",
              sum(len(x) for x in batches), before, after)
-    return {"images": sum(len(x) for x in batches), "stream_mse_before": before, "stream_mse_after": after}
+    return {"images": sum(len(x) for x in batches), "stream_mse_before": before, "stream_mse_after": after,
+            "fit": "weights" if weights else "scales"}
 
 
 def _stream_error(pruned: VisionTransformer, original: VisionTransformer, batches: list[torch.Tensor]) -> float:
@@ -101,9 +104,7 @@ def _tune_heads(block: Block, streams: list[torch.Tensor], targets: list[torch.T
     r_sum = torch.zeros(D, dtype=torch.float64)
     n = 0
     for x, target in zip(streams, targets):
-        q, k, v = attn.split_heads(block.norm1(x))  # (B, H, T, hd) each
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, H, T, hd)
-        o = o.transpose(1, 2).reshape(-1, H, hd).double()  # (tokens, H, hd)
+        o = _head_outputs(block, x).view(-1, H, hd)  # (tokens, H, hd)
         features = torch.einsum("thc,dhc->thd", o, W.view(D, H, hd))  # (tokens, H, D): each head's contribution
         rest = ((target - x).reshape(-1, D).double() - gamma * attn.proj.bias.double()) * s  # what the heads make
         gram += torch.einsum("thd,tjd->hj", features, features)
@@ -151,6 +152,60 @@ def _tune_units(block: Block, streams: list[torch.Tensor], targets: list[torch.T
     with torch.no_grad():
         mlp.fc2.weight.mul_(scales.to(mlp.fc2.weight.dtype)[None, :])
         mlp.fc2.bias.add_(shift.to(mlp.fc2.bias.dtype))
+
+
+def _head_outputs(block: Block, x: torch.Tensor) -> torch.Tensor:
+    """What ``attn.proj`` takes in, every token's heads side by side: (tokens, heads * head width), float64."""
+    attn = block.attn
+    q, k, v = attn.split_heads(block.norm1(x))  # (B, H, T, hd) each
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, H, T, hd)
+    return o.transpose(1, 2).reshape(-1, attn.num_heads * attn.head_dim).double()
+
+
+def _refit_heads(block: Block, streams: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    gamma = _gamma(block.ls1, block.attn.proj.out_features).double()
+    _refit(block.attn.proj, gamma, ((_head_outputs(block, x), target - x) for x, target in zip(streams, targets)))
+
+
+def _refit_units(block: Block, streams: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+    mlp, gamma = block.mlp, _gamma(block.ls2, block.mlp.fc2.out_features).double()
+    hidden = (mlp.act(mlp.fc1(block.norm2(x))).reshape(-1, mlp.fc2.in_features).double() for x in streams)
+    _refit(mlp.fc2, gamma, zip(hidden, (target - x for x, target in zip(streams, targets))))
+
+
+def _refit(linear: torch.nn.Linear, gamma: torch.Tensor, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``linear``'s whole weight and bias, in place, so that ``gamma * linear(z)`` best matches ``y`` over every
+    token of ``pairs`` (``z``: (tokens, in) float64, ``y``: (..., out)), by least squares with a small ridge towards
+    the weight it had. Each output channel is its own regression on the same inputs, so one Gram matrix of the
+    inputs serves them all: ``W = (Y'Z + lam W0) (Z'Z + lam I)^-1``, centred so the bias is fitted beside it.
+    Where ``mask tuning`` (``_tune_heads``, ``_tune_units``) fits one scale per kept head or unit, this fits every
+    weight of the layer after the pruned ones, as layer-wise reconstruction for post-training compression does
+    (the optimal update of the layer's remaining weights for its own output error): many more unknowns, still
+    far fewer than the calibration tokens give equations (256 images of a ViT-S/14 at 224: 65,792 tokens per
+    row, against at most 1,536 weights)."""
+    K, D = linear.in_features, linear.out_features
+    safe = torch.where(gamma.abs() > 1e-12, gamma, torch.ones_like(gamma))  # a zero LayerScale: any weight does
+    zz = torch.zeros(K, K, dtype=torch.float64)
+    yz = torch.zeros(D, K, dtype=torch.float64)
+    z_sum = torch.zeros(K, dtype=torch.float64)
+    y_sum = torch.zeros(D, dtype=torch.float64)
+    n = 0
+    for z, y in pairs:
+        y = y.reshape(-1, D).double() / safe  # what linear(z) itself should give
+        zz += z.T @ z
+        yz += y.T @ z
+        z_sum += z.sum(0)
+        y_sum += y.sum(0)
+        n += len(z)
+    z_mean, y_mean = z_sum / n, y_sum / n
+    zz -= n * torch.outer(z_mean, z_mean)
+    yz -= n * torch.outer(y_mean, z_mean)
+    lam = RIDGE * float(torch.diagonal(zz).mean()) + 1e-12
+    w0 = linear.weight.double()
+    weight = torch.linalg.solve(zz + lam * torch.eye(K, dtype=zz.dtype), (yz + lam * w0).T).T
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(linear.weight.dtype))
+        linear.bias.copy_((y_mean - weight @ z_mean).to(linear.bias.dtype))
 
 
 def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

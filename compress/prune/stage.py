@@ -21,23 +21,14 @@ log = logging.getLogger(__name__)
 
 def prune_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     from compress.model.macs import count_macs
-    from compress.prune.structured import (prune_by_ratio, prune_to_target, rearrange_mask, remove, search_mask,
-                                           structure)
+    from compress.prune.structured import prune_by_ratio, prune_searched, prune_to_target, structure
 
     model = inp.model
     p = ctx.config.prune  # one target at a time, without iterations: PruneConfig checked that when it was loaded
     if p.search:
         importance = _importance(model, ctx)
-        found = search_mask(model, importance, p.target_macs, min_heads=p.min_heads_per_layer,
-                            mlp_round_to=p.mlp_round_to)
-        heads_keep, units_keep, search = found.heads_keep, found.units_keep, {
-            "macs_fraction": round(found.macs_fraction, 4), "kept_importance": round(found.kept_importance, 4)}
-        if p.rearrange:
-            moved = rearrange_mask(importance, heads_keep, units_keep)
-            heads_keep, units_keep = moved.heads_keep, moved.units_keep
-            search["rearrange"] = {"swaps": moved.swaps, "fisher_loss_before": round(moved.loss_before, 6),
-                                   "fisher_loss_after": round(moved.loss_after, 6)}
-        pruned = remove(model, heads_keep, units_keep)
+        pruned, search = prune_searched(model, importance, p.target_macs, min_heads=p.min_heads_per_layer,
+                                        mlp_round_to=p.mlp_round_to, rearrange=p.rearrange)
         repaired = _reconstructed(pruned, model, ctx)
         return StageResult(model=pruned, notes={"importance": importance.method, "search": search,
                                                 "structure": structure(pruned)}
@@ -113,15 +104,16 @@ def _importance(model, ctx: RunContext):
 
 
 def _reconstructed(pruned, original, ctx: RunContext) -> dict | None:
-    """``pruned`` repaired by least squares against ``original`` (``prune.reconstruct``), on up to 256 calibration
-    images; the notes say how far the stream error fell."""
+    """``pruned`` repaired by least squares against ``original`` (``prune.reconstruct``, fitting what
+    ``prune.reconstruct_fit`` says), on up to 256 calibration images; the notes say how far the stream error fell."""
     from compress.prune.reconstruct import reconstruct
 
     if not ctx.config.prune.reconstruct:
         return None
     data = ctx.calib_data if len(ctx.calib_data) else ctx.train_data
     rows = data.indices[:256]
-    return reconstruct(pruned, original, (x for x, _ in Subset(data.source, rows, data.preprocess).batches(32)))
+    return reconstruct(pruned, original, (x for x, _ in Subset(data.source, rows, data.preprocess).batches(32)),
+                       weights=ctx.config.prune.reconstruct_fit == "weights")
 
 
 def _latency_ms(model, ctx: RunContext) -> float:

@@ -411,6 +411,21 @@ def rearrange_mask(importance: Importance, heads_keep: list[list[int]], units_ke
     return Rearranged(new_heads, new_units, before, after, swaps)
 
 
+def prune_searched(model: VisionTransformer, importance: Importance, target_macs: float, *, min_heads: int = 1,
+                   mlp_round_to: int = 1, rearrange: bool = False) -> tuple[VisionTransformer, dict]:
+    """``search_mask`` within ``target_macs``, then (with ``rearrange``) ``rearrange_mask``, then ``remove``: the
+    pruned model, and what the search found (for a stage's notes)."""
+    found = search_mask(model, importance, target_macs, min_heads=min_heads, mlp_round_to=mlp_round_to)
+    heads_keep, units_keep = found.heads_keep, found.units_keep
+    notes = {"macs_fraction": round(found.macs_fraction, 4), "kept_importance": round(found.kept_importance, 4)}
+    if rearrange:
+        moved = rearrange_mask(importance, heads_keep, units_keep)
+        heads_keep, units_keep = moved.heads_keep, moved.units_keep
+        notes["rearrange"] = {"swaps": moved.swaps, "fisher_loss_before": round(moved.loss_before, 6),
+                              "fisher_loss_after": round(moved.loss_after, 6)}
+    return remove(model, heads_keep, units_keep), notes
+
+
 def _rearrange_layer(gram: np.ndarray, keep: list[int], max_passes: int) -> tuple[list[int], float, float, int]:
     """One layer of ``rearrange_mask``: the kept indices, ``1_S' F 1_S`` of the removed set before and after, and
     the exchanges made. ``reach[j]`` is ``sum_{i in S} F[j, i]``; removing ``j`` from ``S`` lowers the cost by

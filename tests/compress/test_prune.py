@@ -301,3 +301,39 @@ def test_search_settings_that_cannot_work_are_refused_when_loaded(settings, mess
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, settings)
+
+
+# --------------------------------------------------------------------------------------------- the Python API
+def test_the_api_prunes_training_free_by_search_rearrangement_and_repair(digits_model):
+    import compress
+
+    model = digits_model.model
+    shape = (1, model.config.in_chans, model.config.image_size, model.config.image_size)
+    data = _data(digits_model)
+    pruned = compress.prune_model(model, target_macs=0.7, importance="fisher", data=data, targets="predictions",
+                                  search=True, rearrange=True, reconstruct=True)
+    assert count_macs(pruned, shape) <= 0.7 * count_macs(model, shape)
+    assert structure(model) != structure(pruned) and pruned is not model
+    one_share = compress.prune_model(model, target_macs=0.7, importance="taylor", data=data)
+    assert count_macs(one_share, shape) <= 0.7 * count_macs(model, shape)
+    x = torch.from_numpy(next(data.batches(8))[0])
+    with torch.no_grad():
+        assert pruned(x).shape == one_share(x).shape == model(x).shape
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"target_macs": 0.7, "search": True, "rearrange": True, "importance": "taylor"}, "prune.importance='fisher'"),
+    ({"heads": 0.25, "rearrange": True}, "set prune.search=true"),
+    ({"heads": 0.25, "target_macs": 0.7}, "not both"),
+    ({"heads": 1.5}, "prune.heads"),
+    ({"heads": 0.25, "importance": "fisher"}, "Fisher importance needs images"),
+    ({"heads": 0.25, "reconstruct": True}, "reconstruct needs images"),
+    ({"heads": 0.25, "importance": "hessian"}, "unknown value 'hessian'"),
+])
+def test_the_api_refuses_settings_that_cannot_work_in_one_line(tiny_vit, kwargs, message):
+    import compress
+    from compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        compress.prune_model(tiny_vit, **kwargs)
+    assert "\n" not in str(caught.value)

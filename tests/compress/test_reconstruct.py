@@ -22,10 +22,11 @@ def _images(n: int = 64) -> list[np.ndarray]:
     return [x[i : i + 16] for i in range(0, n, 16)]
 
 
-def test_an_unpruned_model_is_left_as_it_was():
+@pytest.mark.parametrize("weights", [False, True])
+def test_an_unpruned_model_is_left_as_it_was(weights):
     model = _model(layer_scale_init=0.5)
     same = copy.deepcopy(model)
-    reconstruct(same, model, _images())
+    assert reconstruct(same, model, _images(), weights=weights)["fit"] == ("weights" if weights else "scales")
     for a, b in zip(same.state_dict().values(), model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4)
 
@@ -43,3 +44,14 @@ def test_post_norm_blocks_are_refused_in_one_line():
     model = _model(pre_norm=False)
     with pytest.raises(PruneError, match="pre-norm blocks"):
         reconstruct(copy.deepcopy(model), model, _images(16))
+
+
+def test_refitting_whole_weights_follows_the_stream_more_closely_than_scales_with_the_same_shapes():
+    model = _model(layer_scale_init=0.5)
+    pruned = prune_by_ratio(model, l2_importance(model), heads=0.5, mlp=0.5)
+    scaled, refitted = copy.deepcopy(pruned), copy.deepcopy(pruned)
+    by_scales = reconstruct(scaled, model, _images())
+    by_weights = reconstruct(refitted, model, _images(), weights=True)
+    assert by_weights["stream_mse_after"] < by_scales["stream_mse_after"] < by_scales["stream_mse_before"]
+    assert {k: v.shape for k, v in refitted.state_dict().items()} == {k: v.shape
+                                                                      for k, v in pruned.state_dict().items()}
