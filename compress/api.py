@@ -100,7 +100,7 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
                 importance: Literal["l2", "taylor", "fisher"] = "l2", data: Subset | None = None,
                 targets: Literal["labels", "predictions", "soft"] = "labels", search: bool = False,
                 rearrange: bool = False, reconstruct: bool = False,
-                reconstruct_fit: Literal["scales", "weights"] = "scales", min_heads_per_layer: int = 1,
+                reconstruct_fit: Literal["scales", "weights"] = "weights", min_heads_per_layer: int = 1,
                 mlp_round_to: int = 1, scope: Literal["global", "layer"] = "global") -> VisionTransformer:
     """Remove attention heads and MLP hidden units; returns a new, smaller model. The same rules as ``[prune]``.
 
@@ -116,9 +116,10 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
         targets: the loss against the labels, or the unpruned model's hard or soft predictions (no labels needed).
         search: with ``target_macs``, Kwon et al.'s mask search: every layer's heads and units ranked together.
         rearrange: with ``search`` and ``"fisher"``, Kwon et al.'s mask rearrangement within each layer.
-        reconstruct: repair the kept heads and units by least squares against ``model`` on up to 256 images of
-            ``data``, without training: one scale per kept head and unit (``reconstruct_fit="scales"``), or the
-            whole ``attn.proj`` and ``mlp.fc2`` of every block (``"weights"``).
+        reconstruct: repair what is kept by least squares against ``model`` on up to 256 images of ``data``,
+            without training.
+        reconstruct_fit: what the repair fits: the whole ``attn.proj`` and ``mlp.fc2`` of every block
+            (``"weights"``), or one scale per kept head and unit (``"scales"``, Kwon et al.'s mask tuning).
         min_heads_per_layer: never leave a layer with fewer heads.
         mlp_round_to: keep a multiple of this many MLP units per layer (aligned GEMM widths).
         scope: rank heads and units across all layers (``"global"``) or remove the same share from each.
