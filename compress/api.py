@@ -136,8 +136,6 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
                 "reconstruct_fit": reconstruct_fit, "min_heads_per_layer": min_heads_per_layer,
                 "mlp_round_to": mlp_round_to, "scope": scope}
     load_config(base={"prune": settings})  # the [prune] section's rules, with its one-line errors
-    if target_macs is not None and (heads or mlp):
-        raise ConfigError("pass heads and mlp shares, or target_macs, not both")
     check_layout(model)
     if (importance != "l2" or reconstruct) and (data is None or len(data) == 0):
         needs = "reconstruct" if importance == "l2" else f"{importance.capitalize()} importance"

@@ -140,6 +140,9 @@ class PruneConfig(Section):
     def _one_target(self) -> PruneConfig:
         if self.target_macs is not None and self.target_latency_ms is not None:
             raise ValueError("set one of prune.target_macs and prune.target_latency_ms, not both")
+        if (self.target_macs is not None or self.target_latency_ms is not None) and (self.heads or self.mlp):
+            raise ValueError("a MAC or latency target sets how much is pruned, so prune.heads and prune.mlp would be "
+                             "ignored; set the shares or the target, not both (prune.heads=0 prune.mlp=0 clears them)")
         if self.search and self.target_macs is None:
             raise ValueError("prune.search chooses heads and MLP units within a MAC budget; set prune.target_macs "
                              "(e.g. 0.8), or remove prune.search")

@@ -17,6 +17,8 @@ from compress.config import RunConfig
 CROSS_FIELD = {
     "two prune targets": ["prune.target_macs=0.5", "prune.target_latency_ms=3.0"],
     "iterations with a target": ["prune.target_macs=0.5", "prune.iterations=2"],
+    "shares with a target": ["prune.heads=0.25", "prune.target_macs=0.5"],
+    "rearrangement without the search": ["prune.rearrange=true", "prune.importance='fisher'"],
     "EViT layers and depths": ["tokens.layers=[1]", "tokens.depths=[0.5]"],
     "a setting of the other token method": ["tokens.method='tome'", "tokens.keep_rate=0.5"],
     "a stage listed twice": ['pipeline.stages=["prune", "prune"]', "prune.heads=0.25"],
