@@ -159,8 +159,7 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
         pruned = prune_by_ratio(model, scores, heads=heads, mlp=mlp, min_heads=min_heads_per_layer,
                                 mlp_round_to=mlp_round_to, scope=scope)
     if reconstruct:
-        repair(pruned, model, (x for i, (x, _) in enumerate(data.batches(32)) if i < 8),
-               weights=reconstruct_fit == "weights")
+        repair(pruned, model, (x for x, _ in data.head(256).batches(32)), weights=reconstruct_fit == "weights")
     return pruned
 
 

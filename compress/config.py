@@ -113,8 +113,8 @@ class PruneConfig(Section):
     # Taylor loss against: the labels, the unpruned model's top-1 predictions, or its soft predictions
     targets: Literal["labels", "predictions", "soft"] = "labels"
     importance_samples: int = Field(256, ge=1)  # images of the calibration split scored for Taylor importance
-    # after each pruning, scale the kept heads and units (and refit their biases) by per-layer least squares on
-    # calibration images, no training (compress.prune.reconstruct; Kwon et al. 2022's mask tuning)
+    # after each pruning, repair each block by per-layer least squares on 256 calibration images, no training
+    # (compress.prune.reconstruct), fitting what reconstruct_fit says
     reconstruct: bool = False
     # what the repair fits: the whole weight and bias of each block's attn.proj and mlp.fc2, or one scale per kept
     # head and unit (Kwon et al.'s mask tuning); on the reference ViT-S at 0.8x the MACs, 0.4 pt lost against 4.8

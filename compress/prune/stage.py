@@ -111,8 +111,7 @@ def _reconstructed(pruned, original, ctx: RunContext) -> dict | None:
     if not ctx.config.prune.reconstruct:
         return None
     data = ctx.calib_data if len(ctx.calib_data) else ctx.train_data
-    rows = data.indices[:256]
-    return reconstruct(pruned, original, (x for x, _ in Subset(data.source, rows, data.preprocess).batches(32)),
+    return reconstruct(pruned, original, (x for x, _ in data.head(256).batches(32)),
                        weights=ctx.config.prune.reconstruct_fit == "weights")
 
 

@@ -445,9 +445,7 @@ def _rearrange_layer(gram: np.ndarray, keep: list[int], max_passes: int) -> tupl
     for _ in range(max_passes):
         reach = gram[:, removed].sum(1)  # recomputed each pass, so rounding does not build up
         moved = 0
-        for k in sorted(np.flatnonzero(~removed).tolist(), key=lambda i: (diag[i], i)):
-            if removed[k]:
-                continue
+        for k in sorted(np.flatnonzero(~removed).tolist(), key=lambda i: (diag[i], i)):  # each still kept here
             reach += gram[:, k]
             removed[k] = True
             relief = np.where(removed, 2 * reach - diag, -np.inf)
