@@ -9,14 +9,13 @@ each measured alone on a trained model.
 
 From ``--model`` (default: models/cifar10-vit): importance on the calibration split's first 512 images (targets:
 the model's own predictions, so no labels), pruning at each ``--settings`` HEADS:MLP share with one width per
-layer (``scope="layer"``), and at each ``--macs`` fraction by Kwon et al.'s mask search (``search_mask``: heads
+layer (``scope="layer"``), and at each ``--macs`` fraction by Kwon et al.'s mask search (``prune_searched``: heads
 and units chosen together across layers; with ``--rearrange``, also that mask rearranged within each layer by
 the Fisher between masks, ``rearrange_mask``, the two side by side), each then repaired by
 ``compress.prune.reconstruct`` on 256 calibration images (``--repair``: by scales, by whole weights, or each);
 then each ``--tokens`` plan (EViT ``evit:KEEP@LAYER``, ToMe ``tome:R``, PiToMe ``pitome:R``) on the unpruned
-model, with no fine-tuning. Top-1 on a seeded random sample
-of ``--eval-limit`` test images, each drop against the unpruned model with its paired 95% interval
-(``calibration.evaluate.paired_drop``), and the MACs kept.
+model, with no fine-tuning. Top-1 on a seeded random sample of ``--eval-limit`` test images, each drop against
+the unpruned model with its paired 95% interval (``calibration.evaluate.paired_drop``), and the MACs kept.
 Accuracy only: the seconds are wall time.
 """
 
@@ -38,8 +37,7 @@ from calibration.evaluate import evaluate_top1, paired_drop  # noqa: E402
 from compress.api import load_data, load_model  # noqa: E402
 from compress.prune.reconstruct import reconstruct  # noqa: E402
 from compress.model.macs import count_macs  # noqa: E402
-from compress.prune.structured import (  # noqa: E402
-    prune_by_ratio, rearrange_mask, remove, search_mask, taylor_importance)
+from compress.prune.structured import prune_by_ratio, prune_searched, taylor_importance  # noqa: E402
 from compress.tokens import apply  # noqa: E402
 
 SETTINGS = ["0.3333:0.6667", "0.25:0.5"]  # (heads, MLP units) removed from every layer
@@ -108,14 +106,11 @@ def main() -> None:
             else:
                 if how == "rearranged" and not gram:
                     continue  # Taylor importance has no Fisher blocks to rearrange by
-                found = search_mask(model, importance, setting)
-                heads_keep, units_keep = found.heads_keep, found.units_keep
-                if how == "rearranged":
-                    moved = rearrange_mask(importance, heads_keep, units_keep)
-                    heads_keep, units_keep = moved.heads_keep, moved.units_keep
-                pruned = remove(model, heads_keep, units_keep)
-                heads = 1 - sum(map(len, heads_keep)) / sum(b.attn.num_heads for b in model.blocks)
-                mlp = 1 - sum(map(len, units_keep)) / sum(b.mlp.fc1.out_features for b in model.blocks)
+                pruned, notes = prune_searched(model, importance, setting, rearrange=how == "rearranged")
+                moved = notes.get("rearrange")
+                heads = 1 - sum(b.attn.num_heads for b in pruned.blocks) / sum(b.attn.num_heads for b in model.blocks)
+                mlp = 1 - sum(b.mlp.fc1.out_features for b in pruned.blocks) / sum(
+                    b.mlp.fc1.out_features for b in model.blocks)
             macs = round(count_macs(pruned, shape) / full_macs, 3)
             plain = score(pruned)
             for fit in args.repair:
@@ -137,16 +132,15 @@ def main() -> None:
                        "reconstruct_s": round(seconds, 1), "macs_fraction": macs,
                        **{k: round(v, 4) for k, v in info.items() if k not in ("images", "fit")}}
                 if moved is not None:
-                    row["rearrange"] = {"swaps": moved.swaps, "fisher_loss_before": round(moved.loss_before, 5),
-                                        "fisher_loss_after": round(moved.loss_after, 5)}
+                    row["rearrange"] = moved
                 rows.append(row)
                 drop, fixed = row["drop_pruned"], row["drop_reconstructed"]
                 print(f"{row['importance']:>18} {row['selection']}: heads -{heads:.2f} MLP -{mlp:.2f}: "
                       f"pruned {plain.top1:.4f} (drop {drop[0]:+.2f} pt, 95% {drop[1]:+.2f}..{drop[2]:+.2f}), "
                       f"repaired ({fit}) {result.top1:.4f} (drop {fixed[0]:+.2f} pt, 95% {fixed[1]:+.2f}.."
                       f"{fixed[2]:+.2f}) in {seconds:.1f} s, {macs:.2f}x the MACs"
-                      + (f"; {moved.swaps} exchanged, the Fisher loss estimate {moved.loss_before:.4g} -> "
-                         f"{moved.loss_after:.4g}" if moved else ""), flush=True)
+                      + (f"; {moved['swaps']} exchanged, the Fisher loss estimate {moved['fisher_loss_before']:.4g}"
+                         f" -> {moved['fisher_loss_after']:.4g}" if moved else ""), flush=True)
     write_result({"benchmark": "prune_posttraining", "model": str(args.model), "eval_images": base.num_samples,
                   "baseline_top1": base.top1, "rows": rows}, args.out)
 
