@@ -130,48 +130,59 @@ class FrozenPrefix:
         return self._runners[runtime]
 
     def _make_runner(self, runtime: str, images: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
-        from runtimes import RuntimeUnavailableError, get_runtime
+        if runtime != "torch" and (run := compiled(_Encode(self), images, what="the frozen blocks",
+                                                   runtime=runtime)) is not None:
+            return run
+        return lambda x: self.encode(torch.from_numpy(x))
 
-        names = {"auto": ["openvino", "onnxruntime"], "torch": []}.get(runtime, [runtime])
-        engines = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in names:
+
+def compiled(module: torch.nn.Module, images: np.ndarray, *, what: str,
+             runtime: str = "auto") -> Callable[[np.ndarray], torch.Tensor] | None:
+    """``module`` (normalised images -> a tensor) exported to ONNX, checked against PyTorch on ``images`` and
+    compiled in FP32 on ``runtime`` (``auto``: whichever of OpenVINO and ONNX Runtime is faster here on one warm
+    call with ``images``): a function from images to its output. None when no such runtime is installed or the
+    export fails (logged; the caller then runs PyTorch, which is slower on a CPU, not wrong)."""
+    from export.errors import ExportError
+    from runtimes import RuntimeUnavailableError, get_runtime
+
+    names = ["openvino", "onnxruntime"] if runtime == "auto" else [runtime]
+    engines = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "module.onnx"
+        for name in names:
+            try:
+                runtime_ = get_runtime(name)
+            except RuntimeUnavailableError:
+                continue
+            if not path.exists():
                 try:
-                    runtime_ = get_runtime(name)
-                except RuntimeUnavailableError:
-                    continue
-                path = Path(tmp) / "frozen.onnx"
-                if not path.exists():
-                    from export.errors import ExportError
-
-                    try:
-                        self._export(path, images)
-                    except ExportError as e:  # ParityError included: the pass then runs in PyTorch, slower
-                        log.warning("the frozen blocks run in PyTorch: their export failed (%s)", e)
-                        break
-                engines[name] = runtime_.build(path, precision="fp32", threads=torch.get_num_threads())
-            if not engines:
-                return lambda x: self.encode(torch.from_numpy(x))
-            seconds = {}
-            for name, engine in engines.items():  # which is faster on this machine: one warm call each, timed
-                engine.run(images)
-                start = time.perf_counter()
-                engine.run(images)
-                seconds[name] = time.perf_counter() - start
-            name = min(seconds, key=seconds.get)
-            log.info("the frozen blocks run on %s for the one pass (%s ms per image)", name,
-                     " / ".join(f"{n} {t * 1000 / len(images):.0f}" for n, t in seconds.items()))
-            engine = engines[name]  # compiled in memory: the file may go with the folder
-            return lambda x: torch.from_numpy(np.ascontiguousarray(engine.run(x)))
+                    _export(module, path, images)
+                except ExportError as e:  # ParityError included
+                    log.warning("%s run in PyTorch: their export failed (%s)", what, e)
+                    return None
+            engines[name] = runtime_.build(path, precision="fp32", threads=torch.get_num_threads())
+        if not engines:
+            return None
+        seconds = {}
+        for name, engine in engines.items():  # which is faster on this machine: one warm call each, timed
+            engine.run(images)
+            start = time.perf_counter()
+            engine.run(images)
+            seconds[name] = time.perf_counter() - start
+    name = min(seconds, key=seconds.get)
+    log.info("%s run on %s (%s ms per image)", what, name,
+             " / ".join(f"{n} {t * 1000 / len(images):.0f}" for n, t in seconds.items()))
+    engine = engines[name]  # compiled in memory: the file may go with the folder
+    return lambda x: torch.from_numpy(np.ascontiguousarray(engine.run(x)))
 
 
-    def _export(self, path: Path, images: np.ndarray) -> None:
-        from export.onnx_export import export_onnx
+def _export(module: torch.nn.Module, path: Path, images: np.ndarray) -> None:
+    from export.onnx_export import export_onnx
 
-        with torch.no_grad():
-            scale = float(self.encode(torch.from_numpy(images)).abs().max())  # the tolerance follows the scale
-        export_onnx(_Encode(self), path, example=torch.from_numpy(images[:2]), parity_inputs=images,
-                    atol=1e-4 * max(1.0, scale), min_agreement=0.0)
+    with torch.no_grad():
+        scale = float(module(torch.from_numpy(images)).abs().max())  # the tolerance follows the output's scale
+    export_onnx(module, path, example=torch.from_numpy(images[:2]), parity_inputs=images,
+                atol=1e-4 * max(1.0, scale), min_agreement=0.0)
 
 
 class _Encode(torch.nn.Module):

@@ -143,6 +143,26 @@ def test_a_frozen_prefix_is_cached_once_and_left_untouched(digits_train, frozen_
     assert all(p.requires_grad for p in model.parameters())  # the model goes on whole
 
 
+def test_a_model_is_scored_on_a_compiled_engine_that_agrees_with_pytorch(digits_train, caplog):
+    """What the train job scores a fully trained model with: exported, checked and run on OpenVINO or ONNX
+    Runtime, whichever is faster here."""
+    import logging
+
+    from compress.train.frozen import compiled
+
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(**DIGITS)).eval()
+    images = next(digits_train.batches(128))[0]
+    with caplog.at_level(logging.INFO, logger="compress.train.frozen"):
+        run = compiled(model, images[:8], what="the evaluation images")
+    assert run is not None and "the evaluation images run on " in caplog.text
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images))
+    got = run(images)
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-3
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.99
+
+
 def test_freezing_more_blocks_than_the_model_has_is_one_line(digits_train):
     from compress.errors import InputError
 
