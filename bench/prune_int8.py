@@ -1,6 +1,6 @@
 """What INT8 costs after post-training pruning: the same mask repaired two ways, each quantized as a user would.
 
-    python bench/prune_int8.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/finetune/model.safetensors \
+    python bench/prune_int8.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/full/model.safetensors \
         [--macs 0.8] [--eval-limit 1000] [--out bench/results/prune_int8_reference.json]
 
 The model as loaded, and the mask search's mask at ``--macs`` (Fisher importance on 256 calibration images,

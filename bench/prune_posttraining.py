@@ -2,9 +2,9 @@
 each measured alone on a trained model.
 
     python bench/prune_posttraining.py --data /tmp/cifar10 [--eval-limit 2000] [--out bench/results/...]
-    python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/finetune/model.safetensors \
+    python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/full/model.safetensors \
         --importance fisher --settings 0.1667:0.25 0:0.25 --tokens evit:0.7@6 tome:8 --eval-limit 500
-    python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/finetune/model.safetensors \
+    python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/full/model.safetensors \
         --importance fisher --settings --macs 0.9 0.8 [--rearrange] --eval-limit 1000
 
 From ``--model`` (default: models/cifar10-vit): importance on the calibration split's first 512 images (targets:

@@ -1,6 +1,6 @@
 """A recipe against plain NNCF INT8 on the reference ViT-S (models/dinov2-s14-cifar10), in one script.
 
-    python bench/reference_chain.py --model runs/dinov2-s14-cifar10/finetune/model.safetensors --data /tmp/cifar10 \\
+    python bench/reference_chain.py --model runs/dinov2-s14-cifar10/full/model.safetensors --data /tmp/cifar10 \\
         [--recipe cpu-training-free] [--eval-limit 1000] [--out runs/reference-chain]
 
 1. The peer: ``compress run`` with the quantize stage alone and NNCF only; its plain ``nncf.quantize`` candidate

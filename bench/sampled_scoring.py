@@ -1,6 +1,6 @@
 """Scoring every runtime in full against scoring one in full and sampling the others, on one model.
 
-    python bench/sampled_scoring.py --model runs/dinov2-s14-cifar10/finetune/model.safetensors --data /tmp/cifar10 \\
+    python bench/sampled_scoring.py --model runs/dinov2-s14-cifar10/full/model.safetensors --data /tmp/cifar10 \\
         [--eval-limit 1000] [--sample 300] [--out runs/sampled-scoring]
 
 Two ``compress run``s of the baseline stage alone (no compression), on every runtime and precision this machine

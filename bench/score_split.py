@@ -1,6 +1,6 @@
 """Score engines on a whole evaluation split in one pass, with each one's paired top-1 drop against the first.
 
-    python bench/score_split.py --model runs/dinov2-s14-cifar10/finetune/model.safetensors --data /tmp/cifar10 \\
+    python bench/score_split.py --model runs/dinov2-s14-cifar10/full/model.safetensors --data /tmp/cifar10 \\
         --engine "FP32=RUN/nncf/artifacts/baseline-*.onnx:fp32" --engine "plain NNCF INT8=RUN/nncf/...xml:int8" \\
         [--out bench/results/score_split.json]
 

@@ -1,6 +1,6 @@
 """Token reduction plans on a trained model, timed side by side in the precision the chain ends in: INT8 on OpenVINO.
 
-    python bench/token_latency.py --model runs/dinov2-s14-cifar10/finetune/model.safetensors --data /tmp/cifar10 \\
+    python bench/token_latency.py --model runs/dinov2-s14-cifar10/full/model.safetensors --data /tmp/cifar10 \\
         --plans none tome:12 pitome:12 resolution:168 [--rounds 7] [--out bench/results/token_latency.json]
 
 Each plan (``none``, ``tome:R``, ``pitome:R``, ``evit:KEEP[@LAYER,...]``, ``resolution:SIZE``) is set on the
