@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from compress.config import RunConfig
+from compress.records import StageRecord
 from compress.run.context import RunContext, StageInput, StageResult
 from compress.tokens.plan import MERGING
 from compress.train.distill import distill
@@ -145,7 +146,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     and the chosen one is fine-tuned afterwards, unless ``tokens.finetune_each`` fine-tunes each of them (from the
     same weights) before it is judged too.
     """
-    from calibration.evaluate import evaluate_top1
+    from calibration.evaluate import EvalResult, evaluate_top1, paired_drop
     from compress.model.macs import count_macs
     from compress.run.measure import model_structure, openvino_parity, timing_fields
     from compress.tokens import apply, token_counts
@@ -167,7 +168,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     x = np.concatenate([x] * -(-t.target_batch // len(x)))[: t.target_batch]  # (B, C, H, W) real images
     probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
     trials, base_top1, engines = [], None, {}
-    scored = _scored_input(inp, t.target_runtime, len(ctx.eval_data))  # the unreduced model, scored by its stage
+    scored = _scored_input(inp, t.target_runtime, len(ctx.eval_data))  # the unreduced model's record, by its stage
     # the chain's budget rules, and this stage spends at most its share of what is left
     max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * t.budget_share
     precision, timing_calib = timing_precision(ctx.config), None
@@ -200,8 +201,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                 ov_diff = openvino_parity(path, model, probe, atol=ctx.config.export.atol_for(model),
                                           threads=ctx.threads)
                 engine = ctx.engine(path, t.target_runtime)
-                if plan is None and scored is not None:
-                    result = scored  # the same file's top-1 on the same runtime and images: not scored twice
+                if plan is None and scored is not None:  # the same file's top-1 on the same runtime and images:
+                    result = EvalResult(scored.top1, None, scored.eval_samples)  # not scored twice
                 else:
                     result = evaluate_top1(engine.run, ctx.eval_data, batch_size=ctx.config.measure.eval_batch_size,
                                            progress=(lambda d, n: ctx.say(f"tokens · {name}", d, n))
@@ -237,8 +238,14 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             log.warning("tokens: %s not kept: %s", name, e)
             trials.append(fields | {"status": "skipped", "reason": str(e)})
             continue
+        # the record's drop is against the baseline (the recorder's); its interval is paired on the same images
+        paired = paired_drop(inp.reference, result) if inp.reference is not None else None
+        if paired is None and plan is None and scored is not None:  # as its own stage measured it; a record
+            ci = scored.top1_drop_ci95 or ([0.0, 0.0] if scored.top1_drop == 0 else None)  # without one is the
+            paired = (scored.top1_drop, *ci) if ci else None  # reference's own score, its drop 0 exactly
         trials.append(fields | {"top1": result.top1, "top1_drop": drop, "eval_samples": result.num_samples,
                                 "openvino_parity_max_abs_diff": ov_diff, "plan": plan} | timing_fields(stats) |
+                      ({"top1_drop_ci95": [round(paired[1], 4), round(paired[2], 4)]} if paired else {}) |
                       ({"timed_precision": precision, "timed_ms_p50": timed_stats.latency_ms_p50,
                         "timed_verdict": timing_fields(timed_stats)["latency_verdict"]} if timed_stats else {}))
         log.info("tokens: %s top-1 %.4f (drop %.2f pt), p50 %.2f ms on %s at batch %d%s, %.2fx the MACs", name,
@@ -279,15 +286,13 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     return StageResult(model=model, notes=notes, records=records)
 
 
-def _scored_input(inp: StageInput, runtime: str, images: int):
-    """The stage's input model as its own stage scored it on ``runtime`` in FP32 over the whole evaluation split,
-    or None: then the unreduced reference is scored here."""
-    from calibration.evaluate import EvalResult
-
+def _scored_input(inp: StageInput, runtime: str, images: int) -> StageRecord | None:
+    """The record of the stage's input model as its own stage scored it on ``runtime`` in FP32 over the whole
+    evaluation split, or None: then the unreduced reference is scored here."""
     for r in inp.records:
         if (r.stage == inp.previous and r.runtime == runtime and r.precision == "fp32" and r.status == "ok"
                 and r.candidate in (None, r.stage) and r.scored_in_full and r.eval_samples == images):
-            return EvalResult(r.top1, None, images)
+            return r
     return None
 
 

@@ -82,6 +82,9 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     assert retimed or (chain["selected"]["latency_ms_p50"], chain["selected"]["top1"]) in {
         (p["latency_ms_p50"], p["top1"]) for p in front}
     assert set(chain["stage_seconds"]) == {"baseline", "prune", "recover", "tokens", "quantize", "deploy"}
+    scored = every_drop_has_its_interval(result.records)
+    assert {r.stage for r in scored} >= {"baseline", "prune", "recover", "tokens", "quantize"}
+    assert sum(r.stage == "tokens" and r.candidate is not None for r in scored) >= 2
     manifest = verify(run / chain["bundle"])
     assert manifest["selected"]["top1"] == chain["selected"]["top1"]
     report = (run / "report.md").read_text()
@@ -111,6 +114,19 @@ def test_the_training_free_recipe_runs_on_calibration_data_alone(tmp_path, digit
     assert {r.candidate for r in result.records if r.stage == "quantize"} == {"nncf-ov"}
     chain = json.loads((run / "stages" / "pipeline.json").read_text())
     assert set(chain["stage_seconds"]) == {"baseline", "tokens", "quantize", "deploy"}
+    every_drop_has_its_interval(result.records)  # the unreduced setting's score is the baseline's, reused
+
+
+def every_drop_has_its_interval(records):
+    """Every top-1 drop in the records comes with its 95% interval, the token settings tried included; only the
+    baseline's own full score, the reference of the others, has none (its drop is 0 by definition)."""
+    scored = [r for r in records if r.status == "ok" and r.top1 is not None]
+    for r in scored:
+        if r.top1_drop_ci95 is None:
+            assert r.stage == "baseline" and r.sampled_against is None and r.top1_drop == 0, r
+        else:
+            assert r.top1_drop_ci95[0] - 1e-6 <= r.top1_drop <= r.top1_drop_ci95[1] + 1e-6, r
+    return scored
 
 
 @pytest.mark.slow
