@@ -49,15 +49,15 @@ def settled_by_retiming(verdict: str | None) -> bool:
 
 
 def too_close_to_call(items: list, p50, noisy=None) -> list:
-    """The items to time again, interleaved, before one is chosen: those whose median ``p50(item)`` is within
-    ``CLOSE`` of the fastest's, and every item whose own timing ``noisy(item)`` says is not to be trusted (its
-    median may be far off either way). A noisy item left alone gets the fastest other item as its reference."""
+    """The items to time again, interleaved, before one is chosen: every item whose own timing ``noisy(item)`` says
+    is not to be trusted (its median may be far off either way), and those whose median ``p50(item)`` is within
+    ``CLOSE`` of the fastest *stably* timed one (of the fastest of all when none is stable). A noisy median is no
+    yardstick: a noisy item that looked fastest is timed again beside the fastest stable one, whatever other noisy
+    items there are, so that no trustworthy median is left out of the comparison."""
     noisy = noisy or (lambda item: False)
-    best = min(p50(item) for item in items)
-    out = [item for item in items if p50(item) <= best * (1 + CLOSE) or noisy(item)]
-    if len(out) == 1 and noisy(out[0]) and len(items) > 1:
-        out.append(min((item for item in items if item is not out[0]), key=p50))
-    return out
+    stable = [p50(item) for item in items if not noisy(item)]
+    bar = min(stable) if stable else min(p50(item) for item in items)
+    return [item for item in items if noisy(item) or p50(item) <= bar * (1 + CLOSE)]
 
 
 def interleaved(engines: Mapping[str, Engine], x: np.ndarray, *, threads: int, rounds: int = 7,

@@ -83,6 +83,12 @@ def test_a_noisy_timing_is_always_timed_again_and_never_alone():
     assert too_close_to_call(list(p50), p50.get, lambda k: k == "a") == ["a", "b"]
     assert too_close_to_call(list(p50), p50.get) == ["a"]  # a stable one that stands out needs no second look
     assert too_close_to_call(["a"], p50.get, lambda k: True) == ["a"]  # nothing to compare it with
+    # the deploy stage of a run on the reference ViT-S: two BF16 rows timed noisy, the INT8 row stable at 14.4 ms.
+    # Only the two BF16 rows were timed again (13.6 ms), and BF16 was packed; in interleaved rounds afterwards the
+    # INT8 engine ran at 7.5 ms. The fastest stable row is always among those timed again.
+    p50 = {"baseline bf16": 31.1, "tokens bf16": 8.9, "nncf int8": 14.35, "tokens fp32": 24.4, "baseline fp32": 82.8}
+    noisy = {"baseline bf16", "tokens bf16"}
+    assert too_close_to_call(list(p50), p50.get, lambda k: k in noisy) == ["baseline bf16", "tokens bf16", "nncf int8"]
 
 
 def test_the_verdict_after_re_timing_says_whether_the_rounds_agreed():
