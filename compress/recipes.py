@@ -79,8 +79,9 @@ CPU_TRAINING_FREE: dict[str, Any] = {
 # searched at a quarter of the MACs (112 px on ViT-S/14 at 224) and that setting fine-tuned *before* it is judged
 # (tokens.finetune_each), since a size this small costs top-1 until trained. One epoch over 8,000 training images
 # (a class-stratified sample), every weight trained, distilled from the model as loaded, in BF16 autocast (on a CPU
-# without AMX or AVX-512 BF16, --set recover.bf16=false trains faster). On the reference ViT-S it ran at 0.331x
-# plain NNCF INT8's latency in 19.4 minutes, 800 s of it training (BENCHMARKS.md, "cpu-quick-finetune").
+# without AMX or AVX-512 BF16, --set recover.bf16=false trains faster). On the reference ViT-S fine-tuned in full
+# (87.56%), 112 px lost nothing after the epoch, and its NNCF INT8 engine ran at 0.308x plain NNCF INT8's latency
+# (run with 140 px searched too: 37.5 minutes, 30 of them training; BENCHMARKS.md, "cpu-quick-finetune on it").
 CPU_QUICK_FINETUNE: dict[str, Any] = {
     "pipeline": CPU_TRAINING_FREE["pipeline"],
     "data": {"train_limit": 8000},
