@@ -232,7 +232,8 @@ def deploy(run_dir: Path, target_name: str, out: Path, *, candidate: str | None 
     private_key = _signing_key(sign) if sign is not None else None
     log(f"deploying {chosen.candidate or chosen.stage} ({chosen.runtime} {chosen.precision}): top-1 "
         f"{chosen.top1 * 100:.2f}% ({chosen.top1_drop:+.2f} pt), p50 {chosen.latency_ms_p50:.3f} ms at batch "
-        f"{chosen.batch_size} here")
+        f"{chosen.batch_size} here" + (f" ({retimed[timing_key(chosen)]:.3f} ms timed again, interleaved)"
+                                       if retimed and timing_key(chosen) in retimed else ""))
     metadata = _stage_metadata(Path(run_dir), chosen)
     if not metadata:
         raise InputError(f"the checkpoint of stage {chosen.stage} is missing from {run_dir}/artifacts; the run is "
