@@ -75,10 +75,10 @@ def reused(name: str, out: Path, config, previous: dict) -> dict | None:
     t = config.train
     settings = {"frozen_blocks": t.frozen_blocks, "epochs": t.epochs, "lr": t.lr, "bf16": t.bf16,
                 "batch_size": t.batch_size}
+    model = out / "model.safetensors"
     for record in previous.get("steps", []):
         # a record from before a setting was recorded is taken to have had the value asked for now
         same = record.get("step") == name and all(record.get(k, v) == v for k, v in settings.items())
-        model = out / "model.safetensors"
         if same and model.is_file() and sha256_file(model) == record.get("model_sha256"):
             print(f"{name}: reusing {model} (top-1 {record['top1'] * 100:.2f}%, as recorded)", flush=True)
             return record
