@@ -61,8 +61,9 @@ def paired_ratio(values: list[float], reference: list[float]) -> float:
 
 
 def token_plan(spec: str, model):
-    """A token reduction plan for ``model`` from a command-line spec: ``none`` (None), ``tome:R``, ``pitome:R``,
-    ``evit:KEEP[@LAYER,...]`` (EViT's default layers without ``@``) or ``resolution:SIZE``."""
+    """A token reduction plan for ``model`` from a command-line spec: ``none`` (None), ``tome:R``, ``pitome:R``
+    (``R`` one value for every layer, or one per layer: ``tome:0,0,64,0,...``), ``evit:KEEP[@LAYER,...]`` (EViT's
+    default layers without ``@``) or ``resolution:SIZE``."""
     from compress.tokens import TokenError, evit, resolution, tome
 
     method, _, value = spec.partition(":")
@@ -71,7 +72,8 @@ def token_plan(spec: str, model):
         if method == "none":
             return None
         if method in ("tome", "pitome") and value:
-            return tome(int(value), depth, method=method)
+            r = [int(v) for v in value.split(",")]
+            return tome(r if len(r) > 1 else r[0], depth, method=method)
         if method == "evit" and value:
             keep, _, layers = value.partition("@")
             return evit(float(keep), depth, [int(v) for v in layers.split(",")] if layers else None)
@@ -79,5 +81,5 @@ def token_plan(spec: str, model):
             return resolution(int(value), model.config)
     except (ValueError, TokenError) as e:
         raise SystemExit(f"token setting {spec!r}: {e}") from None
-    raise SystemExit(f"unknown token setting {spec!r}: use none, tome:R, pitome:R, evit:KEEP[@LAYER,...] or "
+    raise SystemExit(f"unknown token setting {spec!r}: use none, tome:R[,R...], pitome:R[,R...], evit:KEEP[@LAYER,...] or "
                      "resolution:SIZE")
