@@ -81,5 +81,5 @@ def token_plan(spec: str, model):
             return resolution(int(value), model.config)
     except (ValueError, TokenError) as e:
         raise SystemExit(f"token setting {spec!r}: {e}") from None
-    raise SystemExit(f"unknown token setting {spec!r}: use none, tome:R[,R...], pitome:R[,R...], evit:KEEP[@LAYER,...] or "
-                     "resolution:SIZE")
+    raise SystemExit(f"unknown token setting {spec!r}: use none, tome:R[,R...], pitome:R[,R...], "
+                     "evit:KEEP[@LAYER,...] or resolution:SIZE")

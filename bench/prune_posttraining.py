@@ -7,16 +7,16 @@ each measured alone on a trained model.
     python bench/prune_posttraining.py --data /tmp/cifar10 --model runs/dinov2-s14-cifar10/full/model.safetensors \
         --importance fisher --settings --macs 0.9 0.8 [--rearrange] --eval-limit 1000
 
-From ``--model`` (default: models/cifar10-vit): importance on the calibration split's first 512 images (targets:
-the model's own predictions, so no labels), pruning at each ``--settings`` HEADS:MLP share with one width per
-layer (``scope="layer"``), and at each ``--macs`` fraction by Kwon et al.'s mask search (``prune_searched``: heads
-and units chosen together across layers; with ``--rearrange``, also that mask rearranged within each layer by
-the Fisher between masks, ``rearrange_mask``, the two side by side), each then repaired by
-``compress.prune.reconstruct`` on 256 calibration images (``--repair``: by scales, by whole weights, or each);
-then each ``--tokens`` plan (EViT ``evit:KEEP@LAYER``, ToMe ``tome:R``, PiToMe ``pitome:R``) on the unpruned
-model, with no fine-tuning. Top-1 on a seeded random sample of ``--eval-limit`` test images, each drop against
-the unpruned model with its paired 95% interval (``calibration.evaluate.paired_drop``), and the MACs kept.
-Accuracy only: the seconds are wall time.
+From ``--model`` (default: models/cifar10-vit): importance on the calibration split's first 512 images (targets: the
+model's own predictions, so no labels), pruning at each ``--settings`` HEADS:MLP share with one width per layer
+(``scope="layer"``), and at each ``--macs`` fraction by Kwon et al.'s mask search (``prune_searched``: heads and
+units chosen together across layers; with ``--rearrange``, also that mask rearranged within each layer by the Fisher
+between masks, ``rearrange_mask``, the two side by side), each then repaired by ``compress.prune.reconstruct`` on
+256 calibration images (``--repair``: by scales, by whole weights, or each); then each ``--tokens`` plan (EViT
+``evit:KEEP@LAYER``, ToMe ``tome:R``, PiToMe ``pitome:R``; ``R`` is one value or one per layer, ``tome:0,0,96,...``)
+on the unpruned model, with no fine-tuning. Top-1 on a seeded random sample of ``--eval-limit`` test images, each
+drop against the unpruned model with its paired 95% interval (``calibration.evaluate.paired_drop``), and the MACs
+kept. Accuracy only: the seconds are wall time.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--rearrange", action="store_true",
                     help="with --macs and fisher importance: each searched mask also rearranged (prune.rearrange)")
     ap.add_argument("--tokens", nargs="*", default=[],
-                    help="token plans tried alone: evit:KEEP@LAYER, tome:R, pitome:R")
+                    help="token plans tried alone: evit:KEEP@LAYER, tome:R, pitome:R (R or one per layer: R,R,...)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "prune_posttraining.json")
     args = ap.parse_args()
     require_cifar(args.data, "test")

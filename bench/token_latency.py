@@ -3,12 +3,12 @@
     python bench/token_latency.py --model runs/dinov2-s14-cifar10/full/model.safetensors --data /tmp/cifar10 \\
         --plans none tome:12 pitome:12 resolution:168 [--rounds 7] [--out bench/results/token_latency.json]
 
-Each plan (``none``, ``tome:R``, ``pitome:R``, ``evit:KEEP[@LAYER,...]``, ``resolution:SIZE``) is set on the
-model, exported to ONNX (parity against PyTorch checked in ONNX Runtime and OpenVINO on calibration images),
-quantized by ``nncf.quantize`` with the transformer recipe on 32 calibration images (SmoothQuant off, as in
-``cpu-training-free``), and timed at batch 1 on OpenVINO in interleaved rounds: each round times every plan in
-turn, and a plan's ratio is the median over rounds of its p50 over the unreduced model's p50 in the same round.
-Latency only: top-1 comes from ``bench/prune_posttraining.py --tokens``.
+Each plan (``none``, ``tome:R``, ``pitome:R`` with ``R`` one value or one per layer, ``evit:KEEP[@LAYER,...]``,
+``resolution:SIZE``) is set on the model, exported to ONNX (parity against PyTorch checked in ONNX Runtime and
+OpenVINO on calibration images), quantized by ``nncf.quantize`` with the transformer recipe on 32 calibration images
+(SmoothQuant off, as in ``cpu-training-free``), and timed at batch 1 on OpenVINO in interleaved rounds: each round
+times every plan in turn, and a plan's ratio is the median over rounds of its p50 over the unreduced model's p50 in
+the same round. Latency only: top-1 comes from ``bench/prune_posttraining.py --tokens``.
 """
 
 from __future__ import annotations
