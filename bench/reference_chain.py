@@ -113,9 +113,12 @@ def main() -> None:
     path = write_result(result, args.out / "reference_chain.json")
     for name, row in rows.items():
         low, high = row["top1_drop_ci95"] or (None, None)
+        # a chain that kept nothing chooses the model as loaded: the reference, with no interval
+        interval = "the reference" if low is None else f"95% {low:+.2f}..{high:+.2f}"
+        broke = f"; broke its budget at {row['broke_at']['stage']}" if row["broke_at"] else ""
         print(f"{name}: {row['candidate']} {row['precision']}, top-1 {row['top1'] * 100:.2f}% (drop "
-              f"{row['top1_drop']:+.2f} pt, 95% {low:+.2f}..{high:+.2f}), p50 {row['latency_ms_p50_interleaved']} ms "
-              f"interleaved; run {row['wall_seconds'] / 60:.1f} min: {row['stage_seconds']}")
+              f"{row['top1_drop']:+.2f} pt, {interval}), p50 {row['latency_ms_p50_interleaved']} ms "
+              f"interleaved; run {row['wall_seconds'] / 60:.1f} min: {row['stage_seconds']}{broke}")
     print("each technique alone and the chain, same model and images, OpenVINO batch 1, timed interleaved:")
     for name, row in singles.items():
         drop = "" if row["top1_drop"] is None else f" drop {row['top1_drop']:+.2f} pt"
@@ -126,17 +129,19 @@ def main() -> None:
 
 def headline_rows(peer_run: Path, recipe_run: Path) -> dict[str, dict]:
     """Each single technique both runs measured on OpenVINO at batch 1, by name: the model as loaded in FP32 and
-    BF16 (where offered), plain NNCF INT8, the token stage's model, and the recipe's INT8 of it; with top-1 and
-    the artifact to time."""
+    BF16 (where offered), plain NNCF INT8, the prune and token stages' models, and the recipe's INT8 of the last;
+    with top-1 and the artifact to time."""
     wanted = {
         "FP32 (as loaded)": (peer_run, lambda r: r.stage == "baseline" and r.precision == "fp32"),
         "BF16 (as loaded)": (peer_run, lambda r: r.stage == "baseline" and r.precision == "bf16"),
         "plain NNCF INT8 (the peer)": (peer_run, lambda r: r.candidate == "nncf-ov"),
+        "prune stage's model, FP32": (recipe_run, lambda r: r.stage == "prune" and r.candidate is None
+                                      and r.precision == "fp32"),
         "token stage's model, FP32": (recipe_run, lambda r: r.stage == "tokens" and r.candidate is None
                                       and r.precision == "fp32"),
         "token stage's model, BF16": (recipe_run, lambda r: r.stage == "tokens" and r.candidate is None
                                       and r.precision == "bf16"),
-        "token stage's model, NNCF INT8": (recipe_run, lambda r: r.stage == "quantize" and r.candidate == "nncf-ov"),
+        "the chain's NNCF INT8": (recipe_run, lambda r: r.stage == "quantize" and r.candidate == "nncf-ov"),
     }
     rows = {}
     for name, (run, match) in wanted.items():

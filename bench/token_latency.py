@@ -1,14 +1,15 @@
 """Token reduction plans on a trained model, timed side by side in the precision the chain ends in: INT8 on OpenVINO.
 
     python bench/token_latency.py --model runs/dinov2-s14-cifar10/full/model.safetensors --data /tmp/cifar10 \\
-        --plans none tome:12 pitome:12 resolution:168 [--rounds 7] [--out bench/results/token_latency.json]
+        --plans none tome:12 pitome:12 resolution:168 [--rounds 7] [--profile] [--out bench/results/token_latency.json]
 
 Each plan (``none``, ``tome:R``, ``pitome:R`` with ``R`` one value or one per layer, ``evit:KEEP[@LAYER,...]``,
 ``resolution:SIZE``) is set on the model, exported to ONNX (parity against PyTorch checked in ONNX Runtime and
 OpenVINO on calibration images), quantized by ``nncf.quantize`` with the transformer recipe on 32 calibration images
 (SmoothQuant off, as in ``cpu-training-free``), and timed at batch 1 on OpenVINO in interleaved rounds: each round
 times every plan in turn, and a plan's ratio is the median over rounds of its p50 over the unreduced model's p50 in
-the same round. Latency only: top-1 comes from ``bench/prune_posttraining.py --tokens``.
+the same round. With ``--profile``, also the time per class of op of each plan (OpenVINO's per-node counters).
+Latency only: top-1 comes from ``bench/prune_posttraining.py --tokens``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--plans", nargs="+", default=["none", "tome:12", "pitome:12"])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--profile", action="store_true",
+                    help="also where each plan's INT8 time goes, by class of op (OpenVINO's per-node counters, "
+                         "runtimes.profile.summarize), on a copy compiled apart after the rounds")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "token_latency.json")
     args = ap.parse_args()
     require_cifar(args.data, "train")
@@ -84,6 +88,14 @@ def main() -> None:
         row["ratio_vs_unreduced"] = round(paired_ratio(medians[spec], medians["none"]), 3)
         print(f"{spec:>16}: {row['macs_fraction']:.2f}x MACs, INT8 p50 {row['int8_p50_ms']:.1f} ms, "
               f"{row['ratio_vs_unreduced']:.3f}x the unreduced model's latency", flush=True)
+    if args.profile:
+        from runtimes.profile import summarize
+
+        for spec, row in rows.items():
+            profile = summarize(engines[spec].profile(x, runs=20), int8_expected=True)
+            row["profile"] = {k: profile[k] for k in ("total_ms", "by_class", "nodes", "not_int8")}
+            classes = ", ".join(f"{c} {ms:.2f}" for c, ms in sorted(profile["by_class"].items(), key=lambda kv: -kv[1]))
+            print(f"{spec:>16}: {profile['nodes']} nodes, {profile['total_ms']:.1f} ms counted: {classes}", flush=True)
     write_result({"benchmark": "token_latency", "model": str(args.model), "threads": threads, "rounds": args.rounds,
                   "precision": "int8 (nncf.quantize, transformer recipe, SmoothQuant off, 32 images)",
                   "rows": list(rows.values())}, args.out)

@@ -99,7 +99,7 @@ def fit_qdq(ctx: QuantizeContext, graph: QdqGraph, name: str, quantizer: str, ca
     if ctx.within_budget(first):
         return Candidate(name, quantizer, "int8", path, "onnx", calibration, float_layers, first,
                          extra={"sensitivity": dict(ranking[:10])}), ranking
-    ctx.log(f"{name}: over the {ctx.max_drop} pt budget; returning the most sensitive layers to float")
+    ctx.log(f"{name}: over the {ctx.max_drop:.2f} pt budget; returning the most sensitive layers to float")
     result = fit_budget(
         lambda names: graph.revert_to_float(names), lambda g: evaluate(g.proto),
         ctx.fallback(ranking),

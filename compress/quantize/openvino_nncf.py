@@ -53,7 +53,7 @@ def quantize_openvino(
     # by default), then reverts groups one at a time with a pass after each: an upper bound in passes
     ranked = min(RANKING_SUBSET, eval_count)  # images per quantizer group
     passes = 3 + len(before) * ranked / max(eval_count, 1) + ctx.nncf_ac_max_iterations  # float pass: two INT8 ones
-    ctx.log(f"{name}: over the {ctx.max_drop} pt budget; running nncf.quantize_with_accuracy_control: up to about "
+    ctx.log(f"{name}: over the {ctx.max_drop:.2f} pt budget; running nncf.quantize_with_accuracy_control: up to about "
             f"{format_seconds(passes * one_pass)} ({len(before)} quantized ops ranked on "
             f"{ranked} images each, then at most {ctx.nncf_ac_max_iterations} reverts "
             f"(quantize.nncf_ac_max_iterations), each a {one_pass:.0f} s pass)")
@@ -80,7 +80,7 @@ def quantize_openvino(
     top1 = ctx.evaluate(path, "openvino", "int8")
     reverted = sorted(before - _quantized_ops(controlled))
     reasons = excluded + tuple({"name": op, "reason": f"reverted by nncf.quantize_with_accuracy_control (max_drop "
-                                                      f"{ctx.max_drop} pt absolute)"} for op in reverted)
+                                                      f"{ctx.max_drop:.2f} pt absolute)"} for op in reverted)
     ctx.log(f"{name}: accuracy control kept {len(reverted)} op(s) in float; top-1 {top1 * 100:.2f}")
     if not ctx.within_budget(top1):
         return None

@@ -32,7 +32,7 @@ def build_candidates(
 
     def add(name: str, candidate: Candidate | None) -> None:
         if candidate is None:
-            missed.append(f"{name}: no candidate within the {ctx.max_drop} pt budget, even with layers in float")
+            missed.append(f"{name}: no candidate within the {ctx.max_drop:.2f} pt budget, even with layers in float")
         else:
             candidates.append(candidate)
 
@@ -53,8 +53,8 @@ def build_candidates(
                 add(name, quantize_openvino(ctx, eval_batches, eval_count))
             elif not ctx.within_budget((candidate := quantize_openvino(ctx)).top1):
                 missed.append(f"{name}: nncf.quantize's top-1 {candidate.top1 * 100:.2f}% is a drop of "
-                              f"{ctx.drop(candidate.top1):.2f} pt, over the {ctx.max_drop} pt budget, and its accuracy "
-                              "control is off (quantize.nncf_accuracy_control=false)")
+                              f"{ctx.drop(candidate.top1):.2f} pt, over the {ctx.max_drop:.2f} pt budget, and its "
+                              "accuracy control is off (quantize.nncf_accuracy_control=false)")
             else:
                 candidates.append(candidate)
         elif name == "neural-compressor":
@@ -75,7 +75,7 @@ def build_candidates(
             ctx.log(f"bf16: top-1 {top1 * 100:.2f} (drop {ctx.drop(top1):+.2f} pt)")
             candidates.append(Candidate("ov-bf16", "openvino INFERENCE_PRECISION_HINT=bf16", "bf16",
                                         ctx.float_onnx, "onnx", None, (), top1))
-    missed += [f"{c.name}: top-1 drop {ctx.drop(c.top1):.2f} pt exceeds the {ctx.max_drop} pt budget"
+    missed += [f"{c.name}: top-1 drop {ctx.drop(c.top1):.2f} pt exceeds the {ctx.max_drop:.2f} pt budget"
                for c in candidates if not ctx.within_budget(c.top1)]
     return candidates, missed
 

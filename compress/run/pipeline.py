@@ -347,7 +347,7 @@ def _budget_left(config: RunConfig, records: list[StageRecord], prev_stage: str 
     if budget is None:
         return None
     spent = _stage_drop(records, prev_stage) if prev_stage else 0.0
-    return budget - max(0.0, spent or 0.0)
+    return round(budget - max(0.0, spent or 0.0), 6)  # 1.0 - 0.7 is 0.30000000000000004 in binary
 
 
 def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: list[StageRecord]) -> dict[str, Any]:

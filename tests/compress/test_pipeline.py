@@ -209,3 +209,16 @@ def test_unreachable_latency_target_says_how_close_it_got(tmp_path, digits_model
     with pytest.raises(PruneError, match=r"latency target 0.0001 ms \(onnxruntime, batch 1\) cannot be met .* "
                                          r"the closest was [0-9.]+ ms"):
         run_pipeline(digits_model, "digits", config, tmp_path / "run")
+
+
+def test_the_budget_left_after_a_stage_is_the_points_a_person_would_write():
+    # 1.0 - 0.7 is 0.30000000000000004 in binary floating point: the quantize stage of a run on the reference
+    # ViT-S printed "over the 0.30000000000000004 pt budget" and stored it so in its record
+    from compress.records import StageRecord
+    from compress.run.pipeline import _budget_left
+
+    config = load_config(None, ["pipeline.max_drop=1.0"])
+    pruned = StageRecord(stage="prune", runtime="openvino", precision="fp32", batch_size=1, status="ok",
+                         top1=0.87, top1_drop=0.7)
+    assert _budget_left(config, [pruned], "prune") == 0.3
+    assert _budget_left(config, [], None) == 1.0
