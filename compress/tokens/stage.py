@@ -238,11 +238,13 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             log.warning("tokens: %s not kept: %s", name, e)
             trials.append(fields | {"status": "skipped", "reason": str(e)})
             continue
-        # the record's drop is against the baseline (the recorder's); its interval is paired on the same images
+        # The record's drop is against the baseline (the recorder's); its interval is paired on the same images.
+        # The unreduced setting reuses its own stage's score, so it takes that record's interval; a record without
+        # one is the reference's own score, whose drop is 0 exactly.
         paired = paired_drop(inp.reference, result) if inp.reference is not None else None
-        if paired is None and plan is None and scored is not None:  # as its own stage measured it; a record
-            ci = scored.top1_drop_ci95 or ([0.0, 0.0] if scored.top1_drop == 0 else None)  # without one is the
-            paired = (scored.top1_drop, *ci) if ci else None  # reference's own score, its drop 0 exactly
+        if paired is None and plan is None and scored is not None:
+            ci = scored.top1_drop_ci95 or ([0.0, 0.0] if scored.top1_drop == 0 else None)
+            paired = (scored.top1_drop, *ci) if ci else None
         trials.append(fields | {"top1": result.top1, "top1_drop": drop, "eval_samples": result.num_samples,
                                 "openvino_parity_max_abs_diff": ov_diff, "plan": plan} | timing_fields(stats) |
                       ({"top1_drop_ci95": [round(paired[1], 4), round(paired[2], 4)]} if paired else {}) |
