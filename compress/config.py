@@ -23,6 +23,8 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+
+
 class PreprocessConfig(Section):
     """Overrides of the checkpoint's preprocessing; unset fields keep the checkpoint's (or the defaults)."""
 
@@ -104,7 +106,8 @@ class MeasureConfig(Section):
 
 class PruneConfig(Section):
     """Head and MLP-unit pruning. Either ratios, or a MAC or latency target that sets one ratio for both, or (with
-    ``search``) a MAC target within which the heads and units kept are chosen to keep the most importance."""
+    ``search``) a MAC or latency target (or several, tried under a budget) within which the heads and units kept are
+    chosen to keep the most importance."""
 
     enabled: bool = False
     heads: float = Field(0.0, ge=0, lt=1)  # share of all attention heads removed
@@ -122,10 +125,16 @@ class PruneConfig(Section):
     min_heads_per_layer: int = Field(1, ge=1)
     mlp_round_to: int = Field(1, ge=1)  # keep a multiple of this many MLP units per layer (aligned GEMM widths)
     scope: Literal["global", "layer"] = "global"  # rank all layers together, or remove the same share from each
-    target_macs: float | None = Field(None, gt=0, lt=1)  # fraction of the unpruned model's MACs
-    # with target_macs: Kwon et al.'s mask search (compress.prune.structured.search_mask): how many heads and how many
-    # MLP units to keep, and where, all layers ranked together by raw Fisher or Taylor importance; off: one share of
-    # heads and units alike, raised until the target is met
+    # fraction of the unpruned model's MACs; with search, also a list of them: see target_latency
+    target_macs: float | list[float] | None = None
+    # with search: fraction of the unpruned model's latency on target_runtime in time_precision, as a latency model
+    # fitted on the model predicts it (compress.prune.latency: a head and an MLP unit cost unlike their MACs on a CPU).
+    # A list (of either target): each is searched, repaired and scored in FP32 on target_runtime, the mildest first,
+    # and the most cut within max_drop (under a chain budget, budget_share of what is left) goes on
+    target_latency: float | list[float] | None = None
+    # with target_macs or target_latency: Kwon et al.'s mask search (compress.prune.structured.search_mask): how many
+    # heads and how many MLP units to keep, and where, all layers ranked together by raw Fisher or Taylor importance;
+    # off: one share of heads and units alike, raised until the MAC target is met
     search: bool = False
     # with search and importance='fisher': Kwon et al.'s mask rearrangement (compress.prune.structured.rearrange_mask):
     # within each layer, exchange kept and removed heads (units) so the removed ones cost the least together, by the
@@ -134,18 +143,47 @@ class PruneConfig(Section):
     target_latency_ms: float | None = Field(None, gt=0)  # on target_runtime at target_batch, FP32
     target_runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"
     target_batch: int = Field(1, ge=1)
+    # the precision target_latency is timed in: "auto" is the chain's final one on OpenVINO (INT8 when the quantize
+    # stage runs NNCF, BF16 when it offers only bf16), else FP32
+    time_precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"
+    time_calib_size: int = Field(32, ge=1)  # images the timing-only nncf.quantize calibrates on
+    max_drop: float = Field(1.0, ge=0)  # with a list of targets: top-1 points against the stage's input model
+    budget_share: float = Field(1.0, gt=0, le=1)  # with a list of targets, under a chain budget: as tokens.budget_share
     iterations: int = Field(1, ge=1)  # prune a little, recover, repeat (recovery split evenly)
+
+    def search_targets(self) -> list[float]:
+        """The search's targets, the mildest (largest fraction) first."""
+        target = self.target_latency if self.target_latency is not None else self.target_macs
+        return sorted(target if isinstance(target, list) else [target], reverse=True)
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
-        if self.target_macs is not None and self.target_latency_ms is not None:
-            raise ValueError("set one of prune.target_macs and prune.target_latency_ms, not both")
-        if (self.target_macs is not None or self.target_latency_ms is not None) and (self.heads or self.mlp):
+        given = [n for n in ("target_macs", "target_latency_ms", "target_latency") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set one of prune.{given[0]} and prune.{given[1]}, not both")
+        if given and (self.heads or self.mlp):
             raise ValueError("a MAC or latency target sets how much is pruned, so prune.heads and prune.mlp would be "
                              "ignored; set the shares or the target, not both (prune.heads=0 prune.mlp=0 clears them)")
-        if self.search and self.target_macs is None:
-            raise ValueError("prune.search chooses heads and MLP units within a MAC budget; set prune.target_macs "
-                             "(e.g. 0.8), or remove prune.search")
+        if self.target_latency is not None and not self.search:
+            raise ValueError("prune.target_latency is a share of the latency the mask search keeps; set "
+                             "prune.search=true (with prune.importance='fisher' or 'taylor')")
+        for name in ("target_macs", "target_latency"):
+            value = getattr(self, name)
+            if isinstance(value, list) and not value:
+                raise ValueError(f"prune.{name} is an empty list; give a fraction or a list of them, e.g. [0.8, 0.7]")
+            bad = [v for v in (value if isinstance(value, list) else [value]) if value is not None and not 0 < v < 1]
+            if bad:
+                raise ValueError(f"prune.{name} is a fraction of the unpruned model's {name[7:].replace('macs', 'MACs')} "
+                                 f"and must be between 0 and 1 (exclusive), got {bad[0]:g}; e.g. 0.8")
+            if isinstance(value, list) and not self.search:
+                raise ValueError(f"prune.{name} is a list of targets, which only the mask search tries; set "
+                                 "prune.search=true, or give one fraction")
+        if self.search and self.target_macs is None and self.target_latency is None:
+            raise ValueError("prune.search chooses heads and MLP units within a MAC or latency budget; set "
+                             "prune.target_macs or prune.target_latency (e.g. 0.8), or remove prune.search")
+        if self.time_precision in ("bf16", "int8") and self.target_runtime != "openvino":
+            raise ValueError(f"prune.time_precision={self.time_precision} times on OpenVINO; set "
+                             "prune.target_runtime=openvino, or prune.time_precision=fp32")
         if self.search and self.scope == "layer":
             raise ValueError("prune.search ranks every layer's heads and units together, so prune.scope='layer' "
                              "cannot hold; remove prune.scope or prune.search")
@@ -346,9 +384,10 @@ class RunConfig(Section):
         if "deploy" in position and position["deploy"] != len(order) - 1:
             raise ValueError("pipeline.stages: 'deploy' packs the final choice, so it comes last")
         p = self.prune
-        if "prune" in self.stage_order() and not (p.heads or p.mlp or p.target_macs or p.target_latency_ms):
+        if "prune" in self.stage_order() and not (p.heads or p.mlp or p.target_macs or p.target_latency_ms
+                                                   or p.target_latency):
             raise ValueError("prune is on but there is nothing to prune: set prune.heads and/or prune.mlp, or "
-                             "prune.target_macs or prune.target_latency_ms")
+                             "prune.target_macs, prune.target_latency_ms or (with prune.search) prune.target_latency")
         return self
 
 

@@ -1,14 +1,17 @@
 """The prune and recover stages of a run: structured pruning of heads and MLP units, then distillation.
 
 Pruning removes a share of heads and MLP units ranked by importance (``structured``), or enough of both to meet
-a MAC or latency target, or (``prune.search``) the heads and units a mask search finds within a MAC target; with
-``prune.iterations`` it alternates pruning and recovery. Recovery fine-tunes the pruned model by distillation from
+a MAC or latency target, or (``prune.search``) the heads and units a mask search finds within a MAC target or a
+share of the latency a model of the target predicts (``latency``); given several targets, the stage tries each and
+keeps the most cut within its budget. With ``prune.iterations`` it alternates pruning and recovery. Recovery fine-tunes the pruned model by distillation from
 the model as loaded (``compress.train.distill``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 
 import numpy as np
 
@@ -26,12 +29,21 @@ def prune_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     model = inp.model
     p = ctx.config.prune  # one target at a time, without iterations: PruneConfig checked that when it was loaded
     if p.search:
+        start = time.perf_counter()
         importance = _importance(model, ctx)
-        pruned, search = prune_searched(model, importance, p.target_macs, min_heads=p.min_heads_per_layer,
-                                        mlp_round_to=p.mlp_round_to, rearrange=p.rearrange)
+        seconds = {"importance": round(time.perf_counter() - start, 1)}
+        costs = _latency_costs(model, ctx) if p.target_latency is not None else None
+        if costs is not None:
+            seconds["latency_model"] = round(time.perf_counter() - start - seconds["importance"], 1)
+        extra = {"seconds": seconds} | ({"latency_model": costs.notes} if costs is not None else {})
+        targets = p.search_targets()
+        if len(targets) > 1:
+            return _search_targets(model, importance, costs, targets, inp, ctx, extra)
+        pruned, search = prune_searched(model, importance, targets[0], min_heads=p.min_heads_per_layer,
+                                        mlp_round_to=p.mlp_round_to, rearrange=p.rearrange, costs=costs)
         repaired = _reconstructed(pruned, model, ctx)
         return StageResult(model=pruned, notes={"importance": importance.method, "search": search,
-                                                "structure": structure(pruned)}
+                                                "structure": structure(pruned)} | extra
                            | ({"reconstruct": repaired} if repaired else {}))
     if p.target_macs or p.target_latency_ms:
         importance = _importance(model, ctx)
@@ -121,3 +133,125 @@ def _latency_ms(model, ctx: RunContext) -> float:
     x = np.random.default_rng(0).standard_normal((p.target_batch, *ctx.input_shape)).astype(np.float32)
     with ctx.exported(model, x[:1]) as path:
         return ctx.time(ctx.engine(path, p.target_runtime), x, warmup=3).latency_ms_p50
+
+
+def _latency_costs(model, ctx: RunContext):
+    """What a head and an MLP unit cost on ``prune.target_runtime`` in the precision the chain ends in
+    (``compress.prune.latency``): uniformly pruned copies of ``model`` exported, made ready and timed side by side."""
+    from compress.prune.latency import fit_latency_model
+    from compress.run.timing import available, final_precision, timing_calibration, timing_engine
+    from runtimes.noise import interleaved
+
+    p = ctx.config.prune
+    precision = available(final_precision(ctx.config, "prune", p.target_runtime, p.time_precision), "prune")
+    calib = timing_calibration(ctx, precision, p.time_calib_size)
+    probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(8))[0]
+    x = np.ascontiguousarray(np.concatenate([ctx.latency_input] * p.target_batch)[: p.target_batch])
+    label = f"{p.target_runtime} {precision.upper()}, batch {p.target_batch}"
+
+    def time_models(models):
+        engines = {}
+        for i, (name, m) in enumerate(models.items()):
+            ctx.say("prune · latency model", i, len(models))
+            with ctx.exported(m, probe) as path:
+                engines[name] = timing_engine(path, precision, calib, ctx, runtime=p.target_runtime)
+        ctx.say("prune · latency model", len(models), len(models))
+        return interleaved(engines, x, threads=ctx.threads)
+
+    log.info("prune: fitting a latency model (%s) on 4 uniformly pruned copies; about %d s", label,
+             4 * (20 if precision == "int8" else 8) + 15)
+    return fit_latency_model(model, time_models, mlp_round_to=p.mlp_round_to, label=label)
+
+
+def _search_targets(model, importance, costs, targets: list[float], inp: StageInput, ctx: RunContext,
+                    extra: dict) -> StageResult:
+    """The most cut of ``targets`` whose top-1 drop against the stage's input stays within ``prune.max_drop`` (under
+    a chain budget, ``prune.budget_share`` of what is left) goes on; when none does, the model goes on unpruned.
+
+    A target tried is searched, repaired, exported and scored in FP32 on ``prune.target_runtime``. A harder target
+    seldom costs less top-1 than a milder one, so the targets are bisected: the middle one first, then the harder
+    half if it fits, else the milder half. Of three targets two are scored, whichever is chosen; a target below
+    what pruning can reach counts as over budget."""
+    from calibration.evaluate import evaluate_top1, paired_drop
+    from compress.model.macs import count_macs
+    from compress.prune.structured import PruneError, prune_searched, structure
+    from compress.run.measure import model_structure, scored_input, timing_fields
+
+    p = ctx.config.prune
+    what = costs.what if costs is not None else "MAC"
+    max_drop = p.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * p.budget_share
+    probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
+    x = np.ascontiguousarray(np.concatenate([ctx.latency_input] * p.target_batch)[: p.target_batch])
+    shape = (1, *ctx.input_shape)
+    full_macs = count_macs(model, shape)
+    scored = scored_input(inp, p.target_runtime, len(ctx.eval_data))
+    if scored is not None:
+        base_top1, base_drop = scored.top1, scored.top1_drop or 0.0
+    else:
+        with ctx.exported(model, probe) as path:
+            base_top1 = evaluate_top1(ctx.engine(path, p.target_runtime).run, ctx.eval_data,
+                                      batch_size=ctx.config.measure.eval_batch_size).top1
+        base_drop = (inp.reference.top1 - base_top1) * 100 if inp.reference is not None else 0.0
+    log.info("prune: %d %s targets (%s), bisected; the most cut within %.2f pt of top-1 %.4f goes on", len(targets),
+             what, ", ".join(f"{t:g}" for t in targets), max_drop, base_top1)
+
+    def attempt(target: float) -> tuple[dict, object | None]:
+        name = f"{what} {target:g}"
+        start = time.perf_counter()
+        try:
+            pruned, search = prune_searched(model, importance, target, min_heads=p.min_heads_per_layer,
+                                            mlp_round_to=p.mlp_round_to, rearrange=p.rearrange, costs=costs)
+        except PruneError as e:
+            log.warning("prune: %s not tried: %s", name, e)
+            return {"candidate": name, "status": "skipped", "reason": str(e)}, None
+        repaired = _reconstructed(pruned, model, ctx)
+        pruning_s = time.perf_counter() - start
+        with ctx.exported(pruned, probe) as path:
+            engine = ctx.engine(path, p.target_runtime)
+            # Scoring stops early once the drop is beyond the budget with confidence (against the baseline, whose
+            # predictions the run keeps: the input's own drop is added to the stage's budget).
+            result = evaluate_top1(engine.run, ctx.eval_data, batch_size=ctx.config.measure.eval_batch_size,
+                                   reference=inp.reference, stop_above=base_drop + max_drop
+                                   if inp.reference is not None else None,
+                                   progress=(lambda d, n: ctx.say(f"prune · {name}", d, n)) if ctx.progress else None)
+            stats = ctx.time(engine, x, warmup=3)
+        drop = round((base_top1 - result.top1) * 100, 4)
+        paired = paired_drop(inp.reference, result) if inp.reference is not None else None
+        fits = drop <= max_drop + 1e-9 and not result.stopped_early
+        trial = {"candidate": name, "status": "ok", "runtime": p.target_runtime, "precision": "fp32",
+                 "batch_size": p.target_batch, "macs": count_macs(pruned, shape), "structure": model_structure(pruned),
+                 "top1": result.top1, "eval_samples": result.num_samples, "stage_drop": drop, "fits": fits,
+                 "search": search, **({"reconstruct": repaired} if repaired else {}), **timing_fields(stats),
+                 **({"top1_drop_ci95": [round(paired[1], 4), round(paired[2], 4)]} if paired else {}),
+                 "seconds": {"search_and_repair": round(pruning_s, 1),
+                             "export_score_time": round(time.perf_counter() - start - pruning_s, 1)}}
+        log.info("prune: %s: top-1 %.4f (%.2f pt against the input%s), %.2fx the MACs, p50 %.2f ms FP32 on %s%s; "
+                 "%.0f s", name, result.top1, drop, ", scoring stopped early" if result.stopped_early else "",
+                 trial["macs"] / full_macs, stats.latency_ms_p50, p.target_runtime,
+                 "" if fits else f": over the {max_drop:.2f} pt budget", time.perf_counter() - start)
+        return trial, pruned if fits else None
+
+    trials, chosen = [], None
+    lo, hi = 0, len(targets) - 1  # targets run from the mildest (0) to the hardest
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        trial, pruned = attempt(targets[mid])
+        trials.append(trial)
+        if pruned is not None:
+            chosen, lo = (trial, pruned), mid + 1
+        else:
+            hi = mid - 1
+    if chosen is None:
+        log.warning("prune: no %s target stays within %.2f pt of top-1 %.4f; the model goes on unpruned", what,
+                    max_drop, base_top1)
+    records = [inp.new_record(**{k: v for k, v in t.items() if k not in ("stage_drop", "fits", "search",
+                                                                          "reconstruct", "seconds")})
+               for t in trials if t.get("status") != "skipped"]
+    # unpruned, a copy: the input can be the model as loaded, the teacher, which recovery must not fine-tune
+    kept = chosen[1] if chosen is not None else copy.deepcopy(model)
+    notes = {"importance": importance.method, "budget_pt": max_drop, "reference_top1": base_top1,
+             "selected": chosen[0]["candidate"] if chosen is not None else None, "structure": structure(kept),
+             "trials": [{k: t.get(k) for k in ("candidate", "top1", "stage_drop", "fits", "eval_samples", "macs",
+                                               "latency_ms_p50", "search", "reconstruct", "seconds", "status",
+                                               "reason")} for t in trials]} | extra
+    return StageResult(model=kept, notes=notes, records=records)

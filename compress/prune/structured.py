@@ -14,9 +14,10 @@ globally, as Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") do
 - ``l2``: data-free, the L2 norm of a head's q, k and v rows of ``attn.qkv`` with its ``attn.proj`` columns
   (of a unit's ``mlp.fc1`` row with its ``mlp.fc2`` column).
 
-Selection is one share for heads and MLP units alike (``select``, ``prune_to_target``), or, under a MAC budget,
-Kwon et al.'s mask search (``search_mask``): how many heads and how many units to keep is itself chosen, so the
-kept importance is the largest the budget allows.
+Selection is one share for heads and MLP units alike (``select``, ``prune_to_target``), or, under a MAC budget or
+a latency budget (``ItemCosts``; ``compress.prune.latency`` fits one on the target), Kwon et al.'s mask search
+(``search_mask``): how many heads and how many units to keep is itself chosen, so the kept importance is the
+largest the budget allows.
 
 Removal slices those rows and columns out and builds a smaller model whose config stores the head count and
 MLP width per layer, so the result is physically smaller, exports, and every later stage sees its true shape
@@ -272,21 +273,48 @@ def item_macs(model: VisionTransformer) -> tuple[list[int], list[int]]:
 
 
 @dataclass(frozen=True)
+class ItemCosts:
+    """What one head and one MLP unit of each layer cost, and the whole model, on one scale: MACs (``mac_costs``),
+    or milliseconds on a target (``compress.prune.latency.fit_latency_model``)."""
+
+    head: list[float]
+    unit: list[float]
+    full: float
+    what: str  # "MAC" or "latency": how a target on this scale is named in messages
+    notes: dict = dataclasses.field(default_factory=dict)  # how the costs were found (a latency fit's points)
+
+    def of(self, model: VisionTransformer, heads: list[int], units: list[int]) -> float:
+        """The cost of ``model`` (the one the costs are for) kept to ``heads[i]`` heads and ``units[i]`` units in
+        layer ``i``: what pruning leaves untouched, plus what is kept."""
+        fixed = self.full - sum(b.attn.num_heads * c for b, c in zip(model.blocks, self.head)) - sum(
+            b.mlp.fc1.out_features * c for b, c in zip(model.blocks, self.unit))
+        return fixed + sum(h * c for h, c in zip(heads, self.head)) + sum(u * c for u, c in zip(units, self.unit))
+
+
+def mac_costs(model: VisionTransformer) -> ItemCosts:
+    """Each item's MACs (``item_macs``) and the model's, as ``count_macs`` counts them."""
+    heads, units = item_macs(model)
+    return ItemCosts([float(c) for c in heads], [float(c) for c in units], float(_macs(model)), "MAC")
+
+
+@dataclass(frozen=True)
 class SearchResult:
     heads_keep: list[list[int]]
     units_keep: list[list[int]]
     macs_fraction: float  # of the unpruned model's, as ``count_macs`` counts them
     kept_importance: float  # share of the total importance (heads and units) kept
+    cost_fraction: float  # of the unpruned model's cost, on the scale searched under (MACs, or the latency model's)
 
 
-def search_mask(model: VisionTransformer, importance: Importance, target_macs: float, *, min_heads: int = 1,
-                mlp_round_to: int = 1) -> SearchResult:
-    """Kwon et al.'s (NeurIPS 2022) mask search: the heads and MLP units to keep within ``target_macs`` (a fraction
-    of the model's MACs) that keep the most importance, all layers ranked together.
+def search_mask(model: VisionTransformer, importance: Importance, target: float, *, min_heads: int = 1,
+                mlp_round_to: int = 1, costs: ItemCosts | None = None) -> SearchResult:
+    """Kwon et al.'s (NeurIPS 2022) mask search: the heads and MLP units to keep within ``target`` (a fraction of
+    the model's cost: its MACs, or with ``costs`` what those say, e.g. milliseconds from
+    ``compress.prune.latency.fit_latency_model``) that keep the most importance, all layers ranked together.
 
     Scores are used raw: each is the loss change of removing a mask on the head's (unit's) output, so heads and
     units, and every layer, are on one scale (Fisher or Taylor importance; L2 norms are not). For each number of
-    heads kept (the best ones), the MACs left go to the best units; the split keeping the most importance wins.
+    heads kept (the best ones), the budget left goes to the best units; the split keeping the most importance wins.
     Every layer keeps its ``min_heads`` best heads and its best unit. With ``mlp_round_to``, each layer's unit count
     is rounded up to a multiple of it, and the budget is tightened until the rounded mask fits it again.
     Kwon et al. then rearrange the mask within each layer using the Fisher between its masks (``rearrange_mask``),
@@ -296,23 +324,26 @@ def search_mask(model: VisionTransformer, importance: Importance, target_macs: f
     if importance.method.startswith("l2"):
         raise PruneError("the mask search weighs heads against MLP units by their effect on the loss, which L2 norms "
                          "do not measure; use prune.importance='fisher' (or 'taylor')")
-    if not 0 < target_macs < 1:
-        raise PruneError(f"the MAC target must be a fraction in (0, 1), got {target_macs}")
-    head_cost, unit_cost = item_macs(model)
+    costs = costs or mac_costs(model)
+    what = costs.what
+    if not 0 < target < 1:
+        raise PruneError(f"the {what} target must be a fraction in (0, 1), got {target}")
+    head_cost, unit_cost, full = costs.head, costs.unit, costs.full
     depth = len(model.blocks)
     counts = [b.attn.num_heads for b in model.blocks], [b.mlp.fc1.out_features for b in model.blocks]
-    prunable = sum(h * c for h, c in zip(counts[0], head_cost)) + sum(u * c for u, c in zip(counts[1], unit_cost))
-    full = _macs(model)
-    fixed = full - prunable  # embedding, norms, head: untouched by pruning
+    if len(head_cost) != depth or len(unit_cost) != depth:
+        raise PruneError(f"the item costs cover {len(head_cost)} layers but the model has {depth}; find the costs "
+                         "of the model being pruned")
+    fixed = costs.of(model, [0] * depth, [0] * depth)  # embedding, norms, head: untouched by pruning
     # the floor every layer keeps: its best min_heads heads and its best unit
     forced_heads = [set(np.argsort(-importance.heads[i], kind="stable")[:min(min_heads, counts[0][i])].tolist())
                     for i in range(depth)]
     forced_units = [{int(np.argmax(importance.units[i]))} for i in range(depth)]
     floor = fixed + sum(len(f) * head_cost[i] for i, f in enumerate(forced_heads)) + sum(unit_cost)
-    if floor > target_macs * full:
-        raise PruneError(f"the MAC target {target_macs:g} is below what pruning can reach: with {min_heads} head(s) "
-                         f"and one MLP unit per layer the model keeps {floor / full:.3f} of its MACs; raise the "
-                         "target, or add token reduction")
+    if floor > target * full:
+        raise PruneError(f"the {what} target {target:g} is below what pruning can reach: with {min_heads} head(s) "
+                         f"and one MLP unit per layer the model keeps {floor / full:.3f} of its {_scale(what)}; raise "
+                         "the target, or add token reduction")
     free_heads = sorted(((float(importance.heads[i][j]), i, j) for i in range(depth) for j in range(counts[0][i])
                          if j not in forced_heads[i]), key=lambda t: (-t[0], t[1], t[2]))
     free_units = sorted(((float(importance.units[i][j]), i, j) for i in range(depth) for j in range(counts[1][i])
@@ -324,7 +355,7 @@ def search_mask(model: VisionTransformer, importance: Importance, target_macs: f
     total = sum(float(s.sum()) for s in importance.heads) + sum(float(s.sum()) for s in importance.units)
     forced_value = sum(float(importance.heads[i][j]) for i, f in enumerate(forced_heads) for j in f) + sum(
         float(importance.units[i][j]) for i, f in enumerate(forced_units) for j in f)
-    budget = target_macs * full
+    budget = target * full
     for _ in range(20):  # tighten the budget until the rounded mask fits it
         best = None
         for h in range(len(free_heads) + 1):
@@ -336,8 +367,8 @@ def search_mask(model: VisionTransformer, importance: Importance, target_macs: f
             if best is None or value > best[0]:
                 best = (value, h, n)
         if best is None:  # the rounding's overshoot took the budget below the floor
-            raise PruneError(f"no mask with MLP widths rounded to {mlp_round_to} fits {target_macs:g} of the MACs; "
-                             "lower prune.mlp_round_to or raise prune.target_macs")
+            raise PruneError(f"no mask with MLP widths rounded to {mlp_round_to} fits {target:g} of the "
+                             f"{_scale(what)}; lower prune.mlp_round_to or raise the target")
         _, h, n = best
         heads_keep = [set(f) for f in forced_heads]
         units_keep = [set(f) for f in forced_units]
@@ -346,21 +377,23 @@ def search_mask(model: VisionTransformer, importance: Importance, target_macs: f
         for _, i, j in free_units[:n]:
             units_keep[i].add(j)
         _round_up(units_keep, importance.units, mlp_round_to)
-        macs = fixed + sum(len(k) * head_cost[i] for i, k in enumerate(heads_keep)) + sum(
-            len(k) * unit_cost[i] for i, k in enumerate(units_keep))
-        if macs <= target_macs * full + 1e-6:
+        cost = costs.of(model, [len(k) for k in heads_keep], [len(k) for k in units_keep])
+        if cost <= target * full * (1 + 1e-9):
             break
-        budget -= macs - target_macs * full  # the rounding's overshoot, taken off the budget
+        budget -= cost - target * full  # the rounding's overshoot, taken off the budget
     else:
-        raise PruneError(f"no mask with MLP widths rounded to {mlp_round_to} fits {target_macs:g} of the MACs; "
-                         "lower prune.mlp_round_to or raise prune.target_macs")
+        raise PruneError(f"no mask with MLP widths rounded to {mlp_round_to} fits {target:g} of the {_scale(what)}; "
+                         "lower prune.mlp_round_to or raise the target")
     kept = sum(float(importance.heads[i][list(k)].sum()) for i, k in enumerate(heads_keep)) + sum(
         float(importance.units[i][list(k)].sum()) for i, k in enumerate(units_keep))
-    log.info("mask search: %d of %d heads and %d of %d MLP units kept, %.3f of the MACs, %.1f%% of the importance "
-             "(forced floor %.1f%%)", sum(map(len, heads_keep)), sum(counts[0]), sum(map(len, units_keep)),
-             sum(counts[1]), macs / full, 100 * kept / max(total, 1e-30), 100 * forced_value / max(total, 1e-30))
-    return SearchResult([sorted(k) for k in heads_keep], [sorted(k) for k in units_keep], macs / full,
-                        kept / max(total, 1e-30))
+    kept_counts = [len(k) for k in heads_keep], [len(k) for k in units_keep]
+    macs_fraction = (costs if what == "MAC" else mac_costs(model)).of(model, *kept_counts) / _macs(model)
+    log.info("mask search: %d of %d heads and %d of %d MLP units kept, %.3f of the %s (%.3f of the MACs), %.1f%% of "
+             "the importance (forced floor %.1f%%)", sum(map(len, heads_keep)), sum(counts[0]),
+             sum(map(len, units_keep)), sum(counts[1]), cost / full, _scale(what), macs_fraction,
+             100 * kept / max(total, 1e-30), 100 * forced_value / max(total, 1e-30))
+    return SearchResult([sorted(k) for k in heads_keep], [sorted(k) for k in units_keep], macs_fraction,
+                        kept / max(total, 1e-30), cost / full)
 
 
 @dataclass(frozen=True)
@@ -411,13 +444,16 @@ def rearrange_mask(importance: Importance, heads_keep: list[list[int]], units_ke
     return Rearranged(new_heads, new_units, before, after, swaps)
 
 
-def prune_searched(model: VisionTransformer, importance: Importance, target_macs: float, *, min_heads: int = 1,
-                   mlp_round_to: int = 1, rearrange: bool = False) -> tuple[VisionTransformer, dict]:
-    """``search_mask`` within ``target_macs``, then (with ``rearrange``) ``rearrange_mask``, then ``remove``: the
-    pruned model, and what the search found (for a stage's notes)."""
-    found = search_mask(model, importance, target_macs, min_heads=min_heads, mlp_round_to=mlp_round_to)
+def prune_searched(model: VisionTransformer, importance: Importance, target: float, *, min_heads: int = 1,
+                   mlp_round_to: int = 1, rearrange: bool = False,
+                   costs: ItemCosts | None = None) -> tuple[VisionTransformer, dict]:
+    """``search_mask`` within ``target`` (of the MACs, or of ``costs``), then (with ``rearrange``)
+    ``rearrange_mask``, then ``remove``: the pruned model, and what the search found (for a stage's notes)."""
+    found = search_mask(model, importance, target, min_heads=min_heads, mlp_round_to=mlp_round_to, costs=costs)
     heads_keep, units_keep = found.heads_keep, found.units_keep
     notes = {"macs_fraction": round(found.macs_fraction, 4), "kept_importance": round(found.kept_importance, 4)}
+    if costs is not None and costs.what != "MAC":
+        notes[f"{costs.what}_fraction"] = round(found.cost_fraction, 4)
     if rearrange:
         moved = rearrange_mask(importance, heads_keep, units_keep)
         heads_keep, units_keep = moved.heads_keep, moved.units_keep
@@ -459,6 +495,10 @@ def _rearrange_layer(gram: np.ndarray, keep: list[int], max_passes: int) -> tupl
         if not moved:
             break
     return np.flatnonzero(~removed).tolist(), before, cost(), exchanged
+
+
+def _scale(what: str) -> str:
+    return "MACs" if what == "MAC" else what
 
 
 def _macs(model: VisionTransformer) -> int:

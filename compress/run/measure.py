@@ -18,7 +18,7 @@ import torch
 from calibration.evaluate import EvalResult, evaluate_top1, paired_drop
 from compress.env import environment
 from compress.records import StageRecord
-from compress.run.context import RunContext, now
+from compress.run.context import RunContext, StageInput, now
 
 log = logging.getLogger(__name__)
 
@@ -324,3 +324,13 @@ def openvino_parity(path: Path, model, x: np.ndarray, *, atol: float, threads: i
                           f"export.merge_atol with ToMe merging) "
                           f"with {plan}")
     return diff
+
+
+def scored_input(inp: StageInput, runtime: str, images: int) -> StageRecord | None:
+    """The record of the stage's input model as its own stage scored it on ``runtime`` in FP32 over the whole
+    evaluation split, or None: then the stage scores its input itself."""
+    for r in inp.records:
+        if (r.stage == inp.previous and r.runtime == runtime and r.precision == "fp32" and r.status == "ok"
+                and r.candidate in (None, r.stage) and r.scored_in_full and r.eval_samples == images):
+            return r
+    return None

@@ -13,8 +13,8 @@ import logging
 import numpy as np
 
 from compress.config import RunConfig
-from compress.records import StageRecord
 from compress.run.context import RunContext, StageInput, StageResult
+from compress.run.timing import available, final_precision, timing_calibration, timing_engine
 from compress.tokens.plan import MERGING
 from compress.train.distill import distill
 
@@ -106,33 +106,9 @@ class _NotTimed(Exception):
 
 
 def timing_precision(config: RunConfig) -> str:
-    """The precision the settings are timed in (``tokens.time_precision``): for "auto", the one the chain will end
-    in on OpenVINO when a quantize stage follows (INT8 when it runs NNCF, BF16 when it offers only bf16)."""
+    """The precision the settings are timed in (``tokens.time_precision``; "auto": the chain's final precision)."""
     t = config.tokens
-    if t.time_precision != "auto":
-        return t.time_precision
-    order = config.stage_order()
-    later = order[order.index("tokens") + 1:] if "tokens" in order else []
-    if t.target_runtime != "openvino" or "quantize" not in later:
-        return "fp32"
-    quantizers = config.quantize.quantizers
-    return "int8" if "nncf" in quantizers else "bf16" if "bf16" in quantizers else "fp32"
-
-
-def _timing_engine(path, precision: str, calib, ctx: RunContext):
-    """An OpenVINO engine of the exported setting at ``precision``: INT8 from ``nncf.quantize`` on ``calib`` (the
-    transformer recipe, SmoothQuant as ``quantize.nncf_smooth_quant``), saved beside the temporary ONNX file."""
-    if precision == "bf16":
-        return ctx.engine(path, "openvino", "bf16")
-    import openvino as ov
-
-    from compress.quantize.openvino_nncf import transformer_int8
-
-    quantized = transformer_int8(ov.Core().read_model(str(path)), calib,
-                                 smooth_quant=ctx.config.quantize.nncf_smooth_quant)
-    xml = path.with_name(path.stem + "-timing-int8.xml")
-    ov.save_model(quantized, str(xml), compress_to_fp16=False)
-    return ctx.engine(xml, "openvino", "int8")
+    return final_precision(config, "tokens", t.target_runtime, t.time_precision)
 
 
 def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
@@ -148,10 +124,9 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     """
     from calibration.evaluate import EvalResult, evaluate_top1, paired_drop
     from compress.model.macs import count_macs
-    from compress.run.measure import model_structure, openvino_parity, timing_fields
+    from compress.run.measure import model_structure, openvino_parity, scored_input, timing_fields
     from compress.tokens import apply, token_counts
     from export.errors import ParityError
-    from runtimes import get_runtime
 
     t = ctx.config.tokens
     # The stage sets plans on, and may fine-tune, its model: work on a copy, since the model it is given can be the
@@ -168,18 +143,11 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     x = np.concatenate([x] * -(-t.target_batch // len(x)))[: t.target_batch]  # (B, C, H, W) real images
     probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
     trials, base_top1, engines = [], None, {}
-    scored = _scored_input(inp, t.target_runtime, len(ctx.eval_data))  # the unreduced model's record, by its stage
+    scored = scored_input(inp, t.target_runtime, len(ctx.eval_data))  # the unreduced model's record, by its stage
     # the chain's budget rules, and this stage spends at most its share of what is left
     max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * t.budget_share
-    precision, timing_calib = timing_precision(ctx.config), None
-    if precision == "bf16" and "bf16" not in get_runtime("openvino").precisions():
-        log.info("tokens: OpenVINO offers no BF16 on this CPU; settings are timed in FP32")
-        precision = "fp32"
-    if precision == "int8":
-        from calibration.calibrate import from_split
-
-        split = ctx.calib_data if len(ctx.calib_data) else ctx.eval_data
-        timing_calib = from_split(split, min(t.time_calib_size, len(split)), shape)
+    precision = available(timing_precision(ctx.config), "tokens")
+    timing_calib = timing_calibration(ctx, precision, t.time_calib_size)
     if precision != "fp32":
         log.info("tokens: settings are timed in %s on OpenVINO, the precision the chain ends in%s; top-1 is judged "
                  "in FP32", precision.upper(), f" (nncf.quantize on {timing_calib.size} images, for timing only)"
@@ -215,7 +183,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                     timed, timed_stats = None, None  # over budget, it cannot be chosen: not quantized for timing
                 elif precision != "fp32":
                     try:
-                        timed = _timing_engine(path, precision, timing_calib, ctx)
+                        timed = timing_engine(path, precision, timing_calib, ctx)
                     except (TypeError, AttributeError, NameError):
                         raise  # our bug, not the quantizer's verdict on the graph
                     except Exception as e:
@@ -286,16 +254,6 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     if recovery:
         notes["recovery"] = recovery
     return StageResult(model=model, notes=notes, records=records)
-
-
-def _scored_input(inp: StageInput, runtime: str, images: int) -> StageRecord | None:
-    """The record of the stage's input model as its own stage scored it on ``runtime`` in FP32 over the whole
-    evaluation split, or None: then the unreduced reference is scored here."""
-    for r in inp.records:
-        if (r.stage == inp.previous and r.runtime == runtime and r.precision == "fp32" and r.status == "ok"
-                and r.candidate in (None, r.stage) and r.scored_in_full and r.eval_samples == images):
-            return r
-    return None
 
 
 def _fastest(fits: list[dict], engines: dict, x: np.ndarray, ctx: RunContext) -> dict:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from compress.model.checkpoint import Checkpoint
 from compress.config import load_config
@@ -197,6 +198,55 @@ def test_iterative_pruning_and_mac_target(tmp_path, digits_model):
     moved = notes["search"]["rearrange"]
     assert moved["fisher_loss_after"] <= moved["fisher_loss_before"] and moved["swaps"] >= 0
     assert notes["reconstruct"]["stream_mse_after"] <= notes["reconstruct"]["stream_mse_before"]
+
+
+@pytest.mark.slow
+def test_a_latency_searched_prune_tries_its_targets_and_keeps_the_most_cut_within_budget(tmp_path, digits_model):
+    """Latency targets timed in INT8 (the chain ends in NNCF INT8 on OpenVINO): the latency model is fitted on four
+    timed copies, each target is searched, repaired and scored, and with a budget every scored one fits, so the
+    hardest scored goes on; each candidate is a record of the prune stage. On this tiny model the fixed work is
+    most of the time, so a hard target can be below what pruning reaches: it is skipped, with the reason."""
+    config = _quantize_config("prune.enabled=true", "prune.search=true", "prune.target_latency=[0.99, 0.9, 0.3]",
+                              "prune.importance='fisher'", "prune.targets='predictions'", "prune.reconstruct=true",
+                              "prune.target_runtime='openvino'", "quantize.quantizers=['nncf']",
+                              "pipeline.max_drop=100")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    notes = json.loads((tmp_path / "run" / "stages" / "prune.json").read_text())["notes"]
+    model = notes["latency_model"]
+    assert model["timed"] == "openvino INT8, batch 1" and len(model["points"]) == 4
+    # bisected: the middle target first; with every scored one in budget, the hardest scored is kept
+    assert notes["trials"][0]["candidate"] == "latency 0.9" and notes["budget_pt"] == 100
+    scored = [t for t in notes["trials"] if t["status"] != "skipped"]
+    skipped = [t for t in notes["trials"] if t["status"] == "skipped"]
+    assert scored and all(t["fits"] for t in scored)
+    assert notes["selected"] == min(scored, key=lambda t: float(t["candidate"].split()[1]))["candidate"]
+    assert set(notes["seconds"]) == {"importance", "latency_model"}
+    assert all(t["search"]["latency_fraction"] <= float(t["candidate"].split()[1]) for t in scored)
+    assert all("below what pruning can reach" in t["reason"] for t in skipped)
+    base = next(r for r in result.records if r.stage == "baseline" and r.status == "ok")
+    candidates = [r for r in result.records if r.stage == "prune" and r.candidate in [t["candidate"] for t in scored]]
+    assert len(candidates) == len(scored) and all(r.top1 is not None and r.runtime == "openvino" for r in candidates)
+    pruned = next(r for r in result.records if r.stage == "prune" and r.candidate in (None, "prune")
+                  and r.status == "ok")
+    chosen = next(r for r in candidates if r.candidate == notes["selected"])
+    assert pruned.structure == chosen.structure and pruned.macs < base.macs
+
+
+@pytest.mark.slow
+def test_a_prune_whose_targets_all_break_its_budget_hands_on_the_model_unpruned(tmp_path, digits_model):
+    before = {k: v.clone() for k, v in digits_model.model.state_dict().items()}
+    config = _quantize_config("quantize.enabled=false", "prune.enabled=true", "prune.search=true",
+                              "prune.target_macs=[0.3, 0.2]", "prune.importance='taylor'", "pipeline.max_drop=1",
+                              "prune.budget_share=0.001")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    notes = json.loads((tmp_path / "run" / "stages" / "prune.json").read_text())["notes"]
+    assert notes["selected"] is None and notes["budget_pt"] == pytest.approx(0.001)
+    assert [t["candidate"] for t in notes["trials"]] == ["MAC 0.3"]  # bisected: 0.3 over budget, nothing milder
+    assert not notes["trials"][0]["fits"] and "latency_model" not in notes
+    base, pruned = (next(r for r in result.records if r.stage == s and r.status == "ok" and r.candidate in (None, s))
+                    for s in ("baseline", "prune"))
+    assert pruned.structure == base.structure and pruned.macs == base.macs
+    assert all(torch.equal(v, digits_model.model.state_dict()[k]) for k, v in before.items())  # the caller's model
 
 
 @pytest.mark.slow

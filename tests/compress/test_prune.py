@@ -11,7 +11,7 @@ import torch
 from calibration.datasets import Subset, digits_source, make_splits
 from compress.model.macs import count_macs, count_params
 from compress.prune.structured import (
-    Importance, PruneError, check_layout, item_macs, l2_importance, prune_by_ratio, prune_to_target,
+    Importance, PruneError, check_layout, item_macs, l2_importance, mac_costs, prune_by_ratio, prune_to_target,
     rearrange_mask, remove, search_mask, select, structure, taylor_importance,
 )
 from export.onnx_export import export_onnx
@@ -220,6 +220,80 @@ def test_the_search_honours_the_floor_and_rounding_and_refuses_what_it_cannot_re
         search_mask(tiny_vit, importance, 0.5, mlp_round_to=width)
 
 
+# ------------------------------------------------------------------------------------------ latency model
+def _linear_time(per_head_mac: float, per_unit_mac: float, fixed: float):
+    """Times a model as fixed + its heads' MACs and its units' MACs, each at its own price: the costs a fit must
+    find again."""
+    def time_models(models):
+        out = {}
+        for name, m in models.items():
+            heads, units = item_macs(m)
+            out[name] = fixed + per_head_mac * sum(b.attn.num_heads * c for b, c in zip(m.blocks, heads)) + \
+                per_unit_mac * sum(b.mlp.fc1.out_features * c for b, c in zip(m.blocks, units))
+        return out
+    return time_models
+
+
+def test_the_latency_model_finds_the_costs_it_was_timed_with_and_the_search_spends_them(tiny_vit):
+    from compress.prune.latency import fit_latency_model
+
+    costs = fit_latency_model(tiny_vit, _linear_time(3e-6, 1e-6, 0.5), label="linear")
+    macs = mac_costs(tiny_vit)
+    assert costs.what == "latency" and len(costs.notes["points"]) == 4 and costs.notes["max_residual_ms"] < 1e-6
+    assert costs.notes["head_vs_unit_per_mac"] == pytest.approx(3.0, rel=1e-6)
+    assert costs.head[0] == pytest.approx(3e-6 * macs.head[0], rel=1e-6)
+    assert costs.notes["fixed_ms"] == pytest.approx(0.5, abs=1e-6)
+    # Heads three times dearer than their MACs: the same importance, searched under latency, gives up more heads
+    # for the same share than under MACs, and the kept cost is within the target on its own scale.
+    rng = np.random.default_rng(0)
+    importance = Importance([1 + rng.random(b.attn.num_heads) for b in tiny_vit.blocks],
+                            [rng.random(b.mlp.fc1.out_features) * 0.05 for b in tiny_vit.blocks], "fisher-labels")
+    under_macs = search_mask(tiny_vit, importance, 0.7)
+    under_latency = search_mask(tiny_vit, importance, 0.7, costs=costs)
+    assert under_latency.cost_fraction <= 0.7 and under_macs.cost_fraction <= 0.7
+    assert sum(map(len, under_latency.heads_keep)) < sum(map(len, under_macs.heads_keep))
+    assert under_latency.macs_fraction == pytest.approx(
+        count_macs(remove(tiny_vit, under_latency.heads_keep, under_latency.units_keep), (1, 3, 32, 32))
+        / count_macs(tiny_vit, (1, 3, 32, 32)), abs=1e-12)
+    with pytest.raises(PruneError, match=r"the latency target 0.01 is below what pruning can reach: .* of its latency"):
+        search_mask(tiny_vit, importance, 0.01, costs=costs)
+
+
+def test_a_latency_fit_that_noise_defeats_falls_back_to_macs(tiny_vit):
+    from compress.prune.latency import fit_latency_model
+
+    # units that seem to cost nothing (a slope of 0): the fit cannot price them, so costs follow MACs, scaled
+    costs = fit_latency_model(tiny_vit, _linear_time(3e-6, 0.0, 0.5))
+    assert "fallback" in costs.notes
+    macs = mac_costs(tiny_vit)
+    assert costs.head[0] / costs.unit[0] == pytest.approx(macs.head[0] / macs.unit[0])
+
+
+def test_the_latency_model_times_real_engines(tiny_vit, tmp_path):
+    """Fitted on OpenVINO's own timings of the four copies: every copy exported and timed, and the search runs on
+    whatever the fit found (a noisy machine may leave the fallback)."""
+    from compress.prune.latency import fit_latency_model, uniform_copies
+    from runtimes import get_runtime
+    from runtimes.noise import interleaved
+
+    x = torch.randn(1, 3, 32, 32)
+
+    def time_models(models):
+        engines = {}
+        for name, m in models.items():
+            path = tmp_path / f"{name.replace(' ', '-')}.onnx"
+            export_onnx(m, path, example=x, parity_inputs=x.numpy())
+            engines[name] = get_runtime("openvino").build(path, precision="fp32", threads=1)
+        return interleaved(engines, x.numpy(), threads=1, rounds=3)
+
+    assert list(uniform_copies(tiny_vit)) == ["whole", "half heads", "half units", "half both"]
+    costs = fit_latency_model(tiny_vit, time_models, label="openvino FP32")
+    assert [p["copy"] for p in costs.notes["points"]] == ["whole", "half heads", "half units", "half both"]
+    assert all(p["latency_ms"] > 0 for p in costs.notes["points"])
+    found = search_mask(tiny_vit, _random_importance(tiny_vit), 0.8, costs=costs)
+    assert found.cost_fraction <= 0.8
+
+
 # ------------------------------------------------------------------------------------------ rearrangement
 def _cost(gram: np.ndarray, keep: list[int]) -> float:
     removed = np.setdiff1d(np.arange(len(gram)), keep)
@@ -294,6 +368,14 @@ def test_rearranging_refuses_importance_without_fisher_blocks_or_of_another_mode
     (["prune.search=true"], "set prune.target_macs"),
     (["prune.search=true", "prune.target_macs=0.8", "prune.scope='layer'"], "prune.scope='layer' cannot hold"),
     (["prune.search=true", "prune.target_macs=0.8", "prune.importance='l2'"], "L2 norms"),
+    (["prune.target_latency=0.7"], "set prune.search=true"),
+    (["prune.target_macs=[0.8, 0.7]"], "only the mask search tries"),
+    (["prune.search=true", "prune.target_latency=[]"], "is an empty list"),
+    (["prune.search=true", "prune.target_latency=[0.8, 1.2]"], r"between 0 and 1 \(exclusive\), got 1.2"),
+    (["prune.search=true", "prune.target_macs=0.8", "prune.target_latency=0.7"], "set one of prune.target_macs and "
+                                                                                  "prune.target_latency"),
+    (["prune.search=true", "prune.target_latency=0.7", "prune.time_precision='int8'"],
+     "set prune.target_runtime=openvino"),
 ])
 def test_search_settings_that_cannot_work_are_refused_when_loaded(settings, message):
     from compress.config import load_config
