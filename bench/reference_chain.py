@@ -12,7 +12,8 @@
    compared by their own medians.
 
 Prints and writes OUT/reference_chain.json: top-1 and drop (with its paired 95% interval) of each, the latency
-ratio, and the wall time of every stage of both runs and of each run as a whole.
+ratio, the wall time of every stage of both runs and of each run as a whole, and the notes of a prune or tokens
+stage (what it tried, with a prune stage's latency model).
 """
 
 from __future__ import annotations
@@ -50,7 +51,14 @@ def timed_run(model: Path, data: Path, out: Path, recipe: str | None, overrides:
         chosen = summary["selected"]
         record = next(r for r in records if r.artifact == chosen.get("artifact")
                       and r.runtime == chosen.get("runtime") and r.batch_size == chosen.get("batch_size"))
+    # what the reducing stages tried (their trials, a prune stage's latency model), as their markers note it
+    notes = {}
+    for stage in ("prune", "tokens"):
+        marker = out / "stages" / f"{stage}.json"
+        if marker.is_file():
+            notes[stage] = json.loads(marker.read_text()).get("notes")
     return {"run": str(out), "wall_seconds": round(wall, 1), "stage_seconds": summary.get("stage_seconds"),
+            "stage_notes": notes,
             "broke_at": summary.get("broke_at"), "chosen": chosen, "top1_drop_ci95": record.top1_drop_ci95,
             "eval_samples": record.eval_samples, "artifact": out / chosen["artifact"],
             "precision": chosen["precision"]}
@@ -104,7 +112,7 @@ def main() -> None:
     for name, run in (("nncf", peer), ("recipe", ours)):
         c = run["chosen"]
         rows[name] = {k: run[k] for k in ("run", "wall_seconds", "stage_seconds", "broke_at", "top1_drop_ci95",
-                                          "eval_samples")} | {
+                                          "eval_samples", "stage_notes")} | {
             "candidate": c.get("candidate"), "precision": c.get("precision"), "top1": c.get("top1"),
             "top1_drop": c.get("top1_drop"), "latency_ms_p50_interleaved": round(float(np.median(medians[name])), 3)}
     result = {"recipe": args.recipe, "model": str(args.model), "eval_limit": args.eval_limit,

@@ -66,11 +66,11 @@ JETSON_LATENCY: dict[str, Any] = {
 # in 8.2 minutes. On the reference fine-tuned in full (87.56%) every smaller size cost more than the stage's half
 # of the budget (196 px: 0.9 pt) and it ended in NNCF INT8 at 224 px: 0.973x, 0.7 pt (BENCHMARKS.md, "The
 # reference ViT-S fine-tuned in full"). A model that uses what 224 px holds keeps 224; the budget decides.
-# On that model ToMe costs 0.3 pt at 0.70x the MACs but runs at 1.1-1.2x the INT8 latency, so it stays out. A
-# pruning mask searched to 0.7x the MACs (prune.search, repaired) ran in BF16 at 0.822x for 0.7 pt, better than
-# this recipe there; but the prune stage takes one MAC target, and where a model cannot give that much it breaks
-# the budget (0.6x: 1.8 pt), so no prune stage here until it searches its targets under the budget as the tokens
-# stage does (BENCHMARKS.md, "The training-free levers on it, one by one").
+# On that model ToMe costs 0.3 pt at 0.70x the MACs but runs at 1.1-1.2x the INT8 latency, so it stays out.
+# Pruning searched under a latency model of the target (prune.target_latency=[0.9, 0.8, 0.7], half the budget,
+# then NNCF INT8) reached 0.763x at 1.0 pt there, better than this recipe, but in 15.7 minutes, most of them
+# repairing and scoring each target; so it is an option the README gives, not a stage here (BENCHMARKS.md,
+# "Pruning under a latency model of the target").
 CPU_TRAINING_FREE: dict[str, Any] = {
     "pipeline": {"stages": ["tokens", "quantize", "deploy"], "max_drop": 1.0, "target": "cpu-x86"},
     "tokens": {"method": "resolution", "macs": [0.75, 0.55, 0.4], "target_runtime": "openvino",
