@@ -290,8 +290,12 @@ def test_the_latency_model_times_real_engines(tiny_vit, tmp_path):
     costs = fit_latency_model(tiny_vit, time_models, label="openvino FP32")
     assert [p["copy"] for p in costs.notes["points"]] == ["whole", "half heads", "half units", "half both"]
     assert all(p["latency_ms"] > 0 for p in costs.notes["points"])
-    found = search_mask(tiny_vit, _random_importance(tiny_vit), 0.8, costs=costs)
-    assert found.cost_fraction <= 0.8
+    # On a model this small the fixed work is most of the time: aim between what pruning can reach and the whole
+    depth = len(tiny_vit.blocks)
+    floor = costs.of(tiny_vit, [1] * depth, [1] * depth) / costs.full
+    target = (floor + 1) / 2
+    found = search_mask(tiny_vit, _random_importance(tiny_vit), target, costs=costs)
+    assert floor < found.cost_fraction <= target
 
 
 # ------------------------------------------------------------------------------------------ rearrangement
