@@ -173,8 +173,9 @@ class PruneConfig(Section):
                 raise ValueError(f"prune.{name} is an empty list; give a fraction or a list of them, e.g. [0.8, 0.7]")
             bad = [v for v in (value if isinstance(value, list) else [value]) if value is not None and not 0 < v < 1]
             if bad:
-                raise ValueError(f"prune.{name} is a fraction of the unpruned model's {name[7:].replace('macs', 'MACs')} "
-                                 f"and must be between 0 and 1 (exclusive), got {bad[0]:g}; e.g. 0.8")
+                of = "MACs" if name == "target_macs" else "latency"
+                raise ValueError(f"prune.{name} is a fraction of the unpruned model's {of} and must be between 0 and 1 "
+                                 f"(exclusive), got {bad[0]:g}; e.g. 0.8")
             if isinstance(value, list) and not self.search:
                 raise ValueError(f"prune.{name} is a list of targets, which only the mask search tries; set "
                                  "prune.search=true, or give one fraction")

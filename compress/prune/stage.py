@@ -2,9 +2,9 @@
 
 Pruning removes a share of heads and MLP units ranked by importance (``structured``), or enough of both to meet
 a MAC or latency target, or (``prune.search``) the heads and units a mask search finds within a MAC target or a
-share of the latency a model of the target predicts (``latency``); given several targets, the stage tries each and
-keeps the most cut within its budget. With ``prune.iterations`` it alternates pruning and recovery. Recovery fine-tunes the pruned model by distillation from
-the model as loaded (``compress.train.distill``).
+share of the latency a model of the target predicts (``latency``); given several targets, the stage tries them and
+keeps the most cut within its budget. With ``prune.iterations`` it alternates pruning and recovery. Recovery
+fine-tunes the pruned model by distillation from the model as loaded (``compress.train.distill``).
 """
 
 from __future__ import annotations
