@@ -173,7 +173,7 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
     half if it fits, else the milder half. Of three targets two are scored, whichever is chosen; a target below
     what pruning can reach counts as over budget."""
     from calibration.evaluate import evaluate_top1, paired_drop
-    from compress.model.macs import count_macs
+    from compress.model.macs import count_macs, count_params
     from compress.prune.structured import PruneError, prune_searched, structure
     from compress.run.measure import model_structure, scored_input, timing_fields
 
@@ -219,7 +219,8 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
         paired = paired_drop(inp.reference, result) if inp.reference is not None else None
         fits = drop <= max_drop + 1e-9 and not result.stopped_early
         trial = {"candidate": name, "status": "ok", "runtime": p.target_runtime, "precision": "fp32",
-                 "batch_size": p.target_batch, "macs": count_macs(pruned, shape), "structure": model_structure(pruned),
+                 "batch_size": p.target_batch, "macs": count_macs(pruned, shape), "params": count_params(pruned),
+                 "structure": model_structure(pruned),
                  "top1": result.top1, "eval_samples": result.num_samples, "stage_drop": drop, "fits": fits,
                  "search": search, **({"reconstruct": repaired} if repaired else {}), **timing_fields(stats),
                  **({"top1_drop_ci95": [round(paired[1], 4), round(paired[2], 4)]} if paired else {}),

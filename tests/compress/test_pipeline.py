@@ -230,6 +230,7 @@ def test_a_latency_searched_prune_tries_its_targets_and_keeps_the_most_cut_withi
                   and r.status == "ok")
     chosen = next(r for r in candidates if r.candidate == notes["selected"])
     assert pruned.structure == chosen.structure and pruned.macs < base.macs
+    assert chosen.params == pruned.params < base.params  # each candidate's own size, not its input's
 
 
 @pytest.mark.slow
