@@ -129,8 +129,8 @@ class PruneConfig(Section):
     target_macs: float | list[float] | None = None
     # with search: fraction of the unpruned model's latency on target_runtime in time_precision, as a latency model
     # fitted on the model predicts it (compress.prune.latency: a head and an MLP unit cost unlike their MACs on a CPU).
-    # A list (of either target): each is searched, repaired and scored in FP32 on target_runtime, the mildest first,
-    # and the most cut within max_drop (under a chain budget, budget_share of what is left) goes on
+    # A list (of either target): the targets are bisected, each tried one searched, repaired and scored in FP32 on
+    # target_runtime, and the most cut within max_drop (under a chain budget, budget_share of what is left) goes on
     target_latency: float | list[float] | None = None
     # with target_macs or target_latency: Kwon et al.'s mask search (compress.prune.structured.search_mask): how many
     # heads and how many MLP units to keep, and where, all layers ranked together by raw Fisher or Taylor importance;
