@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from compress.model.vit import VisionTransformer
-from compress.prune.structured import ItemCosts, mac_costs, remove
+from compress.prune.structured import ItemCosts, mac_costs, remove, structure
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def uniform_copies(model: VisionTransformer, *, mlp_round_to: int = 1) -> dict[s
     """The model and three copies: half of every layer's heads kept, half its units, and both (the first of each;
     for latency, which ones does not matter). Unit counts stay multiples of ``mlp_round_to`` where they can."""
     depth = len(model.blocks)
-    heads, units = _counts(model)
+    widths = structure(model)
+    heads, units = widths["heads"], widths["mlp"]
     half_heads = [list(range(max(1, h // 2))) for h in heads]
     half_units = [list(range(max(mlp_round_to, (u // 2) // mlp_round_to * mlp_round_to) if u > mlp_round_to
                              else max(1, u // 2))) for u in units]
@@ -63,14 +64,15 @@ def fit_latency_model(model: VisionTransformer, time_models: TimeModels, *, mlp_
     # Each copy as (1, head MACs kept, unit MACs kept): the columns least squares weighs.
     rows, times = [], []
     for name, m in copies.items():
-        h, u = _counts(m)
-        rows.append([1.0, sum(n * c for n, c in zip(h, macs.head)), sum(n * c for n, c in zip(u, macs.unit))])
+        widths = structure(m)
+        rows.append([1.0, sum(n * c for n, c in zip(widths["heads"], macs.head)),
+                     sum(n * c for n, c in zip(widths["mlp"], macs.unit))])
         times.append(measured[name])
     a, t = np.asarray(rows), np.asarray(times)
     scale = a.max(axis=0)  # columns of MACs are ~1e9; scaled, the system is well conditioned
     coef, *_ = np.linalg.lstsq(a / scale, t, rcond=None)
     fixed, per_head_mac, per_unit_mac = coef / scale
-    points = [{"copy": name, "heads": sum(_counts(m)[0]), "mlp_units": sum(_counts(m)[1]),
+    points = [{"copy": name, "heads": sum(structure(m)["heads"]), "mlp_units": sum(structure(m)["mlp"]),
                "latency_ms": round(measured[name], 4), "fitted_ms": round(float(row @ coef), 4)}
               for (name, m), row in zip(copies.items(), a / scale)]
     notes = {"timed": label, "points": points,
@@ -93,10 +95,8 @@ def fit_latency_model(model: VisionTransformer, time_models: TimeModels, *, mlp_
              "its MACs' share next to a unit; worst residual %.2f ms of %.2f", label, notes["head_ms"],
              notes["unit_ms"], fixed, notes["head_vs_unit_per_mac"], notes["max_residual_ms"], whole)
     # The costs are the fit's; the whole model's cost is the fit's too, so that fractions of it add up.
-    counts = _counts(model)
-    full = float(fixed) + sum(h * c for h, c in zip(counts[0], head)) + sum(u * c for u, c in zip(counts[1], unit))
+    kept = structure(model)
+    full = float(fixed) + sum(h * c for h, c in zip(kept["heads"], head)) + sum(
+        u * c for u, c in zip(kept["mlp"], unit))
     return ItemCosts(head, unit, full, "latency", notes)
 
-
-def _counts(model: VisionTransformer) -> tuple[list[int], list[int]]:
-    return [b.attn.num_heads for b in model.blocks], [b.mlp.fc1.out_features for b in model.blocks]

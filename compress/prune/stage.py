@@ -145,8 +145,8 @@ def _latency_costs(model, ctx: RunContext):
     p = ctx.config.prune
     precision = available(final_precision(ctx.config, "prune", p.target_runtime, p.time_precision), "prune")
     calib = timing_calibration(ctx, precision, p.time_calib_size)
-    probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(8))[0]
-    x = np.ascontiguousarray(np.concatenate([ctx.latency_input] * p.target_batch)[: p.target_batch])
+    probe = ctx.parity_inputs[:8]
+    x = _timing_input(ctx, p.target_batch)
     label = f"{p.target_runtime} {precision.upper()}, batch {p.target_batch}"
 
     def time_models(models):
@@ -179,9 +179,9 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
 
     p = ctx.config.prune
     what = costs.what if costs is not None else "MAC"
-    max_drop = p.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * p.budget_share
-    probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
-    x = np.ascontiguousarray(np.concatenate([ctx.latency_input] * p.target_batch)[: p.target_batch])
+    max_drop = inp.stage_budget(p.max_drop, p.budget_share)
+    probe = ctx.parity_inputs
+    x = _timing_input(ctx, p.target_batch)
     shape = (1, *ctx.input_shape)
     full_macs = count_macs(model, shape)
     scored = scored_input(inp, p.target_runtime, len(ctx.eval_data))
@@ -256,3 +256,9 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
                                                "latency_ms_p50", "search", "reconstruct", "seconds", "status",
                                                "reason")} for t in trials]} | extra
     return StageResult(model=kept, notes=notes, records=records)
+
+
+def _timing_input(ctx: RunContext, batch: int) -> np.ndarray:
+    """``batch`` real images to time on: the run's latency input, repeated when the batch is larger."""
+    return np.ascontiguousarray(np.concatenate([ctx.latency_input] * batch)[:batch])
+

@@ -387,7 +387,8 @@ def search_mask(model: VisionTransformer, importance: Importance, target: float,
     kept = sum(float(importance.heads[i][list(k)].sum()) for i, k in enumerate(heads_keep)) + sum(
         float(importance.units[i][list(k)].sum()) for i, k in enumerate(units_keep))
     kept_counts = [len(k) for k in heads_keep], [len(k) for k in units_keep]
-    macs_fraction = (costs if what == "MAC" else mac_costs(model)).of(model, *kept_counts) / _macs(model)
+    macs = costs if what == "MAC" else mac_costs(model)
+    macs_fraction = macs.of(model, *kept_counts) / macs.full
     log.info("mask search: %d of %d heads and %d of %d MLP units kept, %.3f of the %s (%.3f of the MACs), %.1f%% of "
              "the importance (forced floor %.1f%%)", sum(map(len, heads_keep)), sum(counts[0]),
              sum(map(len, units_keep)), sum(counts[1]), cost / full, _scale(what), macs_fraction,

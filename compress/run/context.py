@@ -117,6 +117,11 @@ class StageInput:
     state_dir: Path  # where the stage may keep resumable state (recovery's training state)
     new_record: Callable[..., StageRecord]  # a record with this stage's common fields (``measure.LazyRecorder``)
 
+    def stage_budget(self, max_drop: float, share: float) -> float:
+        """The top-1 points a stage that judges its own settings may spend: its own ``max_drop`` without a chain
+        budget; under one, ``share`` of what the stages before left (none when they spent it all)."""
+        return max_drop if self.budget_left is None else max(0.0, self.budget_left) * share
+
 
 @dataclass
 class StageResult:

@@ -141,11 +141,11 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     tuned = {}  # each searched setting's fine-tuned weights, until one is chosen
     x = next(ctx.eval_data.batches(max(t.target_batch, 1)))[0]
     x = np.concatenate([x] * -(-t.target_batch // len(x)))[: t.target_batch]  # (B, C, H, W) real images
-    probe = next((ctx.calib_data if len(ctx.calib_data) else ctx.eval_data).batches(32))[0]
+    probe = ctx.parity_inputs
     trials, base_top1, engines = [], None, {}
     scored = scored_input(inp, t.target_runtime, len(ctx.eval_data))  # the unreduced model's record, by its stage
     # the chain's budget rules, and this stage spends at most its share of what is left
-    max_drop = t.max_drop if inp.budget_left is None else max(0.0, inp.budget_left) * t.budget_share
+    max_drop = inp.stage_budget(t.max_drop, t.budget_share)
     precision = available(timing_precision(ctx.config), "tokens")
     timing_calib = timing_calibration(ctx, precision, t.time_calib_size)
     if precision != "fp32":
