@@ -152,9 +152,9 @@ class PruneConfig(Section):
     iterations: int = Field(1, ge=1)  # prune a little, recover, repeat (recovery split evenly)
 
     def search_targets(self) -> list[float]:
-        """The search's targets, the mildest (largest fraction) first."""
+        """The search's targets, each once, the mildest (largest fraction) first."""
         target = self.target_latency if self.target_latency is not None else self.target_macs
-        return sorted(target if isinstance(target, list) else [target], reverse=True)
+        return sorted(set(target if isinstance(target, list) else [target]), reverse=True)
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:

@@ -366,6 +366,14 @@ def test_rearranging_refuses_importance_without_fisher_blocks_or_of_another_mode
         rearrange_mask(blocks, found.heads_keep, [[0, 10_000]] * len(found.units_keep))
 
 
+def test_a_list_of_targets_is_searched_once_each_mildest_first():
+    from compress.config import load_config
+
+    config = load_config(None, ["prune.enabled=true", "prune.search=true", "prune.importance='fisher'",
+                                "prune.target_latency=[0.7, 0.9, 0.7, 0.8]"])
+    assert config.prune.search_targets() == [0.9, 0.8, 0.7]
+
+
 @pytest.mark.parametrize("settings, message", [
     (["prune.rearrange=true"], "set prune.search=true"),
     (["prune.search=true", "prune.target_macs=0.8", "prune.rearrange=true"], "set prune.importance='fisher'"),
