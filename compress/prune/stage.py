@@ -184,18 +184,19 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
     x = _timing_input(ctx, p.target_batch)
     shape = (1, *ctx.input_shape)
     full_macs = count_macs(model, shape)
-    scored = scored_input(inp, p.target_runtime, len(ctx.eval_data))
+    scored, base = scored_input(inp, p.target_runtime, len(ctx.eval_data)), None
     if scored is not None:
         base_top1, base_drop = scored.top1, scored.top1_drop or 0.0
     else:
         with ctx.exported(model, probe) as path:
-            base_top1 = evaluate_top1(ctx.engine(path, p.target_runtime).run, ctx.eval_data,
-                                      batch_size=ctx.config.measure.eval_batch_size).top1
+            base = evaluate_top1(ctx.engine(path, p.target_runtime).run, ctx.eval_data,
+                                 batch_size=ctx.config.measure.eval_batch_size)
+        base_top1 = base.top1
         base_drop = (inp.reference.top1 - base_top1) * 100 if inp.reference is not None else 0.0
     log.info("prune: %d %s targets (%s), bisected; the most cut within %.2f pt of top-1 %.4f goes on", len(targets),
              what, ", ".join(f"{t:g}" for t in targets), max_drop, base_top1)
 
-    def attempt(target: float) -> tuple[dict, object | None]:
+    def attempt(target: float) -> tuple[dict, tuple | None]:
         name = f"{what} {target:g}"
         start = time.perf_counter()
         try:
@@ -230,16 +231,16 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
                  "%.0f s", name, result.top1, drop, ", scoring stopped early" if result.stopped_early else "",
                  trial["macs"] / full_macs, stats.latency_ms_p50, p.target_runtime,
                  "" if fits else f": over the {max_drop:.2f} pt budget", time.perf_counter() - start)
-        return trial, pruned if fits else None
+        return trial, (pruned, result) if fits else None
 
     trials, chosen = [], None
     lo, hi = 0, len(targets) - 1  # targets run from the mildest (0) to the hardest
     while lo <= hi:
         mid = (lo + hi) // 2
-        trial, pruned = attempt(targets[mid])
+        trial, kept = attempt(targets[mid])
         trials.append(trial)
-        if pruned is not None:
-            chosen, lo = (trial, pruned), mid + 1
+        if kept is not None:
+            chosen, lo = (trial, *kept), mid + 1
         else:
             hi = mid - 1
     if chosen is None:
@@ -250,12 +251,15 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
                for t in trials if t.get("status") != "skipped"]
     # unpruned, a copy: the input can be the model as loaded, the teacher, which recovery must not fine-tune
     kept = chosen[1] if chosen is not None else copy.deepcopy(model)
+    # what goes on was scored here on the whole split, from the same export: the orchestrator takes that score
+    given = chosen[2] if chosen is not None else base
     notes = {"importance": importance.method, "budget_pt": max_drop, "reference_top1": base_top1,
              "selected": chosen[0]["candidate"] if chosen is not None else None, "structure": structure(kept),
              "trials": [{k: t.get(k) for k in ("candidate", "top1", "stage_drop", "fits", "eval_samples", "macs",
                                                "latency_ms_p50", "search", "reconstruct", "seconds", "status",
                                                "reason")} for t in trials]} | extra
-    return StageResult(model=kept, notes=notes, records=records)
+    return StageResult(model=kept, notes=notes, records=records,
+                       scored={(p.target_runtime, "fp32"): given} if given is not None else {})
 
 
 def _timing_input(ctx: RunContext, batch: int) -> np.ndarray:

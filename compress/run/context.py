@@ -131,6 +131,9 @@ class StageResult:
     artifact: Path | None = None  # an ONNX or records stage's product (a bundle)
     notes: dict[str, Any] = field(default_factory=dict)  # written into ``stages/<name>.json``
     records: list[StageRecord] = field(default_factory=list)  # records the stage measured itself
+    # The output model's top-1 as the stage already scored it on the whole evaluation split, by (runtime,
+    # precision), from the same export: the orchestrator takes it instead of scoring the same model again.
+    scored: dict[tuple[str, str], EvalResult] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

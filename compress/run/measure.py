@@ -111,18 +111,22 @@ class FullScore:
 
 
 def measure_engine(engine, label: str, record: Recorder | LazyRecorder, ctx: RunContext, *, runtime: str,
-                   reference_top1: float | None = None, full: FullScore | None = None, **fields: Any
+                   reference_top1: float | None = None, full: FullScore | None = None,
+                   given: EvalResult | None = None, **fields: Any
                    ) -> tuple[list[StageRecord], EvalResult, FullScore | None]:
     """Top-1 on the evaluation split, then latency at every batch size: one record per batch size.
 
     ``top1_drop`` and ``agreement`` are against the recorder's reference (the baseline's first runtime) when
     there is one, else the drop is against ``reference_top1`` and agreement is unknown. With ``full``, the same
     model as scored in full by another engine, this one scores a sample only (``measure.agreement_sample``) and
-    its top-1 is estimated from it (``sampled_accuracy``). Returns the records, the predictions made, and the
-    full score to check the next engine against (``full`` itself, or this engine's when it scored in full).
+    its top-1 is estimated from it (``sampled_accuracy``). ``given`` is this engine's predictions on the whole
+    split as the stage already made them (``StageResult.scored``): taken instead of scoring again. Returns the
+    records, the predictions made, and the full score to check the next engine against (``full`` itself, or this
+    engine's when it scored in full).
     """
     m = ctx.config.measure
-    accuracy, result = score(engine, label, record.reference, ctx, reference_top1=reference_top1, full=full)
+    accuracy, result = score(engine, label, record.reference, ctx, reference_top1=reference_top1, full=full,
+                             given=given)
     if accuracy.get("sampled_against") is None:
         full = full or FullScore(runtime, fields.get("precision", "?"), result,
                                  {k: accuracy.get(k) for k in ("top1", "top1_drop", "top1_drop_ci95")})
@@ -141,14 +145,19 @@ def measure_engine(engine, label: str, record: Recorder | LazyRecorder, ctx: Run
 
 
 def score(engine, label: str, reference: EvalResult | None, ctx: RunContext, *, reference_top1: float | None = None,
-          full: FullScore | None = None) -> tuple[dict[str, Any], EvalResult]:
-    """The accuracy fields of a record for ``engine``, and its predictions: on a sample when ``full`` is given
-    and the engine agrees with it there (``measure.sample_min_agreement``), else on the whole split (stopping
-    early once the drop is over the chain's budget with confidence)."""
+          full: FullScore | None = None, given: EvalResult | None = None) -> tuple[dict[str, Any], EvalResult]:
+    """The accuracy fields of a record for ``engine``, and its predictions: ``given`` when it covers the whole
+    split (the same engine's, scored by the stage), else on a sample when ``full`` is given and the engine agrees
+    with it there (``measure.sample_min_agreement``), else on the whole split (stopping early once the drop is
+    over the chain's budget with confidence)."""
     m = ctx.config.measure
     total = len(ctx.eval_data)
     say = (lambda d, t: ctx.say(label, d, t)) if ctx.progress else None
-    if full is not None and 0 < m.agreement_sample < total and full.result.correct is not None:
+    whole = given is not None and given.num_samples == total and given.correct is not None
+    result = given if whole else None
+    if result is not None:
+        log.info("%s: top-1 as its stage scored it on the same file, all %d images: not scored again", label, total)
+    elif full is not None and 0 < m.agreement_sample < total and full.result.correct is not None:
         n = min(m.agreement_sample, full.result.num_samples)
         sample = evaluate_top1(engine.run, ctx.eval_data.head(n), batch_size=m.eval_batch_size, progress=say)
         agree = float(np.mean(sample.predictions == full.result.predictions[:n]))
@@ -156,8 +165,9 @@ def score(engine, label: str, reference: EvalResult | None, ctx: RunContext, *, 
             return sampled_accuracy(full, sample, reference, total, agree), sample
         log.info("%s: agrees with %s %s on %.1f%% of %d images, under measure.sample_min_agreement=%.2f: scored on "
                  "the whole split", label, full.runtime, full.precision, agree * 100, n, m.sample_min_agreement)
-    result = evaluate_top1(engine.run, ctx.eval_data, batch_size=m.eval_batch_size, progress=say,
-                           reference=reference, stop_above=ctx.config.pipeline.max_drop)
+    if result is None:
+        result = evaluate_top1(engine.run, ctx.eval_data, batch_size=m.eval_batch_size, progress=say,
+                               reference=reference, stop_above=ctx.config.pipeline.max_drop)
     against = reference.top1 if reference is not None else reference_top1
     against = result.top1 if against is None else against
     accuracy = {"top1": result.top1, "eval_samples": result.num_samples, "eval_total": result.total,
@@ -261,10 +271,12 @@ def skipped(record: Recorder | LazyRecorder, ctx: RunContext, *, runtime: str, r
 
 
 def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, record: Recorder, ctx: RunContext, *,
-                  precisions: tuple[str, ...] | None = None) -> tuple[list[StageRecord], EvalResult | None]:
+                  precisions: tuple[str, ...] | None = None,
+                  scored: dict[tuple[str, str], EvalResult] | None = None
+                  ) -> tuple[list[StageRecord], EvalResult | None]:
     """A float stage's model on every runtime and precision (``PRECISIONS``; an already quantized ONNX file is
     measured as ``("int8",)``); returns its records and the reference predictions (the first runtime's, when there
-    was no reference yet)."""
+    was no reference yet). ``scored``: what the stage already scored in full, by (runtime, precision)."""
     from runtimes import get_runtime
 
     records, reference, full = [], record.reference, None
@@ -285,7 +297,7 @@ def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, re
                 continue
             engine = runtime.build(model if torch_side else onnx_path, precision=precision, threads=ctx.threads)
             rows, result, full = measure_engine(engine, f"{stage} · {name} {precision}", record, ctx, runtime=name,
-                                                full=full, **fields)
+                                                full=full, given=(scored or {}).get((name, precision)), **fields)
             if reference is None:
                 reference = result  # the first runtime of the baseline stage (torch fp32 by default)
                 record = replace(record, reference=result)

@@ -319,7 +319,7 @@ def _measure_into(state: _State, stage: Stage, key: str, result: StageResult, mo
     had_reference = state.reference is not None
     recorder = Recorder.for_stage(ctx, stage.name, key, model, state.reference)
     measured, state.reference = measure_float(stage.name, model, ckpt_path, onnx_path, recorder, ctx,
-                                              precisions=precisions)
+                                              precisions=precisions, scored=result.scored)
     if state.reference is not None and not had_reference:  # this stage set the reference: keep it for resuming
         buffer = io.BytesIO()
         ref = state.reference  # (2, N): predictions, and whether each was right (for paired drop intervals)

@@ -142,7 +142,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     x = next(ctx.eval_data.batches(max(t.target_batch, 1)))[0]
     x = np.concatenate([x] * -(-t.target_batch // len(x)))[: t.target_batch]  # (B, C, H, W) real images
     probe = ctx.parity_inputs
-    trials, base_top1, engines = [], None, {}
+    trials, base_top1, engines, results = [], None, {}, {}
     scored = scored_input(inp, t.target_runtime, len(ctx.eval_data))  # the unreduced model's record, by its stage
     # the chain's budget rules, and this stage spends at most its share of what is left
     max_drop = inp.stage_budget(t.max_drop, t.budget_share)
@@ -176,6 +176,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                                            progress=(lambda d, n: ctx.say(f"tokens · {name}", d, n))
                                            if ctx.progress else None)
                 stats = ctx.time(engine, x, warmup=3)
+                results[name] = result
                 base_top1 = result.top1 if base_top1 is None else base_top1
                 drop = round((base_top1 - result.top1) * 100, 4)
                 timed, timed_stats = engine, stats
@@ -237,9 +238,11 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     elif best["candidate"] in tuned:
         model.load_state_dict(tuned[best["candidate"]])  # the chosen setting's own fine-tuned weights
     apply(model, best["plan"])
+    given = results.get(best["candidate"])  # scored here on the whole split: the orchestrator takes that score
     if best["plan"] is not None and t.finetune_epochs > 0 and original is None:
         recovery.append(distill(model, ctx, epochs=t.finetune_epochs, tag="tokens", state_dir=inp.state_dir,
                                 switch="tokens.finetune_epochs"))
+        given = None  # fine-tuned after it was judged: not the model that was scored
     # In the records, as in every other row, top1_drop is against the baseline (the recorder computes it).
     records = [inp.new_record(**{k: v for k, v in r.items() if k not in NOTES_ONLY}) for r in trials]
     notes = {
@@ -253,7 +256,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     }
     if recovery:
         notes["recovery"] = recovery
-    return StageResult(model=model, notes=notes, records=records)
+    return StageResult(model=model, notes=notes, records=records,
+                       scored={(t.target_runtime, "fp32"): given} if given is not None else {})
 
 
 def _fastest(fits: list[dict], engines: dict, x: np.ndarray, ctx: RunContext) -> dict:

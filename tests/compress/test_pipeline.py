@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -201,11 +202,14 @@ def test_iterative_pruning_and_mac_target(tmp_path, digits_model):
 
 
 @pytest.mark.slow
-def test_a_latency_searched_prune_tries_its_targets_and_keeps_the_most_cut_within_budget(tmp_path, digits_model):
+def test_a_latency_searched_prune_tries_its_targets_and_keeps_the_most_cut_within_budget(tmp_path, digits_model,
+                                                                                          caplog):
     """Latency targets timed in INT8 (the chain ends in NNCF INT8 on OpenVINO): the latency model is fitted on four
     timed copies, each target is searched, repaired and scored, and with a budget every scored one fits, so the
     hardest scored goes on; each candidate is a record of the prune stage. On this tiny model the fixed work is
-    most of the time, so a hard target can be below what pruning reaches: it is skipped, with the reason."""
+    most of the time, so a hard target can be below what pruning reaches: it is skipped, with the reason. The
+    model that goes on was scored on OpenVINO by the stage: the orchestrator takes that score, not scoring again."""
+    caplog.set_level(logging.INFO, logger="compress.run.measure")
     config = _quantize_config("prune.enabled=true", "prune.search=true", "prune.target_latency=[0.99, 0.9, 0.3]",
                               "prune.importance='fisher'", "prune.targets='predictions'", "prune.reconstruct=true",
                               "prune.target_runtime='openvino'", "quantize.quantizers=['nncf']",
@@ -231,6 +235,10 @@ def test_a_latency_searched_prune_tries_its_targets_and_keeps_the_most_cut_withi
     chosen = next(r for r in candidates if r.candidate == notes["selected"])
     assert pruned.structure == chosen.structure and pruned.macs < base.macs
     assert chosen.params == pruned.params < base.params  # each candidate's own size, not its input's
+    on_target = next(r for r in result.records if r.stage == "prune" and r.candidate in (None, "prune")
+                     and r.runtime == "openvino" and r.precision == "fp32" and r.status == "ok")
+    assert on_target.top1 == chosen.top1 and on_target.eval_samples == chosen.eval_samples == 128
+    assert any(m.startswith("prune · openvino fp32: top-1 as its stage scored it") for m in caplog.messages)
 
 
 @pytest.mark.slow

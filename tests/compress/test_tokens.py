@@ -1,6 +1,7 @@
 """Token reduction: exactness when off, the schedules, size bookkeeping, ONNX parity, bad input, the stage."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -496,8 +497,10 @@ def test_tokens_stage_searches_working_resolutions_and_the_chosen_one_exports_at
 
 @pytest.mark.slow
 def test_finetune_each_trains_every_searched_setting_before_judging_and_keeps_the_chosen_ones_weights(
-        tmp_path, digits_model):
+        tmp_path, digits_model, caplog):
     from compress.run.pipeline import run_pipeline
+
+    caplog.set_level(logging.INFO, logger="compress.run.measure")
 
     config = _stage_config("tokens.enabled=true", "tokens.method='resolution'", "tokens.macs=[0.3, 0.6]",
                            "tokens.max_drop=100", "tokens.finetune_epochs=0.2", "tokens.finetune_each=true",
@@ -513,6 +516,9 @@ def test_finetune_each_trains_every_searched_setting_before_judging_and_keeps_th
     final = next(r for r in result.records if r.stage == "tokens" and r.candidate is None
                  and r.runtime == "onnxruntime" and r.precision == "fp32" and r.batch_size == 1)
     assert final.top1 == chosen["top1"]  # the model handed on has the chosen setting's weights, not the last one's
+    # a setting the stage scored in full is not scored again; the unreduced one it took from the baseline's record
+    reused = any(m.startswith("tokens · onnxruntime fp32: top-1 as its stage scored it") for m in caplog.messages)
+    assert reused == (notes["selected"] != "unreduced")
     with pytest.raises(ConfigError, match="tokens.finetune_each fine-tunes each setting for tokens.finetune_epochs"):
         _stage_config("tokens.finetune_each=true")
 
