@@ -45,8 +45,8 @@ def reconstruct(pruned: VisionTransformer, original: VisionTransformer, images: 
                 weights: bool = True) -> dict:
     """Refit each block's ``attn.proj`` and ``mlp.fc2`` of ``pruned`` in place (``_refit``), or with ``weights=False``
     only scale its kept heads and MLP units, so that, block by block, its residual stream follows ``original``'s on
-    ``images`` (batches of (B, C, H, W) float32). Returns the mean squared stream error after the
-    last block, before and after, for the log and the stage's notes."""
+    ``images`` (batches of (B, C, H, W) float32). Returns the mean squared stream error after the last block on
+    the first batch, before and after, for the log and the stage's notes."""
     if not pruned.config.pre_norm or not original.config.pre_norm:
         raise PruneError("least-squares reconstruction (prune.reconstruct) works on pre-norm blocks; this model "
                          "has post-norm ones: recover with distillation instead (recover.epochs)")
@@ -57,34 +57,108 @@ def reconstruct(pruned: VisionTransformer, original: VisionTransformer, images: 
         raise PruneError("prune.reconstruct needs calibration images; set data.calib_size above 0")
     with torch.no_grad():
         ours = [pruned.embed(x) for x in batches]  # (B, T, D): the pruning left the embedding as it was
-        theirs = [original.embed(x) for x in batches]
-        before = _stream_error(pruned, original, batches)
+        # the error the repair leaves, on the first batch: two more passes over every batch would cost as much as
+        # the repair
+        final = original.forward_features(batches[0])  # the unpruned model's last stream
+        before = ((pruned.forward_features(batches[0]) - final) ** 2).mean().item()
         start = time.perf_counter()
         for layer, (block, reference) in enumerate(zip(pruned.blocks, original.blocks)):
-            # the unpruned block's branch on the pruned model's own stream: what this layer should add to it
-            targets = [x + reference.ls1(reference.attn(reference.norm1(x))) for x in ours]
-            (_refit_heads if weights else _tune_heads)(block, ours, targets)
-            ours = [x + block.ls1(block.attn(block.norm1(x))) for x in ours]
-            targets = [x + reference.ls2(reference.mlp(reference.norm2(x))) for x in ours]
-            (_refit_units if weights else _tune_units)(block, ours, targets)
-            ours = [x + block.ls2(block.mlp(block.norm2(x))) for x in ours]
-            theirs = [t + reference.ls1(reference.attn(reference.norm1(t))) for t in theirs]
-            theirs = [t + reference.ls2(reference.mlp(reference.norm2(t))) for t in theirs]
+            # Each branch of the unpruned block on the pruned model's own stream is what this layer should add to
+            # it. Where the pruned block's heads (units) are the unpruned one's untouched, as removal leaves them,
+            # their outputs are columns of the unpruned block's: computed once for both.
+            if weights:
+                ours = _refit_branch(block, reference, ours, "attn")
+                ours = _refit_branch(block, reference, ours, "mlp")
+            else:
+                targets = [x + reference.ls1(reference.attn(reference.norm1(x))) for x in ours]
+                _tune_heads(block, ours, targets)
+                ours = [x + block.ls1(block.attn(block.norm1(x))) for x in ours]
+                targets = [x + reference.ls2(reference.mlp(reference.norm2(x))) for x in ours]
+                _tune_units(block, ours, targets)
+                ours = [x + block.ls2(block.mlp(block.norm2(x))) for x in ours]
             if layer == 0:
                 eta = (time.perf_counter() - start) * len(pruned.blocks)
                 if eta > 60:
                     log.info("prune: least-squares reconstruction, %d layers: about %.0f min", len(pruned.blocks),
                              eta / 60)
-        after = float(np.mean([((pruned.norm(o) - original.norm(t)) ** 2).mean().item() for o, t in zip(ours, theirs)]))
-    log.info("prune: least-squares reconstruction on %d images: final-stream error %.4g -> %.4g",
-             sum(len(x) for x in batches), before, after)
-    return {"images": sum(len(x) for x in batches), "stream_mse_before": before, "stream_mse_after": after,
+        after = ((pruned.norm(ours[0]) - final) ** 2).mean().item()
+    images = sum(len(x) for x in batches)
+    log.info("prune: least-squares reconstruction on %d images: final-stream error %.4g -> %.4g (on %d of them)",
+             images, before, after, len(batches[0]))
+    return {"images": images, "stream_mse_before": before, "stream_mse_after": after, "error_images": len(batches[0]),
             "fit": "weights" if weights else "scales"}
 
 
-def _stream_error(pruned: VisionTransformer, original: VisionTransformer, batches: list[torch.Tensor]) -> float:
-    return float(np.mean([((pruned.forward_features(x) - original.forward_features(x)) ** 2).mean().item()
-                          for x in batches]))
+def _refit_branch(block: Block, reference: Block, streams: list[torch.Tensor], branch: str) -> list[torch.Tensor]:
+    """Refit the layer that ends ``block``'s attention (``attn.proj``) or MLP (``mlp.fc2``) branch so that the
+    branch adds to each stream what ``reference``'s adds; returns the streams after it. The layer's inputs (the
+    kept heads' outputs, the kept units' activations) are kept for the update, so nothing is computed twice."""
+    attn = branch == "attn"
+    layer = block.attn.proj if attn else block.mlp.fc2
+    gamma = _gamma(block.ls1 if attn else block.ls2, layer.out_features)
+    columns = _kept_head_columns(block, reference) if attn else _kept_units(block, reference)
+    inputs, deltas = [], []
+    for x in streams:
+        if attn:
+            full = _head_outputs(reference, x)  # (tokens, H * hd)
+            delta = reference.ls1(reference.attn.proj(full))
+            ins = full[:, columns] if columns is not None else _head_outputs(block, x)
+        else:
+            mlp = reference.mlp
+            full = mlp.act(mlp.fc1(reference.norm2(x))).reshape(-1, mlp.fc2.in_features)  # (tokens, K)
+            delta = reference.ls2(mlp.fc2(full))
+            ins = full[:, columns] if columns is not None else block.mlp.act(block.mlp.fc1(block.norm2(x))).reshape(
+                len(full), -1)
+        inputs.append(ins)
+        deltas.append(delta)
+    _refit(layer, gamma, zip(inputs, deltas))
+    ls = block.ls1 if attn else block.ls2
+    return [x + ls(layer(z)).view(x.shape) for x, z in zip(streams, inputs)]
+
+
+def _kept_head_columns(block: Block, reference: Block) -> torch.Tensor | None:
+    """The columns of ``reference``'s per-head outputs that ``block``'s heads compute, when ``block``'s query, key
+    and value weights (and its LayerNorm) are an untouched subset of ``reference``'s; else None."""
+    a, r = block.attn, reference.attn
+    if a.head_dim != r.head_dim or not _same_norm(block.norm1, reference.norm1):
+        return None
+    rows = _matching_rows(_head_rows(a), _head_rows(r))
+    if rows is None:
+        return None
+    hd = a.head_dim
+    return (torch.tensor(rows).view(-1, 1) * hd + torch.arange(hd).view(1, hd)).reshape(-1)
+
+
+def _kept_units(block: Block, reference: Block) -> torch.Tensor | None:
+    """The units of ``reference``'s MLP that ``block``'s are, untouched (weights, bias, LayerNorm), or None."""
+    if not _same_norm(block.norm2, reference.norm2):
+        return None
+    rows = _matching_rows(_unit_rows(block.mlp.fc1), _unit_rows(reference.mlp.fc1))
+    return torch.tensor(rows) if rows is not None else None
+
+
+def _head_rows(attn) -> torch.Tensor:
+    """One row per head: its query, key and value weights and biases, flattened."""
+    H, hd = attn.num_heads, attn.head_dim
+    w = attn.qkv.weight.view(3, H, hd, -1).transpose(0, 1).reshape(H, -1)
+    if attn.qkv.bias is None:
+        return w
+    return torch.cat([w, attn.qkv.bias.view(3, H, hd).transpose(0, 1).reshape(H, -1)], dim=1)
+
+
+def _unit_rows(fc1: torch.nn.Linear) -> torch.Tensor:
+    return torch.cat([fc1.weight, fc1.bias[:, None]], dim=1)
+
+
+def _matching_rows(rows: torch.Tensor, among: torch.Tensor) -> list[int] | None:
+    """For each row of ``rows``, the index of the identical row of ``among`` (bit for bit); None if one has none."""
+    index = {bytes(r.numpy().tobytes()): i for i, r in enumerate(among.detach().contiguous())}
+    found = [index.get(bytes(r.numpy().tobytes())) for r in rows.detach().contiguous()]
+    return None if any(i is None for i in found) else found
+
+
+def _same_norm(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def _gamma(ls: torch.nn.Module, dim: int) -> torch.Tensor:
@@ -112,7 +186,7 @@ def _tune_heads(block: Block, streams: list[torch.Tensor], targets: list[torch.T
     r_sum = torch.zeros(D, dtype=torch.float64)
     n = 0
     for x, target in zip(streams, targets):
-        o = _head_outputs(block, x).view(-1, H, hd)  # (tokens, H, hd)
+        o = _head_outputs(block, x).double().view(-1, H, hd)  # (tokens, H, hd)
         features = torch.einsum("thc,dhc->thd", o, W.view(D, H, hd))  # (tokens, H, D): each head's contribution
         rest = ((target - x).reshape(-1, D).double() - gamma * attn.proj.bias.double()) * s  # what the heads make
         gram += torch.einsum("thd,tjd->hj", features, features)
@@ -163,27 +237,16 @@ def _tune_units(block: Block, streams: list[torch.Tensor], targets: list[torch.T
 
 
 def _head_outputs(block: Block, x: torch.Tensor) -> torch.Tensor:
-    """What ``attn.proj`` takes in, every token's heads side by side: (tokens, heads * head width), float64."""
+    """What ``attn.proj`` takes in, every token's heads side by side: (tokens, heads * head width)."""
     attn = block.attn
     q, k, v = attn.split_heads(block.norm1(x))  # (B, H, T, hd) each
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (B, H, T, hd)
-    return o.transpose(1, 2).reshape(-1, attn.num_heads * attn.head_dim).double()
-
-
-def _refit_heads(block: Block, streams: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-    gamma = _gamma(block.ls1, block.attn.proj.out_features).double()
-    _refit(block.attn.proj, gamma, ((_head_outputs(block, x), target - x) for x, target in zip(streams, targets)))
-
-
-def _refit_units(block: Block, streams: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-    mlp, gamma = block.mlp, _gamma(block.ls2, block.mlp.fc2.out_features).double()
-    hidden = (mlp.act(mlp.fc1(block.norm2(x))).reshape(-1, mlp.fc2.in_features).double() for x in streams)
-    _refit(mlp.fc2, gamma, zip(hidden, (target - x for x, target in zip(streams, targets))))
+    return o.transpose(1, 2).reshape(-1, attn.num_heads * attn.head_dim)
 
 
 def _refit(linear: torch.nn.Linear, gamma: torch.Tensor, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """``linear``'s whole weight and bias, in place, so that ``gamma * linear(z)`` best matches ``y`` over every
-    token of ``pairs`` (``z``: (tokens, in) float64, ``y``: (..., out)), by least squares with a small ridge towards
+    token of ``pairs`` (``z``: (tokens, in), ``y``: (..., out)), by least squares with a small ridge towards
     the weight it had. Each output channel is its own regression on the same inputs, so one Gram matrix of the
     inputs serves them all: ``W = (Y'Z + lam W0) (Z'Z + lam I)^-1``, centred so the bias is fitted beside it.
     Where ``mask tuning`` (``_tune_heads``, ``_tune_units``) fits one scale per kept head or unit, this fits every
@@ -192,18 +255,23 @@ def _refit(linear: torch.nn.Linear, gamma: torch.Tensor, pairs: Iterable[tuple[t
     far fewer than the calibration tokens give equations (256 images of a ViT-S/14 at 224: 65,792 tokens per
     row, against at most 1,536 weights)."""
     K, D = linear.in_features, linear.out_features
+    gamma = gamma.detach().float()
     safe = torch.where(gamma.abs() > 1e-12, gamma, torch.ones_like(gamma))  # a zero LayerScale: any weight does
     zz = torch.zeros(K, K, dtype=torch.float64)
     yz = torch.zeros(D, K, dtype=torch.float64)
     z_sum = torch.zeros(K, dtype=torch.float64)
     y_sum = torch.zeros(D, dtype=torch.float64)
+    z_shift = y_shift = None
     n = 0
     for z, y in pairs:
-        y = y.reshape(-1, D).double() / safe  # what linear(z) itself should give
-        zz += z.T @ z
-        yz += y.T @ z
-        z_sum += z.sum(0)
-        y_sum += y.sum(0)
+        z, y = z.float(), y.reshape(-1, D).float() / safe  # what linear(z) itself should give
+        if z_shift is None:  # products of inputs shifted by the first batch's means: float32 products stay exact
+            z_shift, y_shift = z.mean(0), y.mean(0)  # enough once the Gram matrix is centred (no cancellation)
+        z, y = z - z_shift, y - y_shift
+        zz += (z.T @ z).double()  # float32 within a batch, float64 across batches
+        yz += (y.T @ z).double()
+        z_sum += z.sum(0).double()
+        y_sum += y.sum(0).double()
         n += len(z)
     z_mean, y_mean = z_sum / n, y_sum / n
     zz -= n * torch.outer(z_mean, z_mean)
@@ -213,7 +281,8 @@ def _refit(linear: torch.nn.Linear, gamma: torch.Tensor, pairs: Iterable[tuple[t
     weight = torch.linalg.solve(zz + lam * torch.eye(K, dtype=zz.dtype), (yz + lam * w0).T).T
     with torch.no_grad():
         linear.weight.copy_(weight.to(linear.weight.dtype))
-        linear.bias.copy_((y_mean - weight @ z_mean).to(linear.bias.dtype))
+        bias = y_mean + y_shift.double() - weight @ (z_mean + z_shift.double())
+        linear.bias.copy_(bias.to(linear.bias.dtype))
 
 
 def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -172,9 +172,13 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                 if plan is None and scored is not None:  # the same file's top-1 on the same runtime and images:
                     result = EvalResult(scored.top1, None, scored.eval_samples)  # not scored twice
                 else:
+                    # a setting stops being scored once it is over the stage's budget with confidence (against the
+                    # baseline's predictions, so the unreduced model's own drop is added to the budget)
+                    over = None if plan is None or inp.reference is None else \
+                        (inp.reference.top1 - base_top1) * 100 + max_drop
                     result = evaluate_top1(engine.run, ctx.eval_data, batch_size=ctx.config.measure.eval_batch_size,
                                            progress=(lambda d, n: ctx.say(f"tokens · {name}", d, n))
-                                           if ctx.progress else None)
+                                           if ctx.progress else None, reference=inp.reference, stop_above=over)
                 stats = ctx.time(engine, x, warmup=3)
                 results[name] = result
                 base_top1 = result.top1 if base_top1 is None else base_top1
@@ -215,16 +219,19 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             ci = scored.top1_drop_ci95 or ([0.0, 0.0] if scored.top1_drop == 0 else None)
             paired = (scored.top1_drop, *ci) if ci else None
         trials.append(fields | {"top1": result.top1, "top1_drop": drop, "eval_samples": result.num_samples,
+                                "eval_total": result.total,
                                 "openvino_parity_max_abs_diff": ov_diff, "plan": plan} | timing_fields(stats) |
                       ({"top1_drop_ci95": [round(paired[1], 4), round(paired[2], 4)]} if paired else {}) |
                       ({"timed_precision": precision, "timed_ms_p50": timed_stats.latency_ms_p50,
                         "timed_verdict": timing_fields(timed_stats)["latency_verdict"]} if timed_stats else {}))
-        log.info("tokens: %s top-1 %.4f (drop %.2f pt), p50 %.2f ms on %s at batch %d%s, %.2fx the MACs", name,
-                 result.top1, drop, stats.latency_ms_p50, t.target_runtime, t.target_batch,
+        log.info("tokens: %s top-1 %.4f (drop %.2f pt%s), p50 %.2f ms on %s at batch %d%s, %.2fx the MACs", name,
+                 result.top1, drop, f", scoring stopped after {result.num_samples} images" if result.stopped_early
+                 else "", stats.latency_ms_p50, t.target_runtime, t.target_batch,
                  "" if precision == "fp32" else f" ({timed_stats.latency_ms_p50:.2f} ms in {precision.upper()})"
                  if timed_stats else f" (over the {max_drop:.2f} pt budget: not timed in {precision.upper()})",
                  fields["macs"] / trials[0]["macs"])
-    fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= max_drop + 1e-9]
+    fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= max_drop + 1e-9
+            and r["eval_samples"] == (r["eval_total"] or r["eval_samples"])]  # not stopped early
     if fixed:  # the setting asked for, when within budget
         best = fits[-1] if fits[-1]["plan"] is not None else fits[0]
     else:

@@ -55,3 +55,34 @@ def test_refitting_whole_weights_follows_the_stream_more_closely_than_scales_wit
     assert by_weights["stream_mse_after"] < by_scales["stream_mse_after"] < by_scales["stream_mse_before"]
     assert {k: v.shape for k, v in refitted.state_dict().items()} == {k: v.shape
                                                                       for k, v in pruned.state_dict().items()}
+
+
+def test_the_kept_heads_and_units_are_found_in_the_unpruned_block_and_the_repair_is_the_same_either_way(
+        monkeypatch):
+    """Removal leaves the kept heads' and units' weights untouched, so their outputs are columns of the unpruned
+    block's (computed once for the target and the fit); a block whose weights moved (fine-tuned after pruning) is
+    not matched, and its own outputs are computed instead, to the same repair."""
+    from compress.prune import reconstruct as module
+    from compress.prune.structured import remove
+
+    model = _model(layer_scale_init=0.5)
+    pruned = remove(model, [[0, 2], [3]], [[1, 5, 9] + list(range(20, 60)), list(range(100, 256, 3))])
+    # heads 0 and 2 of 4, 16 wide: columns 0-15 and 32-47 of the unpruned block's per-head outputs
+    assert module._kept_head_columns(pruned.blocks[0], model.blocks[0]).tolist() == [*range(16), *range(32, 48)]
+    assert module._kept_head_columns(pruned.blocks[1], model.blocks[1]).tolist() == list(range(48, 64))
+    assert module._kept_units(pruned.blocks[1], model.blocks[1]).tolist() == list(range(100, 256, 3))
+    moved = copy.deepcopy(pruned)
+    with torch.no_grad():
+        moved.blocks[0].attn.qkv.weight[0, 0] += 1e-3
+        moved.blocks[0].mlp.fc1.bias[0] += 1e-3
+    assert module._kept_head_columns(moved.blocks[0], model.blocks[0]) is None
+    assert module._kept_units(moved.blocks[0], model.blocks[0]) is None
+
+    found = copy.deepcopy(pruned)
+    reconstruct(found, model, _images())
+    monkeypatch.setattr(module, "_kept_head_columns", lambda *a: None)
+    monkeypatch.setattr(module, "_kept_units", lambda *a: None)
+    computed = copy.deepcopy(pruned)
+    reconstruct(computed, model, _images())
+    for a, b in zip(found.state_dict().values(), computed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5)

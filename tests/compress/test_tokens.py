@@ -473,6 +473,23 @@ def test_token_settings_ahead_of_nncf_are_timed_in_int8_when_they_can_be_chosen(
 
 
 @pytest.mark.slow
+def test_a_setting_over_budget_with_confidence_is_not_scored_to_the_end(tmp_path, digits_model, monkeypatch):
+    """The stage stops scoring a setting once its drop is over the stage's budget with 95% confidence (the interim
+    looks need 500 images; the digits split has 128 here, so the first look is moved to 16)."""
+    from compress.run.pipeline import run_pipeline
+
+    monkeypatch.setattr("calibration.evaluate.MIN_LOOK", 16)
+    config = _stage_config("tokens.enabled=true", "tokens.method='resolution'", "tokens.macs=[0.1]",
+                           "tokens.max_drop=0.5", "quantize.enabled=false", 'measure.runtimes=["onnxruntime"]',
+                           "tokens.target_runtime='onnxruntime'")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    unreduced, small = [r for r in result.records if r.stage == "tokens" and r.candidate is not None]
+    assert unreduced.eval_samples == 128 and small.candidate.startswith("resolution ")
+    assert small.eval_samples < small.eval_total == 128 and small.top1_drop > 0.5
+    assert json.loads((tmp_path / "run" / "stages" / "tokens.json").read_text())["notes"]["selected"] == "unreduced"
+
+
+@pytest.mark.slow
 def test_tokens_stage_searches_working_resolutions_and_the_chosen_one_exports_at_the_input_size(tmp_path,
                                                                                                  digits_model):
     from compress.run.pipeline import run_pipeline
