@@ -19,11 +19,13 @@ FAST = ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_siz
 def test_builtin_recipes_load_and_chain_every_stage():
     for name, recipe in BUILTIN_RECIPES.items():
         config = load_config(name)
-        shrinks = ["prune", "recover"] if name not in ("cpu-training-free", "cpu-quick-finetune") else []
-        assert config.stage_order() == [*shrinks, "tokens", "quantize", "deploy"]
+        before = {"cpu-training-free": ["prune"], "cpu-quick-finetune": ["tokens"]}.get(name,
+                                                                                     ["prune", "recover", "tokens"])
+        assert config.stage_order() == [*before, "quantize", "deploy"]
         assert config.pipeline.max_drop == 1.0 and config.pipeline.target == recipe["pipeline"]["target"]
     free = load_config("cpu-training-free")
-    assert free.tokens.finetune_epochs == 0 and free.tokens.r is None  # settings searched, judged as they are
+    assert free.prune.search and free.prune.search_targets() == [0.9, 0.8, 0.7] and free.recover.epochs == 0
+    assert free.tokens.finetune_epochs == 0 and free.tokens.r is None  # if added back: searched, judged as they are
     assert load_config("jetson-latency").quantize.activations == "int8"  # TensorRT reads symmetric INT8 only
 
 
@@ -100,21 +102,21 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
 
 @pytest.mark.slow
 def test_the_training_free_recipe_runs_on_calibration_data_alone(tmp_path, digits_model):
-    keep = [o for o in FAST if not o.startswith(("quantize.quantizers", "tokens.macs"))]
+    keep = [o for o in FAST if not o.startswith(("quantize.quantizers", "tokens.macs", "prune.importance"))]
     config = load_config("cpu-training-free", [*keep, "pipeline.max_drop=5"])
     run = tmp_path / "run"
     result = run_pipeline(digits_model, "digits", config, run)
-    tokens = json.loads((run / "stages" / "tokens.json").read_text())["notes"]
-    assert "recovery" not in tokens and tokens["method"] == "resolution"  # judged as they are, without fine-tuning
-    assert tokens["budget_pt"] == pytest.approx(2.5)  # half the chain's budget: the rest is left for INT8
-    assert tokens["trials"][0]["candidate"] == "unreduced" and len(tokens["trials"]) >= 2
-    baseline = next(r for r in result.records if r.stage == "baseline" and r.runtime == "openvino")
-    assert tokens["trials"][0]["top1"] == baseline.top1  # the unreduced model's score is reused, not redone
-    assert not any((run / "stages" / f"{s}.json").exists() for s in ("prune", "recover"))
+    prune = json.loads((run / "stages" / "prune.json").read_text())["notes"]
+    assert prune["importance"] == "fisher-predictions" and "recovery" not in prune  # no labels, nothing trained
+    assert prune["latency_model"]["timed"] == "openvino INT8, batch 1"  # timed as the chain ends
+    assert prune["budget_pt"] == pytest.approx(2.5)  # half the chain's budget: the rest is left for INT8
+    assert prune["trials"][0]["candidate"] == "latency 0.8"  # bisected: the middle target first
+    assert all(t["reconstruct"]["fit"] == "weights" for t in prune["trials"] if t["status"] != "skipped")
+    assert not any((run / "stages" / f"{s}.json").exists() for s in ("recover", "tokens"))
     assert {r.candidate for r in result.records if r.stage == "quantize"} == {"nncf-ov"}
     chain = json.loads((run / "stages" / "pipeline.json").read_text())
-    assert set(chain["stage_seconds"]) == {"baseline", "tokens", "quantize", "deploy"}
-    every_drop_has_its_interval(result.records)  # the unreduced setting's score is the baseline's, reused
+    assert set(chain["stage_seconds"]) == {"baseline", "prune", "quantize", "deploy"}
+    every_drop_has_its_interval(result.records)
 
 
 def every_drop_has_its_interval(records):
