@@ -101,7 +101,10 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
                 targets: Literal["labels", "predictions", "soft"] = "labels", search: bool = False,
                 rearrange: bool = False, reconstruct: bool = False,
                 reconstruct_fit: Literal["scales", "weights"] = "weights", min_heads_per_layer: int = 1,
-                mlp_round_to: int = 1, scope: Literal["global", "layer"] = "global") -> VisionTransformer:
+                mlp_round_to: int = 1, scope: Literal["global", "layer"] = "global",
+                target_latency: float | None = None, target_runtime: Literal["onnxruntime", "openvino"] = "openvino",
+                time_precision: Literal["fp32", "bf16", "int8"] = "fp32", threads: int | None = None
+                ) -> VisionTransformer:
     """Remove attention heads and MLP hidden units; returns a new, smaller model. The same rules as ``[prune]``.
 
     Args:
@@ -123,6 +126,13 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
         min_heads_per_layer: never leave a layer with fewer heads.
         mlp_round_to: keep a multiple of this many MLP units per layer (aligned GEMM widths).
         scope: rank heads and units across all layers (``"global"``) or remove the same share from each.
+        target_latency: with ``search``, instead of ``target_macs``: the fraction of the model's latency to keep,
+            under a latency model fitted on ``target_runtime`` (``compress.prune.latency``: four evenly pruned
+            copies exported and timed side by side: 20-25 s per copy in INT8 on a ViT-S at 224).
+        target_runtime: where the latency model is timed, at batch 1 on the first image of ``data``.
+        time_precision: what it is timed in: the precision the model will be deployed in (``"int8"``: each copy
+            quantized by ``nncf.quantize`` on 32 images of ``data``, for timing only; BF16 and INT8 on OpenVINO).
+        threads: threads of the timing runtime (default: every core).
     """
     from compress.config import load_config
     from compress.errors import ConfigError
@@ -134,7 +144,8 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
     settings = {"heads": heads, "mlp": mlp, "target_macs": target_macs, "importance": importance,
                 "targets": targets, "search": search, "rearrange": rearrange, "reconstruct": reconstruct,
                 "reconstruct_fit": reconstruct_fit, "min_heads_per_layer": min_heads_per_layer,
-                "mlp_round_to": mlp_round_to, "scope": scope}
+                "mlp_round_to": mlp_round_to, "scope": scope, "target_latency": target_latency,
+                "target_runtime": target_runtime, "time_precision": time_precision}
     load_config(base={"prune": settings})  # the [prune] section's rules, with its one-line errors
     check_layout(model)
     if (importance != "l2" or reconstruct) and (data is None or len(data) == 0):
@@ -147,8 +158,11 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
         scores = taylor_importance(model, data.batches(32), targets=targets, fisher=importance == "fisher",
                                    gram=rearrange, total=len(data))
     if search:
-        pruned, _ = prune_searched(model, scores, target_macs, min_heads=min_heads_per_layer,
-                                   mlp_round_to=mlp_round_to, rearrange=rearrange)
+        costs = None if target_latency is None else _latency_model(
+            model, data, runtime=target_runtime, precision=time_precision, threads=threads, mlp_round_to=mlp_round_to)
+        pruned, _ = prune_searched(model, scores, target_macs if costs is None else target_latency,
+                                   min_heads=min_heads_per_layer, mlp_round_to=mlp_round_to, rearrange=rearrange,
+                                   costs=costs)
     elif target_macs is not None:
         shape = (1, model.config.in_chans, model.config.image_size, model.config.image_size)
         full = count_macs(model, shape)
@@ -161,6 +175,23 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
     if reconstruct:
         repair(pruned, model, (x for x, _ in data.head(256).batches(32)), weights=reconstruct_fit == "weights")
     return pruned
+
+
+def _latency_model(model: VisionTransformer, data: Subset, *, runtime: str, precision: str, threads: int | None,
+                   mlp_round_to: int):
+    """``prune_model``'s latency model: evenly pruned copies of ``model`` exported, made ready at ``precision`` and
+    timed on ``runtime`` on the first image of ``data`` (``compress.prune.latency``)."""
+    from calibration.calibrate import from_split
+    from compress.prune.latency import fit_latency_model, timer
+    from runtimes import default_threads
+
+    x = np.ascontiguousarray(next(data.batches(8))[0], dtype=np.float32)  # (B, C, H, W) real images
+    shape = tuple(x.shape[1:])
+    time_models = timer(lambda m, path: export_model(m, path, x[:2], parity_inputs=x), precision, x[:1],
+                        runtime=runtime, threads=threads or default_threads(),
+                        calib=from_split(data, min(32, len(data)), shape) if precision == "int8" else None)
+    return fit_latency_model(model, time_models, mlp_round_to=mlp_round_to,
+                             label=f"{runtime} {precision.upper()}, batch 1")
 
 
 def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome", "evit", "resolution"] = "tome",

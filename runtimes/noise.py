@@ -61,11 +61,13 @@ def too_close_to_call(items: list, p50, noisy=None) -> list:
 
 
 def interleaved(engines: Mapping[str, Engine], x: np.ndarray, *, threads: int, rounds: int = 7,
-                iterations: int = 10, warmup: int = 2, verdicts: dict[str, str] | None = None) -> dict[str, float]:
+                iterations: int = 10, warmup: int = 2, verdicts: dict[str, str] | None = None,
+                per_round: dict[str, list[float]] | None = None) -> dict[str, float]:
     """Each engine's median latency (ms) over ``rounds`` rounds, every round timing every engine once in turn
     (``iterations`` calls each, their median kept). ``verdicts``, when given, receives each engine's verdict on
-    its rounds (``retimed_verdict``)."""
-    per_round: dict[str, list[float]] = {name: [] for name in engines}
+    its rounds (``retimed_verdict``); ``per_round`` receives every round's median, per engine."""
+    per_round = per_round if per_round is not None else {}
+    per_round.update({name: [] for name in engines})
     for r in range(rounds):
         order = list(engines) if r % 2 == 0 else list(engines)[::-1]  # neither is always first after a pause
         for name in order:

@@ -21,17 +21,49 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from compress.model.vit import VisionTransformer
 from compress.prune.structured import ItemCosts, mac_costs, remove, structure
 
+if TYPE_CHECKING:
+    from calibration.calibrate import CalibrationSet
+
 log = logging.getLogger(__name__)
 
 # A function that times models side by side: {name: model} -> {name: median latency in ms}.
 TimeModels = Callable[[Mapping[str, VisionTransformer]], Mapping[str, float]]
+
+
+def timer(export: Callable[[VisionTransformer, Path], object], precision: str, x: np.ndarray, *, runtime: str,
+          threads: int, calib: CalibrationSet | None = None, smooth_quant: bool = False,
+          progress: Callable[[int, int], None] | None = None) -> TimeModels:
+    """A ``TimeModels`` on a real engine: each model exported by ``export(model, path)`` to a temporary ONNX file,
+    made ready at ``precision`` on ``runtime`` (``compress.run.timing.timing_engine``: INT8 by ``nncf.quantize`` on
+    ``calib``), then all timed on ``x`` in interleaved rounds (``runtimes.noise.interleaved``)."""
+    from compress.run.timing import timing_engine
+    from runtimes.noise import interleaved
+
+    def time_models(models: Mapping[str, VisionTransformer]) -> Mapping[str, float]:
+        with tempfile.TemporaryDirectory() as tmp:
+            engines = {}
+            for i, (name, model) in enumerate(models.items()):
+                if progress is not None:
+                    progress(i, len(models))
+                path = Path(tmp) / f"copy{i}.onnx"
+                export(model, path)
+                engines[name] = timing_engine(path, precision, calib, threads=threads, runtime=runtime,
+                                              smooth_quant=smooth_quant)
+            if progress is not None:
+                progress(len(models), len(models))
+            return interleaved(engines, x, threads=threads)
+
+    return time_models
 
 
 def uniform_copies(model: VisionTransformer, *, mlp_round_to: int = 1) -> dict[str, VisionTransformer]:

@@ -138,26 +138,18 @@ def _latency_ms(model, ctx: RunContext) -> float:
 def _latency_costs(model, ctx: RunContext):
     """What a head and an MLP unit cost on ``prune.target_runtime`` in the precision the chain ends in
     (``compress.prune.latency``): uniformly pruned copies of ``model`` exported, made ready and timed side by side."""
-    from compress.prune.latency import fit_latency_model
-    from compress.run.timing import available, final_precision, timing_calibration, timing_engine
-    from runtimes.noise import interleaved
+    from compress.prune.latency import fit_latency_model, timer
+    from compress.run.timing import available, final_precision, timing_calibration
 
     p = ctx.config.prune
     precision = available(final_precision(ctx.config, "prune", p.target_runtime, p.time_precision), "prune")
-    calib = timing_calibration(ctx, precision, p.time_calib_size)
     probe = ctx.parity_inputs[:8]
-    x = _timing_input(ctx, p.target_batch)
     label = f"{p.target_runtime} {precision.upper()}, batch {p.target_batch}"
-
-    def time_models(models):
-        engines = {}
-        for i, (name, m) in enumerate(models.items()):
-            ctx.say("prune · latency model", i, len(models))
-            with ctx.exported(m, probe) as path:
-                engines[name] = timing_engine(path, precision, calib, ctx, runtime=p.target_runtime)
-        ctx.say("prune · latency model", len(models), len(models))
-        return interleaved(engines, x, threads=ctx.threads)
-
+    time_models = timer(lambda m, path: ctx.export(m, path, probe), precision, _timing_input(ctx, p.target_batch),
+                        runtime=p.target_runtime, threads=ctx.threads,
+                        calib=timing_calibration(ctx, precision, p.time_calib_size),
+                        smooth_quant=ctx.config.quantize.nncf_smooth_quant,
+                        progress=lambda done, total: ctx.say("prune · latency model", done, total))
     log.info("prune: fitting a latency model (%s) on 4 uniformly pruned copies; about %d s", label,
              4 * (20 if precision == "int8" else 8) + 15)
     return fit_latency_model(model, time_models, mlp_round_to=p.mlp_round_to, label=label)

@@ -56,21 +56,22 @@ def timing_calibration(ctx: RunContext, precision: str, size: int) -> Calibratio
     return from_split(split, min(size, len(split)), ctx.input_shape)
 
 
-def timing_engine(path: Path, precision: str, calib: CalibrationSet | None, ctx: RunContext, *,
-                  runtime: str = "openvino"):
+def timing_engine(path: Path, precision: str, calib: CalibrationSet | None, *, threads: int,
+                  runtime: str = "openvino", smooth_quant: bool = False):
     """An engine of the exported FP32 ONNX file ``path`` at ``precision``: FP32 on ``runtime``; BF16 or INT8 on
-    OpenVINO, INT8 from ``nncf.quantize`` on ``calib`` (the transformer recipe, SmoothQuant as
+    OpenVINO, INT8 from ``nncf.quantize`` on ``calib`` (the transformer recipe, with SmoothQuant if asked, as
     ``quantize.nncf_smooth_quant``), saved beside ``path``."""
+    from runtimes import get_runtime
+
     if precision == "fp32":
-        return ctx.engine(path, runtime)
+        return get_runtime(runtime).build(path, precision="fp32", threads=threads)
     if precision == "bf16":
-        return ctx.engine(path, "openvino", "bf16")
+        return get_runtime("openvino").build(path, precision="bf16", threads=threads)
     import openvino as ov
 
     from compress.quantize.openvino_nncf import transformer_int8
 
-    quantized = transformer_int8(ov.Core().read_model(str(path)), calib,
-                                 smooth_quant=ctx.config.quantize.nncf_smooth_quant)
+    quantized = transformer_int8(ov.Core().read_model(str(path)), calib, smooth_quant=smooth_quant)
     xml = path.with_name(path.stem + "-timing-int8.xml")
     ov.save_model(quantized, str(xml), compress_to_fp16=False)
-    return ctx.engine(xml, "openvino", "int8")
+    return get_runtime("openvino").build(xml, precision="int8", threads=threads)

@@ -188,7 +188,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                     timed, timed_stats = None, None  # over budget, it cannot be chosen: not quantized for timing
                 elif precision != "fp32":
                     try:
-                        timed = timing_engine(path, precision, timing_calib, ctx)
+                        timed = timing_engine(path, precision, timing_calib, threads=ctx.threads,
+                                              smooth_quant=ctx.config.quantize.nncf_smooth_quant)
                     except (TypeError, AttributeError, NameError):
                         raise  # our bug, not the quantizer's verdict on the graph
                     except Exception as e:

@@ -415,6 +415,23 @@ def test_the_api_prunes_training_free_by_search_rearrangement_and_repair(digits_
         assert pruned(x).shape == one_share(x).shape == model(x).shape
 
 
+@pytest.mark.slow
+def test_the_api_prunes_under_a_latency_model_timed_on_openvino_in_int8(digits_model):
+    """``target_latency``: the latency model is fitted on real OpenVINO INT8 engines of four copies, and the
+    search keeps the mask within that share of the fitted whole. On this tiny model the fixed work is most of the
+    time (pruning everything it can leaves about 0.85 of it), so the target is mild."""
+    import compress
+
+    model = digits_model.model
+    data = _data(digits_model)
+    pruned = compress.prune_model(model, search=True, target_latency=0.97, importance="fisher", data=data,
+                                  targets="predictions", time_precision="int8", threads=2)
+    assert structure(model) != structure(pruned) and pruned is not model
+    x = torch.from_numpy(next(data.batches(8))[0])
+    with torch.no_grad():
+        assert pruned(x).shape == model(x).shape
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"target_macs": 0.7, "search": True, "rearrange": True, "importance": "taylor"}, "prune.importance='fisher'"),
     ({"heads": 0.25, "rearrange": True}, "set prune.search=true"),
@@ -423,6 +440,9 @@ def test_the_api_prunes_training_free_by_search_rearrangement_and_repair(digits_
     ({"heads": 0.25, "importance": "fisher"}, "Fisher importance needs images"),
     ({"heads": 0.25, "reconstruct": True}, "reconstruct needs images"),
     ({"heads": 0.25, "importance": "hessian"}, "unknown value 'hessian'"),
+    ({"target_latency": 0.8, "importance": "fisher"}, "prune.target_latency is a share of the latency the mask"),
+    ({"target_latency": 0.8, "search": True, "target_runtime": "onnxruntime", "time_precision": "int8"},
+     "prune.time_precision=int8 times on OpenVINO"),
 ])
 def test_the_api_refuses_settings_that_cannot_work_in_one_line(tiny_vit, kwargs, message):
     import compress
