@@ -147,6 +147,9 @@ def prune_model(model: VisionTransformer, *, heads: float = 0.0, mlp: float = 0.
                 "mlp_round_to": mlp_round_to, "scope": scope, "target_latency": target_latency,
                 "target_runtime": target_runtime, "time_precision": time_precision}
     load_config(base={"prune": settings})  # the [prune] section's rules, with its one-line errors
+    if time_precision == "auto":  # the config's "auto" is the precision a chain ends in; here there is no chain
+        raise ConfigError("time_precision='auto' follows a run's quantize stage; prune_model has none: pass the "
+                          "precision the model will be deployed in, 'fp32', 'bf16' or 'int8'")
     check_layout(model)
     if (importance != "l2" or reconstruct) and (data is None or len(data) == 0):
         needs = "reconstruct" if importance == "l2" else f"{importance.capitalize()} importance"

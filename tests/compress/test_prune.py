@@ -443,6 +443,7 @@ def test_the_api_prunes_under_a_latency_model_timed_on_openvino_in_int8(digits_m
     ({"target_latency": 0.8, "importance": "fisher"}, "prune.target_latency is a share of the latency the mask"),
     ({"target_latency": 0.8, "search": True, "target_runtime": "onnxruntime", "time_precision": "int8"},
      "prune.time_precision=int8 times on OpenVINO"),
+    ({"target_latency": 0.8, "search": True, "importance": "fisher", "time_precision": "auto"}, "prune_model has none"),
 ])
 def test_the_api_refuses_settings_that_cannot_work_in_one_line(tiny_vit, kwargs, message):
     import compress
