@@ -58,14 +58,14 @@ JETSON_LATENCY: dict[str, Any] = {
 # Kwon et al.'s post-training pruning (NeurIPS 2022): Fisher importance of every head and MLP unit on calibration
 # images (the model's own predictions as targets, so no labels), then the mask keeping the most importance within a
 # latency target, under a latency model fitted on the target runtime in the precision the chain ends in (four
-# evenly pruned copies timed in NNCF INT8 on OpenVINO: on a CPU with AMX a head costs about twice its share of the
-# MACs next to an MLP unit), each block's attn.proj and mlp.fc2 refitted by least squares to the unpruned model's
-# stream. The targets 0.9, 0.8 and 0.7 of the latency are bisected (two are scored), and the most cut within half
-# the budget goes on; if none fits, the model goes on unpruned. Then NNCF INT8 (without SmoothQuant: the Multiply
+# evenly pruned copies timed in NNCF INT8 on OpenVINO: on a CPU with AMX a head costs 1.3-4.0x its share of the
+# MACs next to an MLP unit, by run), each block's attn.proj and mlp.fc2 refitted by least squares to the unpruned
+# model's stream. The targets 0.9, 0.8 and 0.7 of the latency are bisected (two are scored), and the most cut
+# within half the budget goes on; if none fits, the model goes on unpruned. Then NNCF INT8 (without SmoothQuant: the Multiply
 # it adds before MatMul inputs cost 1-4% of ViT-S's INT8 latency here; its accuracy control stays off: it ranks
 # 230 quantizer groups first, 20 minutes), kept only if faster and within what is left of the budget.
-# On the reference ViT-S fine-tuned in full (87.56%, BENCHMARKS.md "The training-free recipe on the reference"):
-# 0.76-0.82x plain NNCF INT8's latency at 0.5-1.0 pt, in about 11 minutes. Measured there and left out:
+# On the reference ViT-S fine-tuned in full (87.56%; BENCHMARKS.md, "cpu-training-free now"): 0.792x and 0.806x
+# plain NNCF INT8's latency at 0.7 and 0.5 pt, in 10.2 minutes (two runs). Measured there and left out:
 # - a lower working resolution (the tokens stage, method "resolution", at 0.75x, 0.55x and 0.4x the MACs), this
 #   recipe's lever before: on the reference with only its last two blocks fine-tuned it kept 140 px at 0.434x in
 #   8.2 minutes, but on the converged reference every size cost more than its share of the budget (196 px: 0.9 pt
