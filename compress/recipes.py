@@ -61,9 +61,9 @@ JETSON_LATENCY: dict[str, Any] = {
 # evenly pruned copies timed in NNCF INT8 on OpenVINO: on a CPU with AMX a head costs 1.3-4.0x its share of the
 # MACs next to an MLP unit, by run), each block's attn.proj and mlp.fc2 refitted by least squares to the unpruned
 # model's stream. The targets 0.9, 0.8 and 0.7 of the latency are bisected (two are scored), and the most cut
-# within half the budget goes on; if none fits, the model goes on unpruned. Then NNCF INT8 (without SmoothQuant: the Multiply
-# it adds before MatMul inputs cost 1-4% of ViT-S's INT8 latency here; its accuracy control stays off: it ranks
-# 230 quantizer groups first, 20 minutes), kept only if faster and within what is left of the budget.
+# within half the budget goes on; if none fits, the model goes on unpruned. Then NNCF INT8 (without SmoothQuant:
+# the Multiply it adds before MatMul inputs cost 1-4% of ViT-S's INT8 latency here; its accuracy control stays off:
+# it ranks 230 quantizer groups first, 20 minutes), kept only if faster and within what is left of the budget.
 # On the reference ViT-S fine-tuned in full (87.56%; BENCHMARKS.md, "cpu-training-free now"): 0.792x and 0.806x
 # plain NNCF INT8's latency at 0.7 and 0.5 pt, in 10.2 minutes (two runs). Measured there and left out:
 # - a lower working resolution (the tokens stage, method "resolution", at 0.75x, 0.55x and 0.4x the MACs), this
