@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,8 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import require_cifar, write_result  # noqa: E402
 from calibration.calibrate import from_split  # noqa: E402
 from compress.api import export_model, load_data, load_model  # noqa: E402
-from compress.prune.latency import fit_latency_model, uniform_copies  # noqa: E402
-from compress.run.timing import timing_engine  # noqa: E402
+from compress.prune.latency import fit_latency_model, timing_engines, uniform_copies  # noqa: E402
 from runtimes.noise import interleaved  # noqa: E402
 
 
@@ -62,13 +60,10 @@ def main() -> None:
     calib = from_split(data.calib, 32, tuple(x.shape[1:])) if args.precision == "int8" else None
     copies = uniform_copies(model, mlp_round_to=32)
     fits: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        engines = {}
-        for i, (name, m) in enumerate(copies.items()):
-            print(f"building {name} ({i + 1}/{len(copies)})", flush=True)
-            path = Path(tmp) / f"copy{i}.onnx"
-            export_model(m, path, x[:2], parity_inputs=x)
-            engines[name] = timing_engine(path, args.precision, calib, threads=args.threads)
+    with timing_engines(copies, lambda m, path: export_model(m, path, x[:2], parity_inputs=x), args.precision,
+                        runtime="openvino", threads=args.threads, calib=calib,
+                        progress=lambda done, total: print(f"built {done} of {total} engines", flush=True)
+                        ) as engines:
         for k in range(args.fits):
             for rounds in args.rounds:
                 raw: dict[str, list[float]] = {}

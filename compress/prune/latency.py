@@ -19,10 +19,11 @@ the effect) falls back to MAC-proportional costs, and the notes say so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,27 +41,40 @@ log = logging.getLogger(__name__)
 TimeModels = Callable[[Mapping[str, VisionTransformer]], Mapping[str, float]]
 
 
+@contextlib.contextmanager
+def timing_engines(models: Mapping[str, VisionTransformer], export: Callable[[VisionTransformer, Path], object],
+                   precision: str, *, runtime: str, threads: int, calib: CalibrationSet | None = None,
+                   smooth_quant: bool = False, progress: Callable[[int, int], None] | None = None
+                   ) -> Iterator[dict[str, object]]:
+    """An engine of each model, while the block lasts: exported by ``export(model, path)`` to a temporary ONNX file
+    and made ready at ``precision`` on ``runtime`` (``compress.run.timing.timing_engine``: INT8 by ``nncf.quantize``
+    on ``calib``)."""
+    from compress.run.timing import timing_engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = {}
+        for i, (name, model) in enumerate(models.items()):
+            if progress is not None:
+                progress(i, len(models))
+            path = Path(tmp) / f"copy{i}.onnx"
+            export(model, path)
+            engines[name] = timing_engine(path, precision, calib, threads=threads, runtime=runtime,
+                                          smooth_quant=smooth_quant)
+        if progress is not None:
+            progress(len(models), len(models))
+        yield engines
+
+
 def timer(export: Callable[[VisionTransformer, Path], object], precision: str, x: np.ndarray, *, runtime: str,
           threads: int, calib: CalibrationSet | None = None, smooth_quant: bool = False,
           progress: Callable[[int, int], None] | None = None) -> TimeModels:
-    """A ``TimeModels`` on a real engine: each model exported by ``export(model, path)`` to a temporary ONNX file,
-    made ready at ``precision`` on ``runtime`` (``compress.run.timing.timing_engine``: INT8 by ``nncf.quantize`` on
-    ``calib``), then all timed on ``x`` in interleaved rounds (``runtimes.noise.interleaved``)."""
-    from compress.run.timing import timing_engine
+    """A ``TimeModels`` on a real engine: each model's ``timing_engines`` timed on ``x`` in interleaved rounds
+    (``runtimes.noise.interleaved``)."""
     from runtimes.noise import interleaved
 
     def time_models(models: Mapping[str, VisionTransformer]) -> Mapping[str, float]:
-        with tempfile.TemporaryDirectory() as tmp:
-            engines = {}
-            for i, (name, model) in enumerate(models.items()):
-                if progress is not None:
-                    progress(i, len(models))
-                path = Path(tmp) / f"copy{i}.onnx"
-                export(model, path)
-                engines[name] = timing_engine(path, precision, calib, threads=threads, runtime=runtime,
-                                              smooth_quant=smooth_quant)
-            if progress is not None:
-                progress(len(models), len(models))
+        with timing_engines(models, export, precision, runtime=runtime, threads=threads, calib=calib,
+                            smooth_quant=smooth_quant, progress=progress) as engines:
             return interleaved(engines, x, threads=threads)
 
     return time_models
