@@ -74,7 +74,8 @@ def reused(name: str, out: Path, config, previous: dict) -> dict | None:
     ran with the same settings; None otherwise (the step runs)."""
     t = config.train
     settings = {"frozen_blocks": t.frozen_blocks, "epochs": t.epochs, "lr": t.lr, "bf16": t.bf16,
-                "batch_size": t.batch_size}
+                "batch_size": t.batch_size,
+                "frozen_runtime": t.frozen_runtime if t.frozen_blocks else None}
     model = out / "model.safetensors"
     for record in previous.get("steps", []):
         # a record from before a setting was recorded is taken to have had the value asked for now
@@ -101,7 +102,9 @@ def step(name: str, data: Path, out: Path, config, init: Path, previous: dict | 
     return {"step": name, "top1": summary["eval_top1"], "eval_images": summary["eval_images"],
             "train_images": summary["train_images"], "frozen_blocks": config.train.frozen_blocks,
             "epochs": config.train.epochs, "lr": config.train.lr, "bf16": config.train.bf16,
-            "batch_size": config.train.batch_size, "train_seconds": summary["seconds"],
+            "batch_size": config.train.batch_size,
+            "frozen_runtime": config.train.frozen_runtime if config.train.frozen_blocks else None,
+            "frozen_ran_on": summary.get("frozen_runtime"), "train_seconds": summary["seconds"],
             "wall_seconds": round(time.perf_counter() - started, 1), "model": str(out / "model.safetensors"),
             "model_sha256": sha256_file(out / "model.safetensors")}
 
@@ -141,7 +144,9 @@ def main() -> None:
         depth = 12
         tune = probe_config.model_copy(update={"model": {}, "train": probe_config.train.model_copy(update={
             "frozen_blocks": depth - args.finetune_blocks, "epochs": args.finetune_epochs, "lr": args.finetune_lr,
-            "warmup_epochs": min(1.0, args.finetune_epochs / 3), "eval_every_epochs": 0})})
+            "warmup_epochs": min(1.0, args.finetune_epochs / 3), "eval_every_epochs": 0,
+            # the frozen blocks on OpenVINO, as in the build SHA256SUMS records (the probe's recipe pins its own)
+            "frozen_runtime": "openvino"})})
         steps.append(step(f"fine-tune last {args.finetune_blocks} blocks", args.data, args.out / "finetune", tune,
                           Path(final["model"]), previous))
         if steps[-1]["top1"] > final["top1"]:

@@ -65,6 +65,10 @@ class TrainConfig(Section):
     # freeze the embedding and the first N blocks, computing their outputs once per image (compress.train.frozen);
     # N = the model's depth trains the head alone on cached features: a linear probe
     frozen_blocks: int = Field(0, ge=0)
+    # where those outputs are computed: "auto" takes whichever of OpenVINO and ONNX Runtime is faster on one timed
+    # call, so two builds can differ in the last bits of every cached feature (and the trained weights' SHA-256);
+    # name one for a build that must be reproduced bit for bit
+    frozen_runtime: Literal["auto", "openvino", "onnxruntime", "torch"] = "auto"
 
 
 class ExportConfig(Section):

@@ -22,6 +22,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ CACHE_BUDGET_BYTES = 8 << 30  # the largest cache kept in memory (10,000 ViT-S t
 class FrozenPrefix:
     """The frozen front of ``model`` (``encode``) and the trainable rest (``tail``, a module for the optimizer)."""
 
-    def __init__(self, model: VisionTransformer, blocks: int) -> None:
+    def __init__(self, model: VisionTransformer, blocks: int, *, runtime: str = "auto") -> None:
         depth = model.config.depth
         if not 0 < blocks <= depth:
             raise InputError(f"train.frozen_blocks={blocks}, but the model has {depth} blocks; give 1 to {depth} "
@@ -48,6 +49,8 @@ class FrozenPrefix:
             raise InputError("train.frozen_blocks does not combine with token reduction (the tokens a block sees "
                              "depend on the blocks before it); fine-tune without freezing")
         self.model, self.blocks = model, blocks
+        self.runtime = runtime  # asked for: "auto", "openvino", "onnxruntime" or "torch"
+        self.ran_on: str | None = None  # where the outputs were computed, once they are
         self.probe = blocks == depth
         for p in self.frozen_parameters():
             p.requires_grad_(False)
@@ -80,10 +83,10 @@ class FrozenPrefix:
             t = block(t)
         return m.pool(m.norm(t)) if self.probe else t
 
-    def cache(self, data: Subset, *, batch_size: int = 64, what: str = "training", runtime: str = "auto",
+    def cache(self, data: Subset, *, batch_size: int = 64, what: str = "training",
               progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
         """``encode`` of every image of ``data``, in order, kept as float16 (float32 for a probe's small features),
-        computed on ``runtime`` (``auto``: the fastest installed; ``torch``: PyTorch eager).
+        computed on the prefix's ``runtime`` (``auto``: the fastest installed; ``torch``: PyTorch eager).
 
         Logs the estimated time once the first batch is done when the whole pass will take more than a minute.
         """
@@ -99,7 +102,7 @@ class FrozenPrefix:
         was_training = self.model.training
         self.model.eval()
         done = 0
-        run = self._runner(runtime, next(data.batches(8))[0])
+        run = self._runner(self.runtime, next(data.batches(8))[0])
         with torch.inference_mode():
             start = time.perf_counter()  # the estimate counts the pass alone, not the export before it
             for x, _ in data.batches(batch_size):
@@ -130,17 +133,33 @@ class FrozenPrefix:
         return self._runners[runtime]
 
     def _make_runner(self, runtime: str, images: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
-        if runtime != "torch" and (run := compiled(_Encode(self), images, what="the frozen blocks",
-                                                   runtime=runtime)) is not None:
-            return run
+        if runtime != "torch":
+            run = compiled(_Encode(self), images, what="the frozen blocks", runtime=runtime)
+            if run is not None:
+                self.ran_on = run.runtime
+                return run
+            if runtime != "auto":
+                raise InputError(f"the frozen blocks cannot run on {runtime} here (not installed, or their export "
+                                 "failed: see the log above); set train.frozen_runtime to 'auto' or 'torch'")
+        self.ran_on = "torch"
         return lambda x: self.encode(torch.from_numpy(x))
 
 
-def compiled(module: torch.nn.Module, images: np.ndarray, *, what: str,
-             runtime: str = "auto") -> Callable[[np.ndarray], torch.Tensor] | None:
+@dataclass(frozen=True)
+class Compiled:
+    """A module compiled on a runtime: normalised images -> its output, as a tensor."""
+
+    engine: object
+    runtime: str  # "openvino" or "onnxruntime"
+
+    def __call__(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.engine.run(x)))
+
+
+def compiled(module: torch.nn.Module, images: np.ndarray, *, what: str, runtime: str = "auto") -> Compiled | None:
     """``module`` (normalised images -> a tensor) exported to ONNX, checked against PyTorch on ``images`` and
     compiled in FP32 on ``runtime`` (``auto``: whichever of OpenVINO and ONNX Runtime is faster here on one warm
-    call with ``images``): a function from images to its output. None when no such runtime is installed or the
+    call with ``images``): a ``Compiled`` function from images to its output, which names the runtime. None when no such runtime is installed or the
     export fails (logged; the caller then runs PyTorch, which is slower on a CPU, not wrong)."""
     from export.errors import ExportError
     from runtimes import RuntimeUnavailableError, get_runtime
@@ -172,8 +191,7 @@ def compiled(module: torch.nn.Module, images: np.ndarray, *, what: str,
     name = min(seconds, key=seconds.get)
     log.info("%s run on %s (%s ms per image)", what, name,
              " / ".join(f"{n} {t * 1000 / len(images):.0f}" for n, t in seconds.items()))
-    engine = engines[name]  # compiled in memory: the file may go with the folder
-    return lambda x: torch.from_numpy(np.ascontiguousarray(engine.run(x)))
+    return Compiled(engines[name], name)  # compiled in memory: the file may go with the folder
 
 
 def _export(module: torch.nn.Module, path: Path, images: np.ndarray) -> None:

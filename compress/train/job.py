@@ -48,7 +48,8 @@ def train_job(
     train_data = Subset(source, stratified_sample(source, splits.train, config.data.train_limit,
                                                   seed=config.data.seed), ckpt.preprocess)
     eval_data = Subset(source, splits.eval[: config.data.eval_limit], ckpt.preprocess)
-    frozen = FrozenPrefix(ckpt.model, config.train.frozen_blocks) if config.train.frozen_blocks else None
+    frozen = (FrozenPrefix(ckpt.model, config.train.frozen_blocks, runtime=config.train.frozen_runtime)
+              if config.train.frozen_blocks else None)
     eval_cache: list[torch.Tensor] = []  # the frozen blocks' outputs on the evaluation images, computed once
 
     def eval_fn(model: VisionTransformer) -> float:  # called on the CPU, the model in eval mode
@@ -86,5 +87,7 @@ def train_job(
         "config": config.dump(),
         "threads": torch.get_num_threads(),
     }
+    if frozen is not None:  # which runtime computed the cached outputs: "auto" picks by a timing
+        summary["frozen_runtime"] = frozen.ran_on
     atomic_write_json(out_dir / "train.json", summary)
     return ckpt, summary

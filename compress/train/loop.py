@@ -149,6 +149,7 @@ def train(
     max_steps: int | None = None,
     micro_batch_size: int | None = None,
     frozen_blocks: int = 0,
+    frozen_runtime: str = "auto",
     frozen: FrozenPrefix | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``train_data``; resume from ``checkpoint_path`` when it exists.
@@ -161,8 +162,8 @@ def train(
     piece's activations stay near ``ACTIVATION_BUDGET_BYTES``.
 
     ``frozen_blocks`` (or a ``frozen`` prefix already made, whose evaluation cache the caller shares) freezes the
-    embedding and the first N blocks and trains the rest on their outputs, computed once per image
-    (``compress.train.frozen``); N equal to the depth is a linear probe.
+    embedding and the first N blocks and trains the rest on their outputs, computed once per image on
+    ``frozen_runtime`` (``compress.train.frozen``); N equal to the depth is a linear probe.
 
     ``device`` (``auto``, ``cpu``, ``cuda``; ``distributed.device``) is where the steps run; the images are
     decoded and augmented on the CPU, and evaluation runs there too. The model (and teacher) return to the CPU.
@@ -184,7 +185,7 @@ def train(
                          f"of {world} so the update equals one process's")
     local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
     if frozen is None and frozen_blocks:
-        frozen = FrozenPrefix(model, frozen_blocks)
+        frozen = FrozenPrefix(model, frozen_blocks, runtime=frozen_runtime)
     if frozen is not None:
         if together or teacher is not None:
             raise InputError("train.frozen_blocks runs in one process without a teacher: its cost is the one pass "

@@ -163,6 +163,33 @@ def test_a_model_is_scored_on_a_compiled_engine_that_agrees_with_pytorch(digits_
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_the_frozen_blocks_run_where_asked_and_the_same_twice(digits_train, runtime):
+    """``train.frozen_runtime``: a pinned runtime is used and said, and it computes the same cache bit for bit on a
+    second pass (what a reproducible build of the reference model needs; ``auto`` may pick either by a timing)."""
+    from compress.train.frozen import FrozenPrefix
+
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(**DIGITS | {"pool": "cls_mean"}))
+    first = FrozenPrefix(model, 1, runtime=runtime)
+    cached = first.cache(digits_train)
+    assert first.ran_on == runtime
+    again = FrozenPrefix(model, 1, runtime=runtime).cache(digits_train)
+    assert torch.equal(cached, again)
+    in_torch = FrozenPrefix(model, 1, runtime="torch")
+    assert (in_torch.cache(digits_train).float() - cached.float()).abs().max() < 1e-2 and in_torch.ran_on == "torch"
+
+
+def test_a_frozen_runtime_that_is_not_there_is_one_line(digits_train, monkeypatch):
+    from compress.errors import InputError
+    from compress.train import frozen
+
+    monkeypatch.setattr(frozen, "compiled", lambda *a, **k: None)  # as when the runtime is not installed
+    prefix = frozen.FrozenPrefix(VisionTransformer(ViTConfig(**DIGITS)), 1, runtime="onnxruntime")
+    with pytest.raises(InputError, match="cannot run on onnxruntime here .* set train.frozen_runtime to 'auto'"):
+        prefix.cache(digits_train)
+
+
 def test_freezing_more_blocks_than_the_model_has_is_one_line(digits_train):
     from compress.errors import InputError
 
