@@ -200,7 +200,7 @@ def _latency_model(model: VisionTransformer, data: Subset, *, runtime: str, prec
 def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome", "evit", "resolution"] = "tome",
                   r: int | Sequence[int] | None = None, keep_rate: float | Sequence[float] | None = None,
                   layers: Sequence[int] | None = None,
-                  schedule: Literal["constant", "decreasing"] = "constant",
+                  schedule: Literal["constant", "decreasing", "first"] = "constant",
                   image_size: int | None = None) -> VisionTransformer:
     """A copy of ``model`` that merges (ToMe) or prunes (EViT) tokens inside the encoder, or runs the encoder at a
     lower resolution; it still exports, and still takes the model's input size.
@@ -212,7 +212,8 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome",
         r: ToMe, PiToMe: tokens merged away per layer, one int or one per layer.
         keep_rate: EViT: share of patch tokens kept at each of ``layers``, or one rate per layer.
         layers: EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth).
-        schedule: ToMe, PiToMe: an int ``r`` in every layer (``"constant"``) or 2r falling to 0 (``"decreasing"``).
+        schedule: ToMe, PiToMe: an int ``r`` in every layer (``"constant"``), 2r falling to 0 (``"decreasing"``),
+            or ``r`` once in the first block (``"first"``).
         image_size: resolution: the side the encoder works at, a multiple of the patch size below the input size.
 
     Raises ``TokenError`` naming the largest valid value when the model cannot follow the setting.

@@ -117,13 +117,20 @@ class TokenReduction:
 
 
 # ------------------------------------------------------------------------------------------------ plans
-def tome(r: int | Sequence[int], depth: int, schedule: Literal["constant", "decreasing"] = "constant",
+Schedule = Literal["constant", "decreasing", "first"]
+SCHEDULES = ("constant", "decreasing", "first")
+
+
+def tome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant",
          method: Literal["tome", "pitome"] = "tome") -> TokenReduction:
-    """A ToMe plan (a PiToMe one with ``method="pitome"``): ``r`` per layer as a constant, a list, or a linearly
-    decreasing schedule.
+    """A ToMe plan (a PiToMe one with ``method="pitome"``): ``r`` per layer as a constant, a list, a linearly
+    decreasing schedule, or all of it in the first block.
 
     The decreasing schedule merges ``2r`` tokens in the first layer falling to 0 in the last, the same total as
-    the constant ``r``, but more of it early, where it saves the most later work.
+    the constant ``r``, but more of it early, where it saves the most later work. ``first`` merges ``r`` tokens once,
+    in the first block (after its attention), and none after: one merge instead of one per layer. On a CPU a merge's
+    gathers and sorts cost more than the MACs a few tokens save, so merging in every layer can run slower in INT8
+    than not merging at all, where merging once pays (BENCHMARKS.md).
     """
     if method not in MERGING:
         raise TokenError(f"{method!r} does not merge tokens; a merging plan is one of {list(MERGING)}")
@@ -139,11 +146,12 @@ def tome(r: int | Sequence[int], depth: int, schedule: Literal["constant", "decr
         if depth == 1:
             return TokenReduction(method, r=(r,))
         return TokenReduction(method, r=tuple(round(2 * r * (depth - 1 - i) / (depth - 1)) for i in range(depth)))
-    raise TokenError(f"unknown ToMe schedule {schedule!r}; choose 'constant' or 'decreasing'")
+    if schedule == "first":
+        return TokenReduction(method, r=(r,) + (0,) * (depth - 1))
+    raise TokenError(f"unknown ToMe schedule {schedule!r}; choose from {list(SCHEDULES)}")
 
 
-def pitome(r: int | Sequence[int], depth: int,
-           schedule: Literal["constant", "decreasing"] = "constant") -> TokenReduction:
+def pitome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant") -> TokenReduction:
     """A PiToMe plan: ``r`` tokens merged per layer, as for ``tome``."""
     return tome(r, depth, schedule, method="pitome")
 

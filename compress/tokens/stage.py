@@ -48,12 +48,14 @@ def evit_plan(config: RunConfig, model, keep):
 def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> list:
     """The settings to try: the requested one, or for each ``tokens.macs`` fraction the mildest that reaches it.
 
-    ToMe and PiToMe: the smallest ``r`` (under ``tokens.schedule``) whose MACs are at most the fraction; EViT: the
+    ToMe and PiToMe: the smallest ``r`` (under ``tokens.schedule``, leaving a multiple of ``tokens.align`` tokens
+    after every merging layer) whose MACs are at most the fraction; EViT: the
     largest keep rate on a 0.05 grid; resolution: the largest working size (a multiple of the patch size). A fraction no
     valid setting reaches gets the strongest valid one, once.
     """
     from compress.model.macs import count_macs
     from compress.tokens import TokenError, resolution, resolution_sizes, tome
+    from compress.tokens.plan import token_counts
 
     plan = requested_plan(config, model)
     if plan is not None:
@@ -68,10 +70,17 @@ def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> lis
         while True:
             try:
                 candidate = tome(r, model.config.depth, t.schedule, method=t.method)
-                ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
+                counts = token_counts(candidate, probe.config)
+                if all(n % t.align == 0 for n, merged in zip(counts, candidate.r) if merged):
+                    ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
             except TokenError:
                 break
             r += 1
+        if not ladder:
+            raise TokenError(f"no {t.method} setting under tokens.schedule={t.schedule} leaves a multiple of "
+                             f"{t.align} tokens after every merging layer (the model has "
+                             f"{probe.config.num_prefix_tokens + probe.config.num_patches}); set "
+                             "tokens.schedule=first, or lower tokens.align")
     elif t.method == "resolution":
         for size in resolution_sizes(model.config):
             candidate = resolution(size, model.config)

@@ -19,13 +19,14 @@ FAST = ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_siz
 def test_builtin_recipes_load_and_chain_every_stage():
     for name, recipe in BUILTIN_RECIPES.items():
         config = load_config(name)
-        before = {"cpu-training-free": ["prune"], "cpu-quick-finetune": ["tokens"]}.get(name,
-                                                                                     ["prune", "recover", "tokens"])
+        before = {"cpu-training-free": ["prune", "tokens"], "cpu-quick-finetune": ["tokens"]}.get(
+            name, ["prune", "recover", "tokens"])
         assert config.stage_order() == [*before, "quantize", "deploy"]
         assert config.pipeline.max_drop == 1.0 and config.pipeline.target == recipe["pipeline"]["target"]
     free = load_config("cpu-training-free")
     assert free.prune.search and free.prune.search_targets() == [0.9, 0.8, 0.7] and free.recover.epochs == 0
-    assert free.tokens.finetune_epochs == 0 and free.tokens.r is None  # if added back: searched, judged as they are
+    assert free.tokens.finetune_epochs == 0 and free.tokens.r is None  # searched, judged as they are
+    assert (free.tokens.method, free.tokens.schedule, free.tokens.align) == ("tome", "first", 16)
     assert load_config("jetson-latency").quantize.activations == "int8"  # TensorRT reads symmetric INT8 only
 
 
@@ -112,10 +113,13 @@ def test_the_training_free_recipe_runs_on_calibration_data_alone(tmp_path, digit
     assert prune["budget_pt"] == pytest.approx(2.5)  # half the chain's budget: the rest is left for INT8
     assert prune["trials"][0]["candidate"] == "latency 0.8"  # bisected: the middle target first
     assert all(t["reconstruct"]["fit"] == "weights" for t in prune["trials"] if t["status"] != "skipped")
-    assert not any((run / "stages" / f"{s}.json").exists() for s in ("recover", "tokens"))
+    assert not (run / "stages" / "recover.json").exists()
+    tokens = json.loads((run / "stages" / "tokens.json").read_text())["notes"]
+    # ToMe in the first block only, to a multiple of 16 tokens: the digits model's 17 become 16 (4 blocks)
+    assert [t["candidate"] for t in tokens["trials"] if t["candidate"] != "unreduced"] == ["tome r=[1,0,0,0]"]
     assert {r.candidate for r in result.records if r.stage == "quantize"} == {"nncf-ov"}
     chain = json.loads((run / "stages" / "pipeline.json").read_text())
-    assert set(chain["stage_seconds"]) == {"baseline", "prune", "quantize", "deploy"}
+    assert set(chain["stage_seconds"]) == {"baseline", "prune", "tokens", "quantize", "deploy"}
     every_drop_has_its_interval(result.records)
 
 

@@ -49,6 +49,7 @@ def test_r_zero_and_keep_one_reproduce_the_model_exactly(overrides):
 @pytest.mark.parametrize("plan, counts", [
     (tome(8, 4), [57, 49, 41, 33]),
     (tome(8, 4, "decreasing"), [49, 38, 33, 33]),  # 2r falling to 0: 16, 11, 5, 0
+    (tome(17, 4, "first"), [48, 48, 48, 48]),  # all of it once, in the first block
     (tome([10, 0, 5, 3], 4), [55, 55, 50, 47]),
     (pitome(8, 4), [57, 49, 41, 33]),
     (evit(0.5, 4, layers=[1, 3]), [65, 34, 34, 19]),  # 1 + ceil(0.5 * 64) + 1 fused, then 1 + 17 + 1
@@ -327,6 +328,31 @@ def test_a_checkpoint_whose_token_plan_its_model_cannot_follow_is_one_clear_erro
     save_file(state, str(path), metadata=metadata | {"tokens": json.dumps(plan)})
     with pytest.raises(CheckpointError, match=message):
         load_own_checkpoint(path)
+
+
+def test_merging_settings_searched_with_align_leave_a_multiple_of_it_tokens():
+    """``tokens.align``: a searched ToMe setting keeps only token counts the GEMM tiles divide (65 tokens here: r of
+    1 or 17 leaves 64 or 48 in the first block), the mildest such for each fraction, the strongest for one none
+    reaches; a schedule that can never leave such a count is one line naming the fix."""
+    from compress.config import load_config
+    from compress.tokens.stage import token_settings
+
+    model = _model()
+    config = load_config(None, ["tokens.method='tome'", "tokens.schedule='first'", "tokens.align=16",
+                                "tokens.macs=[0.99, 0.8, 0.3]"])
+    settings = token_settings(model, config, (3, 32, 32))
+    assert [p.r for p in settings] == [(1, 0, 0, 0), (17, 0, 0, 0)]  # 0.8 and 0.3: 17 is the strongest aligned
+    full = count_macs(model, (1, 3, 32, 32))
+    assert count_macs(apply(model, settings[0]), (1, 3, 32, 32)) <= 0.99 * full
+    unaligned = load_config(None, ["tokens.method='tome'", "tokens.schedule='first'", "tokens.macs=[0.8]"])
+    assert token_settings(model, unaligned, (3, 32, 32))[0].r[0] not in (1, 17)  # without align: any count
+    constant = load_config(None, ["tokens.method='tome'", "tokens.align=16", "tokens.macs=[0.8]"])
+    with pytest.raises(TokenError, match=r"no tome setting under tokens.schedule=constant leaves a multiple of 16 "
+                                         r"tokens after every merging layer \(the model has 65\); set "
+                                         r"tokens.schedule=first"):
+        token_settings(model, constant, (3, 32, 32))
+    with pytest.raises(ConfigError, match="tokens.align rounds the token counts ToMe and PiToMe leave, not evit's"):
+        load_config(None, ["tokens.method='evit'", "tokens.align=16"])
 
 
 def test_resolution_settings_are_the_largest_sizes_under_each_mac_fraction():
