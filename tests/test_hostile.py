@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -349,8 +350,15 @@ def _weights_only_refused(ws):
 
 BAD_FILES = {
     "empty .pth": (lambda ws: (ws / "empty.pth").write_bytes(b"") and None or ws / "empty.pth", "is an empty file"),
-    "random bytes": (lambda ws: (ws / "random.pth").write_bytes(os.urandom(4096)) and ws / "random.pth",
+    # random bytes that start like neither torch's zip format (PK) nor a pickle (0x80): one in 256 random files
+    # starts with 0x80, and each such file is the next case
+    "random bytes": (lambda ws: (ws / "random.pth").write_bytes(b"\0" + os.urandom(4095)) and ws / "random.pth",
                      "not a PyTorch or safetensors checkpoint"),
+    # garbage after a pickle's first byte: refused by the weights-only unpickler like a pickle of objects, but it is
+    # damage, not code (it was once reported as "contains code or Python objects")
+    "random bytes after a pickle's first byte": (
+        lambda ws: (ws / "garbled.pth").write_bytes(b"\x80" + random.Random(0).randbytes(4095)) and ws / "garbled.pth",
+        "the file is truncated or corrupt"),
     "text": (lambda ws: (ws / "text.pth").write_text("weights\n" * 50) and ws / "text.pth",
              "not a PyTorch or safetensors checkpoint"),
     "pickle of objects": (_weights_only_refused, "contains code or Python objects other than tensors"),

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import pickle
+import warnings
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -208,9 +209,13 @@ def _read_state_dict(path: Path, *, is_safetensors: bool) -> State:
         raise CheckpointError(f"{path} is {what}; pass a state dict saved with torch.save(model.state_dict(), path), "
                               "a .safetensors file or a Hugging Face model directory")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # garbage after a pickle's first byte reads as an unknown protocol
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
+        # The weights-only unpickler refuses a class or function it does not allow ("Unsupported global"), and
+        # refuses garbage the same way ("Unsupported operand"): only the first is a file of Python objects.
+        if "Weights only load failed" not in str(e) or "Unsupported global" not in str(e):
             raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt; re-download "
                                   "it") from None
         raise CheckpointError(

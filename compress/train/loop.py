@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,7 +234,7 @@ def train(
         if together else model
     step, history, elapsed_before = 0, [], 0.0
     if checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+        state = _resume_state(checkpoint_path)
         if state.get("options") != options:
             raise InputError(
                 f"{checkpoint_path} was written by a training run with other options or data; "
@@ -354,3 +355,22 @@ def train_together(model, data, **options):
         shared = {k: v for k, v in options.items() if k not in ("eval_fn", "progress")}
         distributed.broadcast((model, data, shared))
     return train(model, data, **options)
+
+
+RESUME_KEYS = ("options", "model", "optimizer", "generator", "step", "history", "seconds")
+
+
+def _resume_state(path: Path) -> dict:
+    """The state an interrupted run saved (``train_state.pt``), loaded without running code; a file that is not
+    one (damaged, or written by something else) is one line naming the fix, not a traceback."""
+    fix = "delete it to train from the start, or choose a new --out"
+    try:
+        with warnings.catch_warnings():  # garbage after a pickle's first byte reads as an unknown protocol
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001  (torch.load answers damaged bytes with almost any exception type)
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise InputError(f"{path} cannot be read as an interrupted run's state ({reason}); {fix}") from None
+    if not isinstance(state, dict) or any(k not in state for k in RESUME_KEYS):
+        raise InputError(f"{path} is not an interrupted run's state (no {', '.join(RESUME_KEYS)}); {fix}")
+    return state

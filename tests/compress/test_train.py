@@ -82,6 +82,25 @@ def test_resume_with_other_options_is_refused(tmp_path, digits_train):
         train(model, digits_train, epochs=0.5, batch_size=64, checkpoint_path=tmp_path / "state.pt")
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"\x80" + bytes(range(256)) * 4, "cannot be read as an interrupted run's state"),  # damaged bytes
+    (b"", "cannot be read as an interrupted run's state"),  # an empty file
+    (None, "is not an interrupted run's state \\(no options, model"),  # a tensor file of something else
+])
+def test_a_damaged_resume_state_is_one_line_and_left_as_it_was(tmp_path, digits_train, content, message):
+    from compress.errors import InputError
+
+    state = tmp_path / "state.pt"
+    if content is None:
+        torch.save({"weight": torch.zeros(2)}, state)
+    else:
+        state.write_bytes(content)
+    before = state.read_bytes()
+    with pytest.raises(InputError, match=message + ".*delete it to train from the start, or choose a new --out"):
+        train(VisionTransformer(ViTConfig(**DIGITS)), digits_train, epochs=0.25, batch_size=64, checkpoint_path=state)
+    assert state.read_bytes() == before
+
+
 def test_micro_batches_give_the_same_update_with_less_memory(digits_train):
     from compress.train.loop import auto_micro_batch
 
