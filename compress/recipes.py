@@ -72,7 +72,8 @@ JETSON_LATENCY: dict[str, Any] = {
 #    within what is left of the budget.
 # On the reference ViT-S fine-tuned in full (rebuilt 2026-12-02; BENCHMARKS.md, "`cpu-training-free` with ToMe once
 # in the first block"): 0.590x and 0.630x plain NNCF INT8's latency at +0.7 and +0.5 pt, in 9.2 and 10.7 minutes
-# (two runs; their latency models differed, so the second kept 0.9 of the latency where the first kept 0.8).
+# (two runs; their latency models differed, so the second kept 0.9 of the latency where the first kept 0.8). Judged
+# on 1,000 images; on all 10,000 they cost 1.15 and 1.03 pt, just over the budget.
 # Pruning alone had reached 0.792-0.806x. Measured there and left out:
 # - a lower working resolution (method "resolution"): on the converged reference every size cost more than its
 #   share of the budget (196 px: 0.9 pt unpruned, 1.8 pt after pruning);

@@ -23,8 +23,8 @@ import dataclasses
 import json
 import logging
 import pickle
-import warnings
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any

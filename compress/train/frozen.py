@@ -159,8 +159,9 @@ class Compiled:
 def compiled(module: torch.nn.Module, images: np.ndarray, *, what: str, runtime: str = "auto") -> Compiled | None:
     """``module`` (normalised images -> a tensor) exported to ONNX, checked against PyTorch on ``images`` and
     compiled in FP32 on ``runtime`` (``auto``: whichever of OpenVINO and ONNX Runtime is faster here on one warm
-    call with ``images``): a ``Compiled`` function from images to its output, which names the runtime. None when no such runtime is installed or the
-    export fails (logged; the caller then runs PyTorch, which is slower on a CPU, not wrong)."""
+    call with ``images``): a ``Compiled`` function from images to its output, which names the runtime. None when
+    no such runtime is installed or the export fails (logged; the caller then runs PyTorch, which is slower on a
+    CPU, not wrong)."""
     from export.errors import ExportError
     from runtimes import RuntimeUnavailableError, get_runtime
 
