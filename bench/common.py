@@ -39,6 +39,21 @@ def write_result(result: dict[str, Any], out: Path) -> Path:
     return out
 
 
+def load_trained(path: Path):
+    """A trained checkpoint for a benchmark, with PyTorch on this machine's benchmark threads: (the checkpoint, its
+    model in eval mode, its input shape (C, H, W), the thread count)."""
+    import torch
+
+    from compress.api import load_model
+    from runtimes import default_threads
+
+    threads = default_threads()
+    torch.set_num_threads(threads)
+    ckpt = load_model(path)
+    cfg = ckpt.model.config
+    return ckpt, ckpt.model.eval(), (cfg.in_chans, cfg.image_size, cfg.image_size), threads
+
+
 def interleaved_rounds(
     engines: dict, data: np.ndarray, batch_sizes: list[int], *, rounds: int, seconds: float, threads: int,
     iterations: int = 200,

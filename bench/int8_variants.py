@@ -25,12 +25,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import interleaved_rounds, paired_ratio, require_cifar, write_result  # noqa: E402
-from calibration.calibrate import from_split, nncf_dataset  # noqa: E402
+from bench.common import interleaved_rounds, load_trained, paired_ratio, require_cifar, write_result  # noqa: E402
+from calibration.calibrate import from_split  # noqa: E402
 from calibration.evaluate import evaluate_top1, paired_drop  # noqa: E402
-from compress.api import load_data, load_model  # noqa: E402
+from compress.api import load_data  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from runtimes import default_threads, get_runtime  # noqa: E402
+from runtimes import get_runtime  # noqa: E402
 
 VARIANTS = {  # name: (preset, SmoothQuant)
     "performance": ("PERFORMANCE", False),
@@ -51,15 +51,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "int8_variants.json")
     args = ap.parse_args()
     require_cifar(args.data, "test")
-    import nncf
     import openvino as ov
 
-    threads = default_threads()
-    torch.set_num_threads(threads)
-    ckpt = load_model(args.model)
-    model = ckpt.model.eval()
-    cfg = model.config
-    shape = (cfg.in_chans, cfg.image_size, cfg.image_size)
+    from compress.quantize.openvino_nncf import transformer_int8
+
+    ckpt, model, shape, threads = load_trained(args.model)
     data = load_data(args.data, ckpt.preprocess, calib_size=args.calib + 64, eval_limit=args.eval_limit)
     calib = from_split(data.calib, args.calib, shape)
     images = next(data.calib.batches(4))[0]
@@ -80,11 +76,7 @@ def main() -> None:
     for name in args.variants:
         preset, smooth = VARIANTS[name]
         start = time.perf_counter()
-        advanced = None if smooth else nncf.AdvancedQuantizationParameters(
-            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
-        quantized = nncf.quantize(ov.Core().read_model(str(path)), nncf_dataset(calib), subset_size=calib.size,
-                                  model_type=nncf.ModelType.TRANSFORMER,
-                                  preset=getattr(nncf.QuantizationPreset, preset), advanced_parameters=advanced)
+        quantized = transformer_int8(ov.Core().read_model(str(path)), calib, smooth_quant=smooth, preset=preset)
         xml = work / f"{name}.xml"
         ov.save_model(quantized, str(xml), compress_to_fp16=False)
         quantize_s = time.perf_counter() - start

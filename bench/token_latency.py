@@ -26,14 +26,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import interleaved_rounds, paired_ratio, require_cifar, token_plan, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    interleaved_rounds, load_trained, paired_ratio, require_cifar, token_plan, write_result,
+)
 from calibration.calibrate import from_split  # noqa: E402
-from compress.api import load_data, load_model  # noqa: E402
+from compress.api import load_data  # noqa: E402
 from compress.model.macs import count_macs  # noqa: E402
 from compress.run.measure import openvino_parity  # noqa: E402
 from compress.tokens import apply  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from runtimes import default_threads, get_runtime  # noqa: E402
+from runtimes import get_runtime  # noqa: E402
 
 
 def main() -> None:
@@ -54,12 +56,7 @@ def main() -> None:
 
     from compress.quantize.openvino_nncf import transformer_int8
 
-    threads = default_threads()
-    torch.set_num_threads(threads)
-    ckpt = load_model(args.model)
-    model = ckpt.model.eval()
-    cfg = model.config
-    shape = (cfg.in_chans, cfg.image_size, cfg.image_size)
+    ckpt, model, shape, threads = load_trained(args.model)
     data = load_data(args.data, ckpt.preprocess, calib_size=64, eval_limit=1)
     calib = from_split(data.calib, 32, shape)
     images = next(data.calib.batches(8))[0]  # (8, C, H, W) real images for the parity checks

@@ -88,23 +88,26 @@ def quantize_openvino(
                      "openvino", calibration, reasons, top1)
 
 
-def transformer_int8(model, calib: CalibrationSet, *, smooth_quant: bool, exclude: tuple[str, ...] = ()):
+def transformer_int8(model, calib: CalibrationSet, *, smooth_quant: bool, exclude: tuple[str, ...] = (),
+                     preset: str = "PERFORMANCE"):
     """``nncf.quantize`` of an OpenVINO model with the transformer recipe (ModelType.TRANSFORMER, the performance
-    preset) on ``calib``; ``exclude`` (layer names or glob patterns) stays in float."""
+    preset unless ``preset`` names another ``nncf.QuantizationPreset``) on ``calib``; ``exclude`` (layer names or
+    glob patterns) stays in float."""
     nncf = require("nncf", "nncf")
 
-    common, advanced = _transformer_options(nncf, smooth_quant=smooth_quant, exclude=exclude)
+    common, advanced = _transformer_options(nncf, smooth_quant=smooth_quant, exclude=exclude, preset=preset)
     return nncf.quantize(model, nncf_dataset(calib), subset_size=calib.size, advanced_parameters=advanced, **common)
 
 
-def _transformer_options(nncf, *, smooth_quant: bool, exclude: tuple[str, ...]) -> tuple[dict, object]:
+def _transformer_options(nncf, *, smooth_quant: bool, exclude: tuple[str, ...],
+                         preset: str = "PERFORMANCE") -> tuple[dict, object]:
     """(the keyword arguments both NNCF calls share, the advanced quantization parameters or None)."""
     ignored = nncf.IgnoredScope(patterns=[_regex(p) for p in exclude], validate=False) if exclude else None
     # SmoothQuant moves activation outliers into the weights through a Multiply per MatMul input; off, those
     # Multiplies are gone (NNCF's switch: alpha -1), which a small model without outliers can afford.
     advanced = None if smooth_quant else nncf.AdvancedQuantizationParameters(
         smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))
-    return {"model_type": nncf.ModelType.TRANSFORMER, "preset": nncf.QuantizationPreset.PERFORMANCE,
+    return {"model_type": nncf.ModelType.TRANSFORMER, "preset": getattr(nncf.QuantizationPreset, preset),
             "ignored_scope": ignored or nncf.IgnoredScope()}, advanced
 
 
