@@ -40,6 +40,22 @@ def test_openvino_bf16_where_the_cpu_has_it(onnx_file, tiny_vit):
     assert np.abs(got - ref).max() < 0.05 * max(1.0, np.abs(ref).max())
 
 
+def test_openvino_runs_int8_models_with_its_own_default_float_precision(onnx_file):
+    """What stays in float in an INT8 model runs as ``ov.compile_model`` would run it (bf16 on a CPU with AMX or
+    AVX-512 BF16, f32 elsewhere), as a user of nncf.quantize gets it; FP32 stays f32 everywhere."""
+    import openvino as ov
+
+    runtime = get_runtime("openvino")
+    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")
+    hints = {}
+    for precision in ("int8", "fp32"):
+        engine = runtime.build(onnx_file, precision=precision, threads=1)
+        engine.run(np.zeros((1, 3, 32, 32), np.float32))
+        hints[precision] = engine._compiled[(1, 3, 32, 32)].get_property("INFERENCE_PRECISION_HINT")
+    assert hints["int8"] == default
+    assert hints["fp32"] == ov.Type.f32
+
+
 def test_torch_runtime(tiny_vit):
     x = np.random.randn(2, 3, 32, 32).astype(np.float32)
     engine = get_runtime("torch").build(tiny_vit, precision="fp32", threads=1)
