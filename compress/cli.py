@@ -230,6 +230,8 @@ def run(
                       f"{chosen['precision']}, top-1 {chosen['top1'] * 100:.2f}%, {chosen['latency_ms_p50']:.3f} ms "
                       f"(within {summary['budget_pt']:g} pt)" if "none" not in chosen
                       else f"chosen for {summary['target']}: nothing within budget ({chosen['none']})")
+        if summary.get("budget_unsure"):
+            _plain(f"caution: {summary['budget_unsure']}")
         if summary.get("bundle"):
             _plain(f"bundle:  {run_dir / summary['bundle']} ({summary['bundle_digest']})")
         took = summary.get("stage_seconds") or {}

@@ -794,7 +794,8 @@ def _chain_view(chain: dict[str, Any]) -> dict[str, Any] | None:
     selected = chain["selected"]
     return {"stages": ["baseline", *chain["stages"]], "budget": chain["budget_pt"], "per_stage": per_stage,
             "broke": (chain.get("broke_at") or {}).get("stage"), "target": chain["target"],
-            "chosen": None if "none" in selected else selected, "nothing": selected.get("none"), "front": front}
+            "chosen": None if "none" in selected else selected, "nothing": selected.get("none"), "front": front,
+            "unsure": chain.get("budget_unsure")}
 
 
 def _run_view(run: Run, figures: Sequence[Figure], anchor: str) -> dict[str, Any]:

@@ -145,6 +145,8 @@ def _chain_section(run_dir: Path) -> list[str]:
                  f"({selected['precision']}), {selected['top1'] * 100:.2f}% top-1 ({selected['top1_drop']:+.2f} pt), "
                  f"{selected['latency_ms_p50']:.3f} ms at batch {selected['batch_size']}."
                  if "none" not in selected else f"Chosen: nothing. {selected['none']}")
+    if chain.get("budget_unsure"):
+        parts.append(f"\n**Caution**: {chain['budget_unsure']}.")
     if chain.get("bundle"):
         parts.append(f"Bundle: `{chain['bundle']}/` (and `.tar.gz`).")
     parts += ["", "Pareto set (no other candidate is both faster and more accurate):", "",

@@ -7,7 +7,7 @@ import pytest
 from compress.deploy.runner import verify
 from compress.config import load_config
 from compress.errors import ConfigError
-from compress.run.pipeline import run_pipeline
+from compress.run.pipeline import budget_unsure, run_pipeline
 from compress.recipes import BUILTIN_RECIPES
 
 FAST = ['data.path="builtin:digits"', "data.calib_size=128", "quantize.calib_size=64", "measure.iterations=3",
@@ -27,6 +27,10 @@ def test_builtin_recipes_load_and_chain_every_stage():
     assert free.prune.search and free.prune.search_targets() == [0.9, 0.8, 0.7] and free.recover.epochs == 0
     assert free.tokens.finetune_epochs == 0 and free.tokens.r is None  # searched, judged as they are
     assert (free.tokens.method, free.tokens.schedule, free.tokens.align) == ("tome", "first", 16)
+    # one epoch at a quarter of the MACs, in a lower working resolution: not the training-free recipe's token lever
+    quick = load_config("cpu-quick-finetune")
+    assert (quick.tokens.method, quick.tokens.macs, quick.tokens.align) == ("resolution", [0.25], 1)
+    assert quick.tokens.finetune_epochs == 1 and quick.tokens.finetune_each and quick.data.train_limit == 8000
     assert load_config("jetson-latency").quantize.activations == "int8"  # TensorRT reads symmetric INT8 only
 
 
@@ -85,6 +89,9 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     assert retimed or (chain["selected"]["latency_ms_p50"], chain["selected"]["top1"]) in {
         (p["latency_ms_p50"], p["top1"]) for p in front}
     assert set(chain["stage_seconds"]) == {"baseline", "prune", "recover", "tokens", "quantize", "deploy"}
+    ci = chain["selected"]["top1_drop_ci95"]  # the choice carries its interval; past the budget, a caution says so
+    assert ci[0] <= chain["selected"]["top1_drop"] <= ci[1] and chain["selected"]["eval_samples"] > 0
+    assert ("budget_unsure" in chain) == (ci[1] > 5)
     scored = every_drop_has_its_interval(result.records)
     assert {r.stage for r in scored} >= {"baseline", "prune", "recover", "tokens", "quantize"}
     assert sum(r.stage == "tokens" and r.candidate is not None for r in scored) >= 2
@@ -99,6 +106,16 @@ def test_the_chain_spends_one_budget_chooses_for_the_target_and_deploys(tmp_path
     again = run_pipeline(digits_model, "digits", config, run)  # resumes: every stage done, the bundle kept
     assert again.resumed_stages == ["baseline", "prune", "recover", "tokens", "quantize", "deploy"]
     assert json.loads((run / "stages" / "pipeline.json").read_text())["selected"] == chain["selected"]
+
+
+def test_a_choice_whose_interval_reaches_past_the_budget_is_flagged():
+    chosen = {"candidate": "nncf-ov", "top1_drop": 0.3, "top1_drop_ci95": [-1.1, 1.7], "eval_samples": 1000}
+    unsure = budget_unsure(chosen, 1.0)
+    assert "+0.30 pt is within the 1 pt budget on 1,000 images" in unsure and "reaches +1.70 pt" in unsure
+    assert "data.eval_limit" in unsure
+    assert budget_unsure(chosen | {"top1_drop_ci95": [-0.2, 0.9]}, 1.0) is None  # the interval fits too
+    assert budget_unsure(chosen | {"top1_drop_ci95": None}, 1.0) is None  # no interval: nothing to say
+    assert budget_unsure({"none": "nothing within budget"}, 1.0) is None
 
 
 @pytest.mark.slow
