@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/int8_keep_float.json"))
     args = parser.parse_args()
     require_cifar(args.data, "test")
+    for path in (args.float_path, args.int8):
+        if not path.is_file():
+            sys.exit(f"{path} does not exist: give the chain's float ONNX (--float) and its NNCF INT8 IR (--int8)")
     import openvino as ov
 
     threads = default_threads()

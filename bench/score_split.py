@@ -66,8 +66,9 @@ def load_reused(path: Path | None) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as stored:
             return {key: stored[key].astype(bool) for key in stored.files}
-    except (OSError, ValueError) as e:
-        sys.exit(f"--reuse {path}: not a results file of this script ({e}); leave --reuse out to score every engine")
+    except (OSError, ValueError, EOFError):
+        sys.exit(f"--reuse {path}: not a results file of this script (the .npz it writes beside --out); leave --reuse "
+                 "out to score every engine")
 
 
 def main() -> None:
@@ -90,7 +91,8 @@ def main() -> None:
     threads = default_threads()
     keys = {name: engine_key(path, precision, split) for name, path, precision in engines}
     stored = load_reused(args.reuse)
-    reused = {name: stored[keys[name]] for name in keys if keys[name] in stored}
+    reused = {name: stored[keys[name]] for name in keys  # an entry of another length is not this split's: scored anew
+              if keys[name] in stored and stored[keys[name]].shape == (len(split),)}
     for name in reused:
         print(f"{name}: per-image results reused from {args.reuse}")
     built = {name: get_runtime("openvino").build(path, precision=precision, threads=threads)
