@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,15 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
             torch.save(obj, f)
 
     return atomic_write(path, write)
+
+
+def torch_load_weights(path: Path) -> Any:
+    """``torch.load`` of ``path`` onto the CPU with the weights-only unpickler (no code runs), without torch's
+    warnings: garbage after a pickle's first byte reads to it as an unknown protocol, and the caller's one-line
+    error says what the file is instead. Raises what ``torch.load`` raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_json(path: Path) -> Any:

@@ -8,8 +8,8 @@ unless told f32, so both are recorded as separate precisions.
 An INT8 model runs as OpenVINO runs it by default: its quantized layers in int8, and what stays in float
 (LayerNorm, softmax, GELU, the residual adds) in the CPU's fastest float precision, bf16 where the CPU has it. That
 is what a user of ``nncf.quantize`` gets from ``ov.compile_model``; on the AMX machine of BENCHMARKS.md it ran plain
-NNCF INT8 of the reference ViT-S at 0.865x its latency with the rest held in f32, for 0.05 pt of top-1 on 2,000
-images (BENCHMARKS.md, "INT8 as OpenVINO runs it by default").
+NNCF INT8 of the reference ViT-S at 0.859x its latency with the rest held in f32, for 0.05 pt of top-1 on 2,000
+images (``bench/int8_float_precision.py``; BENCHMARKS.md, "INT8 as OpenVINO runs it by default").
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class OpenVinoCPU:
         self.cache_dir = cache_dir
         capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")  # asked once: it cannot change
         self._precisions = ["fp32", "bf16"] if "BF16" in capabilities else ["fp32"]
-        self.default_float = "bf16" if "BF16" in capabilities else "f32"  # OpenVINO's own default on this CPU
+        self.default_float = "bf16" if "bf16" in self._precisions else "f32"  # OpenVINO's own default on this CPU
 
     def precisions(self) -> list[str]:
         return list(self._precisions)

@@ -24,7 +24,6 @@ import json
 import logging
 import pickle
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from compress.model.checkpoint import (
 )
 from compress.config import RunConfig
 from compress.errors import CheckpointError, ConfigError
+from compress.io import torch_load_weights
 from compress.model.vit import ViTConfig, VisionTransformer, grid_from_pos_embed
 
 log = logging.getLogger(__name__)
@@ -209,9 +209,7 @@ def _read_state_dict(path: Path, *, is_safetensors: bool) -> State:
         raise CheckpointError(f"{path} is {what}; pass a state dict saved with torch.save(model.state_dict(), path), "
                               "a .safetensors file or a Hugging Face model directory")
     try:
-        with warnings.catch_warnings():  # garbage after a pickle's first byte reads as an unknown protocol
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch_load_weights(path)
     except pickle.UnpicklingError as e:
         # The weights-only unpickler refuses a class or function it does not allow ("Unsupported global"), and
         # refuses garbage the same way ("Unsupported operand"): only the first is a file of Python objects.

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from calibration.datasets import Subset
 from compress.env import cpu_has_bf16
 from compress.errors import InputError
-from compress.io import atomic_torch_save
+from compress.io import atomic_torch_save, torch_load_weights
 from compress.model.vit import VisionTransformer
 from compress.train import distributed
 from compress.train.frozen import FrozenPrefix
@@ -365,9 +364,7 @@ def _resume_state(path: Path) -> dict:
     one (damaged, or written by something else) is one line naming the fix, not a traceback."""
     fix = "delete it to train from the start, or choose a new --out"
     try:
-        with warnings.catch_warnings():  # garbage after a pickle's first byte reads as an unknown protocol
-            warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch_load_weights(path)
     except Exception as e:  # noqa: BLE001  (torch.load answers damaged bytes with almost any exception type)
         reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
         raise InputError(f"{path} cannot be read as an interrupted run's state ({reason}); {fix}") from None
