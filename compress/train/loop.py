@@ -366,7 +366,10 @@ def _resume_state(path: Path) -> dict:
     try:
         state = torch_load_weights(path)
     except Exception as e:  # noqa: BLE001  (torch.load answers damaged bytes with almost any exception type)
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        # torch's own messages run to paragraphs about its defaults and internals: name what they mean, as the
+        # checkpoint loader does (only an "Unsupported global" is a file of Python objects)
+        reason = ("it holds Python objects besides tensors, which are never loaded" if "Unsupported global" in str(e)
+                  else "truncated or corrupt")
         raise InputError(f"{path} cannot be read as an interrupted run's state ({reason}); {fix}") from None
     if not isinstance(state, dict) or any(k not in state for k in RESUME_KEYS):
         raise InputError(f"{path} is not an interrupted run's state (no {', '.join(RESUME_KEYS)}); {fix}")

@@ -83,8 +83,8 @@ def test_resume_with_other_options_is_refused(tmp_path, digits_train):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"\x80" + bytes(range(256)) * 4, "cannot be read as an interrupted run's state"),  # damaged bytes
-    (b"", "cannot be read as an interrupted run's state"),  # an empty file
+    (b"\x80" + bytes(range(256)) * 4, "cannot be read as an interrupted run's state \\(truncated or corrupt\\)"),
+    (b"", "cannot be read as an interrupted run's state \\(truncated or corrupt\\)"),  # an empty file
     (None, "is not an interrupted run's state \\(no options, model"),  # a tensor file of something else
 ])
 def test_a_damaged_resume_state_is_one_line_and_left_as_it_was(tmp_path, digits_train, content, message):
