@@ -160,7 +160,8 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
     """The most cut of ``targets`` whose top-1 drop against the stage's input stays within ``prune.max_drop`` (under
     a chain budget, ``prune.budget_share`` of what is left) goes on; when none does, the model goes on unpruned.
 
-    A target tried is searched, repaired, exported and scored in FP32 on ``prune.target_runtime``. A harder target
+    A target tried is searched, repaired, exported and scored on ``prune.target_runtime`` in the float precision
+    the run judges in (``measure.judge_precision``). A harder target
     seldom costs less top-1 than a milder one, so the targets are bisected: the middle one first, then the harder
     half if it fits, else the milder half. Of three targets two are scored, whichever is chosen; a target below
     what pruning can reach counts as over budget."""
@@ -176,12 +177,13 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
     x = _timing_input(ctx, p.target_batch)
     shape = (1, *ctx.input_shape)
     full_macs = count_macs(model, shape)
-    scored, base = scored_input(inp, p.target_runtime, len(ctx.eval_data)), None
+    judge = ctx.judging_on(p.target_runtime)
+    scored, base = scored_input(inp, p.target_runtime, len(ctx.eval_data), judge), None
     if scored is not None:
         base_top1, base_drop = scored.top1, scored.top1_drop or 0.0
     else:
         with ctx.exported(model, probe) as path:
-            base = evaluate_top1(ctx.engine(path, p.target_runtime).run, ctx.eval_data,
+            base = evaluate_top1(ctx.engine(path, p.target_runtime, judge).run, ctx.eval_data,
                                  batch_size=ctx.config.measure.eval_batch_size)
         base_top1 = base.top1
         base_drop = (inp.reference.top1 - base_top1) * 100 if inp.reference is not None else 0.0
@@ -200,7 +202,7 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
         repaired = _reconstructed(pruned, model, ctx)
         pruning_s = time.perf_counter() - start
         with ctx.exported(pruned, probe) as path:
-            engine = ctx.engine(path, p.target_runtime)
+            engine = ctx.engine(path, p.target_runtime, judge)
             # Scoring stops early once the drop is beyond the budget with confidence (against the baseline, whose
             # predictions the run keeps: the input's own drop is added to the stage's budget).
             result = evaluate_top1(engine.run, ctx.eval_data, batch_size=ctx.config.measure.eval_batch_size,
@@ -211,7 +213,7 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
         drop = round((base_top1 - result.top1) * 100, 4)
         paired = paired_drop(inp.reference, result) if inp.reference is not None else None
         fits = drop <= max_drop + 1e-9 and not result.stopped_early
-        trial = {"candidate": name, "status": "ok", "runtime": p.target_runtime, "precision": "fp32",
+        trial = {"candidate": name, "status": "ok", "runtime": p.target_runtime, "precision": judge,
                  "batch_size": p.target_batch, "macs": count_macs(pruned, shape), "params": count_params(pruned),
                  "structure": model_structure(pruned),
                  "top1": result.top1, "eval_samples": result.num_samples, "stage_drop": drop, "fits": fits,
@@ -219,9 +221,9 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
                  **({"top1_drop_ci95": [round(paired[1], 4), round(paired[2], 4)]} if paired else {}),
                  "seconds": {"search_and_repair": round(pruning_s, 1),
                              "export_score_time": round(time.perf_counter() - start - pruning_s, 1)}}
-        log.info("prune: %s: top-1 %.4f (%.2f pt against the input%s), %.2fx the MACs, p50 %.2f ms FP32 on %s%s; "
+        log.info("prune: %s: top-1 %.4f (%.2f pt against the input%s), %.2fx the MACs, p50 %.2f ms %s on %s%s; "
                  "%.0f s", name, result.top1, drop, ", scoring stopped early" if result.stopped_early else "",
-                 trial["macs"] / full_macs, stats.latency_ms_p50, p.target_runtime,
+                 trial["macs"] / full_macs, stats.latency_ms_p50, judge.upper(), p.target_runtime,
                  "" if fits else f": over the {max_drop:.2f} pt budget", time.perf_counter() - start)
         return trial, (pruned, result) if fits else None
 
@@ -251,7 +253,7 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
                                                "latency_ms_p50", "search", "reconstruct", "seconds", "status",
                                                "reason")} for t in trials]} | extra
     return StageResult(model=kept, notes=notes, records=records,
-                       scored={(p.target_runtime, "fp32"): given} if given is not None else {})
+                       scored={(p.target_runtime, judge): given} if given is not None else {})
 
 
 def _timing_input(ctx: RunContext, batch: int) -> np.ndarray:

@@ -7,13 +7,16 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from calibration.calibrate import CalibrationSet
 from calibration.datasets import Subset
 from compress.errors import CompressError
+
+if TYPE_CHECKING:
+    from calibration.evaluate import EvalResult
 
 FORMATS = ("onnx", "openvino")
 
@@ -83,18 +86,46 @@ class QuantizeContext:
         return self.drop(top1) <= self.max_drop + 1e-9
 
 
-def artifact_evaluator(eval_data: Subset, *, threads: int, batch_size: int = 64) -> Callable[[Path, str, str], float]:
+def artifact_evaluator(eval_data: Subset, *, threads: int, batch_size: int = 64,
+                       scored: ScoredFiles | None = None) -> Callable[[Path, str, str], float]:
     """``evaluate(path, format, precision) -> top-1`` on ``eval_data``: OpenVINO for its IR and for BF16, ONNX
-    Runtime for every other ONNX file (the runtime every QDQ candidate must load)."""
+    Runtime for every other ONNX file (the runtime every QDQ candidate must load). ``scored`` keeps each file's
+    predictions, so the stage that measures the candidate afterwards need not score it again."""
     from calibration.evaluate import evaluate_top1
     from runtimes import get_runtime
 
     def evaluate(path: Path, fmt: str, precision: str) -> float:
         name = "openvino" if fmt == "openvino" or precision == "bf16" else "onnxruntime"
         engine = get_runtime(name).build(path, precision=precision, threads=threads)
-        return evaluate_top1(engine.run, eval_data, batch_size=batch_size).top1
+        result = evaluate_top1(engine.run, eval_data, batch_size=batch_size)
+        if scored is not None:
+            scored.keep(path, name, precision, result)
+        return result.top1
 
     return evaluate
+
+
+class ScoredFiles:
+    """Predictions of model files on the whole evaluation split, by (file, runtime, precision), each valid while the
+    file is unchanged (its size and modification time as when it was scored): a quantizer that rewrites a file
+    after scoring it leaves nothing to reuse."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, str, str], tuple[tuple[int, int], EvalResult]] = {}
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int]:
+        st = Path(path).stat()
+        return st.st_size, st.st_mtime_ns
+
+    def keep(self, path: Path, runtime: str, precision: str, result: EvalResult) -> None:
+        self._kept[(str(path), runtime, precision)] = (self._stamp(path), result)
+
+    def get(self, path: Path, runtime: str, precision: str) -> EvalResult | None:
+        kept = self._kept.get((str(path), runtime, precision))
+        if kept is None or not Path(path).exists() or self._stamp(path) != kept[0]:
+            return None
+        return kept[1]
 
 
 def target_layers(proto: onnx.ModelProto, ctx: QuantizeContext) -> tuple[list[str], list[str]]:

@@ -111,7 +111,7 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     import torch
 
     from calibration.evaluate import evaluate_top1
-    from compress.quantize.base import artifact_evaluator
+    from compress.quantize.base import ScoredFiles, artifact_evaluator
     from compress.run.measure import artifact_mb, cannot_run, mark_repeats, measure_engine, skipped
     from runtimes import get_runtime
 
@@ -121,7 +121,9 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     workdir = ctx.run_dir / "artifacts" / f"quantize-{inp.key}"
     workdir.mkdir(parents=True, exist_ok=True)
     calib = calibration_set(q, ctx.calib_data, ctx.preprocess)
-    evaluate = artifact_evaluator(ctx.eval_data, threads=ctx.threads, batch_size=config.measure.eval_batch_size)
+    scored = ScoredFiles()  # each candidate as it was scored while fitting: measured below without scoring again
+    evaluate = artifact_evaluator(ctx.eval_data, threads=ctx.threads, batch_size=config.measure.eval_batch_size,
+                                  scored=scored)
 
     def evaluate_torch(module) -> float:
         torch.set_num_threads(ctx.threads)
@@ -131,7 +133,7 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
 
     float_top1 = stage_float_top1(inp.records, inp.previous)
     if float_top1 is None:
-        float_top1 = evaluate(inp.onnx, "onnx", "fp32")
+        float_top1 = evaluate(inp.onnx, "onnx", ctx.judge)
     qctx = QuantizeContext(
         model=inp.model, float_onnx=inp.onnx, calib=calib, evaluate=evaluate, reference_top1=float_top1,
         max_drop=max_drop, workdir=workdir, max_float_fraction=q.max_float_fraction, op_types=tuple(q.op_types),
@@ -174,7 +176,8 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                 records += skipped(inp.new_record, ctx, runtime=name, reason=reason, **fields)
                 continue
             rows, _, full = measure_engine(engine, f"quantize · {candidate.name} · {name}", inp.new_record, ctx,
-                                           runtime=name, reference_top1=float_top1, full=full, **fields)
+                                           runtime=name, reference_top1=float_top1, full=full,
+                                           given=scored.get(candidate.path, name, candidate.precision), **fields)
             records += rows
     batch = min(config.measure.batch_sizes)
 
@@ -210,11 +213,13 @@ def quantize_stage(inp: StageInput, ctx: RunContext) -> StageResult:
 
 
 def stage_float_top1(records, stage: str | None) -> float | None:
-    """Top-1 of ``stage``'s float model as that stage scored it in full: on ONNX Runtime where it was (the other
-    runtimes ran the same, parity-checked model on the same images). Only the stage's own model (``candidate``
-    None) counts, not a setting it tried on the way, such as the tokens stage's unreduced one."""
-    scored = sorted((r for r in records if r.stage == stage and r.precision == "fp32" and r.status == "ok"
-                     and r.candidate is None and r.scored_in_full), key=lambda r: r.runtime != "onnxruntime")
+    """Top-1 of ``stage``'s float model as that stage scored it in full, in the float precision the run judges in
+    (``measure.judge_precision``): on ONNX Runtime where it was (the other runtimes ran the same, parity-checked
+    model on the same images). Only the stage's own model (``candidate`` None) counts, not a setting it tried on
+    the way, such as the tokens stage's unreduced one."""
+    scored = sorted((r for r in records if r.stage == stage and r.precision in ("fp32", "bf16") and r.status == "ok"
+                     and r.candidate is None and r.scored_in_full),
+                    key=lambda r: (r.runtime != "onnxruntime", r.precision != "fp32"))
     return scored[0].top1 if scored else None
 
 

@@ -131,8 +131,9 @@ def _chain_section(run_dir: Path) -> list[str]:
     if not marker.exists():
         return []
     chain = json.loads(marker.read_text())
+    judged = f" (the baseline run in {chain['judged_in'].upper()})" if chain.get("judged_in") not in (None, "fp32") else ""
     parts = ["## The chain", "", f"Stages: {' -> '.join(['baseline', *chain['stages']])}; budget "
-             f"{chain['budget_pt']:.2f} pt of top-1 against the baseline; target {chain['target']}.", ""]
+             f"{chain['budget_pt']:.2f} pt of top-1 against the baseline{judged}; target {chain['target']}.", ""]
     for s in chain["per_stage"]:
         verdict = ("within budget" if s["within_budget"] else "over budget") if s["judged"] else "judged after recovery"
         parts.append(f"- {s['stage']}: {fmt(s['drop_pt'], '+.2f')} pt, {verdict}")

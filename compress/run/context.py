@@ -55,6 +55,7 @@ class RunContext:
     latency_input: np.ndarray  # (B_max, C, H, W) real images: latency at every batch size
     threads: int
     progress: Progress | None = None
+    judge: str = "fp32"  # the float precision models are judged in (measure.judge_precision, resolved)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -74,6 +75,13 @@ class RunContext:
         from runtimes import get_runtime
 
         return get_runtime(runtime).build(path, precision=precision, threads=self.threads)
+
+    def judging_on(self, runtime: str) -> str:
+        """The float precision a setting is judged in on ``runtime``: the run's (``judge``) where that runtime runs
+        it, else fp32."""
+        from runtimes import get_runtime
+
+        return self.judge if self.judge == "fp32" or self.judge in get_runtime(runtime).precisions() else "fp32"
 
     def time(self, engine, x: np.ndarray, *, warmup: int | None = None):
         """Latency statistics of ``engine`` at the batch of ``x``, under the run's measurement settings."""

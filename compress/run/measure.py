@@ -25,6 +25,35 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")  # what every float stage is measured in, where the runtime offers it
 
 
+def judge_precision(config) -> str:
+    """``measure.judge_precision`` resolved on this machine: the float precision float models are judged in
+    (scored on the whole split). "auto" is bf16 where the first of ``measure.runtimes`` runs bf16 natively (its
+    own default float precision is bf16: OpenVINO on a CPU with AVX-512 BF16 or AMX), else fp32. An explicit bf16
+    that runtime cannot run is a ``ConfigError`` before any work."""
+    from compress.errors import ConfigError
+    from runtimes import RuntimeUnavailableError, get_runtime
+
+    m = config.measure
+    if m.judge_precision == "fp32":
+        return "fp32"
+    first = m.runtimes[0]
+    try:
+        runtime = get_runtime(first)
+    except RuntimeUnavailableError:  # the run names the runtime missing itself, where it measures
+        return "fp32"
+    if m.judge_precision == "auto":
+        return "bf16" if getattr(runtime, "default_float", None) == "bf16" else "fp32"
+    if "bf16" not in runtime.precisions():
+        raise ConfigError(f"measure.judge_precision=bf16, but {first} (the first of measure.runtimes) offers "
+                          f"{runtime.precisions()} here; use auto (bf16 where it runs natively) or fp32")
+    return "bf16"
+
+
+def float_order(judge: str, precisions: tuple[str, ...] = PRECISIONS) -> tuple[str, ...]:
+    """``precisions`` with the one float models are judged in first: the first a runtime runs is scored in full."""
+    return (judge, *[p for p in precisions if p != judge]) if judge in precisions else precisions
+
+
 @dataclass(frozen=True)
 class Recorder:
     """Makes the records of one stage: its common fields, and each top-1 drop against the baseline."""
@@ -274,8 +303,8 @@ def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, re
                   precisions: tuple[str, ...] | None = None,
                   scored: dict[tuple[str, str], EvalResult] | None = None
                   ) -> tuple[list[StageRecord], EvalResult | None]:
-    """A float stage's model on every runtime and precision (``PRECISIONS``; an already quantized ONNX file is
-    measured as ``("int8",)``); returns its records and the reference predictions (the first runtime's, when there
+    """A float stage's model on every runtime and precision (``PRECISIONS``, the one the run judges in first, so it
+    is the one scored in full; an already quantized ONNX file is measured as ``("int8",)``); returns its records and the reference predictions (the first runtime's, when there
     was no reference yet). ``scored``: what the stage already scored in full, by (runtime, precision)."""
     from runtimes import get_runtime
 
@@ -288,7 +317,7 @@ def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, re
             records += skipped(record, ctx, runtime=name, precision=(precisions or PRECISIONS)[0],
                                reason="the run has an ONNX model only; there is no PyTorch module to run")
             continue
-        for precision in precisions or PRECISIONS:
+        for precision in precisions or float_order(ctx.judge):
             fields = {"precision": precision, "artifact": str(artifact.relative_to(ctx.run_dir)),
                       "size_mb": artifact_mb(artifact)}
             if precision not in runtime.precisions() and precision not in runtime.artifact_precisions:
@@ -338,11 +367,11 @@ def openvino_parity(path: Path, model, x: np.ndarray, *, atol: float, threads: i
     return diff
 
 
-def scored_input(inp: StageInput, runtime: str, images: int) -> StageRecord | None:
-    """The record of the stage's input model as its own stage scored it on ``runtime`` in FP32 over the whole
-    evaluation split, or None: then the stage scores its input itself."""
+def scored_input(inp: StageInput, runtime: str, images: int, precision: str = "fp32") -> StageRecord | None:
+    """The record of the stage's input model as its own stage scored it on ``runtime`` in ``precision`` (the one the
+    run judges in) over the whole evaluation split, or None: then the stage scores its input itself."""
     for r in inp.records:
-        if (r.stage == inp.previous and r.runtime == runtime and r.precision == "fp32" and r.status == "ok"
+        if (r.stage == inp.previous and r.runtime == runtime and r.precision == precision and r.status == "ok"
                 and r.candidate in (None, r.stage) and r.scored_in_full and r.eval_samples == images):
             return r
     return None

@@ -38,7 +38,7 @@ from compress.model.onnx_model import OnnxModel
 from compress.records import StageRecord, read_records
 from compress.report.markdown import write_markdown_report
 from compress.run.context import Progress, RunContext, Stage, StageInput, StageResult, format_seconds, now
-from compress.run.measure import Recorder, mark_repeats, measure_float, openvino_parity
+from compress.run.measure import PRECISIONS, Recorder, judge_precision, mark_repeats, measure_float, openvino_parity
 from compress.run.plan import build_plan, check_feasible
 from runtimes import default_threads
 
@@ -149,6 +149,7 @@ def _run(ckpt: Checkpoint | OnnxModel, checkpoint_id: str, config: RunConfig, ru
     q = config.quantize
     if any(s.name == "quantize" for s in plan) and set(q.quantizers) - {"fp16", "bf16", "onnxruntime-dynamic"}:
         calibration_set(q, calib_data, ckpt.preprocess, announce=False)  # fail before any work
+    judge = judge_precision(config)  # an explicit bf16 the first runtime cannot run fails here, before any work
     check_run_dir(run_dir)
     probe = calib_data if len(calib_data) else eval_data
     largest = max(config.measure.batch_sizes)
@@ -159,7 +160,7 @@ def _run(ckpt: Checkpoint | OnnxModel, checkpoint_id: str, config: RunConfig, ru
         calib_data=calib_data, eval_data=eval_data, teacher=ckpt.model,
         parity_inputs=next(probe.batches(32))[0],  # (<=32, C, H, W) real images
         latency_input=np.concatenate([first] * -(-largest // len(first)))[:largest],  # (B_max, C, H, W)
-        threads=config.measure.threads or default_threads(), progress=progress,
+        threads=config.measure.threads or default_threads(), progress=progress, judge=judge,
     )
     with exclusive(run_dir, what="`compress run`"):  # held to the end: one process per run directory
         if prepare_run_dir(run_dir, {"checkpoint": checkpoint_id, "dataset": source.name, "config": config.dump()}):
@@ -332,12 +333,12 @@ def _measure_into(state: _State, stage: Stage, key: str, result: StageResult, mo
 
 def _stage_drop(records: list[StageRecord], stage: str | None) -> float | None:
     """Top-1 points ``stage``'s float model lost against the baseline: as scored in full (not estimated from a
-    sample), on ONNX Runtime when it was measured there."""
+    sample) in the precision the run judges in, on ONNX Runtime when it was measured there in full."""
     rows = [r for r in records if r.stage == stage and r.status == "ok" and r.candidate is None
-            and r.top1_drop is not None and r.precision == "fp32"]
+            and r.top1_drop is not None and r.precision in PRECISIONS]
     if not rows:
         return None
-    rows.sort(key=lambda r: (r.sampled_against is not None, r.runtime != "onnxruntime"))
+    rows.sort(key=lambda r: (r.sampled_against is not None, r.runtime != "onnxruntime", r.precision != "fp32"))
     return rows[0].top1_drop
 
 
@@ -397,8 +398,11 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
             marker = {}
         if isinstance(marker, dict) and isinstance(marker.get("seconds"), (int, float)):
             seconds[stage] = marker["seconds"]
+    # the float precision the baseline was scored in full in: every drop is against the model as loaded run in it
+    judged_in = next((r.precision for r in records if r.stage == "baseline" and r.status == "ok"
+                      and r.precision in PRECISIONS and r.scored_in_full and r.top1_drop == 0), None)
     summary = {"budget_pt": budget, "target": target.name, "stages": plan, "per_stage": judged, "broke_at": broke,
-               "selected": selected, "pareto": front, "stage_seconds": seconds}
+               "selected": selected, "pareto": front, "stage_seconds": seconds, "judged_in": judged_in}
     if unsure:
         summary["budget_unsure"] = unsure
         log.warning("%s", unsure)

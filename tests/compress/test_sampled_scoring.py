@@ -100,3 +100,88 @@ def test_a_run_scores_the_first_runtime_in_full_and_says_which_records_come_from
             assert r.top1_drop_ci95[1] - r.top1_drop_ci95[0] == pytest.approx(2 * 300 / 16, abs=1e-3)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "sample of 16" in report and "agree with torch fp32" in report
+
+
+def _openvino_runs_bf16_natively() -> bool:
+    try:
+        return get_runtime("openvino").default_float == "bf16"
+    except Exception:
+        return False
+
+
+@pytest.mark.slow  # trains the digits model
+def test_a_run_judged_in_bf16_scores_every_float_model_and_setting_in_it_and_checks_fp32_on_a_sample(tmp_path,
+                                                                                                    digits_model,
+                                                                                                    caplog):
+    import logging
+
+    from compress.records import read_records
+    from compress.run.pipeline import run_pipeline
+
+    config = load_config(None, ['data.path="builtin:digits"', "data.calib_size=64", "data.eval_limit=128",
+                                "measure.iterations=3", "measure.max_seconds=0.3", "measure.warmup=1",
+                                "measure.batch_sizes=[1]", "measure.agreement_sample=32",
+                                'measure.runtimes=["openvino", "onnxruntime"]', 'measure.judge_precision="auto"',
+                                'pipeline.stages=["prune", "tokens", "quantize"]', "pipeline.max_drop=5",
+                                'quantize.quantizers=["nncf"]', "quantize.calib_size=32",
+                                "prune.search=true", "prune.target_macs=[0.9]", "prune.importance=fisher",
+                                "tokens.finetune_epochs=0", "tokens.macs=[0.8]", 'tokens.time_precision="fp32"',
+                                'tokens.target_runtime="openvino"', 'prune.target_runtime="openvino"'])
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="compress.run.measure"):
+        run_pipeline(digits_model, "digits", config, run)
+    # the INT8 candidate was scored once, while the quantizer fitted it, and measured from those predictions
+    assert "quantize · nncf-ov · openvino: top-1 as its stage scored it on the same file, all 128 images: not " \
+           "scored again" in caplog.text
+    ok = [r for r in read_records(run / "records.jsonl") if r.status == "ok"]
+    int8 = next(r for r in ok if r.stage == "quantize" and r.runtime == "openvino")
+    assert int8.scored_in_full and int8.top1_drop_ci95 is not None
+    chain = __import__("json").loads((run / "stages" / "pipeline.json").read_text())
+    judge = "bf16" if _openvino_runs_bf16_natively() else "fp32"  # auto: bf16 only where OpenVINO defaults to it
+    assert chain["judged_in"] == judge
+    for stage in ("baseline", "prune", "tokens"):
+        full = [r for r in ok if r.stage == stage and r.candidate is None and r.sampled_against is None]
+        assert [(r.runtime, r.precision) for r in full] == [("openvino", judge)], stage
+        assert full[0].eval_samples == full[0].eval_total == 128
+        if judge == "bf16":  # the other precision checked against it on a sample, and ONNX Runtime's fp32 too
+            fp32 = [r for r in ok if r.stage == stage and r.candidate is None and r.precision == "fp32"]
+            assert {r.runtime for r in fp32} == {"openvino", "onnxruntime"}
+            assert all(r.sampled_against["precision"] == "bf16" and r.eval_samples == 32 for r in fp32)
+    # the settings the stages tried were judged in it too, and each stage's drop is the one scored in full
+    tried = [r for r in ok if r.stage in ("prune", "tokens") and r.candidate is not None]
+    assert tried and {r.precision for r in tried} == {judge}
+    baseline = next(r for r in ok if r.stage == "baseline" and r.sampled_against is None)
+    assert baseline.top1_drop == 0.0
+    tokens = next(r for r in ok if r.stage == "tokens" and r.candidate is None and r.sampled_against is None)
+    assert chain["per_stage"][-1]["drop_pt"] == pytest.approx(tokens.top1_drop)
+    if judge == "bf16":
+        assert "(the baseline run in BF16)" in (run / "report.md").read_text()
+
+
+def test_judging_in_bf16_on_a_runtime_that_cannot_is_refused_before_any_work(tmp_path):
+    from compress.errors import ConfigError
+    from compress.run.measure import judge_precision
+
+    config = load_config(None, ['measure.runtimes=["onnxruntime", "openvino"]', 'measure.judge_precision="bf16"'])
+    with pytest.raises(ConfigError, match=r"measure.judge_precision=bf16, but onnxruntime .* offers \['fp32'\] here; "
+                                          "use auto"):
+        judge_precision(config)
+    assert judge_precision(load_config(None, ['measure.runtimes=["onnxruntime"]', 'measure.judge_precision="auto"'])) \
+        == "fp32"  # ONNX Runtime's CPU provider has no native bf16: auto stays in fp32
+    assert judge_precision(load_config(None, [])) == "fp32"  # the default
+
+
+def test_a_scored_file_is_reused_only_while_it_is_unchanged(tmp_path):
+    from compress.quantize.base import ScoredFiles
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"first")
+    result = _result(np.array([True, False]), np.array([1, 2]))
+    scored = ScoredFiles()
+    scored.keep(path, "openvino", "int8", result)
+    assert scored.get(path, "openvino", "int8") is result
+    assert scored.get(path, "onnxruntime", "int8") is None and scored.get(path, "openvino", "fp32") is None
+    path.write_bytes(b"rewritten by the quantizer")  # another size: another file
+    assert scored.get(path, "openvino", "int8") is None
+    path.unlink()
+    assert scored.get(path, "openvino", "int8") is None
