@@ -46,7 +46,8 @@ def evit_plan(config: RunConfig, model, keep):
 
 
 def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> list:
-    """The settings to try: the requested one, or for each ``tokens.macs`` fraction the mildest that reaches it.
+    """The settings to try: the requested one, or for each ``tokens.macs`` fraction the mildest that reaches it,
+    in order of MACs, the mildest first.
 
     ToMe and PiToMe: the smallest ``r`` (under ``tokens.schedule``, leaving a multiple of ``tokens.align`` tokens
     after every merging layer) whose MACs are at most the fraction; EViT: the
@@ -89,13 +90,13 @@ def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> lis
         for keep in np.arange(0.95, 0.0, -0.05):
             candidate = evit_plan(config, model, round(float(keep), 2))
             ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
-    settings = []
+    settings: list = []  # (plan, MAC fraction)
     for fraction in t.macs:
-        reaching = [plan for plan, f in ladder if f <= fraction + 1e-9]
-        chosen = reaching[0] if reaching else (ladder[-1][0] if ladder else None)
-        if chosen is not None and chosen not in settings:
+        reaching = [(plan, f) for plan, f in ladder if f <= fraction + 1e-9]
+        chosen = reaching[0] if reaching else (ladder[-1] if ladder else None)
+        if chosen is not None and chosen[0] not in [p for p, _ in settings]:
             settings.append(chosen)
-    return settings
+    return [plan for plan, _ in sorted(settings, key=lambda s: -s[1])]  # mildest first, as the stage bisects them
 
 
 def _macs_with(model, plan, shape: tuple[int, int, int]) -> int:
@@ -129,7 +130,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     ``tokens.keep_rate`` / ``tokens.image_size``) is kept whenever it is within the budget, faster or not, and with
     ``tokens.finetune_epochs`` it is fine-tuned *before* it is judged; searched settings are judged training-free
     and the chosen one is fine-tuned afterwards, unless ``tokens.finetune_each`` fine-tunes each of them (from the
-    same weights) before it is judged too.
+    same weights) before it is judged too. Searched settings are bisected, mildest first: of three, two are tried.
     """
     from calibration.evaluate import EvalResult, evaluate_top1, paired_drop
     from compress.model.macs import count_macs
@@ -152,16 +153,20 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     x = np.concatenate([x] * -(-t.target_batch // len(x)))[: t.target_batch]  # (B, C, H, W) real images
     probe = ctx.parity_inputs
     trials, base_top1, engines, results = [], None, {}, {}
-    scored = scored_input(inp, t.target_runtime, len(ctx.eval_data))  # the unreduced model's record, by its stage
+    judge = ctx.judging_on(t.target_runtime)  # the float precision top-1 is judged in (measure.judge_precision)
+    scored = scored_input(inp, t.target_runtime, len(ctx.eval_data), judge)  # the unreduced model's, by its stage
     # the chain's budget rules, and this stage spends at most its share of what is left
     max_drop = inp.stage_budget(t.max_drop, t.budget_share)
     precision = available(timing_precision(ctx.config), "tokens")
     timing_calib = timing_calibration(ctx, precision, t.time_calib_size)
-    if precision != "fp32":
+    if precision != judge:
         log.info("tokens: settings are timed in %s on OpenVINO, the precision the chain ends in%s; top-1 is judged "
-                 "in FP32", precision.upper(), f" (nncf.quantize on {timing_calib.size} images, for timing only)"
-                 if timing_calib is not None else "")
-    for index, plan in enumerate([None, *settings]):
+                 "in %s", precision.upper(), f" (nncf.quantize on {timing_calib.size} images, for timing only)"
+                 if timing_calib is not None else "", judge.upper())
+    def attempt(index: int, plan) -> bool:
+        """Fine-tune (where asked), export, check, score and time one setting (None: the unreduced model) into
+        ``trials``; True when it is within the stage's budget, scored on every image."""
+        nonlocal base_top1, precision
         name = plan.describe() if plan is not None else "unreduced"
         apply(model, plan)
         if plan is not None and original is not None:
@@ -171,13 +176,13 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
             name += f" fine-tuned {t.finetune_epochs:g} ep"
             if not fixed:
                 tuned[name] = {k: v.clone() for k, v in model.state_dict().items()}
-        fields = {"candidate": name, "runtime": t.target_runtime, "precision": "fp32", "batch_size": t.target_batch,
+        fields = {"candidate": name, "runtime": t.target_runtime, "precision": judge, "batch_size": t.target_batch,
                   "macs": count_macs(model, (1, *shape)), "structure": model_structure(model)}
         try:
             with ctx.exported(model, probe) as path:
                 ov_diff = openvino_parity(path, model, probe, atol=ctx.config.export.atol_for(model),
                                           threads=ctx.threads)
-                engine = ctx.engine(path, t.target_runtime)
+                engine = ctx.engine(path, t.target_runtime, judge)
                 if plan is None and scored is not None:  # the same file's top-1 on the same runtime and images:
                     result = EvalResult(scored.top1, None, scored.eval_samples)  # not scored twice
                 else:
@@ -193,11 +198,12 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                 base_top1 = result.top1 if base_top1 is None else base_top1
                 drop = round((base_top1 - result.top1) * 100, 4)
                 timed, timed_stats = engine, stats
-                if precision != "fp32" and drop > max_drop + 1e-9:  # the same test as `fits` below
-                    timed, timed_stats = None, None  # over budget, it cannot be chosen: not quantized for timing
-                elif precision != "fp32":
+                if precision != judge and drop > max_drop + 1e-9:  # the same test as `fits` below
+                    timed, timed_stats = None, None  # over budget, it cannot be chosen: not made ready for timing
+                elif precision != judge:
                     try:
                         timed = timing_engine(path, precision, timing_calib, threads=ctx.threads,
+                                              runtime=t.target_runtime,
                                               smooth_quant=ctx.config.quantize.nncf_smooth_quant)
                     except (TypeError, AttributeError, NameError):
                         raise  # our bug, not the quantizer's verdict on the graph
@@ -205,8 +211,8 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                         why = f"{precision.upper()} timing: {str(e).strip().splitlines()[0][:200]}"
                         if plan is not None:  # the chain could not quantize it either
                             raise _NotTimed(why) from e
-                        log.warning("tokens: %s; the settings are timed in FP32 instead", why)
-                        precision = "fp32"
+                        log.warning("tokens: %s; the settings are timed in %s instead", why, judge.upper())
+                        precision = judge
                     else:
                         timed_stats = ctx.time(timed, x, warmup=3)
                 if timed is not None:
@@ -216,11 +222,11 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
                 raise
             log.warning("tokens: %s not kept: %s", name, e)
             trials.append(fields | {"status": "skipped", "reason": f"export parity: {e}"})
-            continue
+            return False
         except _NotTimed as e:
             log.warning("tokens: %s not kept: %s", name, e)
             trials.append(fields | {"status": "skipped", "reason": str(e)})
-            continue
+            return False
         # The record's drop is against the baseline (the recorder's); its interval is paired on the same images.
         # The unreduced setting reuses its own stage's score, so it takes that record's interval; a record without
         # one is the reference's own score, whose drop is 0 exactly.
@@ -237,9 +243,22 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         log.info("tokens: %s top-1 %.4f (drop %.2f pt%s), p50 %.2f ms on %s at batch %d%s, %.2fx the MACs", name,
                  result.top1, drop, f", scoring stopped after {result.num_samples} images" if result.stopped_early
                  else "", stats.latency_ms_p50, t.target_runtime, t.target_batch,
-                 "" if precision == "fp32" else f" ({timed_stats.latency_ms_p50:.2f} ms in {precision.upper()})"
+                 "" if precision == judge else f" ({timed_stats.latency_ms_p50:.2f} ms in {precision.upper()})"
                  if timed_stats else f" (over the {max_drop:.2f} pt budget: not timed in {precision.upper()})",
                  fields["macs"] / trials[0]["macs"])
+        return drop <= max_drop + 1e-9 and not result.stopped_early
+
+    attempt(0, None)  # the unreduced model first: the stage's drops are against its top-1
+    # A setting that reduces more seldom costs less top-1, so the searched settings (mildest first) are bisected as
+    # the prune stage's targets are: the middle one first, then the stronger half if it fits, else the milder half.
+    # Of three, two are scored; the fastest of those within the budget goes on.
+    lo, hi = 0, len(settings) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if attempt(mid + 1, settings[mid]):
+            lo = mid + 1
+        else:
+            hi = mid - 1
     fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= max_drop + 1e-9
             and r["eval_samples"] == (r["eval_total"] or r["eval_samples"])]  # not stopped early
     if fixed:  # the setting asked for, when within budget
@@ -274,7 +293,7 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
     if recovery:
         notes["recovery"] = recovery
     return StageResult(model=model, notes=notes, records=records,
-                       scored={(t.target_runtime, "fp32"): given} if given is not None else {})
+                       scored={(t.target_runtime, judge): given} if given is not None else {})
 
 
 def _fastest(fits: list[dict], engines: dict, x: np.ndarray, ctx: RunContext) -> dict:
@@ -300,7 +319,7 @@ def _fastest(fits: list[dict], engines: dict, x: np.ndarray, ctx: RunContext) ->
     for r in close:
         r["latency_ms_p50_interleaved"] = round(medians[r["candidate"]], 4)
         r["timed_verdict"] = verdicts[r["candidate"]]
-        if r.get("timed_precision", "fp32") == "fp32":  # the record's own engine was the one timed again
+        if r.get("timed_precision") in (None, r.get("precision")):  # the record's own engine was timed again
             r["latency_verdict"] = verdicts[r["candidate"]]
     chosen = min(close, key=lambda r: medians[r["candidate"]])
     log.info("tokens: %s timed again interleaved (p50 %s ms): %s is the fastest", ", ".join(r["candidate"] for r in close),

@@ -454,6 +454,23 @@ def test_tokens_stage_tries_settings_records_them_and_keeps_one_within_budget(tm
     assert again.resumed_stages == ["baseline", "prune", "tokens", "quantize"]
 
 
+@pytest.mark.slow
+def test_searched_settings_are_bisected_mildest_first_so_two_of_three_are_tried(tmp_path, digits_model):
+    from compress.run.pipeline import run_pipeline
+    from compress.tokens.stage import _macs_with, token_settings
+
+    config = _stage_config("tokens.enabled=true", "tokens.max_drop=100", "tokens.macs=[0.6, 0.95, 0.8]",
+                           'measure.runtimes=["onnxruntime"]', "quantize.enabled=false")
+    result = run_pipeline(digits_model, "digits", config, tmp_path / "run")
+    tried = [r for r in result.records if r.stage == "tokens" and r.candidate is not None]
+    settings = token_settings(digits_model.model, config, (1, 8, 8))
+    assert len(settings) == 3  # mildest first, whatever order tokens.macs lists them in
+    assert [_macs_with(digits_model.model, p, (1, 8, 8)) for p in settings] == sorted(
+        (_macs_with(digits_model.model, p, (1, 8, 8)) for p in settings), reverse=True)
+    # everything fits this budget: the middle setting, then the strongest; the mildest is not tried
+    assert [r.candidate for r in tried] == ["unreduced", settings[1].describe(), settings[2].describe()]
+
+
 def test_settings_are_timed_in_the_precision_the_chain_ends_in():
     from compress.config import load_config
     from compress.errors import ConfigError
