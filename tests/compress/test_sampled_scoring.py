@@ -69,8 +69,17 @@ def test_a_runtime_that_agrees_scores_a_sample_and_one_that_disagrees_is_scored_
     torch.manual_seed(1)  # another model behind the same name: it disagrees on most of the sample
     other = VisionTransformer(digits_model.model.config).eval()
     other_path = compress.export_model(other, tmp_path / "other.onnx", data.example(8)).path
-    accuracy, result = score(get_runtime("openvino").build(other_path, precision="fp32", threads=2), "other", None, ctx, full=full)
+    other_engine = get_runtime("openvino").build(other_path, precision="fp32", threads=2)
+    accuracy, result = score(other_engine, "other", None, ctx, full=full, precision="fp32")
     assert "sampled_against" not in accuracy and accuracy["eval_samples"] == result.num_samples == total
+    # Checked against a full score in another float precision (a run judged in BF16), disagreement is what rounding
+    # does: the sample's estimate stands, its interval widened by the difference, and the split is not scored again.
+    in_bf16 = FullScore("openvino", "bf16", full.result, full.accuracy)
+    accuracy, result = score(other_engine, "other fp32", None, ctx, full=in_bf16, precision="fp32")
+    assert accuracy["eval_samples"] == result.num_samples == 100 and accuracy["sampled_against"]["precision"] == "bf16"
+    assert accuracy["sampled_against"]["agreement"] < 0.99
+    low, high = accuracy["sampled_against"]["top1_diff_ci95"]
+    assert high - low > 5  # a sample that disagrees this much says so in its interval
 
 
 @pytest.mark.slow
