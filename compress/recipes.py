@@ -91,11 +91,15 @@ CPU_TRAINING_FREE: dict[str, Any] = {
     "prune": {"search": True, "target_latency": [0.9, 0.8, 0.7], "target_runtime": "openvino", "budget_share": 0.5,
               "importance": "fisher", "targets": "predictions", "reconstruct": True, "reconstruct_fit": "weights",
               "mlp_round_to": 32},
+    # three quarters of what pruning left: NNCF INT8 after it cost 0.05-0.19 pt on the reference, so a quarter
+    # covers it (with half, a merge costing 0.53 pt against the pruned model's 0.5 share was refused)
     "tokens": {"method": "tome", "schedule": "first", "align": 16, "macs": [0.8, 0.75, 0.68],
-               "target_runtime": "openvino", "finetune_epochs": 0, "budget_share": 0.5},
+               "target_runtime": "openvino", "finetune_epochs": 0, "budget_share": 0.75},
     "quantize": {"quantizers": ["nncf"], "nncf_smooth_quant": False, "nncf_accuracy_control": False},
-    # the target runtime first: it scores every model on the whole split, ONNX Runtime checks a sample
-    "measure": {"runtimes": ["openvino", "onnxruntime"], "batch_sizes": [1, 8]},
+    # the target runtime first: it scores every model on the whole split, ONNX Runtime checks a sample. Judged in
+    # BF16 where OpenVINO runs it natively (3.8x faster than FP32 on AMX), so the whole split fits the time: on
+    # 1,000 images the chain kept settings whose drop the sample under-reported by 0.45-1.2 pt (the winner's curse)
+    "measure": {"runtimes": ["openvino", "onnxruntime"], "batch_sizes": [1, 8], "judge_precision": "auto"},
 }
 
 # One epoch of fine-tuning where cpu-latency spends hours: a lower working resolution (the tokens stage), searched
@@ -115,7 +119,8 @@ CPU_QUICK_FINETUNE: dict[str, Any] = {
                "finetune_epochs": 1, "finetune_each": True},
     "recover": {"batch_size": 64, "lr": 5e-5, "warmup_epochs": 0.1, "bf16": True},
     "quantize": CPU_TRAINING_FREE["quantize"],
-    "measure": CPU_TRAINING_FREE["measure"],
+    # judged in FP32 as measured (BENCHMARKS.md); the training-free recipe judges in BF16 where it runs natively
+    "measure": {"runtimes": ["openvino", "onnxruntime"], "batch_sizes": [1, 8]},
 }
 
 # The demo (`compress run --demo`): a small ViT on scikit-learn's digits, every stage in a couple of minutes.
