@@ -108,8 +108,9 @@ class MeasureConfig(Section):
     profile: bool = True  # per-layer profile (runtimes.profile) of every engine at the first batch size
     # The float precision a float model is judged in: scored on the whole split in it (the baseline's reference,
     # every stage's drop, the settings a stage tries), the other precision checked on a sample. bf16 scores the
-    # reference ViT-S 3.8x faster than fp32 on a CPU with AMX (10.3 against 38.8 ms an image, BENCHMARKS.md), so a
-    # run can judge on several times the images in the same time. "auto": bf16 where the first of
+    # reference ViT-S 3.6-4.1x faster than fp32 on a CPU with AMX (8.8 against 36.3 ms an image as loaded;
+    # bench/judge_precision.py), so a run can judge on the whole split in the time fp32 takes for a quarter of it.
+    # "auto": bf16 where the first of
     # measure.runtimes runs bf16 natively (OpenVINO on a CPU with AVX-512 BF16 or AMX, where OpenVINO itself
     # defaults to it and runs an INT8 model's float parts in it), else fp32.
     judge_precision: Literal["fp32", "bf16", "auto"] = "fp32"

@@ -97,7 +97,7 @@ CPU_TRAINING_FREE: dict[str, Any] = {
                "target_runtime": "openvino", "finetune_epochs": 0, "budget_share": 0.75},
     "quantize": {"quantizers": ["nncf"], "nncf_smooth_quant": False, "nncf_accuracy_control": False},
     # the target runtime first: it scores every model on the whole split, ONNX Runtime checks a sample. Judged in
-    # BF16 where OpenVINO runs it natively (3.8x faster than FP32 on AMX), so the whole split fits the time: on
+    # BF16 where OpenVINO runs it natively (3.6-4.1x faster than FP32 on AMX), so the whole split fits the time: on
     # 1,000 images the chain kept settings whose drop the sample under-reported by 0.45-1.2 pt (the winner's curse)
     "measure": {"runtimes": ["openvino", "onnxruntime"], "batch_sizes": [1, 8], "judge_precision": "auto"},
 }

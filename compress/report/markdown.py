@@ -131,7 +131,8 @@ def _chain_section(run_dir: Path) -> list[str]:
     if not marker.exists():
         return []
     chain = json.loads(marker.read_text())
-    judged = f" (the baseline run in {chain['judged_in'].upper()})" if chain.get("judged_in") not in (None, "fp32") else ""
+    judged_in = chain.get("judged_in")
+    judged = f" (the baseline run in {judged_in.upper()})" if judged_in not in (None, "fp32") else ""
     parts = ["## The chain", "", f"Stages: {' -> '.join(['baseline', *chain['stages']])}; budget "
              f"{chain['budget_pt']:.2f} pt of top-1 against the baseline{judged}; target {chain['target']}.", ""]
     for s in chain["per_stage"]:

@@ -184,8 +184,8 @@ def score(engine, label: str, reference: EvalResult | None, ctx: RunContext, *, 
     Agreement is the test only against a full score in the same float precision: there, disagreement means a
     runtime computes something else. Against another one (FP32 checked against a run judged in BF16) rounding
     alone flips answers, most where tokens merge (on the reference ViT-S, FP32 and BF16 on OpenVINO agreed on
-    99.7% of 300 images as loaded, 95.7% after ToMe), so the sample's estimate stands with its widened interval
-    rather than a second full scoring of the split at FP32's cost."""
+    99.7% of 300 images as loaded, 97.7% after pruning and ToMe: bench/judge_precision.py), so the sample's estimate
+    stands with its widened interval rather than a second full scoring of the split at FP32's cost."""
     m = ctx.config.measure
     total = len(ctx.eval_data)
     say = (lambda d, t: ctx.say(label, d, t)) if ctx.progress else None
@@ -316,8 +316,9 @@ def measure_float(stage: str, model, ckpt_path: Path | None, onnx_path: Path, re
                   scored: dict[tuple[str, str], EvalResult] | None = None
                   ) -> tuple[list[StageRecord], EvalResult | None]:
     """A float stage's model on every runtime and precision (``PRECISIONS``, the one the run judges in first, so it
-    is the one scored in full; an already quantized ONNX file is measured as ``("int8",)``); returns its records and the reference predictions (the first runtime's, when there
-    was no reference yet). ``scored``: what the stage already scored in full, by (runtime, precision)."""
+    is the one scored in full; an already quantized ONNX file is measured as ``("int8",)``); returns its records
+    and the reference predictions (the first runtime's, when there was no reference yet). ``scored``: what the
+    stage already scored in full, by (runtime, precision)."""
     from runtimes import get_runtime
 
     records, reference, full = [], record.reference, None
