@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from calibration.datasets import Subset
-from compress.run.context import RunContext, StageInput, StageResult
+from compress.run.context import RunContext, StageInput, StageResult, bisect_settings
 from compress.train.distill import distill
 
 log = logging.getLogger(__name__)
@@ -228,15 +228,16 @@ def _search_targets(model, importance, costs, targets: list[float], inp: StageIn
         return trial, (pruned, result) if fits else None
 
     trials, chosen = [], None
-    lo, hi = 0, len(targets) - 1  # targets run from the mildest (0) to the hardest
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        trial, kept = attempt(targets[mid])
+
+    def tried(i: int) -> bool:  # targets run from the mildest (0) to the hardest
+        nonlocal chosen
+        trial, kept = attempt(targets[i])
         trials.append(trial)
         if kept is not None:
-            chosen, lo = (trial, *kept), mid + 1
-        else:
-            hi = mid - 1
+            chosen = (trial, *kept)  # bisection tries stronger targets after one fits: the last is the strongest
+        return kept is not None
+
+    bisect_settings(len(targets), tried)
     if chosen is None:
         log.warning("prune: no %s target stays within %.2f pt of top-1 %.4f; the model goes on unpruned", what,
                     max_drop, base_top1)

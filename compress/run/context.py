@@ -157,6 +157,20 @@ class Stage:
     measured: bool = False  # the orchestrator measures what it returns (a float model, or a float ONNX file)
 
 
+def bisect_settings(count: int, attempt: Callable[[int], bool]) -> None:
+    """Try settings ``0..count-1``, ordered from the mildest to the strongest, by bisection: the middle one first,
+    then the stronger half if it fits (``attempt(i)`` tries setting ``i`` and says whether it fits), else the milder
+    half. A stronger setting seldom costs less than a milder one, so of three, two are tried, and the last one that
+    fitted is the strongest that does. The prune stage's targets and the tokens stage's settings go through it."""
+    lo, hi = 0, count - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if attempt(mid):
+            lo = mid + 1
+        else:
+            hi = mid - 1
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from compress.config import RunConfig
-from compress.run.context import RunContext, StageInput, StageResult
+from compress.run.context import RunContext, StageInput, StageResult, bisect_settings
 from compress.run.timing import available, final_precision, timing_calibration, timing_engine
 from compress.tokens.plan import MERGING
 from compress.train.distill import distill
@@ -249,16 +249,9 @@ def tokens_stage(inp: StageInput, ctx: RunContext) -> StageResult:
         return drop <= max_drop + 1e-9 and not result.stopped_early
 
     attempt(0, None)  # the unreduced model first: the stage's drops are against its top-1
-    # A setting that reduces more seldom costs less top-1, so the searched settings (mildest first) are bisected as
-    # the prune stage's targets are: the middle one first, then the stronger half if it fits, else the milder half.
-    # Of three, two are scored; the fastest of those within the budget goes on.
-    lo, hi = 0, len(settings) - 1
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if attempt(mid + 1, settings[mid]):
-            lo = mid + 1
-        else:
-            hi = mid - 1
+    # the searched settings (mildest first) bisected as the prune stage's targets are; the fastest of those tried
+    # within the budget goes on
+    bisect_settings(len(settings), lambda i: attempt(i + 1, settings[i]))
     fits = [r for r in trials if r.get("top1_drop") is not None and r["top1_drop"] <= max_drop + 1e-9
             and r["eval_samples"] == (r["eval_total"] or r["eval_samples"])]  # not stopped early
     if fixed:  # the setting asked for, when within budget
