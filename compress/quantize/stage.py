@@ -217,9 +217,9 @@ def stage_float_top1(records, stage: str | None) -> float | None:
     (``measure.judge_precision``): on ONNX Runtime where it was (the other runtimes ran the same, parity-checked
     model on the same images). Only the stage's own model (``candidate`` None) counts, not a setting it tried on
     the way, such as the tokens stage's unreduced one."""
-    scored = sorted((r for r in records if r.stage == stage and r.precision in ("fp32", "bf16") and r.status == "ok"
-                     and r.candidate is None and r.scored_in_full),
-                    key=lambda r: (r.runtime != "onnxruntime", r.precision != "fp32"))
+    from compress.run.measure import stage_float_rows
+
+    scored = [r for r in stage_float_rows(records, stage) if r.scored_in_full]
     return scored[0].top1 if scored else None
 
 

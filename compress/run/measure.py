@@ -381,6 +381,16 @@ def openvino_parity(path: Path, model, x: np.ndarray, *, atol: float, threads: i
     return diff
 
 
+def stage_float_rows(records: list[StageRecord], stage: str | None) -> list[StageRecord]:
+    """The records of ``stage``'s own float model (``candidate`` None, not a setting it tried), in the order a
+    figure of the stage is taken from them: scored in full before estimated from a sample, ONNX Runtime before the
+    others, FP32 before BF16 (a run judged in BF16 scores only BF16 in full)."""
+    rows = [r for r in records if r.stage == stage and r.status == "ok" and r.candidate is None
+            and r.precision in PRECISIONS]
+    return sorted(rows, key=lambda r: (r.sampled_against is not None, r.runtime != "onnxruntime",
+                                       r.precision != "fp32"))
+
+
 def scored_input(inp: StageInput, runtime: str, images: int, precision: str = "fp32") -> StageRecord | None:
     """The record of the stage's input model as its own stage scored it on ``runtime`` in ``precision`` (the one the
     run judges in) over the whole evaluation split, or None: then the stage scores its input itself."""

@@ -38,7 +38,8 @@ from compress.model.onnx_model import OnnxModel
 from compress.records import StageRecord, read_records
 from compress.report.markdown import write_markdown_report
 from compress.run.context import Progress, RunContext, Stage, StageInput, StageResult, format_seconds, now
-from compress.run.measure import PRECISIONS, Recorder, judge_precision, mark_repeats, measure_float, openvino_parity
+from compress.run.measure import (PRECISIONS, Recorder, judge_precision, mark_repeats, measure_float, openvino_parity,
+                                  stage_float_rows)
 from compress.run.plan import build_plan, check_feasible
 from runtimes import default_threads
 
@@ -334,12 +335,8 @@ def _measure_into(state: _State, stage: Stage, key: str, result: StageResult, mo
 def _stage_drop(records: list[StageRecord], stage: str | None) -> float | None:
     """Top-1 points ``stage``'s float model lost against the baseline: as scored in full (not estimated from a
     sample) in the precision the run judges in, on ONNX Runtime when it was measured there in full."""
-    rows = [r for r in records if r.stage == stage and r.status == "ok" and r.candidate is None
-            and r.top1_drop is not None and r.precision in PRECISIONS]
-    if not rows:
-        return None
-    rows.sort(key=lambda r: (r.sampled_against is not None, r.runtime != "onnxruntime", r.precision != "fp32"))
-    return rows[0].top1_drop
+    rows = [r for r in stage_float_rows(records, stage) if r.top1_drop is not None]
+    return rows[0].top1_drop if rows else None
 
 
 def _budget_left(config: RunConfig, records: list[StageRecord], prev_stage: str | None) -> float | None:
