@@ -29,6 +29,15 @@ def require_cifar(root: Path, part: str = "train") -> None:
         sys.exit(f"CIFAR-10 is not at {root}: mkdir -p {root} && tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C {root}")
 
 
+def named_file(text: str, flag: str) -> tuple[str, Path]:
+    """``NAME=PATH`` of a benchmark's command line -> (name, path); exits with the expected form when it is not
+    that, or the file does not exist. Split at the last "=": a name may hold one ("ToMe r=65"), a path seldom does."""
+    name, sep, path = text.rpartition("=")
+    if not (sep and name and Path(path).is_file()):
+        sys.exit(f"{flag} {text!r}: expected NAME=PATH of an existing file")
+    return name, Path(path)
+
+
 def write_result(result: dict[str, Any], out: Path) -> Path:
     """Write ``result`` as JSON to ``out``, with the date, the command and the environment unless it has them."""
     result.setdefault("date", dt.date.today().isoformat())

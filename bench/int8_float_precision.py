@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import require_cifar, write_result  # noqa: E402
+from bench.common import named_file, require_cifar, write_result  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from calibration.evaluate import EvalResult, paired_drop  # noqa: E402
 from compress.model.checkpoint import load_own_checkpoint  # noqa: E402
@@ -50,12 +50,7 @@ def main() -> None:
                  "nothing to compare")
     default = "bf16"
     hints = {"f32": "f32", "default": default}
-    paths = {}
-    for text in args.engine:
-        name, _, path = text.partition("=")
-        if not (name and Path(path).is_file()):
-            sys.exit(f"--engine {text!r}: expected NAME=PATH of an existing file")
-        paths[name] = Path(path)
+    paths = dict(named_file(text, "--engine") for text in args.engine)
     threads = default_threads()
     engines = {(name, how): OpenVinoEngine(path, "int8", threads, default_float=hint)
                for name, path in paths.items() for how, hint in hints.items()}

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import require_cifar, write_result  # noqa: E402
+from bench.common import named_file, require_cifar, write_result  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
 from compress.model.checkpoint import load_own_checkpoint  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
@@ -39,12 +39,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/judge_precision.json"))
     args = parser.parse_args()
     require_cifar(args.data, "test")
-    files = []
-    for item in args.onnx:
-        name, sep, path = item.rpartition("=")  # a name may hold "=" (r=65), a path seldom does
-        if not sep or not Path(path).is_file():
-            sys.exit(f"--onnx {item!r}: give NAME=PATH of an ONNX file that exists")
-        files.append((name, Path(path)))
+    files = [named_file(item, "--onnx") for item in args.onnx]
     openvino = get_runtime("openvino")
     if "bf16" not in openvino.precisions():
         sys.exit(f"OpenVINO offers {openvino.precisions()} on this CPU, not bf16: nothing to compare")
