@@ -5,7 +5,8 @@
 
 1. The peer: ``compress run`` with the quantize stage alone and NNCF only; its plain ``nncf.quantize`` candidate
    (ModelType.TRANSFORMER with its SmoothQuant, as a user calls it: no accuracy control, whatever its drop),
-   measured on OpenVINO at batch 1.
+   measured on OpenVINO at batch 1. Its model is exported as the user has it (``export.graph=standard``), not
+   rewritten for OpenVINO as the recipe's run does: that rewrite is part of what the chain brings.
 2. The recipe: ``compress run --recipe RECIPE`` on the same model, data and evaluation sample.
 3. The chosen engine of each, timed again side by side in interleaved rounds (each round times both, in turn;
    the ratio is the median of per-round ratios), because two runs minutes apart on a shared machine cannot be
@@ -83,7 +84,7 @@ def main() -> None:
                                                f"quantize.max_drop={args.max_drop}"]
     print("1/3 plain NNCF INT8 (the peer)", flush=True)
     peer = timed_run(args.model, args.data, args.out / "nncf", None,
-                     [*common, 'pipeline.stages=["quantize"]', 'quantize.quantizers=["nncf"]',
+                     [*common, 'pipeline.stages=["quantize"]', 'quantize.quantizers=["nncf"]', "export.graph=standard",
                       "quantize.nncf_smooth_quant=true", "pipeline.max_drop=100", "quantize.max_drop=100"],
                      candidate="nncf-ov")
     print(f"2/3 recipe {args.recipe}", flush=True)

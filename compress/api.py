@@ -240,7 +240,8 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome",
 
 def export_model(model: VisionTransformer, path: str | Path, example: np.ndarray, *, opset: int = 18,
                  atol: float = 1e-4, min_agreement: float = 0.99, parity_inputs: np.ndarray | None = None,
-                 simplify: Literal["onnxslim", "none"] = "onnxslim") -> ExportResult:
+                 simplify: Literal["onnxslim", "none"] = "onnxslim",
+                 graph: Literal["standard", "openvino"] = "standard") -> ExportResult:
     """Export ``model`` to ONNX (dynamic batch), checked against PyTorch in ONNX Runtime before it is written.
 
     Args:
@@ -252,14 +253,17 @@ def export_model(model: VisionTransformer, path: str | Path, example: np.ndarray
         min_agreement: the smallest share of inputs whose top-1 must agree.
         parity_inputs: the inputs compared (default: ``example``); real images make the check meaningful.
         simplify: ``"onnxslim"`` folds what the exporter leaves; ``"none"`` keeps its graph.
+        graph: ``"openvino"`` writes the model as OpenVINO runs it fastest (``compress.model.runtime_graph``: qkv
+            split, LayerScale folded, attention scores as an einsum; the same numbers), ``"standard"`` as it is.
     """
     import torch
 
+    from compress.model.runtime_graph import for_runtime
     from export.onnx_export import export_onnx
 
     example = np.ascontiguousarray(example, dtype=np.float32)
-    return export_onnx(model, Path(path), example=torch.from_numpy(example[:2]), opset=opset, simplify=simplify,
-                       atol=atol, min_agreement=min_agreement,
+    return export_onnx(for_runtime(model, graph), Path(path), example=torch.from_numpy(example[:2]), opset=opset,
+                       simplify=simplify, atol=atol, min_agreement=min_agreement,
                        parity_inputs=example if parity_inputs is None else parity_inputs)
 
 

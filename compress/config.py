@@ -83,6 +83,11 @@ class ExportConfig(Section):
     # can flip such a pick (seen: 0.04 on the reference ViT-S at r=13); each runtime's accuracy is measured on that
     # runtime
     merge_atol: float = Field(0.1, gt=0)
+    # the graph the model is written as before export (compress.model.runtime_graph): "openvino" splits the fused
+    # qkv, folds LayerScale and writes the attention scores as an einsum, which OpenVINO runs faster (NNCF INT8 of
+    # the reference ViT-S: about 0.9x; BENCHMARKS.md) and ONNX Runtime slower; "standard" is the model as it is;
+    # "auto" takes "openvino" when the first runtime of measure.runtimes that runs ONNX files is OpenVINO
+    graph: Literal["auto", "standard", "openvino"] = "auto"
 
     def atol_for(self, model) -> float:
         """The logit tolerance for exporting ``model``: ``merge_atol`` where it merges tokens, else ``atol``."""
@@ -411,6 +416,15 @@ class RunConfig(Section):
             raise ValueError("prune is on but there is nothing to prune: set prune.heads and/or prune.mlp, or "
                              "prune.target_macs, prune.target_latency_ms or (with prune.search) prune.target_latency")
         return self
+
+
+def export_graph(config: RunConfig) -> str:
+    """The graph form a run exports (``export.graph`` with "auto" resolved): "openvino" where the first runtime of
+    ``measure.runtimes`` that runs ONNX files (PyTorch does not) is OpenVINO, else "standard"."""
+    if config.export.graph != "auto":
+        return config.export.graph
+    first = next((r for r in config.measure.runtimes if r != "torch"), None)
+    return "openvino" if first == "openvino" else "standard"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

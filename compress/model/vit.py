@@ -218,9 +218,16 @@ class Attention(nn.Module):
         B, _, N, _ = x.shape
         return self.proj(x.transpose(1, 2).reshape(B, N, -1))
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(q k^T * scale + bias) v per head: queries, keys, values (B, H, N, hd), an additive ``bias``
+        broadcast to the scores (B, H, N, N) -> (B, H, N, hd). The one place the attention product is written, so
+        an export form (``compress.model.runtime_graph``) can write it otherwise."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.split_heads(x)  # (B, H, N, hd) each
-        return self.merge_heads(F.scaled_dot_product_attention(q, k, v, scale=self.scale))  # (B, N, D)
+        return self.merge_heads(self.attend(q, k, v))  # (B, N, D)
 
 
 def activation(act: Activation) -> nn.Module:

@@ -143,15 +143,21 @@ def target_layers(proto: onnx.ModelProto, ctx: QuantizeContext) -> tuple[list[st
         weighted = len(node.input) > 1 and node.input[1] in inits
         if not weighted and not ctx.attention_matmul:
             continue
-        if any(fnmatch.fnmatchcase(node.name, pattern) for pattern in ctx.exclude):
+        if any(layer_matches(node.name, pattern) for pattern in ctx.exclude):
             excluded.append(node.name)
         else:
             targets.append(node.name)
-    unmatched = [p for p in ctx.exclude if not any(fnmatch.fnmatchcase(n.name, p) for n in proto.graph.node)]
+    unmatched = [p for p in ctx.exclude if not any(layer_matches(n.name, p) for n in proto.graph.node)]
     if unmatched:
         names = [n.name for n in proto.graph.node if n.op_type in ctx.op_types and not n.name.startswith("node_")]
         raise QuantizeError(f"quantize.exclude {unmatched} match no layer; layer names look like {names[:4]}")
     return targets, excluded
+
+
+def layer_matches(name: str, pattern: str) -> bool:
+    """Whether the layer ``name`` is ``pattern`` (a name or glob) or one of its parts: "blocks.0.attn.qkv" covers
+    the three projections ("blocks.0.attn.qkv.q", ...) an OpenVINO-shaped export splits it into."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
 
 
 def user_excluded(names: list[str]) -> tuple[dict[str, str], ...]:

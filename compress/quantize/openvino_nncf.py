@@ -130,4 +130,5 @@ def _quantized_ops(model) -> set[str]:
 def _regex(pattern: str) -> str:
     import fnmatch
 
-    return fnmatch.translate(pattern).replace("\\Z", "").removeprefix("(?s:").removesuffix(")")
+    # a name covers its parts, as in quantize.base.layer_matches: "blocks.0.attn.qkv" also "blocks.0.attn.qkv.q"
+    return fnmatch.translate(pattern).replace("\\Z", "").removeprefix("(?s:").removesuffix(")") + r"(\..*)?"

@@ -92,12 +92,16 @@ class RunContext:
                                iterations=m.iterations, max_seconds=m.max_seconds)
 
     def export(self, model: VisionTransformer, path: Path, parity_inputs: np.ndarray):
-        """Export ``model`` to ``path`` with the run's ``[export]`` settings, checked against PyTorch on
+        """Export ``model`` to ``path`` with the run's ``[export]`` settings (in the graph form of its first runtime:
+        ``compress.config.export_graph``), checked against PyTorch on
         ``parity_inputs`` in ONNX Runtime (``ParityError``); the ``ExportResult``. Every export of a run goes
         through here, so a stage's temporary files and its artifacts are made alike."""
+        from compress.config import export_graph
+        from compress.model.runtime_graph import for_runtime
         from export.onnx_export import export_onnx
 
         e = self.config.export
+        model = for_runtime(model, export_graph(self.config))  # a rewritten copy where the run's runtime asks
         return export_onnx(model, path, example=torch.from_numpy(parity_inputs[:2].copy()), opset=e.opset,
                            exporter=e.exporter, simplify=e.simplify, atol=e.atol_for(model),
                            min_agreement=e.min_agreement, parity_inputs=parity_inputs)

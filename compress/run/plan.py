@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compress.config import RunConfig
+from compress.config import RunConfig, export_graph
 from compress.run.context import RunContext, Stage, StageInput, StageResult
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def build_plan(config: RunConfig, *, onnx: OnnxModel | None = None) -> list[Stag
     from compress.quantize.stage import quantize_stage
     from compress.tokens.stage import tokens_stage
 
-    export = config.export.model_dump()
+    export = config.export.model_dump() | {"graph": export_graph(config)}  # "auto" as resolved: it shapes the files
 
     def model_stage(name, run, options) -> Stage:  # exported by the orchestrator: the export settings are inputs too
         return Stage(name, "torch", run, {"options": options, "export": export}, measured=True)

@@ -84,7 +84,7 @@ def _reduced_block(
     attn = block.attn
     q, k, v = attn.split_heads(block.norm1(x) if block.pre_norm else x)  # (B, H, T, hd) each
     bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, T)
-    out = attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale))  # (B, T, D)
+    out = attn.merge_heads(attn.attend(q, k, v, bias))  # (B, T, D)
     x = x + block.ls1(out) if block.pre_norm else block.norm1(x + block.ls1(out))
     if r > 0 and margin is not None:
         x, size = pitome_merge(x, size, k.mean(dim=1), r, prefix, margin)  # (B, T-r, D)

@@ -28,3 +28,14 @@ def test_a_misspelt_record_field_is_an_error_not_a_silent_loss():
     assert isinstance(row, StageRecord) and row.stage == "tokens" and row.top1 == 0.9
     with pytest.raises(TypeError, match="top1_dorp"):
         record(runtime="onnxruntime", precision="fp32", batch_size=1, top1_dorp=0.5)
+
+
+def test_a_stage_key_covers_the_graph_form_its_files_are_exported_in():
+    """"auto" is resolved before it enters a stage's content hash: a run whose first runtime changes exports another
+    graph, so it must not resume from the other form's files."""
+    runtimes = ['measure.runtimes=["openvino", "onnxruntime"]', 'measure.runtimes=["onnxruntime", "openvino"]']
+    on_openvino, on_onnxruntime = (build_plan(load_config("digits-demo", [r]))[1] for r in runtimes)
+    assert on_openvino.options["export"]["graph"] == "openvino"
+    assert on_onnxruntime.options["export"]["graph"] == "standard"
+    pinned = build_plan(load_config("digits-demo", [runtimes[0], "export.graph=standard"]))[1]
+    assert pinned.options["export"]["graph"] == "standard"
