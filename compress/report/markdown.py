@@ -133,8 +133,12 @@ def _chain_section(run_dir: Path) -> list[str]:
     chain = json.loads(marker.read_text())
     judged_in = chain.get("judged_in")
     judged = f" (the baseline run in {judged_in.upper()})" if judged_in not in (None, "fp32") else ""
+    # every ONNX file of the run in OpenVINO's graph form (compress.model.runtime_graph), which a reader comparing
+    # its engines with a plain export should know
+    shaped = "; exported in OpenVINO's graph form (export.graph)" if chain.get("exported_as") == "openvino" else ""
     parts = ["## The chain", "", f"Stages: {' -> '.join(['baseline', *chain['stages']])}; budget "
-             f"{chain['budget_pt']:.2f} pt of top-1 against the baseline{judged}; target {chain['target']}.", ""]
+             f"{chain['budget_pt']:.2f} pt of top-1 against the baseline{judged}; target {chain['target']}{shaped}.",
+             ""]
     for s in chain["per_stage"]:
         verdict = ("within budget" if s["within_budget"] else "over budget") if s["judged"] else "judged after recovery"
         parts.append(f"- {s['stage']}: {fmt(s['drop_pt'], '+.2f')} pt, {verdict}")

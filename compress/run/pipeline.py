@@ -28,7 +28,7 @@ import numpy as np
 
 from calibration.datasets import Subset, make_splits, open_source, stratified_sample
 from calibration.evaluate import EvalResult
-from compress.config import RunConfig
+from compress.config import RunConfig, export_graph
 from compress.errors import InputError
 from compress.io import (LOCK_NAME, atomic_write, atomic_write_json, atomic_write_text, exclusive, read_json,
                          sha256_json)
@@ -246,7 +246,8 @@ def run_plan(plan: list[Stage], ckpt: Checkpoint, checkpoint_id: str, ctx: RunCo
             shutil.rmtree(state_dir)
         state.key, state.stage = key, stage.name
     # every run says what it chose, judging the stages that ran (an ONNX file no ViT was lifted out of skips some)
-    finish_chain(run_dir, config, [s.name for s in plan if s.name != "baseline"], state.records)
+    finish_chain(run_dir, config, [s.name for s in plan if s.name != "baseline"], state.records,
+                 exported_as=None if isinstance(ckpt, OnnxModel) else export_graph(config))
     write_markdown_report(run_dir, state.records)
     return RunResult(run_dir, state.records, resumed)
 
@@ -348,13 +349,15 @@ def _budget_left(config: RunConfig, records: list[StageRecord], prev_stage: str 
     return round(budget - max(0.0, spent or 0.0), 6)  # 1.0 - 0.7 is 0.30000000000000004 in binary
 
 
-def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: list[StageRecord]) -> dict[str, Any]:
+def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: list[StageRecord], *,
+                 exported_as: str | None = None) -> dict[str, Any]:
     """Judge the chain against its budget, choose for the target, keep the Pareto set, name the bundle.
 
     Writes ``stages/pipeline.json``: each stage's drop against the baseline and whether it stayed within the
     budget (prune is judged after its recovery), the first stage that broke the budget, the choice for
-    ``pipeline.target`` (the fastest within budget on its runtimes), the accuracy-latency Pareto set, and the
-    bundle the deploy stage packed.
+    ``pipeline.target`` (the fastest within budget on its runtimes), the accuracy-latency Pareto set, the
+    bundle the deploy stage packed, and ``exported_as``: the graph form of the run's exports (None: it exported
+    none, an ONNX file no ViT was lifted out of).
     """
     from compress.deploy.bundle import TARGETS, chain_budget, choose, pareto_set, retimed_in_run, timing_key
 
@@ -399,7 +402,8 @@ def finish_chain(run_dir: Path, config: RunConfig, plan: list[str], records: lis
     judged_in = next((r.precision for r in records if r.stage == "baseline" and r.status == "ok"
                       and r.precision in PRECISIONS and r.scored_in_full and r.top1_drop == 0), None)
     summary = {"budget_pt": budget, "target": target.name, "stages": plan, "per_stage": judged, "broke_at": broke,
-               "selected": selected, "pareto": front, "stage_seconds": seconds, "judged_in": judged_in}
+               "selected": selected, "pareto": front, "stage_seconds": seconds, "judged_in": judged_in,
+               "exported_as": exported_as}
     if unsure:
         summary["budget_unsure"] = unsure
         log.warning("%s", unsure)

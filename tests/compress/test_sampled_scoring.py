@@ -165,6 +165,12 @@ def test_a_run_judged_in_bf16_scores_every_float_model_and_setting_in_it_and_che
     assert chain["per_stage"][-1]["drop_pt"] == pytest.approx(tokens.top1_drop)
     if judge == "bf16":
         assert "(the baseline run in BF16)" in (run / "report.md").read_text()
+    # OpenVINO first: every file exported in its graph form (export.graph "auto"), and the report says so
+    assert chain["exported_as"] == "openvino"
+    assert "exported in OpenVINO's graph form" in (run / "report.md").read_text()
+    for r in (baseline, tokens):
+        ops = {n.op_type for n in __import__("onnx").load(run / r.artifact).graph.node}
+        assert "Einsum" in ops and "Split" not in ops, r.stage
 
 
 def test_judging_in_bf16_on_a_runtime_that_cannot_is_refused_before_any_work(tmp_path):
