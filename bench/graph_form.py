@@ -5,11 +5,12 @@ every runtime and precision a run uses, with the INT8 engines' top-1 on real tes
         [--plan tome:65,0,0,0,0,0,0,0,0,0,0,0] [--rounds 9] [--limit 2000] [--out bench/results/graph_form.json]
 
 ``--model`` may be any checkpoint of this project (a pruned stage artifact too); ``--plan`` sets a token reduction
-on it (``bench.common.token_plan``; by default the checkpoint's own plan stays). Each form is exported through ``compress.model.runtime_graph.for_runtime`` and
-``export_onnx`` (parity against PyTorch checked), quantized by ``nncf.quantize`` with the transformer recipe on 32
-calibration images (SmoothQuant off, as ``cpu-training-free``), then timed at batch 1: OpenVINO INT8, BF16 (where
-the CPU runs it natively) and FP32, ONNX Runtime FP32, each pair in interleaved rounds; a ratio is the median over
-rounds of the "openvino" form's p50 over the standard form's in the same round. The INT8 engines of both forms are
+on it (``bench.common.token_plan``; by default the checkpoint's own plan stays). Each form is exported through
+``compress.model.runtime_graph.for_runtime`` and ``export_onnx`` (parity against PyTorch checked), quantized by
+``nncf.quantize`` with the transformer recipe on 32 calibration images (SmoothQuant off, as ``cpu-training-free``),
+then timed at batch 1: OpenVINO INT8, BF16 (where the CPU runs it natively) and FP32, ONNX Runtime FP32, each pair
+in interleaved rounds; a ratio is the median over rounds of the "openvino" form's p50 over the standard form's in
+the same round. The INT8 engines of both forms are
 scored on the first ``--limit`` images of the test split, and their drops paired against the FP32 standard export.
 """
 
@@ -109,7 +110,8 @@ def main() -> None:
             print(f"INT8 {form}: top-1 {right.mean() * 100:.2f}% on {len(right)} images, drop {drop[0]:+.2f} pt "
                   f"(95% {drop[1]:+.2f}..{drop[2]:+.2f}) against FP32", flush=True)
     plan = getattr(model, "token_reduction", None)
-    write_result({"benchmark": "graph_form", "model": str(args.model), "plan": plan and list(plan.r or plan.keep), "threads": threads,
+    write_result({"benchmark": "graph_form", "model": str(args.model), "plan": plan and list(plan.r or plan.keep),
+                  "threads": threads,
                   "rounds": args.rounds, "images": args.limit,
                   "int8": "nncf.quantize, transformer recipe, SmoothQuant off, 32 calibration images",
                   "rows": rows, "accuracy": accuracy}, args.out)

@@ -328,7 +328,9 @@ class QuantizeConfig(Section):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # ONNX Runtime static
     op_types: list[Literal["MatMul", "Gemm", "Conv"]] = ["MatMul", "Gemm", "Conv"]
     exclude: list[str] = []  # layer names or glob patterns (e.g. "head", "blocks.11.*") kept in float
-    attention_matmul: bool = False  # also quantize attention's activation x activation MatMuls
+    # also quantize attention's activation x activation MatMuls (ONNX Runtime's Q/DQ; in OpenVINO's graph form,
+    # export.graph, the scores are an einsum, which stays in float)
+    attention_matmul: bool = False
     activations: Literal["int8", "uint8"] = "int8"  # int8: symmetric, readable by TensorRT; uint8: ORT's U8S8
     sensitivity_samples: int = Field(64, ge=1)
     inc_max_trials: int = Field(4, ge=0)  # neural-compressor autotune trials when over budget

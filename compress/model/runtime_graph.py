@@ -15,7 +15,7 @@ fastest"):
 (``gamma * (W x + b) = (gamma W) x + gamma b``), each fused qkv projection is three (``attn.qkv.q``, ``.k``,
 ``.v``: every name that matched ``attn.qkv`` is still under it), and the scores are an ``einsum`` over the head
 width, which OpenVINO lowers to a MatMul that reads the keys as they are (``transpose_b``). Each step changes
-rounding only. On ONNX Runtime the ``einsum`` is slower than the MatMul it replaces (its FP32 engine, 1.09x), so
+rounding only. On ONNX Runtime the ``einsum`` is slower than the MatMul it replaces (its FP32 engine: 1.06-1.09x), so
 the form is chosen per run for its first runtime (``compress.config.export_graph``); "standard" is the model as
 it is.
 """
@@ -23,14 +23,11 @@ it is.
 from __future__ import annotations
 
 import copy
-from typing import Literal
-
 import torch
 from torch import nn
 
 from compress.model.vit import Attention, Block, LayerScale, VisionTransformer
 
-Graph = Literal["standard", "openvino"]
 GRAPHS: tuple[str, ...] = ("standard", "openvino")
 
 

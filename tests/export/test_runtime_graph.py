@@ -94,6 +94,7 @@ def test_auto_takes_the_first_runtime_that_runs_onnx_files():
     assert export_graph(load_config()) == "standard"  # torch, then ONNX Runtime
     assert export_graph(load_config(overrides=['measure.runtimes=["torch", "openvino", "onnxruntime"]'])) == "openvino"
     assert export_graph(load_config(overrides=['measure.runtimes=["openvino"]', "export.graph=standard"])) == "standard"
-    assert export_graph(load_config(overrides=['measure.runtimes=["onnxruntime"]', "export.graph=openvino"])) == "openvino"
+    chosen = load_config(overrides=['measure.runtimes=["onnxruntime"]', "export.graph=openvino"])
+    assert export_graph(chosen) == "openvino"
     assert export_graph(load_config("cpu-training-free")) == "openvino"
     assert export_graph(load_config("jetson-latency")) == "standard"  # TensorRT's parser gets the MatMul form
