@@ -38,6 +38,24 @@ def named_file(text: str, flag: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def test_images(data: Path, model: Path, limit: int | None = None):
+    """The first ``limit`` images (all without one) of ``data``'s evaluation split, with ``model``'s preprocessing:
+    a ``calibration.datasets.Subset``, the same images in the same order on every call."""
+    from calibration.datasets import Subset, make_splits, open_source
+    from compress.model.checkpoint import load_own_checkpoint
+
+    source = open_source(data)
+    return Subset(source, make_splits(source).eval[:limit], load_own_checkpoint(model).preprocess)
+
+
+def scored(correct: np.ndarray):
+    """An ``EvalResult`` from per-image correctness (bool, in split order): what ``paired_drop`` compares."""
+    from calibration.evaluate import EvalResult
+
+    correct = np.asarray(correct, dtype=bool)
+    return EvalResult(float(correct.mean()), np.zeros(0), len(correct), correct)
+
+
 def write_result(result: dict[str, Any], out: Path) -> Path:
     """Write ``result`` as JSON to ``out``, with the date, the command and the environment unless it has them."""
     result.setdefault("date", dt.date.today().isoformat())

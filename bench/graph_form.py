@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import (  # noqa: E402
-    interleaved_rounds, load_trained, paired_ratio, require_cifar, token_plan, write_result,
+    interleaved_rounds, load_trained, paired_ratio, require_cifar, scored, token_plan, write_result,
 )
 from calibration.calibrate import from_split  # noqa: E402
-from calibration.evaluate import EvalResult, paired_drop  # noqa: E402
+from calibration.evaluate import paired_drop  # noqa: E402
 from compress.api import load_data  # noqa: E402
 from compress.model.runtime_graph import for_runtime  # noqa: E402
 from compress.tokens import apply  # noqa: E402
@@ -99,12 +99,11 @@ def main() -> None:
     accuracy = {}
     if args.limit:
         ov_rt = get_runtime("openvino")
-        reference = score(ov_rt.build(files["standard"]["onnx"], precision="fp32", threads=threads), data.eval)
-        ref = EvalResult(float(reference.mean()), np.zeros(0), len(reference), reference)
+        ref = scored(score(ov_rt.build(files["standard"]["onnx"], precision="fp32", threads=threads), data.eval))
         accuracy["fp32 standard"] = {"top1": round(ref.top1, 5)}
         for form in FORMS:
             right = score(ov_rt.build(files[form]["int8"], precision="int8", threads=threads), data.eval)
-            drop = paired_drop(ref, EvalResult(float(right.mean()), np.zeros(0), len(right), right))
+            drop = paired_drop(ref, scored(right))
             accuracy[f"int8 {form}"] = {"top1": round(float(right.mean()), 5), "top1_drop": round(drop[0], 3),
                                         "top1_drop_ci95": [round(drop[1], 3), round(drop[2], 3)]}
             print(f"INT8 {form}: top-1 {right.mean() * 100:.2f}% on {len(right)} images, drop {drop[0]:+.2f} pt "

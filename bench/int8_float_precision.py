@@ -23,10 +23,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import named_file, require_cifar, write_result  # noqa: E402
-from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
-from calibration.evaluate import EvalResult, paired_drop  # noqa: E402
-from compress.model.checkpoint import load_own_checkpoint  # noqa: E402
+from bench.common import named_file, require_cifar, scored, test_images, write_result  # noqa: E402
+from calibration.evaluate import paired_drop  # noqa: E402
 from runtimes import default_threads  # noqa: E402
 from runtimes.noise import interleaved  # noqa: E402
 from runtimes.openvino_cpu import OpenVinoEngine  # noqa: E402
@@ -55,15 +53,13 @@ def main() -> None:
     engines = {(name, how): OpenVinoEngine(path, "int8", threads, default_float=hint)
                for name, path in paths.items() for how, hint in hints.items()}
 
-    source = open_source(args.data)
-    preprocess = load_own_checkpoint(args.model).preprocess
-    data = Subset(source, make_splits(source).eval[: args.images], preprocess)
+    data = test_images(args.data, args.model, args.images)
+    preprocess = data.preprocess
     right = {key: [] for key in engines}
     for x, y in data.batches(args.batch):
         for key, engine in engines.items():
             right[key].append(engine.run(x).argmax(axis=1) == y)
-    scored = {key: EvalResult(float(np.concatenate(r).mean()), np.zeros(0), len(data), np.concatenate(r))
-              for key, r in right.items()}
+    results = {key: scored(np.concatenate(r)) for key, r in right.items()}
 
     shape = (1, preprocess.in_chans, preprocess.crop_size, preprocess.crop_size)
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
@@ -72,9 +68,9 @@ def main() -> None:
     first = next(iter(paths))
     rows = {}
     for name in paths:
-        drop = paired_drop(scored[(name, "f32")], scored[(name, "default")])
+        drop = paired_drop(results[(name, "f32")], results[(name, "default")])
         rows[name] = {"path": str(paths[name]),
-                      "top1_f32": scored[(name, "f32")].top1, "top1_default": scored[(name, "default")].top1,
+                      "top1_f32": results[(name, "f32")].top1, "top1_default": results[(name, "default")].top1,
                       "default_vs_f32_drop": [round(v, 3) for v in drop],
                       "p50_ms_f32": round(p50[f"{name} f32"], 3), "p50_ms_default": round(p50[f"{name} default"], 3),
                       "default_over_f32": round(p50[f"{name} default"] / p50[f"{name} f32"], 3)}

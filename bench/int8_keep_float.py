@@ -23,9 +23,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import require_cifar, write_result  # noqa: E402
+from bench.common import require_cifar, scored, write_result  # noqa: E402
 from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
-from calibration.evaluate import EvalResult, paired_drop  # noqa: E402
+from calibration.evaluate import paired_drop  # noqa: E402
 from compress.model.checkpoint import load_own_checkpoint  # noqa: E402
 from runtimes import default_threads  # noqa: E402
 from runtimes.noise import interleaved  # noqa: E402
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--out", type=Path, default=Path("bench/results/int8_keep_float.json"))
     args = parser.parse_args()
+    if args.rank_images < 32 or args.rank_images % 32:
+        parser.error(f"--rank-images {args.rank_images}: the ranking runs batches of 32; give a multiple of 32")
     require_cifar(args.data, "test")
     for path in (args.float_path, args.int8):
         if not path.is_file():
@@ -105,8 +107,7 @@ def main() -> None:
             break
         for name, engine in engines.items():
             right[name].append(engine(x)[0].argmax(axis=1) == y)
-    scored = {name: EvalResult(float(np.concatenate(r).mean()), np.zeros(0), 0, np.concatenate(r))
-              for name, r in right.items()}
+    results = {name: scored(np.concatenate(r)) for name, r in right.items()}
 
     class Timed:  # the runtimes' engine interface over a compiled model
         def __init__(self, model) -> None:
@@ -120,13 +121,13 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
     p50 = interleaved(timed, x, threads=threads, rounds=args.rounds, iterations=30)
     rows = {}
-    for name, result in scored.items():
-        drop = paired_drop(scored["float"], result) if name != "float" else None
+    for name, result in results.items():
+        drop = paired_drop(results["float"], result) if name != "float" else None
         rows[name] = {"top1": result.top1, "drop_vs_float": [round(v, 3) for v in drop] if drop else None,
                       "p50_ms": round(p50[name], 3) if name in p50 else None}
         print(name, rows[name])
     print(write_result({"float": str(args.float_path), "int8": str(args.int8), "int8_kl": whole,
-                        "images": len(scored["float"].correct), "ranked": ranked[:20], "rows": rows}, args.out))
+                        "images": len(results["float"].correct), "ranked": ranked[:20], "rows": rows}, args.out))
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import named_file, require_cifar, write_result  # noqa: E402
-from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
-from compress.model.checkpoint import load_own_checkpoint  # noqa: E402
+from bench.common import named_file, require_cifar, test_images, write_result  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 
 
@@ -43,9 +41,7 @@ def main() -> None:
     openvino = get_runtime("openvino")
     if "bf16" not in openvino.precisions():
         sys.exit(f"OpenVINO offers {openvino.precisions()} on this CPU, not bf16: nothing to compare")
-    source = open_source(args.data)
-    data = Subset(source, make_splits(source).eval[: args.images],
-                  load_own_checkpoint(args.model).preprocess)
+    data = test_images(args.data, args.model, args.images)
     batches = list(data.batches(args.batch))
     threads = default_threads()
     rows = {}

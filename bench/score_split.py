@@ -28,10 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_result  # noqa: E402
-from calibration.datasets import Subset, make_splits, open_source  # noqa: E402
-from calibration.evaluate import EvalResult, paired_drop  # noqa: E402
-from compress.model.checkpoint import load_own_checkpoint  # noqa: E402
+from bench.common import scored, test_images, write_result  # noqa: E402
+from calibration.evaluate import paired_drop  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 
 
@@ -83,11 +81,8 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, help="an earlier run's .npz: its engines are not scored again")
     args = parser.parse_args()
     engines = [parse_engine(e) for e in args.engine]
-    preprocess = load_own_checkpoint(args.model).preprocess
-    source = open_source(args.data)
-    split = make_splits(source).eval
-    split = split[: args.limit] if args.limit else split
-    data = Subset(source, split, preprocess)
+    data = test_images(args.data, args.model, args.limit or None)
+    split = data.indices
     threads = default_threads()
     keys = {name: engine_key(path, precision, split) for name, path, precision in engines}
     stored = load_reused(args.reuse)
@@ -110,7 +105,7 @@ def main() -> None:
             print(f"{seen}/{len(data)} images, {time.perf_counter() - start:.0f} s", flush=True)
     correct = {name: np.concatenate(r) for name, r in right.items()} | reused
     seen = len(split)
-    results = {name: EvalResult(float(c.mean()), np.zeros(0), seen, c) for name, c in correct.items()}
+    results = {name: scored(c) for name, c in correct.items()}
     reference = results[engines[0][0]]
     rows = {}
     for name, path, precision in engines:
