@@ -1,7 +1,8 @@
 """Token reduction plans on a trained model, timed side by side in the precision the chain ends in: INT8 on OpenVINO.
 
     python bench/token_latency.py --model runs/dinov2-s14-cifar10/full/model.safetensors --data /tmp/cifar10 \\
-        --plans none tome:12 pitome:12 resolution:168 [--rounds 7] [--profile] [--out bench/results/token_latency.json]
+        --plans none tome:12 pitome:12 resolution:168 [--rounds 7] [--profile] [--graph openvino] \\
+        [--out bench/results/token_latency.json]
 
 Each plan (``none``, ``tome:R``, ``pitome:R`` with ``R`` one value or one per layer, ``evit:KEEP[@LAYER,...]``,
 ``resolution:SIZE``) is set on the model, exported to ONNX (parity against PyTorch checked in ONNX Runtime and
@@ -32,6 +33,7 @@ from bench.common import (  # noqa: E402
 from calibration.calibrate import from_split  # noqa: E402
 from compress.api import load_data  # noqa: E402
 from compress.model.macs import count_macs  # noqa: E402
+from compress.model.runtime_graph import for_runtime  # noqa: E402
 from compress.run.measure import openvino_parity  # noqa: E402
 from compress.tokens import apply  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
@@ -47,6 +49,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also where each plan's INT8 time goes, by class of op (OpenVINO's per-node counters, "
                          "runtimes.profile.summarize), on a copy compiled apart after the rounds")
+    ap.add_argument("--graph", choices=["standard", "openvino"], default="standard",
+                    help="the exported graph's form (export.graph; compress.model.runtime_graph): openvino is what "
+                         "the CPU recipes export")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "token_latency.json")
     args = ap.parse_args()
     require_cifar(args.data, "train")
@@ -66,7 +71,7 @@ def main() -> None:
     for spec in args.plans:
         reduced = apply(copy.deepcopy(model), token_plan(spec, model))
         path = work / f"{spec.replace(':', '-')}.onnx"
-        parity = export_onnx(reduced, path, example=torch.from_numpy(images[:2]), parity_inputs=images, atol=0.1,
+        parity = export_onnx(for_runtime(reduced, args.graph), path, example=torch.from_numpy(images[:2]), parity_inputs=images, atol=0.1,
                              min_agreement=0.99)
         ov_diff = openvino_parity(path, reduced, images, atol=0.1, threads=threads)
         xml = path.with_suffix(".int8.xml")
@@ -94,6 +99,7 @@ def main() -> None:
             classes = ", ".join(f"{c} {ms:.2f}" for c, ms in sorted(profile["by_class"].items(), key=lambda kv: -kv[1]))
             print(f"{spec:>16}: {profile['nodes']} nodes, {profile['total_ms']:.1f} ms counted: {classes}", flush=True)
     write_result({"benchmark": "token_latency", "model": str(args.model), "threads": threads, "rounds": args.rounds,
+                  "graph": args.graph,
                   "precision": "int8 (nncf.quantize, transformer recipe, SmoothQuant off, 32 images)",
                   "rows": list(rows.values())}, args.out)
 

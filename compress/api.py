@@ -200,7 +200,7 @@ def _latency_model(model: VisionTransformer, data: Subset, *, runtime: str, prec
 def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome", "evit", "resolution"] = "tome",
                   r: int | Sequence[int] | None = None, keep_rate: float | Sequence[float] | None = None,
                   layers: Sequence[int] | None = None,
-                  schedule: Literal["constant", "decreasing", "first"] = "constant",
+                  schedule: Literal["constant", "decreasing", "first", "layers"] = "constant",
                   image_size: int | None = None) -> VisionTransformer:
     """A copy of ``model`` that merges (ToMe) or prunes (EViT) tokens inside the encoder, or runs the encoder at a
     lower resolution; it still exports, and still takes the model's input size.
@@ -211,9 +211,10 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome",
             et al., ICLR 2022) or ``"resolution"``.
         r: ToMe, PiToMe: tokens merged away per layer, one int or one per layer.
         keep_rate: EViT: share of patch tokens kept at each of ``layers``, or one rate per layer.
-        layers: EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth).
+        layers: EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth); ToMe, PiToMe with
+            ``schedule="layers"``: where ``r`` is merged.
         schedule: ToMe, PiToMe: an int ``r`` in every layer (``"constant"``), 2r falling to 0 (``"decreasing"``),
-            or ``r`` once in the first block (``"first"``).
+            ``r`` once in the first block (``"first"``), or ``r`` in each of ``layers`` (``"layers"``).
         image_size: resolution: the side the encoder works at, a multiple of the patch size below the input size.
 
     Raises ``TokenError`` naming the largest valid value when the model cannot follow the setting.
@@ -230,7 +231,7 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome",
     if given[takes] is None or stray:
         raise TokenError(f"{method} takes {takes}" + (f", not {', '.join(stray)}" if stray else ""))
     if method in MERGING:
-        plan = tome(r if isinstance(r, int) else list(r), depth, schedule, method=method)
+        plan = tome(r if isinstance(r, int) else list(r), depth, schedule, method=method, layers=layers)
     elif method == "evit":
         plan = evit(keep_rate if isinstance(keep_rate, (int, float)) else list(keep_rate), depth, layers)
     else:

@@ -257,16 +257,19 @@ class TokensConfig(Section):
     enabled: bool = False
     method: Literal["tome", "pitome", "evit", "resolution"] = "tome"
     r: int | list[int] | None = None  # ToMe, PiToMe: tokens merged per layer (one int, or one per layer)
-    # ToMe, PiToMe: how an int r is spread over the layers: every layer, 2r falling to 0, or all in the first block
-    schedule: Literal["constant", "decreasing", "first"] = "constant"
+    # ToMe, PiToMe: how an int r is spread over the layers: every layer, 2r falling to 0, all in the first block, or
+    # r in each of `layers` (or `depths`)
+    schedule: Literal["constant", "decreasing", "first", "layers"] = "constant"
     # ToMe, PiToMe, searched settings: only those leaving a multiple of `align` tokens after every merging layer.
     # GEMM kernels work on tiles of rows (16 for AMX): on the 2-core AMX CPU, in NNCF INT8 on OpenVINO, DINOv2
     # ViT-S/14 with 240 tokens after its first block ran at 0.88x the latency of 257 tokens, with 241 at 0.94x,
     # and 256 at 0.96x for no MACs saved (BENCHMARKS.md)
     align: int = Field(1, ge=1)
     keep_rate: float | list[float] | None = None  # EViT: share of patch tokens kept at each of `layers`
-    layers: list[int] | None = None  # EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth)
-    # EViT: where to prune as fractions of the depth, for recipes meant for any depth (2/3: layer 8 of 12, 4 of 6)
+    # EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth); ToMe, PiToMe under schedule="layers":
+    # where r is merged
+    layers: list[int] | None = None
+    # the same as fractions of the depth, for recipes meant for any depth (2/3: layer 8 of 12, 4 of 6)
     depths: list[float] | None = None
     # resolution: the side in pixels the encoder works at (a multiple of the patch size below the input size); the
     # engine still takes the model's input size and resizes inside the graph
@@ -297,6 +300,16 @@ class TokensConfig(Section):
                              "tokens.target_runtime=openvino, or tokens.time_precision=fp32")
         if self.layers is not None and self.depths is not None:
             raise ValueError("set tokens.layers (layer numbers) or tokens.depths (fractions of the depth), not both")
+        placed = self.layers is not None or self.depths is not None
+        where = "tokens.layers and tokens.depths"
+        if self.method in ("tome", "pitome") and self.schedule == "layers" and not placed:
+            raise ValueError("tokens.schedule=layers merges r in the layers tokens.layers (or tokens.depths) names, "
+                             "and neither is set; set tokens.layers=[1] for the second block")
+        if self.method in ("tome", "pitome") and self.schedule != "layers" and placed:
+            raise ValueError(f"{where} place ToMe's merges only under tokens.schedule=layers, not "
+                             f"{self.schedule}; set that schedule, or remove them")
+        if self.method == "resolution" and placed:
+            raise ValueError(f"{where} place EViT's pruning or ToMe's merges, not a working resolution; remove them")
         if self.align > 1 and self.method not in ("tome", "pitome"):
             raise ValueError(f"tokens.align rounds the token counts ToMe and PiToMe leave, not {self.method}'s; "
                              "remove tokens.align, or set tokens.method=tome")

@@ -117,20 +117,23 @@ class TokenReduction:
 
 
 # ------------------------------------------------------------------------------------------------ plans
-Schedule = Literal["constant", "decreasing", "first"]
-SCHEDULES = ("constant", "decreasing", "first")
+Schedule = Literal["constant", "decreasing", "first", "layers"]
+SCHEDULES = ("constant", "decreasing", "first", "layers")
 
 
 def tome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant",
-         method: Literal["tome", "pitome"] = "tome") -> TokenReduction:
+         method: Literal["tome", "pitome"] = "tome", layers: Sequence[int] | None = None) -> TokenReduction:
     """A ToMe plan (a PiToMe one with ``method="pitome"``): ``r`` per layer as a constant, a list, a linearly
-    decreasing schedule, or all of it in the first block.
+    decreasing schedule, all of it in the first block, or ``r`` in each of ``layers``.
 
     The decreasing schedule merges ``2r`` tokens in the first layer falling to 0 in the last, the same total as
     the constant ``r``, but more of it early, where it saves the most later work. ``first`` merges ``r`` tokens once,
     in the first block (after its attention), and none after: one merge instead of one per layer. On a CPU a merge's
     gathers and sorts cost more than the MACs a few tokens save, so merging in every layer can run slower in INT8
-    than not merging at all, where merging once pays (BENCHMARKS.md).
+    than not merging at all, where merging once pays (BENCHMARKS.md). ``layers`` merges ``r`` in each block it is
+    given (``layers=[1]``: once, in the second block). Where a single merge goes decides what it costs: on the
+    reference DINOv2 ViT-S/14, 65 tokens merged in the first block cost 1.06 pt of top-1, in the second 0.31, in the
+    third 0.65 (all 10,000 test images; BENCHMARKS.md, "Where the one merge goes").
     """
     if method not in MERGING:
         raise TokenError(f"{method!r} does not merge tokens; a merging plan is one of {list(MERGING)}")
@@ -148,7 +151,19 @@ def tome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant",
         return TokenReduction(method, r=tuple(round(2 * r * (depth - 1 - i) / (depth - 1)) for i in range(depth)))
     if schedule == "first":
         return TokenReduction(method, r=(r,) + (0,) * (depth - 1))
+    if schedule == "layers":
+        if not layers:
+            raise TokenError("tokens.schedule=layers merges r in each of tokens.layers, which names none; set "
+                             "tokens.layers=[1] (the second block), or tokens.schedule=first")
+        _check_layers(layers, depth)
+        return TokenReduction(method, r=tuple(r if i in layers else 0 for i in range(depth)))
     raise TokenError(f"unknown ToMe schedule {schedule!r}; choose from {list(SCHEDULES)}")
+
+
+def _check_layers(layers: Sequence[int], depth: int) -> None:
+    bad = [i for i in layers if not 0 <= i < depth]
+    if bad:
+        raise TokenError(f"tokens.layers {bad} are outside the model's layers 0..{depth - 1}")
 
 
 def pitome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant") -> TokenReduction:
@@ -178,9 +193,7 @@ def evit(keep: float | Sequence[float], depth: int, layers: Sequence[int] | None
                              "per layer or a single rate with tokens.layers")
         return TokenReduction("evit", keep=values)
     layers = default_evit_layers(depth) if layers is None else list(layers)
-    bad = [i for i in layers if not 0 <= i < depth]
-    if bad:
-        raise TokenError(f"tokens.layers {bad} are outside the model's layers 0..{depth - 1}")
+    _check_layers(layers, depth)
     return TokenReduction("evit", keep=tuple(float(keep) if i in layers else 1.0 for i in range(depth)))
 
 

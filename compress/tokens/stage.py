@@ -28,7 +28,7 @@ def requested_plan(config: RunConfig, model):
     if t.method in MERGING and t.r is not None:
         from compress.tokens import tome
 
-        return tome(t.r, model.config.depth, t.schedule, method=t.method)
+        return tome(t.r, model.config.depth, t.schedule, method=t.method, layers=placed(config, model))
     if t.method == "evit" and t.keep_rate is not None:
         return evit_plan(config, model, t.keep_rate)
     if t.method == "resolution" and t.image_size is not None:
@@ -39,10 +39,18 @@ def requested_plan(config: RunConfig, model):
 
 
 def evit_plan(config: RunConfig, model, keep):
-    from compress.tokens import evit, layers_at
+    from compress.tokens import evit
 
-    t, depth = config.tokens, model.config.depth  # not both layers and depths: TokensConfig checked that
-    return evit(keep, depth, layers_at(t.depths, depth) if t.depths is not None else t.layers)
+    return evit(keep, model.config.depth, placed(config, model))
+
+
+def placed(config: RunConfig, model) -> list[int] | None:
+    """The layers ``tokens.layers`` or ``tokens.depths`` name (EViT's pruning layers, ToMe's merging ones under
+    ``schedule="layers"``), or None where neither is set."""
+    from compress.tokens import layers_at
+
+    t = config.tokens  # not both layers and depths: TokensConfig checked that
+    return layers_at(t.depths, model.config.depth) if t.depths is not None else t.layers
 
 
 def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> list:
@@ -70,7 +78,7 @@ def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> lis
         r = 1
         while True:
             try:
-                candidate = tome(r, model.config.depth, t.schedule, method=t.method)
+                candidate = tome(r, model.config.depth, t.schedule, method=t.method, layers=placed(config, model))
                 counts = token_counts(candidate, probe.config)
                 if all(n % t.align == 0 for n, merged in zip(counts, candidate.r) if merged):
                     ladder.append((candidate, _macs_with(probe, candidate, shape) / full))

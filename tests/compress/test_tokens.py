@@ -51,6 +51,8 @@ def test_r_zero_and_keep_one_reproduce_the_model_exactly(overrides):
     (tome(8, 4), [57, 49, 41, 33]),
     (tome(8, 4, "decreasing"), [49, 38, 33, 33]),  # 2r falling to 0: 16, 11, 5, 0
     (tome(17, 4, "first"), [48, 48, 48, 48]),  # all of it once, in the first block
+    (tome(17, 4, "layers", layers=[1]), [65, 48, 48, 48]),  # once, in the second block
+    (tome(8, 4, "layers", layers=[0, 2]), [57, 57, 49, 49]),
     (tome([10, 0, 5, 3], 4), [55, 55, 50, 47]),
     (pitome(8, 4), [57, 49, 41, 33]),
     (evit(0.5, 4, layers=[1, 3]), [65, 34, 34, 19]),  # 1 + ceil(0.5 * 64) + 1 fused, then 1 + 17 + 1
@@ -354,6 +356,33 @@ def test_merging_settings_searched_with_align_leave_a_multiple_of_it_tokens():
         token_settings(model, constant, (3, 32, 32))
     with pytest.raises(ConfigError, match="tokens.align rounds the token counts ToMe and PiToMe leave, not evit's"):
         load_config(None, ["tokens.method='evit'", "tokens.align=16"])
+
+
+def test_merges_placed_by_layers_are_searched_there_and_refused_elsewhere():
+    """``tokens.schedule=layers``: the searched settings merge only in the layers ``tokens.layers`` (or
+    ``tokens.depths``) names; the schedule without them, or them without the schedule, is one line naming the fix."""
+    from compress.config import load_config
+    from compress.tokens.stage import requested_plan, token_settings
+
+    model = _model()
+    config = load_config(None, ["tokens.method='tome'", "tokens.schedule='layers'", "tokens.layers=[1]",
+                                "tokens.align=16", "tokens.macs=[0.99, 0.3]"])
+    assert [p.r for p in token_settings(model, config, (3, 32, 32))] == [(0, 1, 0, 0), (0, 17, 0, 0)]
+    by_depth = load_config(None, ["tokens.method='tome'", "tokens.schedule='layers'", "tokens.depths=[0.5]",
+                                  "tokens.r=4"])
+    assert requested_plan(by_depth, model).r == (0, 0, 4, 0)
+    with pytest.raises(ConfigError, match=r"tokens.schedule=layers merges r in the layers tokens.layers \(or "
+                                          r"tokens.depths\) names, and neither is set; set tokens.layers=\[1\]"):
+        load_config(None, ["tokens.method='tome'", "tokens.schedule='layers'"])
+    with pytest.raises(ConfigError, match="tokens.layers and tokens.depths place ToMe's merges only under "
+                                          "tokens.schedule=layers, not first"):
+        load_config(None, ["tokens.method='tome'", "tokens.schedule='first'", "tokens.layers=[1]"])
+    with pytest.raises(ConfigError, match="not a working resolution"):
+        load_config(None, ["tokens.method='resolution'", "tokens.depths=[0.5]"])
+    with pytest.raises(TokenError, match=r"tokens.layers \[4\] are outside the model's layers 0..3"):
+        tome(8, 4, "layers", layers=[4])
+    with pytest.raises(TokenError, match="names none"):
+        tome(8, 4, "layers")
 
 
 def test_resolution_settings_are_the_largest_sizes_under_each_mac_fraction():
