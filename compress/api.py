@@ -201,7 +201,7 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome",
                   r: int | Sequence[int] | None = None, keep_rate: float | Sequence[float] | None = None,
                   layers: Sequence[int] | None = None,
                   schedule: Literal["constant", "decreasing", "first", "layers"] = "constant",
-                  image_size: int | None = None) -> VisionTransformer:
+                  image_size: int | None = None, similarity: Literal["keys", "tokens"] = "keys") -> VisionTransformer:
     """A copy of ``model`` that merges (ToMe) or prunes (EViT) tokens inside the encoder, or runs the encoder at a
     lower resolution; it still exports, and still takes the model's input size.
 
@@ -216,6 +216,8 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome",
         schedule: ToMe, PiToMe: an int ``r`` in every layer (``"constant"``), 2r falling to 0 (``"decreasing"``),
             ``r`` once in the first block (``"first"``), or ``r`` in each of ``layers`` (``"layers"``).
         image_size: resolution: the side the encoder works at, a multiple of the patch size below the input size.
+        similarity: ToMe, PiToMe: match tokens on their attention keys averaged over heads (``"keys"``) or on the
+            tokens themselves (``"tokens"``).
 
     Raises ``TokenError`` naming the largest valid value when the model cannot follow the setting.
     """
@@ -230,8 +232,11 @@ def reduce_tokens(model: VisionTransformer, *, method: Literal["tome", "pitome",
     stray = [k for k, v in given.items() if v is not None and k != takes]
     if given[takes] is None or stray:
         raise TokenError(f"{method} takes {takes}" + (f", not {', '.join(stray)}" if stray else ""))
+    if similarity != "keys" and method not in MERGING:
+        raise TokenError(f"similarity is what ToMe and PiToMe match on, not a setting of {method}")
     if method in MERGING:
-        plan = tome(r if isinstance(r, int) else list(r), depth, schedule, method=method, layers=layers)
+        plan = tome(r if isinstance(r, int) else list(r), depth, schedule, method=method, layers=layers,
+                    similarity=similarity)
     elif method == "evit":
         plan = evit(keep_rate if isinstance(keep_rate, (int, float)) else list(keep_rate), depth, layers)
     else:

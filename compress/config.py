@@ -265,6 +265,10 @@ class TokensConfig(Section):
     # ViT-S/14 with 240 tokens after its first block ran at 0.88x the latency of 257 tokens, with 241 at 0.94x,
     # and 256 at 0.96x for no MACs saved (BENCHMARKS.md)
     align: int = Field(1, ge=1)
+    # ToMe, PiToMe: what the matching compares: the attention keys averaged over heads (the papers' choice) or the
+    # tokens after attention themselves. On the reference ViT-S the tokens cost less top-1 in 4 of 4 placements
+    # tried, 0.05-0.42 pt (BENCHMARKS.md, "Where the one merge goes")
+    similarity: Literal["keys", "tokens"] = "keys"
     keep_rate: float | list[float] | None = None  # EViT: share of patch tokens kept at each of `layers`
     # EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth); ToMe, PiToMe under schedule="layers":
     # where r is merged
@@ -310,6 +314,9 @@ class TokensConfig(Section):
                              f"{self.schedule}; set that schedule, or remove them")
         if self.method == "resolution" and placed:
             raise ValueError(f"{where} place EViT's pruning or ToMe's merges, not a working resolution; remove them")
+        if self.similarity != "keys" and self.method not in ("tome", "pitome"):
+            raise ValueError(f"tokens.similarity is what ToMe and PiToMe match on, not a setting of {self.method}; "
+                             "remove it, or set tokens.method=tome")
         if self.align > 1 and self.method not in ("tome", "pitome"):
             raise ValueError(f"tokens.align rounds the token counts ToMe and PiToMe leave, not {self.method}'s; "
                              "remove tokens.align, or set tokens.method=tome")

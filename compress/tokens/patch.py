@@ -49,7 +49,8 @@ def forward_reduced(
         if size is None and r == 0 and keep >= 1:
             x = block(x)  # untouched layer: exactly the original computation
         else:
-            x, size = _reduced_block(block, x, size, r=r, keep=keep, prefix=prefix, margin=margin)
+            x, size = _reduced_block(block, x, size, r=r, keep=keep, prefix=prefix, margin=margin,
+                                     on_tokens=plan.similarity == "tokens")
         if trace is not None:
             trace.append({"tokens": x.shape[1], "size": size if size is not None else x.new_ones(*x.shape[:2], 1)})
     return model.forward_head(model.norm(x), size)  # (B, K)
@@ -77,19 +78,21 @@ def _forward_resized(
 
 def _reduced_block(
     block: Block, x: torch.Tensor, size: torch.Tensor | None, *, r: int, keep: float, prefix: int,
-    margin: float | None = None,
+    margin: float | None = None, on_tokens: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One encoder block with proportional attention, then a merge (ToMe; PiToMe where ``margin`` is given) or a
-    prune (EViT) before the MLP."""
+    prune (EViT) before the MLP. A merge matches tokens on their keys averaged over heads, or with ``on_tokens`` on
+    the tokens themselves."""
     attn = block.attn
     q, k, v = attn.split_heads(block.norm1(x) if block.pre_norm else x)  # (B, H, T, hd) each
     bias = None if size is None else size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, T)
     out = attn.merge_heads(attn.attend(q, k, v, bias))  # (B, T, D)
     x = x + block.ls1(out) if block.pre_norm else block.norm1(x + block.ls1(out))
+    metric = x if on_tokens else k.mean(dim=1)  # (B, T, D) or (B, T, hd)
     if r > 0 and margin is not None:
-        x, size = pitome_merge(x, size, k.mean(dim=1), r, prefix, margin)  # (B, T-r, D)
+        x, size = pitome_merge(x, size, metric, r, prefix, margin)  # (B, T-r, D)
     elif r > 0:
-        x, size = merge_tokens(x, size, k.mean(dim=1), r, prefix)  # (B, T-r, D)
+        x, size = merge_tokens(x, size, metric, r, prefix)  # (B, T-r, D)
     elif keep < 1:
         x = prune_tokens(x, class_attention(q, k, attn.scale, bias), keep, prefix)  # (B, P+kept+1, D)
     if block.pre_norm:

@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 
 Method = Literal["tome", "pitome", "evit", "resolution"]
 METHODS = ("tome", "pitome", "evit", "resolution")
+Similarity = Literal["keys", "tokens"]
+SIMILARITIES = ("keys", "tokens")  # what ToMe's and PiToMe's matching compares
 MERGING = ("tome", "pitome")  # the methods that merge r tokens per layer
 
 
@@ -71,6 +73,9 @@ class TokenReduction:
     r: tuple[int, ...] = ()
     keep: tuple[float, ...] = ()
     image_size: int = 0
+    # ToMe, PiToMe: the attention keys averaged over heads (the papers' choice), or the tokens themselves (the stream
+    # after attention, what the merge averages)
+    similarity: Similarity = "keys"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,6 +87,10 @@ class TokenReduction:
             if not 0 < keep <= 1:
                 raise TokenError(f"EViT keep rate {keep} at layer {layer} is outside (0, 1]; 1 keeps every token, "
                                  "0.7 keeps 70% of the patch tokens")
+        if self.similarity not in SIMILARITIES:
+            raise TokenError(f"token merging similarity {self.similarity!r} is not one of {list(SIMILARITIES)}")
+        if self.similarity != "keys" and self.method not in MERGING:
+            raise TokenError(f"a similarity for matching is a setting of ToMe and PiToMe, not {self.method}")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 0:
             raise TokenError(f"working image size {self.image_size!r} must be a whole number of pixels, a multiple of "
                              "the patch size below the model's input size (0 leaves the resolution alone)")
@@ -100,7 +109,7 @@ class TokenReduction:
         if self.method in MERGING:
             values = set(self.r)
             r = f"{self.r[0]}" if len(values) == 1 else f"[{','.join(map(str, self.r))}]"
-            return f"{self.method} r={r}"
+            return f"{self.method} r={r}" + (" on tokens" if self.similarity == "tokens" else "")
         layers = [i for i, k in enumerate(self.keep) if k < 1]
         rates = {self.keep[i] for i in layers}
         rate = f"{rates.pop():g}" if len(rates) == 1 else "[" + ",".join(f"{self.keep[i]:g}" for i in layers) + "]"
@@ -108,12 +117,13 @@ class TokenReduction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "r": list(self.r), "keep": list(self.keep)} | (
-            {"image_size": self.image_size} if self.method == "resolution" else {})
+            {"image_size": self.image_size} if self.method == "resolution" else {}) | (
+            {"similarity": self.similarity} if self.similarity != "keys" else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenReduction:
         return cls(d["method"], tuple(int(v) for v in d.get("r", ())), tuple(float(v) for v in d.get("keep", ())),
-                   int(d.get("image_size", 0)))
+                   int(d.get("image_size", 0)), d.get("similarity", "keys"))
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -122,7 +132,8 @@ SCHEDULES = ("constant", "decreasing", "first", "layers")
 
 
 def tome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant",
-         method: Literal["tome", "pitome"] = "tome", layers: Sequence[int] | None = None) -> TokenReduction:
+         method: Literal["tome", "pitome"] = "tome", layers: Sequence[int] | None = None,
+         similarity: Similarity = "keys") -> TokenReduction:
     """A ToMe plan (a PiToMe one with ``method="pitome"``): ``r`` per layer as a constant, a list, a linearly
     decreasing schedule, all of it in the first block, or ``r`` in each of ``layers``.
 
@@ -134,6 +145,10 @@ def tome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant",
     given (``layers=[1]``: once, in the second block). Where a single merge goes decides what it costs: on the
     reference DINOv2 ViT-S/14, 65 tokens merged in the first block cost 1.06 pt of top-1, in the second 0.31, in the
     third 0.65 (all 10,000 test images; BENCHMARKS.md, "Where the one merge goes").
+
+    ``similarity`` is what the matching compares: ``"keys"``, the attention keys averaged over heads (ToMe's and
+    PiToMe's choice), or ``"tokens"``, the tokens after attention themselves, which do not change when heads are
+    pruned.
     """
     if method not in MERGING:
         raise TokenError(f"{method!r} does not merge tokens; a merging plan is one of {list(MERGING)}")
@@ -142,22 +157,21 @@ def tome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant",
         if len(values) != depth:
             raise TokenError(f"tokens.r lists {len(values)} values but the model has {depth} layers; give one per "
                              "layer or a single int")
-        return TokenReduction(method, r=values)
-    if schedule == "constant":
-        return TokenReduction(method, r=(r,) * depth)
-    if schedule == "decreasing":
-        if depth == 1:
-            return TokenReduction(method, r=(r,))
-        return TokenReduction(method, r=tuple(round(2 * r * (depth - 1 - i) / (depth - 1)) for i in range(depth)))
-    if schedule == "first":
-        return TokenReduction(method, r=(r,) + (0,) * (depth - 1))
-    if schedule == "layers":
+    elif schedule == "constant":
+        values = (r,) * depth
+    elif schedule == "decreasing":
+        values = (r,) if depth == 1 else tuple(round(2 * r * (depth - 1 - i) / (depth - 1)) for i in range(depth))
+    elif schedule == "first":
+        values = (r,) + (0,) * (depth - 1)
+    elif schedule == "layers":
         if not layers:
             raise TokenError("tokens.schedule=layers merges r in each of tokens.layers, which names none; set "
                              "tokens.layers=[1] (the second block), or tokens.schedule=first")
         _check_layers(layers, depth)
-        return TokenReduction(method, r=tuple(r if i in layers else 0 for i in range(depth)))
-    raise TokenError(f"unknown ToMe schedule {schedule!r}; choose from {list(SCHEDULES)}")
+        values = tuple(r if i in layers else 0 for i in range(depth))
+    else:
+        raise TokenError(f"unknown ToMe schedule {schedule!r}; choose from {list(SCHEDULES)}")
+    return TokenReduction(method, r=values, similarity=similarity)
 
 
 def _check_layers(layers: Sequence[int], depth: int) -> None:
@@ -166,9 +180,10 @@ def _check_layers(layers: Sequence[int], depth: int) -> None:
         raise TokenError(f"tokens.layers {bad} are outside the model's layers 0..{depth - 1}")
 
 
-def pitome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant") -> TokenReduction:
+def pitome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant", layers: Sequence[int] | None = None,
+           similarity: Similarity = "keys") -> TokenReduction:
     """A PiToMe plan: ``r`` tokens merged per layer, as for ``tome``."""
-    return tome(r, depth, schedule, method="pitome")
+    return tome(r, depth, schedule, method="pitome", layers=layers, similarity=similarity)
 
 
 def layers_at(fractions: Sequence[float], depth: int) -> list[int]:

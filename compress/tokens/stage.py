@@ -28,7 +28,8 @@ def requested_plan(config: RunConfig, model):
     if t.method in MERGING and t.r is not None:
         from compress.tokens import tome
 
-        return tome(t.r, model.config.depth, t.schedule, method=t.method, layers=placed(config, model))
+        return tome(t.r, model.config.depth, t.schedule, method=t.method, layers=placed(config, model),
+                    similarity=t.similarity)
     if t.method == "evit" and t.keep_rate is not None:
         return evit_plan(config, model, t.keep_rate)
     if t.method == "resolution" and t.image_size is not None:
@@ -78,7 +79,8 @@ def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> lis
         r = 1
         while True:
             try:
-                candidate = tome(r, model.config.depth, t.schedule, method=t.method, layers=placed(config, model))
+                candidate = tome(r, model.config.depth, t.schedule, method=t.method, layers=placed(config, model),
+                                 similarity=t.similarity)
                 counts = token_counts(candidate, probe.config)
                 if all(n % t.align == 0 for n, merged in zip(counts, candidate.r) if merged):
                     ladder.append((candidate, _macs_with(probe, candidate, shape) / full))

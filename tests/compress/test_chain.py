@@ -29,6 +29,7 @@ def test_builtin_recipes_load_and_chain_every_stage():
     # one merge, in the second block (BENCHMARKS.md, "Where the one merge goes")
     assert (free.tokens.method, free.tokens.schedule, free.tokens.layers, free.tokens.align) == ("tome", "layers", [1],
                                                                                                  16)
+    assert free.tokens.similarity == "tokens" and free.tokens.macs == [0.82, 0.75, 0.7]
     # one epoch at a quarter of the MACs, in a lower working resolution: not the training-free recipe's token lever
     quick = load_config("cpu-quick-finetune")
     assert (quick.tokens.method, quick.tokens.macs, quick.tokens.align) == ("resolution", [0.25], 1)
@@ -135,7 +136,7 @@ def test_the_training_free_recipe_runs_on_calibration_data_alone(tmp_path, digit
     assert not (run / "stages" / "recover.json").exists()
     tokens = json.loads((run / "stages" / "tokens.json").read_text())["notes"]
     # ToMe in the second block only, to a multiple of 16 tokens: the digits model's 17 become 16 (4 blocks)
-    assert [t["candidate"] for t in tokens["trials"] if t["candidate"] != "unreduced"] == ["tome r=[0,1,0,0]"]
+    assert [t["candidate"] for t in tokens["trials"] if t["candidate"] != "unreduced"] == ["tome r=[0,1,0,0] on tokens"]
     assert {r.candidate for r in result.records if r.stage == "quantize"} == {"nncf-ov"}
     chain = json.loads((run / "stages" / "pipeline.json").read_text())
     assert set(chain["stage_seconds"]) == {"baseline", "prune", "tokens", "quantize", "deploy"}

@@ -130,11 +130,12 @@ def test_class_attention_is_a_distribution():
     assert a.shape == (2, 9) and torch.allclose(a.sum(-1), torch.ones(2))
 
 
+@pytest.mark.parametrize("similarity", ["keys", "tokens"])
 @pytest.mark.parametrize("method", ["tome", "pitome"])
-def test_reduction_lowers_macs_and_survives_a_checkpoint(tmp_path, method):
+def test_reduction_lowers_macs_and_survives_a_checkpoint(tmp_path, method, similarity):
     model = _model()
     full = count_macs(model, (1, 3, 32, 32))
-    apply(model, tome(8, 4, method=method))
+    apply(model, tome(8, 4, method=method, similarity=similarity))
     assert count_macs(model, (1, 3, 32, 32)) < 0.8 * full
     path = save_checkpoint(Checkpoint(model, Preprocess(crop_size=32), list("abcdefghij")), tmp_path / "m.safetensors")
     loaded = load_own_checkpoint(path).model
@@ -148,6 +149,8 @@ def test_reduction_lowers_macs_and_survives_a_checkpoint(tmp_path, method):
     ({}, tome(8, 4)),
     ({}, tome(10, 4, "decreasing")),
     ({}, pitome(8, 4)),
+    ({}, tome(16, 4, "layers", layers=[1], similarity="tokens")),
+    ({}, pitome(8, 4, similarity="tokens")),
     ({"class_token": False, "pool": "mean"}, pitome(10, 4, "decreasing")),
     ({"class_token": False, "pool": "mean"}, tome(8, 4)),
     ({"dist_token": True, "dist_head": True}, tome(6, 4)),
@@ -317,6 +320,10 @@ def test_resolution_survives_a_checkpoint_and_its_setting_belongs_to_its_method(
     ({"method": "tome", "r": [40, 0, 0, 0]}, "has a token plan its own model cannot follow .*r=40"),
     ({"method": "pitome", "r": [40, 0, 0, 0]}, "has a token plan its own model cannot follow .*r=40"),
     ({"method": "pitome", "r": [2, 2]}, "has a token plan its own model cannot follow .*2 layers but the model has 4"),
+    ({"method": "tome", "r": [2, 0, 0, 0], "similarity": "values"},
+     "has a token plan its own model cannot follow .*similarity 'values' is not one of"),
+    ({"method": "evit", "keep": [0.5, 1, 1, 1], "similarity": "tokens"},
+     "has a token plan its own model cannot follow .*a setting of ToMe and PiToMe, not evit"),
 ])
 def test_a_checkpoint_whose_token_plan_its_model_cannot_follow_is_one_clear_error(tmp_path, plan, message):
     from safetensors import safe_open
@@ -383,6 +390,43 @@ def test_merges_placed_by_layers_are_searched_there_and_refused_elsewhere():
         tome(8, 4, "layers", layers=[4])
     with pytest.raises(TokenError, match="names none"):
         tome(8, 4, "layers")
+
+
+def test_merging_on_tokens_matches_the_tokens_not_the_keys():
+    """``similarity="tokens"``: the matching compares the tokens after attention (what the merge averages), so it
+    pairs other tokens than the keys do."""
+    from compress.tokens.merge import merge_tokens
+    from compress.tokens.patch import _reduced_block
+
+    model, x = _model(), _images(2)
+    block = model.blocks[0]
+    with torch.inference_mode():
+        tokens = model.embed(x)
+        on_keys, _ = _reduced_block(block, tokens, None, r=16, keep=1.0, prefix=1)
+        on_tokens, _ = _reduced_block(block, tokens, None, r=16, keep=1.0, prefix=1, on_tokens=True)
+        assert not torch.allclose(on_keys, on_tokens)
+        # the same merge, by hand: the block's attention, ToMe on the stream, then the MLP
+        stream = tokens + block.ls1(block.attn(block.norm1(tokens)))
+        merged, _ = merge_tokens(stream, None, stream, 16, 1)
+        assert torch.allclose(on_tokens, merged + block.ls2(block.mlp(block.norm2(merged))), atol=1e-6)
+        apply(model, tome(16, 4, "first", similarity="tokens"))
+        assert model.token_reduction.describe() == "tome r=[16,0,0,0] on tokens"
+
+
+def test_similarity_is_a_setting_of_merging_only():
+    from compress.api import reduce_tokens
+    from compress.config import load_config
+    from compress.tokens.stage import requested_plan
+
+    config = load_config(None, ["tokens.method='pitome'", "tokens.r=4", "tokens.similarity='tokens'"])
+    assert requested_plan(config, _model()) == pitome(4, 4, similarity="tokens")
+    with pytest.raises(ConfigError, match="tokens.similarity is what ToMe and PiToMe match on, not a setting of evit"):
+        load_config(None, ["tokens.method='evit'", "tokens.similarity='tokens'"])
+    with pytest.raises(ConfigError, match="tokens.similarity"):
+        load_config(None, ["tokens.method='tome'", "tokens.similarity='values'"])
+    with pytest.raises(TokenError, match="similarity is what ToMe and PiToMe match on, not a setting of evit"):
+        reduce_tokens(_model(), method="evit", keep_rate=0.5, similarity="tokens")
+    assert reduce_tokens(_model(), method="tome", r=4, similarity="tokens").token_reduction.similarity == "tokens"
 
 
 def test_resolution_settings_are_the_largest_sizes_under_each_mac_fraction():
