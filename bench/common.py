@@ -104,8 +104,9 @@ def paired_ratio(values: list[float], reference: list[float]) -> float:
 
 def token_plan(spec: str, model):
     """A token reduction plan for ``model`` from a command-line spec: ``none`` (None), ``tome:R``, ``pitome:R``
-    (``R`` one value for every layer, or one per layer: ``tome:0,0,64,0,...``), ``evit:KEEP[@LAYER,...]`` (EViT's
-    default layers without ``@``) or ``resolution:SIZE``."""
+    (``R`` one value for every layer, or one per layer: ``tome:0,0,64,0,...``; a ``/tokens`` suffix matches on the
+    tokens rather than the keys, ``tokens.similarity``), ``evit:KEEP[@LAYER,...]`` (EViT's default layers without
+    ``@``) or ``resolution:SIZE``."""
     from compress.tokens import TokenError, evit, resolution, tome
 
     method, _, value = spec.partition(":")
@@ -114,8 +115,9 @@ def token_plan(spec: str, model):
         if method == "none":
             return None
         if method in ("tome", "pitome") and value:
+            value, _, similarity = value.partition("/")
             r = [int(v) for v in value.split(",")]
-            return tome(r if len(r) > 1 else r[0], depth, method=method)
+            return tome(r if len(r) > 1 else r[0], depth, method=method, similarity=similarity or "keys")
         if method == "evit" and value:
             keep, _, layers = value.partition("@")
             return evit(float(keep), depth, [int(v) for v in layers.split(",")] if layers else None)
@@ -123,5 +125,5 @@ def token_plan(spec: str, model):
             return resolution(int(value), model.config)
     except (ValueError, TokenError) as e:
         raise SystemExit(f"token setting {spec!r}: {e}") from None
-    raise SystemExit(f"unknown token setting {spec!r}: use none, tome:R[,R...], pitome:R[,R...], "
+    raise SystemExit(f"unknown token setting {spec!r}: use none, tome:R[,R...][/tokens], pitome:R[,R...][/tokens], "
                      "evit:KEEP[@LAYER,...] or resolution:SIZE")

@@ -4,13 +4,14 @@
         --plans none tome:65,0,0,0,0,0,0,0,0,0,0,0 tome:0,65,0,0,0,0,0,0,0,0,0,0 [--limit 10000] \\
         [--precision bf16] [--graph openvino] [--out bench/results/token_accuracy.json]
 
-Each plan (``none``, ``tome:R``, ``pitome:R`` with ``R`` one value or one per layer, ``evit:KEEP[@LAYER,...]``,
-``resolution:SIZE``) is set on the model, exported to ONNX in ``--graph``'s form (parity against PyTorch checked in
-ONNX Runtime) and scored on OpenVINO in ``--precision`` on the first ``--limit`` images of the evaluation split (all
-10,000 CIFAR-10 test images without it), as ``measure.judge_precision=auto`` scores them in ``cpu-training-free``.
-Each drop is paired against the first plan (``none`` unless given) on the same images, with its 95% interval
-(``calibration.evaluate.paired_drop``). Per-image results go to the ``.npz`` beside ``--out``; ``--reuse`` takes an
-earlier one's, so a plan is scored once. Accuracy only: ``bench/token_latency.py`` times plans.
+Each plan (``none``, ``tome:R``, ``pitome:R`` with ``R`` one value or one per layer and ``/tokens`` to match on
+the tokens rather than the keys, ``evit:KEEP[@LAYER,...]``, ``resolution:SIZE``) is set on the model, exported to
+ONNX in ``--graph``'s form (parity against PyTorch checked in ONNX Runtime) and scored on OpenVINO in
+``--precision`` on the first ``--limit`` images of the evaluation split (all 10,000 CIFAR-10 test images without
+it), as ``measure.judge_precision=auto`` scores them in ``cpu-training-free``. Each drop is paired against the
+first plan (``none`` unless given) on the same images, with its 95% interval (``calibration.evaluate.paired_drop``).
+Per-image results go to the ``.npz`` beside ``--out``; ``--reuse`` takes an earlier one's, so a plan is scored once.
+Accuracy only: ``bench/token_latency.py`` times plans.
 
 On 1,000 images a merge's cost came out 1.4 pt lower than on all 10,000 (BENCHMARKS.md): score on the whole split
 before choosing a placement.

@@ -266,8 +266,8 @@ class TokensConfig(Section):
     # and 256 at 0.96x for no MACs saved (BENCHMARKS.md)
     align: int = Field(1, ge=1)
     # ToMe, PiToMe: what the matching compares: the attention keys averaged over heads (the papers' choice) or the
-    # tokens after attention themselves. On the reference ViT-S the tokens cost less top-1 in 4 of 4 placements
-    # tried, 0.05-0.42 pt (BENCHMARKS.md, "Where the one merge goes")
+    # tokens after attention themselves. On the reference ViT-S the tokens cost 0.05-0.42 pt less top-1 in each of
+    # the 4 comparisons made (BENCHMARKS.md, "Where the one merge goes")
     similarity: Literal["keys", "tokens"] = "keys"
     keep_rate: float | list[float] | None = None  # EViT: share of patch tokens kept at each of `layers`
     # EViT: where to prune (default: at 1/4, 1/2 and 3/4 of the depth); ToMe, PiToMe under schedule="layers":

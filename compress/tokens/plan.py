@@ -147,8 +147,8 @@ def tome(r: int | Sequence[int], depth: int, schedule: Schedule = "constant",
     third 0.65 (all 10,000 test images; BENCHMARKS.md, "Where the one merge goes").
 
     ``similarity`` is what the matching compares: ``"keys"``, the attention keys averaged over heads (ToMe's and
-    PiToMe's choice), or ``"tokens"``, the tokens after attention themselves, which do not change when heads are
-    pruned.
+    PiToMe's choice), or ``"tokens"``, the tokens after attention themselves: all of their width, where the keys
+    of a pruned block come from the heads it kept.
     """
     if method not in MERGING:
         raise TokenError(f"{method!r} does not merge tokens; a merging plan is one of {list(MERGING)}")
