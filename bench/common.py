@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,19 @@ def scored(correct: np.ndarray):
 
     correct = np.asarray(correct, dtype=bool)
     return EvalResult(float(correct.mean()), np.zeros(0), len(correct), correct)
+
+
+def load_reused(path: Path | None) -> dict[str, np.ndarray]:
+    """{key: per-image correctness} from an earlier run's ``.npz`` (``--reuse`` of the scripts that write one beside
+    ``--out``); exits with one line when it is unreadable."""
+    if path is None:
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {key: stored[key].astype(bool) for key in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # a truncated .npz is a bad zip
+        sys.exit(f"--reuse {path}: not a results file of this script (the .npz it writes beside --out); leave --reuse "
+                 "out to score every engine")
 
 
 def write_result(result: dict[str, Any], out: Path) -> Path:

@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import scored, test_images, write_result  # noqa: E402
+from bench.common import load_reused, scored, test_images, write_result  # noqa: E402
 from calibration.evaluate import paired_drop  # noqa: E402
 from runtimes import default_threads, get_runtime  # noqa: E402
 
@@ -55,18 +55,6 @@ def engine_key(path: Path, precision: str, images: np.ndarray) -> str:
     digest.update(f"{precision} {ov.get_version()}".encode())
     digest.update(np.ascontiguousarray(images, dtype=np.int64).tobytes())
     return digest.hexdigest()
-
-
-def load_reused(path: Path | None) -> dict[str, np.ndarray]:
-    """{engine key: per-image correctness} from an earlier run's ``.npz``; exits with one line when it is unreadable."""
-    if path is None:
-        return {}
-    try:
-        with np.load(path, allow_pickle=False) as stored:
-            return {key: stored[key].astype(bool) for key in stored.files}
-    except (OSError, ValueError, EOFError):
-        sys.exit(f"--reuse {path}: not a results file of this script (the .npz it writes beside --out); leave --reuse "
-                 "out to score every engine")
 
 
 def main() -> None:

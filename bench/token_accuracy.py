@@ -32,7 +32,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import load_trained, require_cifar, scored, test_images, token_plan, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    load_reused, load_trained, require_cifar, scored, test_images, token_plan, write_result,
+)
 from calibration.evaluate import paired_drop  # noqa: E402
 from compress.api import export_model  # noqa: E402
 from compress.model.macs import count_macs  # noqa: E402
@@ -56,14 +58,19 @@ def main() -> None:
     _, model, shape, threads = load_trained(args.model)
     data = test_images(args.data, args.model, args.limit or None)
     example = next(data.batches(8))[0]  # (8, C, H, W) real images: the export's parity inputs
-    model_hash = hashlib.sha256(args.model.read_bytes()).hexdigest()[:16]
-    stored = dict(np.load(args.reuse)) if args.reuse else {}
+    import openvino as ov
+
+    # a stored result is reused only for the same weights, plan, precision, form, OpenVINO version and images
+    source = hashlib.sha256(args.model.read_bytes())
+    source.update(f"{args.precision} {args.graph} {ov.get_version()}".encode())
+    source.update(np.ascontiguousarray(data.indices, dtype=np.int64).tobytes())
+    stored = load_reused(args.reuse)
     full = count_macs(model, (1, *shape))
     correct, rows = {}, {}
     work = Path(tempfile.mkdtemp(prefix="token-accuracy-"))
     for spec in args.plans:
         reduced = apply(copy.deepcopy(model), token_plan(spec, model))
-        key = hashlib.sha256(f"{model_hash}|{spec}|{args.precision}|{args.graph}|{len(data)}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{source.hexdigest()} {spec}".encode()).hexdigest()[:16]
         rows[spec] = {"plan": spec, "macs_fraction": round(count_macs(reduced, (1, *shape)) / full, 3)}
         if key in stored and stored[key].shape == (len(data),):
             correct[spec] = stored[key]

@@ -71,8 +71,8 @@ def main() -> None:
     for spec in args.plans:
         reduced = apply(copy.deepcopy(model), token_plan(spec, model))
         path = work / f"{spec.replace(':', '-')}.onnx"
-        parity = export_onnx(for_runtime(reduced, args.graph), path, example=torch.from_numpy(images[:2]), parity_inputs=images, atol=0.1,
-                             min_agreement=0.99)
+        parity = export_onnx(for_runtime(reduced, args.graph), path, example=torch.from_numpy(images[:2]),
+                             parity_inputs=images, atol=0.1, min_agreement=0.99)
         ov_diff = openvino_parity(path, reduced, images, atol=0.1, threads=threads)
         xml = path.with_suffix(".int8.xml")
         ov.save_model(transformer_int8(ov.Core().read_model(str(path)), calib, smooth_quant=False), str(xml),

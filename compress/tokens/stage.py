@@ -26,10 +26,7 @@ def requested_plan(config: RunConfig, model):
     search."""
     t = config.tokens
     if t.method in MERGING and t.r is not None:
-        from compress.tokens import tome
-
-        return tome(t.r, model.config.depth, t.schedule, method=t.method, layers=placed(config, model),
-                    similarity=t.similarity)
+        return merge_plan(config, model, t.r)
     if t.method == "evit" and t.keep_rate is not None:
         return evit_plan(config, model, t.keep_rate)
     if t.method == "resolution" and t.image_size is not None:
@@ -43,6 +40,16 @@ def evit_plan(config: RunConfig, model, keep):
     from compress.tokens import evit
 
     return evit(keep, model.config.depth, placed(config, model))
+
+
+def merge_plan(config: RunConfig, model, r):
+    """The ToMe or PiToMe plan merging ``r`` (an int spread by ``tokens.schedule``, or one per layer) as the tokens
+    settings place and match it."""
+    from compress.tokens import tome
+
+    t = config.tokens
+    return tome(r, model.config.depth, t.schedule, method=t.method, layers=placed(config, model),
+                similarity=t.similarity)
 
 
 def placed(config: RunConfig, model) -> list[int] | None:
@@ -64,7 +71,7 @@ def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> lis
     valid setting reaches gets the strongest valid one, once.
     """
     from compress.model.macs import count_macs
-    from compress.tokens import TokenError, resolution, resolution_sizes, tome
+    from compress.tokens import TokenError, resolution, resolution_sizes
     from compress.tokens.plan import token_counts
 
     plan = requested_plan(config, model)
@@ -79,8 +86,7 @@ def token_settings(model, config: RunConfig, shape: tuple[int, int, int]) -> lis
         r = 1
         while True:
             try:
-                candidate = tome(r, model.config.depth, t.schedule, method=t.method, layers=placed(config, model),
-                                 similarity=t.similarity)
+                candidate = merge_plan(config, model, r)
                 counts = token_counts(candidate, probe.config)
                 if all(n % t.align == 0 for n, merged in zip(counts, candidate.r) if merged):
                     ladder.append((candidate, _macs_with(probe, candidate, shape) / full))
